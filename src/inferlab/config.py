@@ -1,0 +1,282 @@
+"""Typed configuration of the study.
+
+`conf/` holds the values; the dataclasses here are the schema. They are registered in Hydra's ConfigStore
+(the `hydra_plugins.inferlab_schemas` module does that as soon as Hydra starts, in DVC's composition too),
+and `conf/config.yaml` names `study_schema` first in its defaults list, so every composition is typed:
+an unknown key or a value of the wrong type fails inside Hydra, naming the key. Values that need more than
+a type check (a quant type, a model source) are checked in `__post_init__`, which runs when `load()` turns
+the composed config into these objects: before any stage does heavy work.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the checkout this package was installed from
+
+
+def project_root() -> Path:
+    """The study folder: $INFERLAB_ROOT, else the nearest folder up from the working directory that holds
+    dvc.yaml and conf/ (where DVC runs stages, also in an experiment's temporary copy), else this checkout."""
+    env = os.environ.get("INFERLAB_ROOT")
+    if env:
+        return Path(env).resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / "conf").is_dir():
+            return folder
+    return PACKAGE_ROOT
+
+
+def conf_dir() -> Path:
+    return project_root() / "conf"
+
+
+class ConfigError(ValueError):
+    """A configuration value that is not allowed; the message names the key, the value and what is allowed."""
+
+
+def check_choice(key: str, value: Any, allowed: Iterable[Any]) -> None:
+    allowed = list(allowed)
+    if value in allowed:
+        return
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}{hint}")
+
+
+def check_range(key: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ConfigError(f"{key}: {value!r} is out of range; allowed {bounds}")
+
+
+# llama.cpp file types (enum llama_ftype) by the names users know them by. F32 and F16 are written by the
+# converter; the others come from llama_model_quantize.
+GGUF_FILE_TYPES = {
+    "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9,
+    "q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15,
+    "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18,
+}
+BASE_TYPES = ("f32", "f16")
+QUANT_TYPES = tuple(t for t in GGUF_FILE_TYPES if t not in BASE_TYPES)
+MODEL_SOURCES = ("hub", "tiny", "random")
+
+
+@dataclass
+class ArchitectureConfig:
+    """Shapes of a model the project builds itself (source tiny or random); ignored for Hub models."""
+
+    hidden_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 1024  # Phi: 4 * hidden_size
+    vocab_size: int = 1024  # embedding rows; at least the tokenizer's vocabulary
+    partial_rotary_factor: float = 0.5  # fraction of each head's dimensions that get rotary embeddings
+    max_position_embeddings: int = 2048
+    layer_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+            check_range(f"model.architecture.{key}", getattr(self, key), low=1)
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.architecture.hidden_size: {self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        check_range("model.architecture.partial_rotary_factor", self.partial_rotary_factor, 0.0, 1.0)
+
+
+@dataclass
+class TokenizerConfig:
+    """The byte-level BPE tokenizer trained locally for built models."""
+
+    corpus: str = "data/corpus"  # folder of .txt files the tokenizer is trained on (relative to the repo)
+    vocab_size: int = 1024  # target vocabulary; BPE stops earlier if the corpus has no more merges
+
+    def __post_init__(self) -> None:
+        check_range("model.tokenizer.vocab_size", self.vocab_size, low=259)  # 256 bytes + specials
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name: folders under models/<name>/ and the `model=` choice
+    source: str = "hub"  # hub: download (or model.path); tiny / random: built here with random weights
+    repo_id: str | None = None  # Hub repository (source=hub)
+    revision: str | None = None  # pinned Hub commit (source=hub)
+    allow_patterns: list[str] = field(
+        default_factory=lambda: ["*.safetensors", "*.json", "*.txt", "tokenizer*", "vocab*", "merges*"]
+    )
+    path: str | None = None  # local folder with the weights, used instead of the Hub
+    seed: int = 0  # seed of the random weights (tiny, random)
+    dtype: str = "float32"  # dtype the built weights are saved in
+    architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def __post_init__(self) -> None:
+        check_choice("model.source", self.source, MODEL_SOURCES)
+        check_choice("model.dtype", self.dtype, ("float32", "float16", "bfloat16"))
+        if self.source == "hub" and not (self.repo_id or self.path):
+            raise ConfigError(f"model.repo_id: a Hub model ({self.name}) needs repo_id or model.path")
+        if self.path is not None and not Path(self.path).expanduser().is_dir():
+            raise ConfigError(
+                f"model.path: {self.path!r} does not exist or is not a folder; give a folder holding "
+                "config.json and the weights, or leave model.path unset to download from the Hub"
+            )
+
+    @property
+    def weights(self) -> str:
+        """'real' for trained weights, 'random' for the models the project builds with random weights."""
+        return "real" if self.source == "hub" else "random"
+
+
+@dataclass
+class ConvertConfig:
+    outtypes: list[str] = field(default_factory=lambda: ["f16"])  # written by the converter: f16, f32 or both
+    quants: list[str] = field(default_factory=lambda: ["q8_0", "q5_k_m", "q4_k_m", "q4_0"])  # from the f16 file
+    threads: int = 0  # quantization threads; 0 = all cores
+    check_tokens: int = 8  # every file is loaded and generates this many tokens as a check
+    check_logits: bool = True  # compare the converted model's logits with transformers' (needs f32 or f16)
+    max_logits_rel_error: float = 1e-3  # F32 vs transformers, relative L2 error allowed
+
+    def __post_init__(self) -> None:
+        if not self.outtypes:
+            raise ConfigError(f"convert.outtypes: empty; choose from {', '.join(BASE_TYPES)}")
+        for t in self.outtypes:
+            check_choice("convert.outtypes", t, BASE_TYPES)
+        for q in self.quants:
+            check_choice("convert.quants", q, QUANT_TYPES)
+        check_range("convert.threads", self.threads, low=0)
+        check_range("convert.check_tokens", self.check_tokens, low=1)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True  # log to MLflow; records on disk are written either way
+    uri: str | None = None  # tracking URI; unset: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db
+    experiment: str = "inferlab"
+    timeout_s: float = 5.0  # how long to wait for a remote tracking server before giving up
+
+
+@dataclass
+class PathsConfig:
+    models: str = "models"
+    results: str = "results"
+    metrics: str = "metrics"
+
+
+@dataclass
+class StudyConfig:
+    model: ModelConfig = MISSING
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def model_dir(self) -> Path:
+        return resolve(self.paths.models) / self.model.name
+
+
+def resolve(path: str | Path) -> Path:
+    """Paths in the config are relative to the repository root, wherever the process runs."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else project_root() / p
+
+
+def register_configs() -> None:
+    """Put the schemas into Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="study_schema", node=StudyConfig)
+
+
+def to_container(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain data (what records, MLflow and params.yaml carry)."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def load(cfg: DictConfig | dict[str, Any]) -> StudyConfig:
+    """Validate a composed config (or params.yaml's content) against the schema and build the typed object.
+
+    Unknown keys and wrongly typed values raise ConfigError naming the key; values are checked by the
+    dataclasses' __post_init__.
+    """
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = OmegaConf.structured(StudyConfig)
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}") from None
+    except ConfigError:
+        raise
+    assert isinstance(obj, StudyConfig)
+    return obj
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "config") -> StudyConfig:
+    """Compose conf/ with Hydra overrides, as a stage run from the command line would, and validate it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    register_configs()
+    try:
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    except HydraException as e:
+        raise ConfigError(explain_hydra_error(e)) from None
+    return load(cfg)
+
+
+def allowed_keys(full_key: str) -> list[str]:
+    """The keys the schema allows next to full_key (for error messages)."""
+    import dataclasses
+    import typing
+
+    node: Any = StudyConfig
+    for part in full_key.split(".")[:-1]:
+        hints = typing.get_type_hints(node)
+        if part not in hints or not dataclasses.is_dataclass(hints[part]):
+            return []
+        node = hints[part]
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def explain_hydra_error(e: Exception) -> str:
+    """Hydra's composition errors, restated as key, value and what is allowed."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    if isinstance(e, MissingConfigException):
+        m = re.search(r"Could not find '([^/']+)/([^']+)'", str(e))
+        if m:
+            group, value = m.groups()
+            options = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+            close = difflib.get_close_matches(value, options, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            return f"{group}: {value!r} is not a known {group}; choose one of {', '.join(options)}{hint}"
+    cause = e.__cause__
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
+        key = cause.full_key
+        keys = allowed_keys(key)
+        close = difflib.get_close_matches(key.split(".")[-1], keys, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"{key}: unknown key; allowed keys here: {', '.join(keys)}{hint}"
+    if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
+        return f"{cause.full_key}: {str(cause).splitlines()[0]}"
+    return str(e).splitlines()[0]

@@ -1,0 +1,121 @@
+"""What every record says about where it was made: library versions, hardware, git commit."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import re
+import socket
+import subprocess
+from importlib import metadata
+
+from inferlab.config import project_root
+
+LIBRARIES = (
+    "inferlab", "torch", "transformers", "tokenizers", "accelerate", "bitsandbytes", "llama-cpp-python",
+    "gguf", "huggingface-hub", "hydra-core", "omegaconf", "dvc", "mlflow", "numpy",
+)
+
+
+def library_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> dict[str, str | bool | None]:
+    """The commit of the code that made the record, and whether the tree had uncommitted changes."""
+    def git(*args: str) -> str | None:
+        try:
+            r = subprocess.run(["git", *args], cwd=project_root(), capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD") or os.environ.get("INFERLAB_GIT_COMMIT")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_info() -> list[dict]:
+    """GPUs as the driver reports them (name, memory, driver, clocks); empty where there is no NVIDIA GPU."""
+    query = "name,memory.total,driver_version,clocks.max.sm,clocks.max.mem,clocks.sm,clocks.mem,pci.bus_id"
+    try:
+        r = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if r.returncode != 0:
+        return []
+    gpus = []
+    for line in r.stdout.strip().splitlines():
+        f = [x.strip() for x in line.split(",")]
+        if len(f) < 8:
+            continue
+        gpus.append({
+            "name": f[0], "memory_mib": _num(f[1]), "driver": f[2], "max_sm_clock_mhz": _num(f[3]),
+            "max_mem_clock_mhz": _num(f[4]), "sm_clock_mhz": _num(f[5]), "mem_clock_mhz": _num(f[6]),
+            "pci_bus_id": f[7],
+        })
+    return gpus
+
+
+def _num(s: str) -> float | None:
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def hardware() -> dict:
+    import psutil
+
+    gpus = gpu_info()
+    cpu = _cpu_model()
+    return {
+        "host": socket.gethostname(),
+        "cpu": cpu,
+        "cores_logical": psutil.cpu_count(logical=True),
+        "cores_physical": psutil.cpu_count(logical=False),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 2),
+        "os": f"{platform.system()} {platform.release()}",
+        "gpus": gpus,
+        "id": hardware_id(cpu, gpus),
+    }
+
+
+def hardware_id(cpu: str, gpus: list[dict]) -> str:
+    """A short readable name for the hardware, used to keep results of different machines apart."""
+    if gpus:
+        name = gpus[0]["name"].replace("NVIDIA ", "")
+        base = f"{name}x{len(gpus)}" if len(gpus) > 1 else name
+    else:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        base = f"cpu-{n}c-{cpu}"
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", base).strip("-").lower()
+    return slug[:60]
+
+
+def environment() -> dict:
+    return {"libraries": library_versions(), "hardware": hardware(), "git": git_commit()}

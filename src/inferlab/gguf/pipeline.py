@@ -1,0 +1,129 @@
+"""Stage `convert`: HF checkpoint → GGUF F16 (and F32 on request) → the configured llama.cpp quantizations.
+
+Every file is checked: it must load in llama.cpp and generate; the unquantized files' logits are compared
+with transformers' on the same token ids. One record per file; `metrics/gguf.json` gives size and bits per
+weight of every type.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from inferlab.config import GGUF_FILE_TYPES, StudyConfig, resolve
+from inferlab.gguf.convert import convert, quantize, tensor_stats
+from inferlab.records import write_json
+from inferlab.study import StageRun, relpath
+
+log = logging.getLogger(__name__)
+
+CHECK_TEXT = "The river carries sand and stones to the sea, and the baker shapes the loaf before it rises."
+
+
+def gguf_path(cfg: StudyConfig, ftype: str) -> Path:
+    return cfg.model_dir() / "gguf" / f"{cfg.model.name}-{ftype}.gguf"
+
+
+def check_generates(path: Path, n_tokens: int) -> int:
+    """Load the file in llama.cpp and generate n_tokens greedily; returns how many came out."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=None, verbose=False, seed=0)
+    try:
+        prompt = llm.tokenize(CHECK_TEXT.encode(), add_bos=False, special=False)
+        out = []
+        # Llama.generate does not stop at EOS by itself: we take exactly n_tokens.
+        for tok in llm.generate(prompt, temp=0.0, top_k=1):
+            out.append(tok)
+            if len(out) >= n_tokens:
+                break
+        return len(out)
+    finally:
+        llm.close()
+
+
+def logits_error(path: Path, hf_dir: Path) -> dict:
+    """Relative L2 error of llama.cpp's logits against transformers' (float32) on the same token ids."""
+    import llama_cpp
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    ids = tok(CHECK_TEXT)["input_ids"]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, seed=0)
+    try:
+        lids = llm.tokenize(CHECK_TEXT.encode(), add_bos=False, special=False)
+        llm.eval(lids)
+        ours = np.array(llm.scores[: len(lids)], dtype=np.float64)
+    finally:
+        llm.close()
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].double().numpy()
+    del model
+    same = ids == lids
+    err = float(np.linalg.norm(ours - ref) / np.linalg.norm(ref)) if same else float("nan")
+    return {"same_tokenization": same, "prompt_tokens": len(ids), "logits_rel_error": err}
+
+
+def run(cfg: StudyConfig, stage: StageRun) -> bool:
+    """Convert and quantize; returns True when every file converted, loaded and generated."""
+    c = cfg.convert
+    hf_dir = cfg.model_dir() / "hf"
+    if not (hf_dir / "config.json").exists():
+        raise FileNotFoundError(f"{relpath(hf_dir)} has no model: run the download stage first")
+    (cfg.model_dir() / "gguf").mkdir(parents=True, exist_ok=True)
+    summary: dict[str, dict] = {}
+    all_ok = True
+    # Quantize from the most precise file written: F32 if asked for, else F16.
+    base_types = sorted(set(c.outtypes) | ({"f16"} if c.quants and "f32" not in c.outtypes else set()),
+                        key=lambda t: t != "f32")
+    todo = [(t, "convert") for t in base_types] + [(q, "quantize") for q in c.quants]
+    log.info("convert %s: %d files to make (%s)", cfg.model.name, len(todo), ", ".join(t for t, _ in todo))
+    t_start = time.perf_counter()
+    for i, (ftype, how) in enumerate(todo, 1):
+        path = gguf_path(cfg, ftype)
+        point = {"ftype": ftype}
+        metrics: dict = {}
+        try:
+            if how == "convert":
+                info = convert(hf_dir, path, ftype)
+                metrics["convert_s"] = info["seconds"]
+            else:
+                metrics["quantize_s"] = round(quantize(gguf_path(cfg, base_types[0]), path, GGUF_FILE_TYPES[ftype],
+                                                       c.threads), 3)
+            stats = tensor_stats(path)
+            metrics.update({k: v for k, v in stats.items() if k != "tensor_types"})
+            metrics["generated_tokens"] = check_generates(path, c.check_tokens)
+            if metrics["generated_tokens"] != c.check_tokens:
+                raise RuntimeError(f"generated {metrics['generated_tokens']} of {c.check_tokens} tokens")
+            if how == "convert" and c.check_logits:
+                check = logits_error(path, hf_dir)
+                metrics.update(check)
+                if not check["same_tokenization"]:
+                    raise RuntimeError("llama.cpp tokenizes the check text differently from transformers")
+                if ftype == "f32" and not check["logits_rel_error"] < c.max_logits_rel_error:
+                    raise RuntimeError(
+                        f"F32 logits differ from transformers by {check['logits_rel_error']:.2e} "
+                        f"(allowed {c.max_logits_rel_error:.0e})"
+                    )
+            stage.record(ftype, point, metrics=metrics, artifacts={"gguf": relpath(path)})
+            summary[ftype] = {"status": "ok", **{k: metrics[k] for k in ("file_bytes", "bits_per_weight")}}
+            if "logits_rel_error" in metrics:
+                summary[ftype]["logits_rel_error"] = metrics["logits_rel_error"]
+        except Exception as e:  # one bad type must not stop the others; it is recorded with its reason
+            all_ok = False
+            path.unlink(missing_ok=True)
+            stage.record(ftype, point, status="failed", reason=f"{type(e).__name__}: {e}", metrics=metrics)
+            summary[ftype] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
+        elapsed = time.perf_counter() - t_start
+        eta = elapsed / i * (len(todo) - i)
+        log.info("[%d/%d] %s %s: %s (%.1f s so far, about %.0f s left)", i, len(todo), how, ftype,
+                 summary[ftype]["status"], elapsed, eta)
+    write_json(resolve(cfg.paths.metrics) / "gguf.json", {
+        "model": cfg.model.name, "weights": cfg.model.weights, "types": summary,
+    })
+    return all_ok

@@ -1,0 +1,84 @@
+"""Models the project builds itself: a Phi-architecture model with random weights and the local tokenizer.
+
+`tiny-phi` exercises every code path of Phi-2 in seconds; `phi-2-random` has Phi-2's exact shapes and stands
+in for it in speed and memory work. Both are deterministic: the same config gives the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from inferlab.config import ModelConfig, resolve
+from inferlab.models.tokenizer import EOS, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def phi_config(model: ModelConfig, eos_id: int):
+    from transformers import PhiConfig
+
+    a = model.architecture
+    return PhiConfig(
+        vocab_size=a.vocab_size,
+        hidden_size=a.hidden_size,
+        intermediate_size=a.intermediate_size,
+        num_hidden_layers=a.num_hidden_layers,
+        num_attention_heads=a.num_attention_heads,
+        num_key_value_heads=a.num_attention_heads,  # full multi-head attention, as Phi-2
+        partial_rotary_factor=a.partial_rotary_factor,
+        max_position_embeddings=a.max_position_embeddings,
+        layer_norm_eps=a.layer_norm_eps,
+        rope_theta=a.rope_theta,
+        hidden_act="gelu_new",
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        tie_word_embeddings=False,
+        architectures=["PhiForCausalLM"],
+    )
+
+
+def _write_legacy_rope_keys(path: Path, model: ModelConfig) -> None:
+    """transformers 5 writes rope settings under rope_parameters only; 4.x reads them from the top level
+    (and would silently use partial_rotary_factor 0.5). Writing both keeps the checkpoint portable."""
+    cfg = json.loads(path.read_text())
+    cfg["partial_rotary_factor"] = model.architecture.partial_rotary_factor
+    cfg["rope_theta"] = model.architecture.rope_theta
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def build_model(model: ModelConfig, out_dir: Path) -> None:
+    """Train the tokenizer, initialise PhiForCausalLM with seeded random weights and save both to out_dir."""
+    import torch
+    from transformers import AutoTokenizer, PhiForCausalLM
+
+    t0 = time.perf_counter()
+    train_tokenizer(resolve(model.tokenizer.corpus), model.tokenizer.vocab_size, out_dir)
+    tok = AutoTokenizer.from_pretrained(str(out_dir))
+    if len(tok) > model.architecture.vocab_size:
+        raise ValueError(
+            f"model.architecture.vocab_size: {model.architecture.vocab_size} is smaller than the tokenizer's "
+            f"{len(tok)} tokens"
+        )
+    config = phi_config(model, tok.convert_tokens_to_ids(EOS))
+    dtype = getattr(torch, model.dtype)
+    torch.manual_seed(model.seed)
+    n_params_hint = 12 * model.architecture.num_hidden_layers * model.architecture.hidden_size**2
+    log.info(
+        "building %s: PhiForCausalLM, hidden %d, %d layers, about %.2fB parameters, random weights (seed %d), %s",
+        model.name, config.hidden_size, config.num_hidden_layers, n_params_hint / 1e9, model.seed, model.dtype,
+    )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise directly in the target dtype: half the memory for phi-2-random
+    try:
+        net = PhiForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    net.generation_config.pad_token_id = config.pad_token_id
+    net.save_pretrained(str(out_dir), safe_serialization=True)
+    _write_legacy_rope_keys(out_dir / "config.json", model)
+    n = sum(p.numel() for p in net.parameters())
+    log.info("built %s: %d parameters in %.1f s", model.name, n, time.perf_counter() - t0)

@@ -1,0 +1,61 @@
+"""A byte-level BPE tokenizer trained locally, saved so transformers 4.x and 5.x both load it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+
+
+def corpus_files(corpus_dir: Path) -> list[Path]:
+    files = sorted(corpus_dir.glob("*.txt"))
+    if not files:
+        raise FileNotFoundError(f"no .txt files in the tokenizer corpus folder {corpus_dir}")
+    return files
+
+
+def train_tokenizer(corpus_dir: Path, vocab_size: int, out_dir: Path) -> None:
+    """Train a GPT-2-style byte-level BPE on the corpus and save it as a transformers tokenizer in out_dir.
+
+    Deterministic: the same corpus and vocab_size give the same tokenizer.json.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # GPT-2's regex split (use_regex) so llama.cpp's "gpt-2" pre-tokenizer splits text the same way.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    files = corpus_files(corpus_dir)
+    tok.train([str(f) for f in files], trainer)
+    log.info("trained a byte-level BPE tokenizer on %d files: %d tokens", len(files), tok.get_vocab_size())
+
+    # padding_side set after construction is not saved by transformers 5: pass it to the constructor.
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS, padding_side="left"
+    )
+    fast.model_max_length = 2048
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out_dir))
+    make_portable(out_dir)
+
+
+def make_portable(out_dir: Path) -> None:
+    """transformers 5 may write tokenizer_class "TokenizersBackend", which 4.x cannot load; the generic fast
+    class loads in both. Left padding is written explicitly too."""
+    path = out_dir / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["padding_side"] = "left"
+    cfg.setdefault("model_max_length", 2048)
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,121 @@
+"""One record schema for every measurement, appended as JSON lines; aggregates written atomically.
+
+A record is self-describing: the stage and the point it measured, the resolved config it ran with, the model
+(id, revision, weights kind), where it ran (libraries, hardware, git commit), when, its status (ok, failed or
+skipped, with the reason), its metrics and its raw samples. Its `point_id` is a hash of the stage and the
+resolved point config, so a rerun can tell which points are finished and MLflow logging can skip duplicates.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "failed", "skipped")
+
+
+def point_id(stage: str, point: dict[str, Any]) -> str:
+    """Stable id of a measurement point: the same stage and resolved config give the same id anywhere."""
+    blob = json.dumps({"stage": stage, "point": point}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Record:
+    stage: str  # download, convert, bench_cpu, ...
+    name: str  # readable name of the point (e.g. "q4_k_m" or "nf4-b4-static")
+    point: dict[str, Any]  # the settings that define this point (what varies in a sweep)
+    config: dict[str, Any]  # the resolved config sections the stage read
+    model: dict[str, Any]  # name, id, revision, weights (real / random)
+    environment: dict[str, Any]  # libraries, hardware, git
+    status: str = "ok"  # ok / failed / skipped
+    reason: str | None = None  # why it failed or was skipped
+    metrics: dict[str, Any] = field(default_factory=dict)  # summary figures, each name carrying its unit
+    samples: dict[str, list[float]] = field(default_factory=dict)  # raw repetitions behind the metrics
+    artifacts: dict[str, str] = field(default_factory=dict)  # files this point produced (repo-relative)
+    sweep_id: str = ""  # one id per stage execution (the MLflow parent run)
+    point_id: str = ""
+    record_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    timestamp: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"record status {self.status!r}; allowed: {', '.join(STATUSES)}")
+        if self.status != "ok" and not self.reason:
+            raise ValueError(f"a {self.status} record needs a reason")
+        if not self.point_id:
+            self.point_id = point_id(self.stage, {"model": self.model.get("name"), **self.point, **self.config})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Record:
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def append(path: Path, record: Record) -> None:
+    """Append one record as one line. O_APPEND with a single write keeps concurrent writers' lines whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record.to_dict(), sort_keys=True, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read(path: Path) -> Iterator[Record]:
+    """Records of a JSONL file. A torn last line (a writer killed mid-write) is skipped with a warning."""
+    if not path.exists():
+        return
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield Record.from_dict(json.loads(line))
+            except (json.JSONDecodeError, TypeError, ValueError) as e:
+                log.warning("%s:%d: skipping an unreadable record (%s)", path, n, e)
+
+
+def read_all(paths: Iterable[Path]) -> list[Record]:
+    return [r for p in paths for r in read(p)]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write-then-rename: readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def new_sweep_id(stage: str) -> str:
+    return f"{stage}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"

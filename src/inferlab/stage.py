@@ -1,0 +1,70 @@
+"""How a stage script runs: from params.yaml (DVC) or by composing conf/ with Hydra (command line, multirun).
+
+    python stages/convert.py --params params.yaml          # what dvc.yaml runs; params.yaml is DVC's composition
+    python stages/convert.py model=tiny-phi convert.quants=[q8_0]
+    python stages/convert.py -m convert.quants=[q8_0],[q4_0]
+
+Both paths validate the same way (inferlab.config.load) and hand the stage the same StudyConfig.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from inferlab.config import ConfigError, compose, conf_dir, load, register_configs
+
+log = logging.getLogger(__name__)
+
+StageFn = Callable[..., object]
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    for noisy in ("httpx", "urllib3", "alembic", "filelock", "mlflow.store.db.utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_stage(fn: StageFn, argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--params"]:
+        if len(argv) != 2:
+            sys.exit("usage: stages/<name>.py --params params.yaml   (or Hydra overrides: key=value ...)")
+        setup_logging()
+        path = Path(argv[1])
+        try:
+            cfg = load(yaml.safe_load(path.read_text()))
+        except ConfigError as e:
+            sys.exit(f"invalid configuration in {path}: {e}")
+        fn(cfg)
+        return
+
+    import hydra
+    from omegaconf import DictConfig
+
+    register_configs()
+    if not any(a in ("-m", "--multirun") or a.startswith(("-", "hydra")) for a in argv):
+        try:  # fail before Hydra starts a run folder, with the key, the value and what is allowed
+            compose(argv)
+        except ConfigError as e:
+            sys.exit(f"invalid configuration: {e}")
+
+    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+    def _main(dcfg: DictConfig) -> None:
+        for noisy in ("httpx", "urllib3", "alembic", "filelock"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        try:
+            cfg = load(dcfg)
+        except ConfigError as e:
+            log.error("invalid configuration: %s", e)
+            raise SystemExit(f"invalid configuration: {e}") from None
+        fn(cfg)
+
+    sys.argv = [sys.argv[0], *argv]
+    _main()

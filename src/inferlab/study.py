@@ -1,0 +1,69 @@
+"""What every stage execution shares: its sweep id, where its records go, and logging them to MLflow."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from inferlab import records as rec
+from inferlab.config import StudyConfig, project_root, resolve, to_container
+from inferlab.environment import environment
+from inferlab.models.acquire import read_provenance
+from inferlab.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def records_path(cfg: StudyConfig, stage: str, hardware_id: str) -> Path:
+    """Records of one stage on one machine: results of different hardware never overwrite each other."""
+    return resolve(cfg.paths.results) / stage / f"{hardware_id}.jsonl"
+
+
+def model_info(cfg: StudyConfig) -> dict[str, Any]:
+    prov = read_provenance(cfg.model_dir() / "hf")
+    return {
+        "name": cfg.model.name,
+        "id": cfg.model.repo_id or cfg.model.name,
+        "revision": prov.get("revision", cfg.model.revision),
+        "weights": cfg.model.weights,
+        "source": cfg.model.source,
+    }
+
+
+def relpath(path: Path) -> str:
+    try:
+        return path.resolve().relative_to(project_root()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+class StageRun:
+    """One execution of a stage: records appended as they are made, logged to MLflow at the end."""
+
+    def __init__(self, cfg: StudyConfig, stage: str, sections: Sequence[str]):
+        self.cfg = cfg
+        self.stage = stage
+        self.sweep_id = rec.new_sweep_id(stage)
+        self.env = environment()
+        full = to_container(cfg)
+        self.config = {s: full[s] for s in sections}
+        self.model = model_info(cfg)
+        self.path = records_path(cfg, stage, self.env["hardware"]["id"])
+        self.records: list[rec.Record] = []
+
+    def record(self, name: str, point: dict[str, Any], **fields: Any) -> rec.Record:
+        r = rec.Record(
+            stage=self.stage, name=name, point=point, config=self.config, model=self.model,
+            environment=self.env, sweep_id=self.sweep_id, **fields,
+        )
+        rec.append(self.path, r)
+        self.records.append(r)
+        if r.status != "ok":
+            log.warning("%s %s: %s (%s)", self.stage, name, r.status, r.reason)
+        return r
+
+    def finish(self) -> None:
+        log.info("%d record(s) appended to %s", len(self.records), relpath(self.path))
+        Tracker(self.cfg.tracking).log(self.records)

@@ -1,0 +1,28 @@
+"""Stage `download`: the model's Hugging Face checkpoint into models/<name>/hf/ (Hub, local folder, or built)."""
+
+import sys
+
+from inferlab.config import StudyConfig
+from inferlab.models.acquire import ModelUnavailable, acquire
+from inferlab.stage import run_stage
+from inferlab.study import StageRun, model_info
+
+
+def main(cfg: StudyConfig) -> None:
+    stage = StageRun(cfg, "download", sections=("model",))
+    point = {"source": cfg.model.source, "path": cfg.model.path}
+    try:
+        prov = acquire(cfg.model, cfg.model_dir() / "hf")
+    except ModelUnavailable as e:
+        stage.record(cfg.model.name, point, status="failed", reason=str(e))
+        stage.finish()
+        sys.exit(str(e))
+    stage.model = model_info(cfg)  # now with the revision the download resolved
+    stage.record(cfg.model.name, point, metrics={
+        "seconds": prov["seconds"], "files": len(prov["files"]), "bytes": sum(prov["files"].values()),
+    })
+    stage.finish()
+
+
+if __name__ == "__main__":
+    run_stage(main)

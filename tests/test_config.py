@@ -1,0 +1,116 @@
+"""Configuration: every shipped config composes; bad input fails early, naming key, value and what is allowed;
+DVC's Hydra composition and the stage scripts' Hydra composition give the same resolved config."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from inferlab.config import ConfigError, compose, load, to_container
+
+from .conftest import ROOT, run
+
+MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_shipped_model_config_composes(model):
+    cfg = compose([f"model={model}"])
+    assert cfg.model.name == model
+    assert cfg.model.weights == ("real" if cfg.model.source == "hub" else "random")
+
+
+def test_phi2_random_has_phi2_shapes():
+    a = compose(["model=phi-2-random"]).model.architecture
+    assert (a.hidden_size, a.num_hidden_layers, a.num_attention_heads, a.intermediate_size, a.vocab_size) == (
+        2560, 32, 32, 10240, 51200)
+    assert a.partial_rotary_factor == 0.4
+
+
+def test_tiny_phi_shapes_suit_k_quants():
+    a = compose(["model=tiny-phi"]).model.architecture
+    assert a.hidden_size % 256 == 0 and a.intermediate_size == 4 * a.hidden_size
+
+
+@pytest.mark.parametrize(
+    "overrides, must_say",
+    [
+        (["model=tiny"], ["model", "'tiny'", "phi-2, phi-2-random, tiny-phi", "did you mean 'tiny-phi'"]),
+        (["convert.quants=[q4_k_n]"], ["convert.quants", "'q4_k_n'", "q4_k_m", "q8_0"]),
+        (["convert.outtypes=[f8]"], ["convert.outtypes", "'f8'", "f32, f16"]),
+        (["convert.quantz=[q8_0]"], ["convert.quantz", "unknown key", "quants"]),
+        (["convert.threads=many"], ["convert.threads", "'many'", "Integer"]),
+        (["convert.threads=-1"], ["convert.threads", "-1", "out of range"]),
+        (["model=tiny-phi", "model.path=/no/such/folder"], ["model.path", "/no/such/folder", "does not exist"]),
+        (["model=tiny-phi", "model.source=ftp"], ["model.source", "'ftp'", "hub, tiny, random"]),
+    ],
+)
+def test_bad_input_names_key_value_and_allowed(overrides, must_say):
+    with pytest.raises(ConfigError) as e:
+        compose(overrides)
+    for text in must_say:
+        assert text in str(e.value)
+
+
+def test_params_yaml_is_validated_like_the_command_line():
+    data = to_container(compose(["model=tiny-phi"]))
+    data["convert"]["quants"] = ["q9_9"]
+    with pytest.raises(ConfigError, match=r"convert.quants: 'q9_9' is not allowed"):
+        load(data)
+    data = to_container(compose(["model=tiny-phi"]))
+    data["convert"]["colour"] = "blue"
+    with pytest.raises(ConfigError, match="colour"):
+        load(data)
+
+
+def test_stage_script_rejects_bad_config_before_any_work(project):
+    r = run([sys.executable, "stages/convert.py", "model=tiny-phi", "convert.quants=[q3]"], cwd=project, check=False)
+    assert r.returncode != 0
+    assert "convert.quants: 'q3' is not allowed" in r.stderr
+    assert not (project / "models").exists() and not (project / "results").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["model=tiny-phi"], ["model=tiny-phi", "convert.quants=[q8_0]"], ["model=phi-2-random", "convert.threads=2"]],
+)
+def test_dvc_composition_equals_hydra_composition(tmp_path, overrides):
+    """DVC writes params.yaml with its own Hydra compose call (`dvc exp run -S ...`); the stage then loads it.
+    The same choices must resolve to the same config as `python stages/x.py <overrides>`."""
+    from dvc.utils.hydra import compose_and_dump
+
+    out = tmp_path / "params.yaml"
+    compose_and_dump(out, str(ROOT / "conf"), None, "config", str(ROOT / ".dvc"), overrides)
+    via_dvc = to_container(load(yaml.safe_load(out.read_text())))
+    via_hydra = to_container(compose(overrides))
+    assert via_dvc == via_hydra
+
+
+def test_committed_params_yaml_is_the_default_composition():
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert to_container(load(committed)) == to_container(compose([]))
+
+
+def test_schema_is_registered_for_hydra_and_dvc():
+    # DVC's composition imports hydra_plugins.*; the schema is then in the ConfigStore.
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()
+    assert "study_schema.yaml" in ConfigStore.instance().list("")
+
+
+def test_environment_override_of_tracking_uri(monkeypatch):
+    from inferlab.config import TrackingConfig
+    from inferlab.tracking import tracking_uri
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking_uri(TrackingConfig()) == "http://127.0.0.1:5999"
+    assert tracking_uri(TrackingConfig(uri="sqlite:///x.db")) == "sqlite:///x.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking_uri(TrackingConfig()).endswith(os.sep + "mlflow.db")
+    assert Path(tracking_uri(TrackingConfig())[len("sqlite:///"):]).is_absolute()

@@ -1,0 +1,73 @@
+"""The pipeline for real: DVC experiments and repro in a temporary git repository, Hydra multirun, and the
+same record from both paths for the same config."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from inferlab import records
+
+from .conftest import copy_project, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    monkeypatch.delenv("INFERLAB_ROOT", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    p = copy_project(tmp_path / "repo")
+    (p / ".gitignore").write_text((__import__("pathlib").Path(__file__).parents[1] / ".gitignore").read_text())
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "t@example.com"],
+                ["git", "config", "user.name", "t"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "init"]):
+        run(cmd, cwd=p)
+    return p
+
+
+def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
+    r = run([sys.executable, "-m", "inferlab.cli", "study", "model=tiny-phi", "convert.quants=[q8_0]"], cwd=repo)
+    assert "Ran experiment" in r.stdout + r.stderr
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["model"]["name"] == "tiny-phi" and params["convert"]["quants"] == ["q8_0"]
+    gguf = repo / "models" / "tiny-phi" / "gguf"
+    assert sorted(p.name for p in gguf.iterdir()) == ["tiny-phi-f16.gguf", "tiny-phi-q8_0.gguf"]
+    metrics = json.loads((repo / "metrics" / "gguf.json").read_text())
+    assert set(metrics["types"]) == {"f16", "q8_0"}
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("inferlab")
+    runs = client.search_runs([exp.experiment_id])
+    stages = {r.data.tags["inferlab.stage"] for r in runs}
+    assert stages == {"download", "convert"}
+    assert {r.info.run_name for r in runs if r.data.tags["inferlab.kind"] == "point"} >= {"tiny-phi", "f16", "q8_0"}
+
+    lock = (repo / "dvc.lock").read_text()
+    mtime = (gguf / "tiny-phi-q8_0.gguf").stat().st_mtime
+    r = run(["dvc", "repro"], cwd=repo)
+    assert "didn't change" in r.stdout and "Running stage" not in r.stdout
+    assert (repo / "dvc.lock").read_text() == lock and (gguf / "tiny-phi-q8_0.gguf").stat().st_mtime == mtime
+    status = run(["dvc", "status"], cwd=repo)
+    assert "up to date" in status.stdout
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], cwd=repo).stdout)
+    exps = [e for commit in shown for e in (commit.get("experiments") or [])]
+    assert exps, shown
+    quants = [rev["data"]["params"]["params.yaml"]["data"]["convert"]["quants"]
+              for e in exps for rev in e["revs"]]
+    assert ["q8_0"] in quants
+
+    # Hydra multirun of the same stage script, outside DVC
+    r = run([sys.executable, "stages/convert.py", "-m", "model=tiny-phi", "convert.quants=[q8_0],[q4_0]"], cwd=repo)
+    assert "#0 : model=tiny-phi convert.quants=[q8_0]" in r.stdout + r.stderr
+    assert "#1 : model=tiny-phi convert.quants=[q4_0]" in r.stdout + r.stderr
+    recs = records.read_all((repo / "results" / "convert").glob("*.jsonl"))
+    assert len({x.sweep_id for x in recs}) == 3  # DVC's run and the two multirun jobs
+    q8 = [x for x in recs if x.name == "q8_0"]
+    # the DVC stage and the Hydra job ran the same config: the same point, the same resolved config
+    assert len(q8) == 2 and q8[0].point_id == q8[1].point_id and q8[0].config == q8[1].config
+    assert (gguf / "tiny-phi-q4_0.gguf").exists()

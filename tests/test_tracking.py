@@ -1,0 +1,72 @@
+"""MLflow logging through a real store: parent and child runs, no duplicates, an unreachable store."""
+
+from __future__ import annotations
+
+import sys
+
+from mlflow import MlflowClient
+
+from inferlab.config import TrackingConfig
+from inferlab.records import Record
+from inferlab.tracking import TAG_KIND, TAG_RECORD, Tracker
+
+from .conftest import run
+
+
+def make_records(sweep="convert-test-1", n=3):
+    env = {"hardware": {"id": "test-hw"}, "git": {"commit": "abc"}, "libraries": {}}
+    return [
+        Record(stage="convert", name=f"q{i}", point={"ftype": f"q{i}"}, config={"convert": {"threads": 0}},
+               model={"name": "tiny-phi", "weights": "random"}, environment=env, sweep_id=sweep,
+               metrics={"file_bytes": 100 * i, "bits_per_weight": 4.5}, status="ok" if i else "failed",
+               reason=None if i else "boom")
+        for i in range(n)
+    ]
+
+
+def test_records_become_parent_and_child_runs_without_duplicates(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(TrackingConfig(uri=uri, experiment="t"))
+    recs = make_records()
+    assert tracker.log(recs) == 3
+    assert tracker.log(recs) == 0  # the same records again: nothing new
+    assert tracker.log(make_records()[:0]) == 0
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("t")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags[TAG_KIND] == "sweep"]
+    children = [r for r in runs if r.data.tags[TAG_KIND] == "point"]
+    assert len(parents) == 1 and len(children) == 3
+    for c in children:
+        assert c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert c.data.tags["mlflow.source.git.commit"] == "abc"
+        assert c.data.params["model.name"] == "tiny-phi" and c.data.params["convert.threads"] == "0"
+    by_name = {c.info.run_name: c for c in children}
+    assert by_name["q2"].data.metrics["file_bytes"] == 200
+    assert by_name["q0"].info.status == "FAILED" and by_name["q0"].data.tags["inferlab.reason"] == "boom"
+    assert {c.data.tags[TAG_RECORD] for c in children} == {r.record_id for r in recs}
+
+
+def test_unreachable_store_keeps_files_and_logs_later(tiny_project, tmp_path):
+    """A tracking URI nobody answers: the stage still writes its files and says so; one command logs later."""
+    dead = "http://127.0.0.1:9"
+    r = run([sys.executable, "stages/convert.py", "model=tiny-phi", "convert.quants=[q4_0]",
+             f"tracking.uri={dead}", "tracking.timeout_s=1"], cwd=tiny_project)
+    said = r.stdout + r.stderr  # Hydra logs to stdout
+    assert "cannot be reached" in said and "inferlab log-records" in said
+    files = list((tiny_project / "results" / "convert").glob("*.jsonl"))
+    assert files and (tiny_project / "metrics" / "gguf.json").exists()
+    uri = f"sqlite:///{tmp_path / 'later.db'}"
+    out = run([sys.executable, "-m", "inferlab.cli", "log-records", *map(str, files), "--uri", uri], cwd=tiny_project)
+    assert "new MLflow run(s)" in out.stdout
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("inferlab").experiment_id])
+    assert any(r.info.run_name == "q4_0" for r in runs)
+    again = run([sys.executable, "-m", "inferlab.cli", "log-records", *map(str, files), "--uri", uri], cwd=tiny_project)
+    assert "; 0 new MLflow run(s)" in again.stdout
+
+
+def test_log_records_command_reports_a_dead_store(tiny_project):
+    r = run([sys.executable, "-m", "inferlab.cli", "log-records", "--uri", "http://127.0.0.1:9"], cwd=tiny_project,
+            check=False)
+    assert r.returncode == 2 and "cannot be reached" in r.stderr
