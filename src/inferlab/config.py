@@ -159,6 +159,158 @@ class ConvertConfig:
         check_range("convert.check_tokens", self.check_tokens, low=1)
 
 
+KV_TYPES = ("f16", "q8_0", "q4_0")
+LLAMA_APIS = ("generate", "completion", "completion_stream")
+PROMPT_CACHE_MODES = ("none", "context", "ram", "disk")
+HF_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4", "nf4-dq")
+HF_KV_CACHES = ("none", "dynamic", "static")
+HF_ATTENTION = ("sdpa", "eager")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _check_all(key: str, values: Iterable[Any], allowed: Iterable[Any]) -> None:
+    allowed = list(allowed)
+    for v in values:
+        check_choice(key, v, allowed)
+
+
+@dataclass
+class WorkloadConfig:
+    prompts: str = "data/prompts"  # folder of the texts prompts are cut from
+    prompt_tokens: int = 64  # prompt length in tokens of the model's tokenizer (exact)
+    new_tokens: int = 128  # generated tokens per sequence: fixed, EOS does not end a request early
+    warmup: int = 1  # requests run after the cold one and excluded from the figures
+    repetitions: int = 3  # measured requests per point (median, p90, p99, stdev over them)
+
+    def check(self, key: str) -> None:
+        for name in ("prompt_tokens", "new_tokens", "repetitions"):
+            check_range(f"{key}.{name}", getattr(self, name), low=1)
+        check_range(f"{key}.warmup", self.warmup, low=0)
+
+
+@dataclass
+class LlamaCppPoint:
+    """One extra point of the llama.cpp sweep; unset fields take the grid's first value (threads: all cores)."""
+
+    quant: str | None = None
+    n_threads: int | None = None
+    n_batch: int | None = None
+    flash_attn: bool | None = None
+    kv_type: str | None = None
+    api: str | None = None
+    prompt_tokens: int | None = None
+
+
+@dataclass
+class LlamaCppSweep:
+    enabled: bool = True
+    quants: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0"])
+    n_threads: list[int] = field(default_factory=list)  # empty: 1, 2, 4, ... up to the usable cores
+    n_batch: list[int] = field(default_factory=lambda: [512])  # prompt tokens per llama_decode call
+    flash_attn: list[bool] = field(default_factory=lambda: [False])
+    kv_type: list[str] = field(default_factory=lambda: ["f16"])  # KV-cache element type
+    api: list[str] = field(default_factory=lambda: ["generate"])  # generate: token iterator; completion(_stream)
+    n_ctx: int = 2048
+    n_gpu_layers: int = 0  # layers offloaded to a GPU (a CUDA build of llama-cpp-python); 0 on CPU
+    extra_points: list[LlamaCppPoint] = field(default_factory=list)  # one-axis-at-a-time variations
+
+    def check(self, key: str) -> None:
+        _check_all(f"{key}.quants", self.quants, ("f32", "f16", *QUANT_TYPES))
+        _check_all(f"{key}.kv_type", self.kv_type, KV_TYPES)
+        _check_all(f"{key}.api", self.api, LLAMA_APIS)
+        for t in self.n_threads:
+            check_range(f"{key}.n_threads", t, low=1)
+        for b in self.n_batch:
+            check_range(f"{key}.n_batch", b, low=1)
+        for p in self.extra_points:
+            if p.quant is not None:
+                check_choice(f"{key}.extra_points.quant", p.quant, ("f32", "f16", *QUANT_TYPES))
+            if p.kv_type is not None:
+                check_choice(f"{key}.extra_points.kv_type", p.kv_type, KV_TYPES)
+            if p.api is not None:
+                check_choice(f"{key}.extra_points.api", p.api, LLAMA_APIS)
+
+
+@dataclass
+class PromptCacheConfig:
+    """Requests sharing a long prefix, through llama.cpp with each prompt-cache mode."""
+
+    enabled: bool = True
+    modes: list[str] = field(default_factory=lambda: list(PROMPT_CACHE_MODES))
+    quant: str = "q4_k_m"
+    n_threads: int = 0  # 0: all usable cores
+    prefix_tokens: int = 512
+    suffix_tokens: int = 16
+    requests: int = 4  # requests after the first (which fills the cache)
+    new_tokens: int = 8
+
+    def check(self, key: str) -> None:
+        _check_all(f"{key}.modes", self.modes, PROMPT_CACHE_MODES)
+        check_choice(f"{key}.quant", self.quant, ("f32", "f16", *QUANT_TYPES))
+        check_range(f"{key}.requests", self.requests, low=1)
+
+
+@dataclass
+class HFPoint:
+    """One extra point of the transformers sweep; unset fields take the grid's first value."""
+
+    precision: str | None = None
+    batch_size: int | None = None
+    kv_cache: str | None = None
+    attn: str | None = None
+    compile: bool | None = None
+
+
+@dataclass
+class HFSweep:
+    enabled: bool = True
+    device: str = "cpu"  # cpu or cuda
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    kv_cache: list[str] = field(default_factory=lambda: ["dynamic"])  # none = use_cache=False
+    attn: list[str] = field(default_factory=lambda: ["sdpa"])
+    compile: list[bool] = field(default_factory=lambda: [False])  # torch.compile (static cache only)
+    compile_mode: str = "reduce-overhead"
+    compute_dtype: str = "bf16"  # compute dtype of bitsandbytes 4-bit weights
+    threads: int = 0  # torch threads on CPU; 0: all usable cores
+    new_tokens: int | None = None  # overrides workload.new_tokens for this runtime
+    extra_points: list[HFPoint] = field(default_factory=list)
+
+    def check(self, key: str) -> None:
+        check_choice(f"{key}.device", self.device, ("cpu", "cuda"))
+        _check_all(f"{key}.precisions", self.precisions, HF_PRECISIONS)
+        _check_all(f"{key}.kv_cache", self.kv_cache, HF_KV_CACHES)
+        _check_all(f"{key}.attn", self.attn, HF_ATTENTION)
+        check_choice(f"{key}.compile_mode", self.compile_mode, COMPILE_MODES)
+        check_choice(f"{key}.compute_dtype", self.compute_dtype, ("fp16", "bf16", "fp32"))
+        for b in self.batch_sizes:
+            check_range(f"{key}.batch_sizes", b, low=1)
+        for p in self.extra_points:
+            if p.precision is not None:
+                check_choice(f"{key}.extra_points.precision", p.precision, HF_PRECISIONS)
+            if p.kv_cache is not None:
+                check_choice(f"{key}.extra_points.kv_cache", p.kv_cache, HF_KV_CACHES)
+            if p.attn is not None:
+                check_choice(f"{key}.extra_points.attn", p.attn, HF_ATTENTION)
+
+
+@dataclass
+class BenchCPUConfig:
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    llama_cpp: LlamaCppSweep = field(default_factory=LlamaCppSweep)
+    prompt_cache: PromptCacheConfig = field(default_factory=PromptCacheConfig)
+    hf: HFSweep = field(default_factory=HFSweep)
+    bandwidth_gib: float = 1.0  # buffer size of the bandwidth measurement (far larger than the caches)
+    point_timeout_s: float = 1800.0  # a point still running after this is stopped and recorded as failed
+    retry_failed: bool = False  # on resume, run failed points again
+
+    def __post_init__(self) -> None:
+        self.workload.check("bench_cpu.workload")
+        self.llama_cpp.check("bench_cpu.llama_cpp")
+        self.prompt_cache.check("bench_cpu.prompt_cache")
+        self.hf.check("bench_cpu.hf")
+
+
 @dataclass
 class TrackingConfig:
     enabled: bool = True  # log to MLflow; records on disk are written either way
@@ -178,8 +330,39 @@ class PathsConfig:
 class StudyConfig:
     model: ModelConfig = MISSING
     convert: ConvertConfig = field(default_factory=ConvertConfig)
+    bench_cpu: BenchCPUConfig = field(default_factory=BenchCPUConfig)
+    # Pins: a top-level key set on the command line restricts one axis of every sweep to that value,
+    # e.g. `python stages/bench_cpu.py -m quant=q4_k_m,q8_0 n_threads=1,2`. Unset (null): the grid's values.
+    runtime: str | None = None  # llama_cpp, hf or prompt_cache
+    quant: str | None = None
+    n_threads: int | None = None
+    n_batch: int | None = None
+    flash_attn: bool | None = None
+    kv_type: str | None = None
+    api: str | None = None
+    precision: str | None = None
+    batch_size: int | None = None
+    kv_cache: str | None = None
+    attn: str | None = None
+    compile: bool | None = None
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self) -> None:
+        pins = {"runtime": ("llama_cpp", "hf", "prompt_cache"), "quant": ("f32", "f16", *QUANT_TYPES),
+                "kv_type": KV_TYPES, "api": LLAMA_APIS, "precision": HF_PRECISIONS, "kv_cache": HF_KV_CACHES,
+                "attn": HF_ATTENTION}
+        for key, allowed in pins.items():
+            if getattr(self, key) is not None:
+                check_choice(key, getattr(self, key), allowed)
+        for key in ("n_threads", "n_batch", "batch_size"):
+            if getattr(self, key) is not None:
+                check_range(key, getattr(self, key), low=1)
+
+    def pins(self) -> dict[str, Any]:
+        keys = ("runtime", "quant", "n_threads", "n_batch", "flash_attn", "kv_type", "api", "precision",
+                "batch_size", "kv_cache", "attn", "compile")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     def model_dir(self) -> Path:
         return resolve(self.paths.models) / self.model.name

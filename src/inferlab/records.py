@@ -36,7 +36,7 @@ def point_id(stage: str, point: dict[str, Any]) -> str:
 class Record:
     stage: str  # download, convert, bench_cpu, ...
     name: str  # readable name of the point (e.g. "q4_k_m" or "nf4-b4-static")
-    point: dict[str, Any]  # the settings that define this point (what varies in a sweep)
+    point: dict[str, Any]  # every setting that defines this measurement (its id is a hash of these + model)
     config: dict[str, Any]  # the resolved config sections the stage read
     model: dict[str, Any]  # name, id, revision, weights (real / random)
     environment: dict[str, Any]  # libraries, hardware, git
@@ -57,7 +57,7 @@ class Record:
         if self.status != "ok" and not self.reason:
             raise ValueError(f"a {self.status} record needs a reason")
         if not self.point_id:
-            self.point_id = point_id(self.stage, {"model": self.model.get("name"), **self.point, **self.config})
+            self.point_id = point_id(self.stage, {"model": self.model.get("name"), **self.point})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -27,7 +27,12 @@ MAX_PARAM_LEN = 500
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
-    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+    """config, else $MLFLOW_TRACKING_URI, else mlflow.db at the repository root. A queued DVC experiment runs
+    in a temporary copy; DVC_ROOT names the repository it came from, so its runs land in the same store."""
+    if cfg.uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return cfg.uri or os.environ["MLFLOW_TRACKING_URI"]
+    root = Path(os.environ["DVC_ROOT"]) if os.environ.get("DVC_ROOT") else project_root()
+    return f"sqlite:///{root / 'mlflow.db'}"
 
 
 def check_reachable(uri: str, timeout: float) -> str | None:

@@ -86,7 +86,8 @@ def run(cfg: StudyConfig, stage: StageRun) -> bool:
     t_start = time.perf_counter()
     for i, (ftype, how) in enumerate(todo, 1):
         path = gguf_path(cfg, ftype)
-        point = {"ftype": ftype}
+        point = {"ftype": ftype, "source": base_types[0] if how == "quantize" else "hf", "threads": c.threads,
+                 "check_tokens": c.check_tokens, "check_logits": c.check_logits and how == "convert"}
         metrics: dict = {}
         try:
             if how == "convert":

@@ -1,0 +1,40 @@
+"""The backend interface: what runs a model. What is measured lives in inferlab.bench (scenarios)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any
+
+from inferlab.bench.timing import RequestTiming
+
+
+class BackendUnavailable(RuntimeError):
+    """This backend or setting cannot run on this machine (no CUDA, a missing package, ...): a skip, not a bug."""
+
+
+class Backend(ABC):
+    name: str
+
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = settings  # the point's load-relevant settings
+
+    @abstractmethod
+    def load(self) -> dict[str, Any]:
+        """Load the model; returns load figures (load_s, weight_bytes, ...)."""
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of text, without special tokens added."""
+
+    @abstractmethod
+    def request(self, prompts: list[list[int]], new_tokens: int, **opts: Any) -> RequestTiming:
+        """Generate exactly new_tokens greedy tokens after each prompt (one batch); time every step."""
+
+    def stream(self, prompt: list[int], new_tokens: int, **opts: Any) -> Iterator[str]:
+        """Text pieces as the runtime streams them (serving)."""
+        raise NotImplementedError(f"{self.name} does not stream")
+
+    @abstractmethod
+    def unload(self) -> None:
+        """Free the model."""

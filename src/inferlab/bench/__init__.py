@@ -1,0 +1,1 @@
+"""The measurement core shared by every benchmark: statistics, request timing, memory and bandwidth, sweeps."""

@@ -1,0 +1,88 @@
+"""Aggregates derived from the records only: the DVC metrics JSON and the plot table of a benchmark stage.
+
+Records of every machine are read (results/<stage>/<hardware>.jsonl), and the latest record of each point
+per hardware and model is kept, so each hardware shows apart and a laptop's run never hides a GPU's.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from inferlab import records as rec
+from inferlab.config import StudyConfig, resolve
+
+# plot-table columns: settings first, then figures (median unless named otherwise)
+SETTING_COLUMNS = ("runtime", "scenario", "quant", "precision", "batch_size", "n_threads", "n_batch", "flash_attn",
+                   "kv_type", "kv_cache", "attn", "compile", "api", "mode", "prompt_tokens", "new_tokens")
+FIGURES = ("decode_tps", "total_tps", "ttft_ms", "tpot_ms", "e2e_ms", "prefill_tps", "llama_decode_tps",
+           "harness_overhead_ms")
+
+
+def latest(records: list[rec.Record]) -> list[rec.Record]:
+    best: dict[tuple, rec.Record] = {}
+    for r in records:
+        key = (r.environment.get("hardware", {}).get("id"), r.model.get("name"), r.point_id)
+        if key not in best or r.timestamp >= best[key].timestamp:
+            best[key] = r
+    return sorted(best.values(), key=lambda r: (r.environment["hardware"]["id"], r.model["name"], r.name))
+
+
+def row(r: rec.Record) -> dict[str, Any]:
+    m = r.metrics
+    out: dict[str, Any] = {"hardware": r.environment["hardware"]["id"], "model": r.model["name"],
+                           "weights": r.model.get("weights"), "name": r.name, "status": r.status}
+    out.update({k: r.point.get(k, "") for k in SETTING_COLUMNS})
+    for f in FIGURES:
+        out[f] = _round(m.get(f, {}).get("median")) if isinstance(m.get(f), dict) else ""
+    itl = m.get("itl_ms", {})
+    out["itl_p50_ms"], out["itl_p90_ms"], out["itl_p99_ms"] = (_round(itl.get(k)) for k in ("median", "p90", "p99"))
+    out["decode_tps_stdev"] = _round(m.get("decode_tps", {}).get("stdev")) if "decode_tps" in m else ""
+    out["cold_ttft_ms"] = _round(m.get("cold", {}).get("ttft_ms"))
+    for k in ("peak_rss_mib", "peak_allocated_gib", "peak_reserved_gib", "load_s", "weight_bytes", "cache_hits",
+              "first_ttft_ms", "harness_overhead_fraction"):
+        out[k] = _round(m.get(k))
+    roof = m.get("roofline", {})
+    out["roofline_tps"] = _round(roof.get("roofline_tps"))
+    out["roofline_fraction"] = _round(roof.get("roofline_fraction"))
+    out["bandwidth_gbps"] = _round(m.get("bandwidth", {}).get("bandwidth_gbps"))
+    out["reason"] = (r.reason or "")[:200]
+    return out
+
+
+def _round(v: Any) -> Any:
+    if v is None or v == "":
+        return ""
+    if isinstance(v, float):
+        return "" if v != v else round(v, 4)
+    return v
+
+
+def write_aggregates(cfg: StudyConfig, stage: str) -> dict[str, Any]:
+    folder = resolve(cfg.paths.results) / stage
+    rows = [row(r) for r in latest(rec.read_all(sorted(folder.glob("*.jsonl"))))]
+    summary: dict[str, Any] = {}
+    for r in rows:
+        hw = summary.setdefault(r["hardware"], {"bandwidth_gbps": r["bandwidth_gbps"], "models": {}})
+        model = hw["models"].setdefault(r["model"], {"weights": r["weights"], "points": {}})
+        keep = ("status", "decode_tps", "total_tps", "ttft_ms", "itl_p50_ms", "itl_p90_ms", "peak_rss_mib",
+                "peak_allocated_gib", "roofline_fraction", "cold_ttft_ms", "cache_hits")
+        model["points"][r["name"]] = {k: r[k] for k in keep if r[k] != ""}
+        if r["status"] != "ok":
+            model["points"][r["name"]]["reason"] = r["reason"]
+    metrics_dir = resolve(cfg.paths.metrics)
+    rec.write_json(metrics_dir / f"{stage}.json", summary)
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    rec.write_atomic(metrics_dir / "plots" / f"{stage}.csv", buf.getvalue())
+    return summary
+
+
+def rows_of(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))

@@ -1,0 +1,100 @@
+"""What is measured, independent of the backend that runs the model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from inferlab.backends.base import Backend
+from inferlab.bench.stats import summarize
+from inferlab.bench.timing import RequestTiming
+from inferlab.bench.workload import prompts, shared_prefix_requests
+
+log = logging.getLogger(__name__)
+
+FIGURE_UNITS = {"ttft_ms": "ms", "tpot_ms": "ms", "e2e_ms": "ms", "prefill_tps": "tokens/s",
+                "decode_tps": "tokens/s", "total_tps": "tokens/s"}
+
+
+def _check_length(t: RequestTiming, new_tokens: int) -> None:
+    if t.generated_tokens != new_tokens:
+        raise RuntimeError(f"generated {t.generated_tokens} tokens instead of the fixed {new_tokens}")
+
+
+def summarize_requests(timings: list[RequestTiming]) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """Summaries (median, p90, p99, stdev, ...) of every per-request figure, and the raw samples."""
+    samples: dict[str, list[float]] = {k: [] for k in FIGURE_UNITS}
+    itl: list[float] = []
+    for t in timings:
+        for k, v in t.figures().items():
+            samples[k].append(v)
+        itl.extend(1e3 * x for x in t.itl)
+    metrics = {k: summarize(v, FIGURE_UNITS[k]).to_dict() for k, v in samples.items()}
+    metrics["itl_ms"] = summarize(itl, "ms").to_dict()
+    samples["itl_ms"] = itl
+    internal = [t.internal for t in timings if t.internal]
+    if internal:  # llama.cpp's own counters: how much of the wall clock llama.cpp itself spent
+        own_ms = [i["prompt_ms"] + i["eval_ms"] for i in internal]
+        overhead = [1e3 * t.e2e - o for t, o in zip(timings, own_ms)]
+        samples["llama_prompt_ms"] = [i["prompt_ms"] for i in internal]
+        samples["llama_eval_ms"] = [i["eval_ms"] for i in internal]
+        samples["harness_overhead_ms"] = overhead
+        metrics["llama_prompt_ms"] = summarize(samples["llama_prompt_ms"], "ms").to_dict()
+        metrics["llama_decode_tps"] = summarize(
+            [1e3 * i["n_eval"] / i["eval_ms"] for i in internal if i["eval_ms"] > 0], "tokens/s").to_dict()
+        metrics["harness_overhead_ms"] = summarize(overhead, "ms").to_dict()
+        metrics["harness_overhead_fraction"] = round(
+            sum(overhead) / sum(1e3 * t.e2e for t in timings), 4) if timings else None
+    return metrics, samples
+
+
+def latency(backend: Backend, folder: Path, prompt_tokens: int, new_tokens: int, batch: int, warmup: int,
+            repetitions: int, **opts: Any) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """A cold first request (nothing preheated), warm-up requests (excluded), then the measured repetitions.
+    Every request gets its own prompts."""
+    n = 1 + warmup + repetitions
+    ps = prompts(backend.tokenize, folder, prompt_tokens, n * batch)
+    batches = [ps[i * batch:(i + 1) * batch] for i in range(n)]
+    cold = backend.request(batches[0], new_tokens, **opts)
+    _check_length(cold, new_tokens)
+    for b in batches[1:1 + warmup]:
+        backend.request(b, new_tokens, **opts)
+    timings = []
+    for b in batches[1 + warmup:]:
+        t = backend.request(b, new_tokens, **opts)
+        _check_length(t, new_tokens)
+        timings.append(t)
+    metrics, samples = summarize_requests(timings)
+    cold_fig = cold.figures()
+    metrics["cold"] = {k: round(v, 3) for k, v in cold_fig.items()}
+    warm_ttft = metrics["ttft_ms"]["median"]
+    metrics["cold_ttft_penalty_ms"] = round(cold_fig["ttft_ms"] - warm_ttft, 3)
+    metrics.update(prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch=batch)
+    return metrics, samples
+
+
+def prefix_cache(backend: Backend, folder: Path, mode: str, prefix_tokens: int, suffix_tokens: int,
+                 requests: int, new_tokens: int) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """Requests that share a long prefix. The first request fills whatever cache the mode keeps; the others
+    should find the prefix there. A hit is checked, not assumed: llama.cpp's counter of prompt tokens it
+    evaluated must be smaller than the prompt."""
+    prefix, suffixes = shared_prefix_requests(backend.tokenize, folder, prefix_tokens, suffix_tokens, requests + 1)
+    timings = []
+    for suffix in suffixes:
+        # "context": keep the KV cache between requests (llama-cpp-python reuses the common prefix);
+        # none / ram / disk: start each request from an empty context, so only the prompt cache can help.
+        t = backend.request([prefix + suffix], new_tokens, api="completion_stream", reset=mode != "context")
+        timings.append(t)
+    first, rest = timings[0], timings[1:]
+    full = len(prefix) + suffix_tokens
+    evaluated = [t.internal.get("n_prompt_eval", full) for t in rest]
+    hits = sum(1 for e in evaluated if e < full - 1)
+    metrics, samples = summarize_requests(rest)
+    metrics.update(
+        mode=mode, prefix_tokens=len(prefix), suffix_tokens=suffix_tokens, requests=len(rest),
+        first_ttft_ms=round(1e3 * first.ttft, 3), cache_hits=hits, hit_rate=hits / len(rest) if rest else 0.0,
+        prompt_tokens_evaluated=summarize(evaluated, "tokens").to_dict(),
+    )
+    samples["prompt_tokens_evaluated"] = [float(e) for e in evaluated]
+    return metrics, samples

@@ -1,0 +1,160 @@
+"""Sweep points run in worker processes, one per loaded model.
+
+A worker loads its backend, then runs the points it is sent one by one, resetting the process's peak RSS
+(and CUDA's peak counters) before each, so no point's memory figure carries over from an earlier one. A point
+that crashes the process (a segfault inside llama.cpp, an OOM kill), hangs or raises is reported to the parent,
+which records it as failed and starts a fresh worker for the points that remain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FAIL_ENV = "INFERLAB_INJECT_FAILURE"  # "<substring of a point name>:<oom|crash|error|hang>", for tests
+
+
+def _inject(name: str) -> None:
+    spec = os.environ.get(FAIL_ENV, "")
+    if ":" not in spec:
+        return
+    target, kind = spec.rsplit(":", 1)
+    if target not in name:
+        return
+    if kind == "crash":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if kind == "hang":
+        time.sleep(3600)
+    if kind == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected for a test)")
+    raise RuntimeError(f"injected failure in {name}")
+
+
+def _gpu_peaks_reset() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    if not torch.cuda.is_available():
+        return False
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return True
+
+
+def _gpu_peaks() -> dict[str, float]:
+    import torch
+
+    torch.cuda.synchronize()
+    return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+
+
+def _is_oom(e: BaseException) -> bool:
+    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
+
+
+def worker_main(conn, runtime: str, load_settings: dict[str, Any]) -> None:
+    """Entry point of a worker process: receive points, send back (status, payload)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    from inferlab.backends import BackendUnavailable, get_backend
+    from inferlab.bench import scenarios
+    from inferlab.bench.memory import peak_rss_mib, reset_peak_rss, rss_mib
+
+    backend = None
+    load_info: dict[str, Any] = {}
+    reload_each_point = runtime == "llama_cpp"  # context settings (threads, batch, KV type) are load settings
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        point, name, folder = msg["point"], msg["name"], Path(msg["folder"])
+        try:
+            _inject(name)
+            gc.collect()
+            gpu = _gpu_peaks_reset()
+            reset_peak_rss()
+            if backend is None or reload_each_point:
+                backend = get_backend(runtime)({**load_settings, **point})
+                load_info = backend.load()
+                load_info["load_peak_rss_mib"] = peak_rss_mib()
+                reset_peak_rss()  # the point's peak: the loaded model plus what running it needs
+            else:
+                backend.settings.update(point)
+            rss_before = rss_mib()
+            if point.get("scenario") == "prefix_cache":
+                metrics, samples = scenarios.prefix_cache(
+                    backend, folder, point["mode"], point["prefix_tokens"], point["suffix_tokens"],
+                    point["requests"], point["new_tokens"])
+            else:
+                metrics, samples = scenarios.latency(
+                    backend, folder, point["prompt_tokens"], point["new_tokens"], point.get("batch_size", 1),
+                    point["warmup"], point["repetitions"], api=point.get("api", "generate"))
+            metrics.update({k: round(v, 4) if isinstance(v, float) else v for k, v in load_info.items()})
+            metrics["peak_rss_mib"] = round(peak_rss_mib(), 1)
+            metrics["rss_before_mib"] = round(rss_before, 1)
+            if gpu:
+                metrics.update({k: round(v, 4) for k, v in _gpu_peaks().items()})
+            conn.send(("ok", {"metrics": metrics, "samples": samples}))
+        except BackendUnavailable as e:
+            conn.send(("skipped", {"reason": str(e)}))
+        except BaseException as e:  # recorded as failed with its reason; the parent restarts the worker
+            reason = f"out of memory: {e}" if _is_oom(e) else f"{type(e).__name__}: {e}"
+            conn.send(("failed", {"reason": reason[:2000], "traceback": traceback.format_exc()[-4000:]}))
+        finally:
+            if reload_each_point and backend is not None:
+                backend.unload()
+                backend = None
+
+
+class Worker:
+    """The parent's handle on one worker process."""
+
+    def __init__(self, runtime: str, load_settings: dict[str, Any]):
+        ctx = mp.get_context("spawn")  # a fresh interpreter: no memory or CUDA state inherited
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=worker_main, args=(child, runtime, load_settings), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def run(self, point: dict, name: str, folder: str, timeout: float) -> tuple[str, dict]:
+        self.conn.send({"point": point, "name": name, "folder": folder})
+        if not self.conn.poll(timeout):
+            self.kill()
+            return "failed", {"reason": f"timed out after {timeout:.0f} s; the worker was stopped"}
+        try:
+            return self.conn.recv()
+        except (EOFError, ConnectionError):
+            self.proc.join(5)
+            code = self.proc.exitcode
+            sig = f" ({signal.Signals(-code).name})" if code is not None and code < 0 else ""
+            return "failed", {"reason": f"the worker process died with exit code {code}{sig}"}
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            with contextlib.suppress(BrokenPipeError, OSError):
+                self.conn.send(None)
+            self.proc.join(30)
+        self.kill()
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(10)
