@@ -29,8 +29,13 @@ def repo(tmp_path, monkeypatch):
     return p
 
 
+SMALL_BENCH = ["runtime=llama_cpp", "quant=q8_0", "bench_cpu.prompt_cache.enabled=false",
+               "bench_cpu.workload.new_tokens=8", "bench_cpu.workload.repetitions=2", "bench_cpu.workload.warmup=0"]
+
+
 def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
-    r = run([sys.executable, "-m", "inferlab.cli", "study", "model=tiny-phi", "convert.quants=[q8_0]"], cwd=repo)
+    r = run([sys.executable, "-m", "inferlab.cli", "study", "model=tiny-phi", "convert.quants=[q8_0]", *SMALL_BENCH],
+            cwd=repo)
     assert "Ran experiment" in r.stdout + r.stderr
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["model"]["name"] == "tiny-phi" and params["convert"]["quants"] == ["q8_0"]
@@ -43,7 +48,7 @@ def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
     exp = client.get_experiment_by_name("inferlab")
     runs = client.search_runs([exp.experiment_id])
     stages = {r.data.tags["inferlab.stage"] for r in runs}
-    assert stages == {"download", "convert"}
+    assert stages == {"download", "convert", "bench_cpu"}
     assert {r.info.run_name for r in runs if r.data.tags["inferlab.kind"] == "point"} >= {"tiny-phi", "f16", "q8_0"}
 
     lock = (repo / "dvc.lock").read_text()
@@ -66,8 +71,23 @@ def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
     assert "#0 : model=tiny-phi convert.quants=[q8_0]" in r.stdout + r.stderr
     assert "#1 : model=tiny-phi convert.quants=[q4_0]" in r.stdout + r.stderr
     recs = records.read_all((repo / "results" / "convert").glob("*.jsonl"))
-    assert len({x.sweep_id for x in recs}) == 3  # DVC's run and the two multirun jobs
+    assert len({x.sweep_id for x in recs}) == 2  # DVC's run, and the multirun (its jobs share one sweep)
     q8 = [x for x in recs if x.name == "q8_0"]
     # the DVC stage and the Hydra job ran the same config: the same point, the same resolved config
     assert len(q8) == 2 and q8[0].point_id == q8[1].point_id and q8[0].config == q8[1].config
     assert (gguf / "tiny-phi-q4_0.gguf").exists()
+
+    # the CPU benchmark: the DVC stage's records and a Hydra multirun of the same points agree
+    dvc_recs = records.read_all((repo / "results" / "bench_cpu").glob("*.jsonl"))
+    threads = sorted(r.point["n_threads"] for r in dvc_recs)
+    assert dvc_recs and all(r.status == "ok" for r in dvc_recs) and threads == sorted(set(threads))
+    assert (repo / "metrics" / "bench_cpu.json").exists() and (repo / "metrics" / "plots" / "bench_cpu.csv").exists()
+    run([sys.executable, "stages/bench_cpu.py", "-m", "model=tiny-phi", *SMALL_BENCH,
+         f"n_threads={','.join(map(str, threads))}"], cwd=repo)
+    hydra_recs = [r for r in records.read_all((repo / "results" / "bench_cpu").glob("*.jsonl"))
+                  if r.sweep_id not in {d.sweep_id for d in dvc_recs}]
+    assert len(hydra_recs) == len(dvc_recs) and len({r.sweep_id for r in hydra_recs}) == 1  # one parent per sweep
+    assert sorted(r.point_id for r in hydra_recs) == sorted(r.point_id for r in dvc_recs)
+    for h in hydra_recs:
+        d = next(x for x in dvc_recs if x.point_id == h.point_id)
+        assert h.point == d.point and h.name == d.name and h.model == d.model

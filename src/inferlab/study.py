@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,13 +40,28 @@ def relpath(path: Path) -> str:
         return str(path)
 
 
+def multirun_sweep_id(stage: str) -> str | None:
+    """Jobs of one Hydra multirun share its sweep folder: they share one sweep id (one MLflow parent run)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):  # not running under Hydra (DVC's --params path)
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    digest = hashlib.sha256(str(Path(hc.sweep.dir).resolve()).encode()).hexdigest()[:8]
+    return f"{stage}-multirun-{Path(hc.sweep.dir).name}-{digest}"
+
+
 class StageRun:
     """One execution of a stage: records appended as they are made, logged to MLflow at the end."""
 
     def __init__(self, cfg: StudyConfig, stage: str, sections: Sequence[str]):
         self.cfg = cfg
         self.stage = stage
-        self.sweep_id = rec.new_sweep_id(stage)
+        self.sweep_id = multirun_sweep_id(stage) or rec.new_sweep_id(stage)
         self.env = environment()
         full = to_container(cfg)
         self.config = {s: full[s] for s in sections}

@@ -45,6 +45,8 @@ def _keep(settings: dict[str, Any], pins: dict[str, Any]) -> bool:
 
 
 def llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int) -> list[Point]:
+    runtime = pins.get("runtime")
+    pins = {k: v for k, v in pins.items() if k != "runtime"}
     b, w = cfg.bench_cpu, cfg.bench_cpu.workload
     L = b.llama_cpp
     axes = {"quant": L.quants, "n_threads": L.n_threads or default_threads(cores), "n_batch": L.n_batch,
@@ -64,7 +66,7 @@ def llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int) -> list[Poi
         name = (f"{c['quant']}-t{c['n_threads']}-b{c['n_batch']}-fa{int(c['flash_attn'])}-kv{c['kv_type']}"
                 f"-{c['api']}-p{c['prompt_tokens']}")
         points.append(_llama_point(cfg, name, settings))
-    if b.prompt_cache.enabled and pins.get("runtime") in (None, "prompt_cache"):
+    if b.prompt_cache.enabled and runtime in (None, "prompt_cache"):
         pc = b.prompt_cache
         for mode in pc.modes:
             settings = {"scenario": "prefix_cache", "mode": mode, "quant": pc.quant,
@@ -72,14 +74,14 @@ def llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int) -> list[Poi
                         "kv_type": L.kv_type[0], "api": "completion_stream", "prefix_tokens": pc.prefix_tokens,
                         "suffix_tokens": pc.suffix_tokens, "requests": pc.requests, "new_tokens": pc.new_tokens,
                         "n_ctx": L.n_ctx, "n_gpu_layers": L.n_gpu_layers}
-            if _keep(settings, {k: v for k, v in pins.items() if k != "runtime"}):
+            if _keep(settings, pins):
                 points.append(_llama_point(cfg, f"prefix-{mode}-{pc.quant}-t{settings['n_threads']}", settings,
                                            runtime_label="prompt_cache"))
-    if pins.get("runtime") == "hf":
+    if runtime == "hf":
         return []
-    if pins.get("runtime") == "prompt_cache":
+    if runtime == "prompt_cache":
         return [p for p in points if p.settings["scenario"] == "prefix_cache"]
-    if pins.get("runtime") == "llama_cpp":
+    if runtime == "llama_cpp":
         return [p for p in points if p.settings["scenario"] == "latency"]
     return points
 
