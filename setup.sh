@@ -4,7 +4,9 @@
 # torch: if the environment has none, the CPU build torch==2.13.0 is installed (INFERLAB_TORCH overrides the
 # requirement, e.g. INFERLAB_TORCH="torch --index-url https://download.pytorch.org/whl/cu128" on a GPU box).
 # llama-cpp-python ships only as source: it is built once into a wheel cache (about 3 minutes on 2 cores) and
-# installed from there afterwards (INFERLAB_WHEELHOUSE, default ~/.cache/inferlab/wheels).
+# installed from there afterwards (INFERLAB_WHEELHOUSE, default ~/.cache/inferlab/wheels). It is built for this
+# machine's processor (-march=native: AVX-512 where there is one); for a wheel that runs on other processors set
+# CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF".
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -22,7 +24,7 @@ fi
 mkdir -p "$WHEELHOUSE"
 if ! ls "$WHEELHOUSE"/llama_cpp_python-*.whl >/dev/null 2>&1; then
   echo "building llama-cpp-python once into $WHEELHOUSE (about 3 minutes on 2 cores)"
-  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" \
+  CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" \
     python -m pip wheel -q --no-deps -w "$WHEELHOUSE" "$LLAMA_REQ"
 fi
 python -m pip install -q --find-links "$WHEELHOUSE" -e ".[gpu,eval,report,dev]"

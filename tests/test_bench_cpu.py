@@ -167,7 +167,8 @@ def test_interrupted_sweep_resumes_without_redoing_finished_points(tiny_project)
 
 
 def test_grid_pins_and_skips(tiny_project, monkeypatch):
-    from inferlab.bench.cpu import default_threads, hf_points, llama_points
+    from inferlab.bench.cpu import llama_points
+    from inferlab.bench.grid import default_threads, hf_points
     from inferlab.config import compose
 
     monkeypatch.setenv("INFERLAB_ROOT", str(tiny_project))
@@ -176,12 +177,12 @@ def test_grid_pins_and_skips(tiny_project, monkeypatch):
     cfg = compose(["model=tiny-phi", "quant=q8_0", "n_threads=1"])
     pts = llama_points(cfg, cfg.pins(), 2)
     assert {p.settings["quant"] for p in pts} == {"q8_0"} and {p.settings["n_threads"] for p in pts} == {1}
-    assert not hf_points(cfg, cfg.pins(), 2)  # a llama.cpp pin selects no transformers point
+    assert not hf_points(cfg.bench_cpu, tiny_project, cfg.pins(), 2)  # a llama.cpp pin selects no transformers point
     cfg = compose(["model=tiny-phi", "quant=q6_k", "runtime=llama_cpp"])  # no such GGUF file: skipped, not failed
     (p,) = llama_points(cfg, cfg.pins(), 1)
     assert p.skip and "convert.quants" in p.skip
     cfg = compose(["model=tiny-phi"])
     names = {p.name: p for p in llama_points(cfg, cfg.pins(), 2)}
     assert "flash attention" in names["q4_k_m-t2-b512-fa0-kvq8_0-generate-p64"].skip
-    hf = {p.name: p for p in hf_points(cfg, {"precision": "bf16", "kv_cache": "dynamic"}, 2)}
+    hf = {p.name: p for p in hf_points(cfg.bench_cpu, tiny_project, {"precision": "bf16", "kv_cache": "dynamic"}, 2)}
     assert set(hf) == {f"hf-bf16-b{b}-dynamic-sdpa" for b in (1, 2, 4, 8)}

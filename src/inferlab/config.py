@@ -312,6 +312,54 @@ class BenchCPUConfig:
 
 
 @dataclass
+class HFPrefixCacheConfig:
+    """Requests sharing a long prefix through transformers: the prefix's KV cache computed once and copied per
+    request (reuse) against recomputing it every time (recompute)."""
+
+    enabled: bool = True
+    modes: list[str] = field(default_factory=lambda: ["recompute", "reuse"])
+    precision: str = "fp16"
+    prefix_tokens: int = 512
+    suffix_tokens: int = 16
+    requests: int = 4
+    new_tokens: int = 16
+
+    def check(self, key: str) -> None:
+        _check_all(f"{key}.modes", self.modes, ("recompute", "reuse"))
+        check_choice(f"{key}.precision", self.precision, HF_PRECISIONS)
+        check_range(f"{key}.requests", self.requests, low=1)
+
+
+@dataclass
+class StreamingConfig:
+    """TextIteratorStreamer against plain generate: TTFT as the consumer sees it, and the overhead of streaming."""
+
+    enabled: bool = True
+    precision: str = "fp16"
+    batch_size: int = 1
+
+    def check(self, key: str) -> None:
+        check_choice(f"{key}.precision", self.precision, HF_PRECISIONS)
+
+
+@dataclass
+class BenchGPUConfig:
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    hf: HFSweep = field(default_factory=lambda: HFSweep(device="cuda", compute_dtype="fp16"))
+    prefix_cache: HFPrefixCacheConfig = field(default_factory=HFPrefixCacheConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    bandwidth_gib: float = 2.0  # device-to-device copy buffer
+    point_timeout_s: float = 900.0
+    retry_failed: bool = False
+
+    def __post_init__(self) -> None:
+        self.workload.check("bench_gpu.workload")
+        self.hf.check("bench_gpu.hf")
+        self.prefix_cache.check("bench_gpu.prefix_cache")
+        self.streaming.check("bench_gpu.streaming")
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True  # log to MLflow; records on disk are written either way
     uri: str | None = None  # tracking URI; unset: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db
@@ -331,6 +379,7 @@ class StudyConfig:
     model: ModelConfig = MISSING
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     bench_cpu: BenchCPUConfig = field(default_factory=BenchCPUConfig)
+    bench_gpu: BenchGPUConfig = field(default_factory=BenchGPUConfig)
     # Pins: a top-level key set on the command line restricts one axis of every sweep to that value,
     # e.g. `python stages/bench_cpu.py -m quant=q4_k_m,q8_0 n_threads=1,2`. Unset (null): the grid's values.
     runtime: str | None = None  # llama_cpp, hf or prompt_cache

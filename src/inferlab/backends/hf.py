@@ -136,7 +136,8 @@ class HFBackend(Backend):
         self.sync()
         end = time.perf_counter()
         generated = out.shape[1] - ids.shape[1]
-        return RequestTiming(start, timer.times, end, ids.shape[1], generated, ids.shape[0])
+        return RequestTiming(start, timer.times, end, ids.shape[1], generated, ids.shape[0],
+                             output_ids=out[:, ids.shape[1]:].tolist())
 
     def unload(self) -> None:
         import gc

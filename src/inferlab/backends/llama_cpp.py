@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,12 @@ class LlamaCppBackend(Backend):
         if cache == "ram":
             self.llm.set_cache(llama_cpp.LlamaRAMCache(capacity_bytes=4 << 30))
         elif cache == "disk":
-            folder = s.get("cache_dir") or f"/tmp/inferlab-cache-{os.getpid()}"
-            self.llm.set_cache(llama_cpp.LlamaDiskCache(cache_dir=folder))
+            self._cache_dir = s.get("cache_dir") or tempfile.mkdtemp(prefix="inferlab-prompt-cache-")
+            self.llm.set_cache(llama_cpp.LlamaDiskCache(cache_dir=self._cache_dir))
         from inferlab.gguf.convert import tensor_stats
 
-        return {"load_s": load_s, "weight_bytes": tensor_stats(path)["weight_bytes"], "file_bytes": path.stat().st_size}
+        return {"load_s": load_s, "weight_bytes": tensor_stats(path)["weight_bytes"], "file_bytes": path.stat().st_size,
+                "llama_system_info": llama_cpp.llama_print_system_info().decode().strip()}
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode(), add_bos=False, special=False)
@@ -118,3 +120,5 @@ class LlamaCppBackend(Backend):
         if llm is not None:
             llm.close()
             self.llm = None
+        if getattr(self, "_cache_dir", None) and not self.settings.get("cache_dir"):
+            shutil.rmtree(self._cache_dir, ignore_errors=True)

@@ -3,14 +3,12 @@ and transformers on the same CPU as the baseline (precision, batch, KV cache, bi
 
 from __future__ import annotations
 
-import importlib.util
-import itertools
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from inferlab.bench.aggregate import write_aggregates
+from inferlab.bench.grid import default_threads, grid, hf_points, keep, usable_cores
 from inferlab.bench.memory import cpu_bandwidth
 from inferlab.bench.sweep import Point, run_sweep
 from inferlab.config import StudyConfig, resolve
@@ -22,28 +20,6 @@ log = logging.getLogger(__name__)
 STAGE = "bench_cpu"
 
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def default_threads(cores: int) -> list[int]:
-    """1, 2, 4, ... below the core count, and the core count."""
-    out, t = [], 1
-    while t < cores:
-        out.append(t)
-        t *= 2
-    return [*out, cores]
-
-
-def _grid(axes: dict[str, list], pins: dict[str, Any]) -> list[dict[str, Any]]:
-    axes = {k: [pins[k]] if k in pins else v for k, v in axes.items()}
-    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
-
-
-def _keep(settings: dict[str, Any], pins: dict[str, Any]) -> bool:
-    return all(k in settings and settings[k] == v for k, v in pins.items())
-
-
 def llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int) -> list[Point]:
     runtime = pins.get("runtime")
     pins = {k: v for k, v in pins.items() if k != "runtime"}
@@ -51,7 +27,7 @@ def llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int) -> list[Poi
     L = b.llama_cpp
     axes = {"quant": L.quants, "n_threads": L.n_threads or default_threads(cores), "n_batch": L.n_batch,
             "flash_attn": L.flash_attn, "kv_type": L.kv_type, "api": L.api, "prompt_tokens": [w.prompt_tokens]}
-    combos = _grid(axes, pins)
+    combos = grid(axes, pins)
     first = {k: v[0] for k, v in axes.items()} | {"n_threads": cores}
     for extra in L.extra_points:
         combos.append(first | {k: v for k, v in vars(extra).items() if v is not None})
@@ -60,7 +36,7 @@ def llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int) -> list[Poi
         settings = {**c, "scenario": "latency", "new_tokens": w.new_tokens, "warmup": w.warmup,
                     "repetitions": w.repetitions, "n_ctx": L.n_ctx, "n_gpu_layers": L.n_gpu_layers}
         key = tuple(sorted(settings.items()))
-        if key in seen or not _keep(settings, pins):
+        if key in seen or not keep(settings, pins):
             continue
         seen.add(key)
         name = (f"{c['quant']}-t{c['n_threads']}-b{c['n_batch']}-fa{int(c['flash_attn'])}-kv{c['kv_type']}"
@@ -74,7 +50,7 @@ def llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int) -> list[Poi
                         "kv_type": L.kv_type[0], "api": "completion_stream", "prefix_tokens": pc.prefix_tokens,
                         "suffix_tokens": pc.suffix_tokens, "requests": pc.requests, "new_tokens": pc.new_tokens,
                         "n_ctx": L.n_ctx, "n_gpu_layers": L.n_gpu_layers}
-            if _keep(settings, pins):
+            if keep(settings, pins):
                 points.append(_llama_point(cfg, f"prefix-{mode}-{pc.quant}-t{settings['n_threads']}", settings,
                                            runtime_label="prompt_cache"))
     if runtime == "hf":
@@ -93,46 +69,9 @@ def _llama_point(cfg: StudyConfig, name: str, settings: dict[str, Any], runtime_
         skip = "llama.cpp quantizes the V cache only with flash attention (flash_attn=true)"
     elif not path.exists():
         skip = f"no GGUF file {path.name}: add {settings['quant']} to convert.quants (or convert.outtypes)"
-    load = {"model_path": str(path), "cache_dir": str(resolve(cfg.paths.results) / STAGE / ".prompt-cache")}
+    load = {"model_path": str(path)}
     return Point(name, "llama_cpp", ("llama_cpp", settings["quant"], name if runtime_label == "prompt_cache" else ""),
                  settings, load, skip)
-
-
-def hf_points(cfg: StudyConfig, pins: dict[str, Any], cores: int, stage: str = STAGE) -> list[Point]:
-    b = cfg.bench_cpu if stage == STAGE else cfg.bench_gpu  # type: ignore[attr-defined]
-    H, w = b.hf, b.workload
-    if not H.enabled or pins.get("runtime") not in (None, "hf"):
-        return []
-    pins = {k: v for k, v in pins.items() if k != "runtime"}
-    threads = (H.threads or cores) if H.device == "cpu" else 0
-    axes = {"precision": H.precisions, "batch_size": H.batch_sizes, "kv_cache": H.kv_cache, "attn": H.attn,
-            "compile": H.compile}
-    combos = _grid(axes, pins)
-    first = {k: v[0] for k, v in axes.items()}
-    for extra in H.extra_points:
-        combos.append(first | {k: v for k, v in vars(extra).items() if v is not None})
-    new_tokens = H.new_tokens or w.new_tokens
-    bnb_missing = importlib.util.find_spec("bitsandbytes") is None
-    points, seen = [], set()
-    for c in combos:
-        settings = {**c, "scenario": "latency", "device": H.device, "n_threads": threads,
-                    "compute_dtype": H.compute_dtype, "compile_mode": H.compile_mode,
-                    "prompt_tokens": w.prompt_tokens, "new_tokens": new_tokens, "warmup": w.warmup,
-                    "repetitions": w.repetitions}
-        key = tuple(sorted(settings.items()))
-        if key in seen or not _keep(settings, pins):
-            continue
-        seen.add(key)
-        skip = None
-        if c["compile"] and c["kv_cache"] != "static":
-            skip = "torch.compile applies to the static KV cache only (kv_cache=static)"
-        elif c["precision"] in ("int8", "nf4", "fp4", "nf4-dq") and bnb_missing:
-            skip = "bitsandbytes is not installed (pip install 'inferlab[gpu]')"
-        name = f"hf-{c['precision']}-b{c['batch_size']}-{c['kv_cache']}-{c['attn']}" + ("-compiled" if c["compile"]
-                                                                                        else "")
-        load = {"model_dir": str(cfg.model_dir() / "hf")}
-        points.append(Point(name, "hf", ("hf", c["precision"], c["attn"]), settings, load, skip))
-    return points
 
 
 def _decode_rate(metrics: dict) -> float | None:
@@ -150,7 +89,7 @@ def run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
     if cfg.bench_cpu.llama_cpp.enabled or cfg.bench_cpu.prompt_cache.enabled:
         points += [p for p in llama_points(cfg, pins, cores)
                    if cfg.bench_cpu.llama_cpp.enabled or p.settings["scenario"] == "prefix_cache"]
-    points += hf_points(cfg, pins, cores)
+    points += hf_points(cfg.bench_cpu, cfg.model_dir() / "hf", pins, cores)
     if not points:
         log.warning("no points to run: the pins %s match nothing in the grid", pins)
     bandwidth = cpu_bandwidth(cfg.bench_cpu.bandwidth_gib)

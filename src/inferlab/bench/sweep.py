@@ -54,7 +54,7 @@ class Manifest:
     def __init__(self, folder: Path, stage: StageRun, points: list[Point], digest: str):
         ids = sorted(_point_id(stage, p) for p in points)
         key = hashlib.sha256(json.dumps([digest, stage.env["hardware"]["id"], ids]).encode()).hexdigest()[:16]
-        self.path = folder / ".sweeps" / f"{key}.json"
+        self.path = folder / f".sweep-{key}.json"
         self.data = json.loads(self.path.read_text()) if self.path.exists() else None
         self.ids = ids
         self.digest = digest

@@ -18,6 +18,7 @@ class RequestTiming:
     generated_tokens: int  # per sequence, counted by the runtime
     batch: int = 1
     internal: dict = field(default_factory=dict)  # the runtime's own counters (llama.cpp's perf context, ...)
+    output_ids: list | None = None  # the generated token ids per sequence, where the backend returns them
 
     @property
     def ttft(self) -> float:

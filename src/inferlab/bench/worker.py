@@ -72,7 +72,7 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     from inferlab.backends import BackendUnavailable, get_backend
-    from inferlab.bench import scenarios
+    from inferlab.bench import hf_scenarios, scenarios
     from inferlab.bench.memory import peak_rss_mib, reset_peak_rss, rss_mib
 
     backend = None
@@ -97,9 +97,13 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any]) -> None:
                 backend.settings.update(point)
             rss_before = rss_mib()
             if point.get("scenario") == "prefix_cache":
-                metrics, samples = scenarios.prefix_cache(
-                    backend, folder, point["mode"], point["prefix_tokens"], point["suffix_tokens"],
-                    point["requests"], point["new_tokens"])
+                fn = hf_scenarios.prefix_cache if runtime == "hf" else scenarios.prefix_cache
+                metrics, samples = fn(backend, folder, point["mode"], point["prefix_tokens"], point["suffix_tokens"],
+                                      point["requests"], point["new_tokens"])
+            elif point.get("scenario") == "streaming":
+                metrics, samples = hf_scenarios.streaming(
+                    backend, folder, point["prompt_tokens"], point["new_tokens"], point.get("batch_size", 1),
+                    point["warmup"], point["repetitions"])
             else:
                 metrics, samples = scenarios.latency(
                     backend, folder, point["prompt_tokens"], point["new_tokens"], point.get("batch_size", 1),

@@ -1,0 +1,70 @@
+"""Sweep grids: the cartesian product of a config's axes, extra points, pins from the command line."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+from pathlib import Path
+from typing import Any
+
+from inferlab.bench.sweep import Point
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_threads(cores: int) -> list[int]:
+    """1, 2, 4, ... below the core count, and the core count."""
+    out, t = [], 1
+    while t < cores:
+        out.append(t)
+        t *= 2
+    return [*out, cores]
+
+
+def grid(axes: dict[str, list], pins: dict[str, Any]) -> list[dict[str, Any]]:
+    axes = {k: [pins[k]] if k in pins else v for k, v in axes.items()}
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def keep(settings: dict[str, Any], pins: dict[str, Any]) -> bool:
+    return all(k in settings and settings[k] == v for k, v in pins.items())
+
+
+def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -> list[Point]:
+    """The transformers grid of a benchmark section (bench_cpu or bench_gpu): main grid plus extra points."""
+    H, w = section.hf, section.workload
+    if not H.enabled or pins.get("runtime") not in (None, "hf"):
+        return []
+    pins = {k: v for k, v in pins.items() if k != "runtime"}
+    threads = (H.threads or cores) if H.device == "cpu" else 0
+    axes = {"precision": H.precisions, "batch_size": H.batch_sizes, "kv_cache": H.kv_cache, "attn": H.attn,
+            "compile": H.compile}
+    combos = grid(axes, pins)
+    first = {k: v[0] for k, v in axes.items()}
+    for extra in H.extra_points:
+        combos.append(first | {k: v for k, v in vars(extra).items() if v is not None})
+    new_tokens = H.new_tokens or w.new_tokens
+    bnb_missing = importlib.util.find_spec("bitsandbytes") is None
+    points, seen = [], set()
+    for c in combos:
+        settings = {**c, "scenario": "latency", "device": H.device, "n_threads": threads,
+                    "compute_dtype": H.compute_dtype, "compile_mode": H.compile_mode,
+                    "prompt_tokens": w.prompt_tokens, "new_tokens": new_tokens, "warmup": w.warmup,
+                    "repetitions": w.repetitions}
+        key = tuple(sorted(settings.items()))
+        if key in seen or not keep(settings, pins):
+            continue
+        seen.add(key)
+        skip = None
+        if c["compile"] and c["kv_cache"] != "static":
+            skip = "torch.compile applies to the static KV cache only (kv_cache=static)"
+        elif c["precision"] in ("int8", "nf4", "fp4", "nf4-dq") and bnb_missing:
+            skip = "bitsandbytes is not installed (pip install 'inferlab[gpu]')"
+        name = f"hf-{c['precision']}-b{c['batch_size']}-{c['kv_cache']}-{c['attn']}" + ("-compiled" if c["compile"]
+                                                                                        else "")
+        load = {"model_dir": str(model_dir)}
+        points.append(Point(name, "hf", ("hf", c["precision"], c["attn"]), settings, load, skip))
+    return points

@@ -1,0 +1,20 @@
+"""Stage `bench_gpu`: the GPU sweep (transformers + bitsandbytes); every point skipped where there is no CUDA."""
+
+from pathlib import Path
+
+from inferlab.bench import gpu
+from inferlab.config import StudyConfig
+from inferlab.stage import run_stage
+from inferlab.study import StageRun
+
+
+def main(cfg: StudyConfig) -> None:
+    stage = StageRun(cfg, gpu.STAGE, sections=("bench_gpu",))
+    try:
+        gpu.run(cfg, stage, Path(__file__))
+    finally:
+        stage.finish()
+
+
+if __name__ == "__main__":
+    run_stage(main)
