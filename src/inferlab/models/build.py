@@ -78,6 +78,11 @@ def build_model(model: ModelConfig, out_dir: Path) -> None:
     finally:
         torch.set_default_dtype(previous)
     net.generation_config.pad_token_id = config.pad_token_id
+    # Embedding rows past the tokenizer's vocabulary are padding (as in Phi-2: 50295 tokens, 51200 rows). Random
+    # weights would emit them as often as real tokens, and text could not be decoded from them; a large negative
+    # output bias keeps generation inside the vocabulary. Shapes, and so speed and memory, are unchanged.
+    with torch.no_grad():
+        net.lm_head.bias[len(tok):] = -1e4
     net.save_pretrained(str(out_dir), safe_serialization=True)
     _write_legacy_rope_keys(out_dir / "config.json", model)
     n = sum(p.numel() for p in net.parameters())
