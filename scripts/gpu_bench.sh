@@ -22,7 +22,7 @@ built=$(date +%s)
 # records and metrics are written straight under OUT_DIR, so a run stopped at its time limit still brings back
 # every finished point (and the sweep's manifest, to resume it)
 mkdir -p "$out/results/bench_gpu"
-cp results/bench_gpu/*.jsonl results/bench_gpu/.sweep-*.json "$out/results/bench_gpu/" 2>/dev/null
+cp -n results/bench_gpu/*.jsonl results/bench_gpu/.sweep-*.json "$out/results/bench_gpu/" 2>/dev/null
 timeout "${BENCH_TIMEOUT:-560}" python3 stages/bench_gpu.py model=phi-2-random tracking.enabled=false \
   paths.results="$out/results" paths.metrics="$out/metrics" "$@" 2>&1 | tee "$out/bench_gpu.log" \
   | grep -E "\] \[|bandwidth|sweep|Error|error"
