@@ -42,7 +42,8 @@ def test_gpu_grid_groups_points_by_loaded_model():
     pts = hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 16)
     names = {p.name for p in pts}
     assert {"hf-fp16-b1-dynamic-sdpa", "hf-fp16-b64-dynamic-sdpa", "hf-nf4-b16-dynamic-sdpa",
-            "hf-fp16-b1-static-sdpa-compiled", "hf-fp16-b1-none-sdpa", "hf-fp16-b1-dynamic-eager"} <= names
+            "hf-int8-b1-dynamic-sdpa", "hf-fp16-b1-static-sdpa-compiled", "hf-fp16-b1-none-sdpa",
+            "hf-fp16-b1-dynamic-eager"} <= names
     # one worker (one model load) per precision and attention implementation
     assert len({p.group for p in pts}) == len({(p.settings["precision"], p.settings["attn"]) for p in pts})
     full = compose(["model=phi-2-random", "bench_gpu=full"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import pytest
 import yaml
@@ -91,3 +92,29 @@ def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
     for h in hydra_recs:
         d = next(x for x in dvc_recs if x.point_id == h.point_id)
         assert h.point == d.point and h.name == d.name and h.model == d.model
+
+
+def test_queued_experiments_sweep_the_cpu_stage(repo):
+    """`dvc exp run --queue -S ...` sweeps: each queued experiment runs in its own copy of the workspace, and
+    its MLflow runs land in the repository's store (DVC_ROOT)."""
+    common = ["-S", "model=tiny-phi", "-S", "convert.quants=[q8_0]", *[a for o in SMALL_BENCH for a in ("-S", o)]]
+    for t in (1, 2):
+        run(["dvc", "exp", "run", "--queue", *common, "-S", f"n_threads={t}"], cwd=repo)
+    run(["dvc", "queue", "start", "-j", "1"], cwd=repo)
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        status = run(["dvc", "queue", "status"], cwd=repo).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], cwd=repo).stdout)
+    exps = [rev for commit in shown for e in (commit.get("experiments") or []) for rev in e["revs"]]
+    threads = sorted(rev["data"]["params"]["params.yaml"]["data"]["n_threads"] for rev in exps)
+    assert threads == [1, 2]
+    for rev in exps:
+        assert "metrics/bench_cpu.json" in rev["data"]["metrics"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("inferlab").experiment_id],
+                              filter_string="tags.`inferlab.stage` = 'bench_cpu' and tags.`inferlab.kind` = 'point'")
+    assert sorted(int(r.data.params["point.n_threads"]) for r in runs) == [1, 2]

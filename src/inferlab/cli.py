@@ -41,6 +41,39 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    """Print a benchmark stage's results (latest record per point) as markdown or CSV, from the records."""
+    import csv
+
+    from inferlab.bench.aggregate import MARKDOWN_COLUMNS, markdown, stage_rows
+
+    rows = stage_rows(project_root() / "results", args.stage)
+    if args.model:
+        rows = [r for r in rows if r["model"] == args.model]
+    if not rows:
+        print(f"no records for {args.stage} under results/{args.stage}/", file=sys.stderr)
+        return 1
+    if args.format == "csv":
+        w = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        print(markdown(rows, tuple(args.columns.split(",")) if args.columns else MARKDOWN_COLUMNS))
+    return 0
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    """Rewrite metrics/<stage>.json and metrics/plots/<stage>.csv from the records (e.g. after copying records
+    from another machine)."""
+    from inferlab.bench.aggregate import write_aggregates
+
+    cfg = compose([])
+    for stage in args.stages:
+        write_aggregates(cfg, stage)
+        print(f"metrics/{stage}.json and metrics/plots/{stage}.csv written from results/{stage}/")
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     """`dvc exp run` with each override as -S, and this environment's tools first on PATH (the stages call
     `python`), so the study runs from the virtual environment without activating it."""
@@ -68,6 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("config", help="print the resolved configuration for Hydra overrides")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny-phi convert.quants=[q8_0]")
     p.set_defaults(fn=cmd_config)
+
+    p = sub.add_parser("results", help="a benchmark stage's results as markdown or CSV, from the records")
+    p.add_argument("stage", choices=["bench_cpu", "bench_gpu"])
+    p.add_argument("--model", default=None)
+    p.add_argument("--format", choices=["md", "csv"], default="md")
+    p.add_argument("--columns", default=None, help="comma-separated columns (markdown)")
+    p.set_defaults(fn=cmd_results)
+
+    p = sub.add_parser("aggregate", help="rewrite a stage's metrics files from its records")
+    p.add_argument("stages", nargs="+", choices=["bench_cpu", "bench_gpu"])
+    p.set_defaults(fn=cmd_aggregate)
 
     p = sub.add_parser("study", help="run the study as a DVC experiment: inferlab study model=tiny-phi ...")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, passed to `dvc exp run` as -S")

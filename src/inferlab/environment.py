@@ -25,6 +25,10 @@ def library_versions() -> dict[str, str | None]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
+    if out["inferlab"] is None:  # run from a source tree (PYTHONPATH=src) rather than installed
+        import inferlab
+
+        out["inferlab"] = inferlab.__version__
     return out
 
 

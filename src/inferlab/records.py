@@ -107,6 +107,7 @@ def write_atomic(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; aggregates are ordinary files others read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -60,9 +60,42 @@ def _round(v: Any) -> Any:
     return v
 
 
+def stage_rows(results_dir: Path, stage: str) -> list[dict[str, Any]]:
+    """One row per point (its latest record) per hardware and model. Points that share a name but differ in a
+    setting (e.g. the workload) get the differing generated-token count appended to their name."""
+    rows = [row(r) for r in latest(rec.read_all(sorted((results_dir / stage).glob("*.jsonl"))))]
+    seen: dict[tuple, int] = {}
+    for r in rows:
+        key = (r["hardware"], r["model"], r["name"])
+        seen[key] = seen.get(key, 0) + 1
+    for r in rows:
+        if seen[(r["hardware"], r["model"], r["name"])] > 1:
+            r["name"] = f"{r['name']}-n{r['new_tokens']}"
+    return rows
+
+
+MARKDOWN_COLUMNS = ("name", "status", "batch_size", "decode_tps", "total_tps", "ttft_ms", "itl_p50_ms", "itl_p90_ms",
+                    "peak_rss_mib", "peak_allocated_gib", "roofline_fraction", "reason")
+
+
+def markdown(rows: list[dict[str, Any]], columns: tuple[str, ...] = MARKDOWN_COLUMNS) -> str:
+    """The same rows as the CSV and the JSON, as markdown tables per hardware and model."""
+    out = []
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["hardware"], r["model"], r["weights"]), []).append(r)
+    for (hw, model, weights), rs in groups.items():
+        cols = [c for c in columns if any(r.get(c) not in ("", None) for r in rs)]
+        out.append(f"### {model} ({weights} weights) on {hw}\n")
+        out.append("| " + " | ".join(cols) + " |")
+        out.append("|" + "---|" * len(cols))
+        out.extend("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rs)
+        out.append("")
+    return "\n".join(out)
+
+
 def write_aggregates(cfg: StudyConfig, stage: str) -> dict[str, Any]:
-    folder = resolve(cfg.paths.results) / stage
-    rows = [row(r) for r in latest(rec.read_all(sorted(folder.glob("*.jsonl"))))]
+    rows = stage_rows(resolve(cfg.paths.results), stage)
     summary: dict[str, Any] = {}
     for r in rows:
         hw = summary.setdefault(r["hardware"], {"bandwidth_gbps": r["bandwidth_gbps"], "models": {}})

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from inferlab.bench.scenarios import summarize_requests
+from inferlab.bench.scenarios import prefix_summary
 from inferlab.bench.stats import summarize
 from inferlab.bench.timing import RequestTiming
 from inferlab.bench.workload import prompts, shared_prefix_requests
@@ -77,18 +77,8 @@ def prefix_cache(backend, folder: Path, mode: str, prefix_tokens: int, suffix_to
             timings.append(t)
     finally:
         counter.remove()
-    first, rest = timings[0], timings[1:]
-    full = len(prefix) + suffix_tokens
-    evaluated = counter.first[1:]
-    hits = sum(1 for e in evaluated if e < full - 1)
-    metrics, samples = summarize_requests(rest)
-    metrics.update(
-        mode=mode, prefix_tokens=len(prefix), suffix_tokens=suffix_tokens, requests=len(rest),
-        first_ttft_ms=round(1e3 * first.ttft, 3), cache_hits=hits, hit_rate=hits / len(rest) if rest else 0.0,
-        prompt_tokens_evaluated=summarize(evaluated, "tokens").to_dict(),
-        prefix_fill_ms=round(1e3 * fill_s, 3), cache_copy_ms=round(1e3 * copy_s / len(suffixes), 3),
-    )
-    samples["prompt_tokens_evaluated"] = [float(e) for e in evaluated]
+    metrics, samples = prefix_summary(mode, timings, len(prefix), suffix_tokens, counter.first[1:])
+    metrics.update(prefix_fill_ms=round(1e3 * fill_s, 3), cache_copy_ms=round(1e3 * copy_s / len(suffixes), 3))
     return metrics, samples
 
 

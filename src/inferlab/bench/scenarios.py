@@ -70,6 +70,9 @@ def latency(backend: Backend, folder: Path, prompt_tokens: int, new_tokens: int,
     metrics["cold"] = {k: round(v, 3) for k, v in cold_fig.items()}
     warm_ttft = metrics["ttft_ms"]["median"]
     metrics["cold_ttft_penalty_ms"] = round(cold_fig["ttft_ms"] - warm_ttft, 3)
+    # what the first request costs beyond a warm one: compilation and CUDA-graph capture for compiled points,
+    # page faults and allocations otherwise (a user pays it once per loaded model)
+    metrics["first_request_extra_ms"] = round(cold_fig["e2e_ms"] - metrics["e2e_ms"]["median"], 3)
     metrics.update(prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch=batch)
     return metrics, samples
 
@@ -86,13 +89,20 @@ def prefix_cache(backend: Backend, folder: Path, mode: str, prefix_tokens: int, 
         # none / ram / disk: start each request from an empty context, so only the prompt cache can help.
         t = backend.request([prefix + suffix], new_tokens, api="completion_stream", reset=mode != "context")
         timings.append(t)
-    first, rest = timings[0], timings[1:]
     full = len(prefix) + suffix_tokens
-    evaluated = [t.internal.get("n_prompt_eval", full) for t in rest]
-    hits = sum(1 for e in evaluated if e < full - 1)
+    evaluated = [t.internal.get("n_prompt_eval", full) for t in timings[1:]]
+    return prefix_summary(mode, timings, len(prefix), suffix_tokens, evaluated)
+
+
+def prefix_summary(mode: str, timings: list[RequestTiming], prefix_tokens: int, suffix_tokens: int,
+                   evaluated: list[int]) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """Figures of a shared-prefix run: the first request (which fills the cache) apart, the others summarized,
+    and how many of them were hits (fewer prompt tokens evaluated than the prompt holds)."""
+    first, rest = timings[0], timings[1:]
+    hits = sum(1 for e in evaluated if e < prefix_tokens + suffix_tokens - 1)
     metrics, samples = summarize_requests(rest)
     metrics.update(
-        mode=mode, prefix_tokens=len(prefix), suffix_tokens=suffix_tokens, requests=len(rest),
+        mode=mode, prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens, requests=len(rest),
         first_ttft_ms=round(1e3 * first.ttft, 3), cache_hits=hits, hit_rate=hits / len(rest) if rest else 0.0,
         prompt_tokens_evaluated=summarize(evaluated, "tokens").to_dict(),
     )
