@@ -25,7 +25,7 @@ mkdir -p "$WHEELHOUSE"
 if ! ls "$WHEELHOUSE"/llama_cpp_python-*.whl >/dev/null 2>&1; then
   echo "building llama-cpp-python once into $WHEELHOUSE (about 3 minutes on 2 cores)"
   CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" \
-    python -m pip wheel -q --no-deps -w "$WHEELHOUSE" "$LLAMA_REQ"
+    python -m pip wheel -q --no-deps --no-cache-dir -w "$WHEELHOUSE" "$LLAMA_REQ"  # no cached build made with other flags
 fi
 python -m pip install -q --find-links "$WHEELHOUSE" -e ".[gpu,eval,report,dev]"
 echo "inferlab is set up in .venv ($(python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"
