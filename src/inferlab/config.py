@@ -174,6 +174,14 @@ def _check_all(key: str, values: Iterable[Any], allowed: Iterable[Any]) -> None:
         check_choice(key, v, allowed)
 
 
+def _check_extras(key: str, points: Iterable[Any], allowed: dict[str, Iterable[Any]]) -> None:
+    """Extra points: every field that is set must take one of the values its grid axis allows."""
+    for p in points:
+        for name, choices in allowed.items():
+            if getattr(p, name) is not None:
+                check_choice(f"{key}.extra_points.{name}", getattr(p, name), list(choices))
+
+
 @dataclass
 class WorkloadConfig:
     prompts: str = "data/prompts"  # folder of the texts prompts are cut from
@@ -222,13 +230,8 @@ class LlamaCppSweep:
             check_range(f"{key}.n_threads", t, low=1)
         for b in self.n_batch:
             check_range(f"{key}.n_batch", b, low=1)
-        for p in self.extra_points:
-            if p.quant is not None:
-                check_choice(f"{key}.extra_points.quant", p.quant, ("f32", "f16", *QUANT_TYPES))
-            if p.kv_type is not None:
-                check_choice(f"{key}.extra_points.kv_type", p.kv_type, KV_TYPES)
-            if p.api is not None:
-                check_choice(f"{key}.extra_points.api", p.api, LLAMA_APIS)
+        _check_extras(key, self.extra_points,
+                      {"quant": ("f32", "f16", *QUANT_TYPES), "kv_type": KV_TYPES, "api": LLAMA_APIS})
 
 
 @dataclass
@@ -285,13 +288,8 @@ class HFSweep:
         check_choice(f"{key}.compute_dtype", self.compute_dtype, ("fp16", "bf16", "fp32"))
         for b in self.batch_sizes:
             check_range(f"{key}.batch_sizes", b, low=1)
-        for p in self.extra_points:
-            if p.precision is not None:
-                check_choice(f"{key}.extra_points.precision", p.precision, HF_PRECISIONS)
-            if p.kv_cache is not None:
-                check_choice(f"{key}.extra_points.kv_cache", p.kv_cache, HF_KV_CACHES)
-            if p.attn is not None:
-                check_choice(f"{key}.extra_points.attn", p.attn, HF_ATTENTION)
+        _check_extras(key, self.extra_points,
+                      {"precision": HF_PRECISIONS, "kv_cache": HF_KV_CACHES, "attn": HF_ATTENTION})
 
 
 @dataclass

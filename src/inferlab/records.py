@@ -26,6 +26,11 @@ SCHEMA_VERSION = 1
 STATUSES = ("ok", "failed", "skipped")
 
 
+def now() -> str:
+    """UTC timestamp, to the second, as every record and manifest writes it."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def point_id(stage: str, point: dict[str, Any]) -> str:
     """Stable id of a measurement point: the same stage and resolved config give the same id anywhere."""
     blob = json.dumps({"stage": stage, "point": point}, sort_keys=True, default=str)
@@ -48,7 +53,7 @@ class Record:
     sweep_id: str = ""  # one id per stage execution (the MLflow parent run)
     point_id: str = ""
     record_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    timestamp: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    timestamp: str = field(default_factory=now)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:

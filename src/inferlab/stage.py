@@ -23,12 +23,16 @@ log = logging.getLogger(__name__)
 StageFn = Callable[..., object]
 
 
+def quiet_libraries() -> None:
+    for noisy in ("httpx", "urllib3", "alembic", "filelock", "mlflow.store.db.utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    for noisy in ("httpx", "urllib3", "alembic", "filelock", "mlflow.store.db.utils"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_libraries()
 
 
 def run_stage(fn: StageFn, argv: list[str] | None = None) -> None:
@@ -57,8 +61,7 @@ def run_stage(fn: StageFn, argv: list[str] | None = None) -> None:
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     def _main(dcfg: DictConfig) -> None:
-        for noisy in ("httpx", "urllib3", "alembic", "filelock"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+        quiet_libraries()  # Hydra has configured logging by now
         try:
             cfg = load(dcfg)
         except ConfigError as e:

@@ -115,7 +115,3 @@ def write_aggregates(cfg: StudyConfig, stage: str) -> dict[str, Any]:
     rec.write_atomic(metrics_dir / "plots" / f"{stage}.csv", buf.getvalue())
     return summary
 
-
-def rows_of(path: Path) -> list[dict[str, str]]:
-    with path.open() as f:
-        return list(csv.DictReader(f))

@@ -51,8 +51,7 @@ def llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int) -> list[Poi
                         "suffix_tokens": pc.suffix_tokens, "requests": pc.requests, "new_tokens": pc.new_tokens,
                         "n_ctx": L.n_ctx, "n_gpu_layers": L.n_gpu_layers}
             if keep(settings, pins):
-                points.append(_llama_point(cfg, f"prefix-{mode}-{pc.quant}-t{settings['n_threads']}", settings,
-                                           runtime_label="prompt_cache"))
+                points.append(_llama_point(cfg, f"prefix-{mode}-{pc.quant}-t{settings['n_threads']}", settings))
     if runtime == "hf":
         return []
     if runtime == "prompt_cache":
@@ -62,7 +61,7 @@ def llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int) -> list[Poi
     return points
 
 
-def _llama_point(cfg: StudyConfig, name: str, settings: dict[str, Any], runtime_label: str = "llama_cpp") -> Point:
+def _llama_point(cfg: StudyConfig, name: str, settings: dict[str, Any]) -> Point:
     path = gguf_path(cfg, settings["quant"])
     skip = None
     if settings["kv_type"] not in ("f16", "f32") and not settings["flash_attn"]:
@@ -70,8 +69,7 @@ def _llama_point(cfg: StudyConfig, name: str, settings: dict[str, Any], runtime_
     elif not path.exists():
         skip = f"no GGUF file {path.name}: add {settings['quant']} to convert.quants (or convert.outtypes)"
     load = {"model_path": str(path)}
-    return Point(name, "llama_cpp", ("llama_cpp", settings["quant"], name if runtime_label == "prompt_cache" else ""),
-                 settings, load, skip)
+    return Point(name, "llama_cpp", ("llama_cpp", settings["quant"]), settings, load, skip)
 
 
 def _decode_rate(metrics: dict) -> float | None:

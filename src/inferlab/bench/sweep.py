@@ -64,7 +64,7 @@ class Manifest:
 
     def write(self, sweep_id: str, status: str) -> None:
         self.data = {"sweep_id": sweep_id, "status": status, "code_digest": self.digest, "points": self.ids,
-                     "updated": rec.Record.__dataclass_fields__["timestamp"].default_factory()}
+                     "updated": rec.now()}
         rec.write_json(self.path, self.data)
 
 
