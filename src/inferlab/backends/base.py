@@ -31,6 +31,17 @@ class Backend(ABC):
     def request(self, prompts: list[list[int]], new_tokens: int, **opts: Any) -> RequestTiming:
         """Generate exactly new_tokens greedy tokens after each prompt (one batch); time every step."""
 
+    def complete(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations (token ids, EOS excluded) of prompts, ending at EOS or after max_new_tokens."""
+        raise NotImplementedError(f"{self.name} does not generate for evaluation")
+
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        """log p(ids[i] | ids[:i]) for i = 1 .. len(ids) - 1, from one forward pass over ids."""
+        raise NotImplementedError(f"{self.name} does not score tokens")
+
+    def detokenize(self, ids: list[int]) -> str:
+        raise NotImplementedError(f"{self.name} does not detokenize")
+
     def stream(self, prompt: list[int], new_tokens: int, **opts: Any) -> Iterator[str]:
         """Text pieces as the runtime streams them (serving)."""
         raise NotImplementedError(f"{self.name} does not stream")

@@ -139,6 +139,38 @@ class HFBackend(Backend):
         return RequestTiming(start, timer.times, end, ids.shape[1], generated, ids.shape[0],
                              output_ids=out[:, ids.shape[1]:].tolist())
 
+    def complete(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """One left-padded batch; stops at EOS (the KV-cache setting of the point applies)."""
+        import torch
+
+        pad = self.model.generation_config.pad_token_id
+        eos = self.tokenizer.eos_token_id
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        kwargs = self.generation_kwargs(max_new_tokens)
+        kwargs.pop("min_new_tokens")
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, eos_token_id=eos, **kwargs)
+        outputs = []
+        for row in out[:, width:].tolist():
+            if eos in row:
+                row = row[:row.index(eos)]
+            outputs.append(row)
+        return outputs
+
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        import torch
+
+        x = torch.tensor([ids], device=self.device)
+        with torch.inference_mode():
+            logits = self.model(input_ids=x, use_cache=False).logits[0, :-1].float()
+            lp = torch.log_softmax(logits, dim=-1).gather(1, x[0, 1:, None])[:, 0]
+        return lp.cpu().tolist()
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def unload(self) -> None:
         import gc
 

@@ -47,6 +47,7 @@ class LlamaCppBackend(Backend):
             n_ubatch=s.get("n_batch", 512), n_threads=s["n_threads"], n_threads_batch=s["n_threads"],
             flash_attn=bool(s.get("flash_attn", False)), type_k=kv, type_v=kv,
             n_gpu_layers=s.get("n_gpu_layers", 0), seed=0, verbose=False,
+            logits_all=bool(s.get("logits_all", False)),  # every position's logits: perplexity
         )
         load_s = time.perf_counter() - t0
         self.eos = self.llm.token_eos()
@@ -110,6 +111,36 @@ class LlamaCppBackend(Backend):
         end = time.perf_counter()
         perf = self._perf()
         return RequestTiming(start, times, end, len(prompt), generated, 1, perf)
+
+    def complete(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """One sequence at a time, greedy, from an empty context; stops at EOS."""
+        outputs = []
+        for prompt in prompts:
+            self.llm.reset()
+            out: list[int] = []
+            for tok in self.llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+                if tok == self.eos:
+                    break
+                out.append(tok)
+                if len(out) >= max_new_tokens:
+                    break
+            outputs.append(out)
+        return outputs
+
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        import numpy as np
+
+        if not self.settings.get("logits_all"):
+            raise RuntimeError("token_logprobs needs the model loaded with logits_all=True")
+        self.llm.reset()
+        self.llm.eval(ids)
+        logits = np.asarray(self.llm.scores[:len(ids) - 1], dtype=np.float64)
+        top = logits.max(axis=1, keepdims=True)
+        logz = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        return (logits[np.arange(len(ids) - 1), ids[1:]] - logz).tolist()
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids).decode("utf-8", errors="replace")
 
     def stream(self, prompt: list[int], new_tokens: int, **opts: Any):
         for chunk in self.llm.create_completion(prompt, stream=True, max_tokens=new_tokens, **opts):

