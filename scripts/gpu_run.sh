@@ -27,7 +27,9 @@ built=$(date +%s)
 if [ ! -d gpu-work/results ]; then  # first call on this machine: start from the committed records
   mkdir -p gpu-work && cp -r results gpu-work/results && cp -r metrics gpu-work/metrics
 fi
-timeout "${BENCH_TIMEOUT:-560}" python3 "stages/$stage.py" model=phi-2-random tracking.enabled=false \
+mode=()
+if [ "${1:-}" = "-m" ]; then mode=(-m); shift; fi  # Hydra wants -m before the overrides, not among them
+timeout "${BENCH_TIMEOUT:-560}" python3 "stages/$stage.py" "${mode[@]}" model=phi-2-random tracking.enabled=false \
   paths.results="$PWD/gpu-work/results" paths.metrics="$PWD/gpu-work/metrics" "$@" 2>&1 | tee -a "$out/$stage.log" \
   | grep -E "\] \[|bandwidth|sweep|Error|error|evaluate:"
 end=$(date +%s)
