@@ -31,7 +31,8 @@ def repo(tmp_path, monkeypatch):
 
 
 SMALL_BENCH = ["runtime=llama_cpp", "quant=q8_0", "bench_cpu.prompt_cache.enabled=false",
-               "bench_cpu.workload.new_tokens=8", "bench_cpu.workload.repetitions=2", "bench_cpu.workload.warmup=0"]
+               "bench_cpu.workload.new_tokens=8", "bench_cpu.workload.repetitions=2", "bench_cpu.workload.warmup=0",
+               "evaluate.dataset.limit=2"]
 
 
 def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
@@ -49,7 +50,11 @@ def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
     exp = client.get_experiment_by_name("inferlab")
     runs = client.search_runs([exp.experiment_id])
     stages = {r.data.tags["inferlab.stage"] for r in runs}
-    assert stages == {"download", "convert", "bench_cpu"}
+    assert stages == {"download", "convert", "bench_cpu", "evaluate"}
+    quality = json.loads((repo / "metrics" / "quality.json").read_text())
+    configs = next(iter(quality.values()))["tiny-phi"]["configs"]
+    assert configs["llama-q8_0-kvf16"]["status"] == "ok"  # scored; its F16 reference was pinned away:
+    assert "no f16-f16 outputs" in configs["llama-q8_0-kvf16"]["reason"]
     assert {r.info.run_name for r in runs if r.data.tags["inferlab.kind"] == "point"} >= {"tiny-phi", "f16", "q8_0"}
 
     lock = (repo / "dvc.lock").read_text()

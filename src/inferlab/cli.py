@@ -66,9 +66,14 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     """Rewrite metrics/<stage>.json and metrics/plots/<stage>.csv from the records (e.g. after copying records
     from another machine)."""
     from inferlab.bench.aggregate import write_aggregates
+    from inferlab.quality import stage as quality
 
     cfg = compose([])
     for stage in args.stages:
+        if stage == quality.STAGE:
+            quality.write_aggregates(cfg)
+            print("metrics/quality.json and metrics/plots/quality.csv written from results/evaluate/")
+            continue
         write_aggregates(cfg, stage)
         print(f"metrics/{stage}.json and metrics/plots/{stage}.csv written from results/{stage}/")
     return 0
@@ -103,14 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_config)
 
     p = sub.add_parser("results", help="a benchmark stage's results as markdown or CSV, from the records")
-    p.add_argument("stage", choices=["bench_cpu", "bench_gpu"])
+    p.add_argument("stage", choices=["bench_cpu", "bench_gpu", "evaluate"])
     p.add_argument("--model", default=None)
     p.add_argument("--format", choices=["md", "csv"], default="md")
     p.add_argument("--columns", default=None, help="comma-separated columns (markdown)")
     p.set_defaults(fn=cmd_results)
 
     p = sub.add_parser("aggregate", help="rewrite a stage's metrics files from its records")
-    p.add_argument("stages", nargs="+", choices=["bench_cpu", "bench_gpu"])
+    p.add_argument("stages", nargs="+", choices=["bench_cpu", "bench_gpu", "evaluate"])
     p.set_defaults(fn=cmd_aggregate)
 
     p = sub.add_parser("study", help="run the study as a DVC experiment: inferlab study model=tiny-phi ...")

@@ -19,6 +19,7 @@ from inferlab.config import BERTSCORE_OFFLINE, BertScoreConfig
 log = logging.getLogger(__name__)
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+SCORING_VERSION = 2  # part of a score's identity: a change to how scores are computed rescores every output
 
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
@@ -71,30 +72,36 @@ class BertScorer:
         self._scorer = None
 
     def info(self) -> dict[str, Any]:
-        return {"model": self.cfg.model, "model_path": self.model_type if self.local else None,
-                "num_layers": self.cfg.num_layers, "rescaled_with_baseline": self.rescaled}
+        return {"version": SCORING_VERSION, "model": self.cfg.model, "num_layers": self.cfg.num_layers,
+                "model_path": self.model_type if self.local else None, "rescaled_with_baseline": self.rescaled}
 
     def score(self, predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+        # Identical texts agree (1) and an empty text against a non-empty one does not (0) without the model:
+        # bert-score would give identical texts that its tokenizer reduces to nothing 0, and it encodes empty
+        # texts with tokenizer.build_inputs_with_special_tokens, which transformers 5 removed.
+        out = {k: [1.0 if p.strip() == r.strip() else 0.0 for p, r in zip(predictions, references, strict=True)]
+               for k in ("bertscore_p", "bertscore_r", "bertscore_f1")}
+        both = [i for i, (p, r) in enumerate(zip(predictions, references))
+                if p.strip() and r.strip() and p.strip() != r.strip()]
+        if both:
+            scored = self.model_score([predictions[i] for i in both], [references[i] for i in both])
+            for key, values in scored.items():
+                for i, v in zip(both, values):
+                    out[key][i] = v
+        return out
+
+    def model_score(self, predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+        """BERTScore from the model, for non-empty texts."""
         if self._scorer is None:
             from bert_score import BERTScorer
 
             self._scorer = BERTScorer(model_type=self.model_type, num_layers=self.cfg.num_layers,
                                       lang=self.cfg.lang, rescale_with_baseline=self.rescaled,
                                       batch_size=self.cfg.batch_size, device="cpu")
-        # Empty texts are scored here: two empty texts agree (1), an empty and a non-empty one do not (0).
-        # (bert-score would encode them with tokenizer.build_inputs_with_special_tokens, which transformers 5
-        # removed.)
-        out = {k: [1.0 if not p.strip() and not r.strip() else 0.0 for p, r in zip(predictions, references)]
-               for k in ("bertscore_p", "bertscore_r", "bertscore_f1")}
-        both = [i for i, (p, r) in enumerate(zip(predictions, references)) if p.strip() and r.strip()]
-        if both:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                p, r, f = self._scorer.score([predictions[i] for i in both], [references[i] for i in both])
-            for key, values in (("bertscore_p", p), ("bertscore_r", r), ("bertscore_f1", f)):
-                for i, v in zip(both, values.tolist()):
-                    out[key][i] = v
-        return out
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p, r, f = self._scorer.score(predictions, references)
+        return {"bertscore_p": p.tolist(), "bertscore_r": r.tolist(), "bertscore_f1": f.tolist()}
 
 
 def resolve_model(cfg: BertScoreConfig) -> tuple[str, bool]:
