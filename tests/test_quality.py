@@ -145,7 +145,8 @@ def test_evaluate_stage_generates_scores_and_marks_random_weights(tiny_project):
     assert {n for n, g in gens.items() if g.status == "ok"} == ran and set(scores) == ran
     for name in ran:
         g = gens[name]
-        out = tiny_project / "results/evaluate/outputs" / g.environment["hardware"]["id"] / g.metrics["outputs_file"]
+        out = (tiny_project / "results/evaluate/outputs" / g.environment["hardware"]["id"] / "tiny-phi"
+               / g.metrics["outputs_file"])
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert len(rows) == 12 and {r["task"] for r in rows} == {"summarization", "qa", "code"}
         assert all(r["config"] == name and r["item_id"] and "output_ids" in r for r in rows)

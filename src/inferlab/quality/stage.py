@@ -2,7 +2,7 @@
 
 Generation: every configuration (transformers precision x KV cache on CUDA and on the CPU, llama.cpp quant type x
 KV-cache type) runs in a benchmark worker, writes its greedy outputs per sample to
-results/evaluate/outputs/<hardware>/<config>.jsonl and records its perplexity on the held-out passage. Points
+results/evaluate/outputs/<hardware>/<model>/<config>.jsonl and records its perplexity on the held-out passage. Points
 that cannot run here (no CUDA, no GGUF file) are recorded as skipped; an interrupted run resumes.
 
 Scoring: every generation record of the model (from any machine) is scored against the reference precision
@@ -39,8 +39,9 @@ NOT_MEANINGFUL = ("random weights: these scores and this perplexity measure noth
 BNB = ("int8", "nf4", "fp4", "nf4-dq")
 
 
-def outputs_dir(cfg: StudyConfig, hardware: str) -> Path:
-    return resolve(cfg.paths.results) / STAGE / "outputs" / hardware
+def outputs_dir(cfg: StudyConfig, hardware: str, model: str | None = None) -> Path:
+    """results/evaluate/outputs/<hardware>/<model>/: one JSONL file per configuration."""
+    return resolve(cfg.paths.results) / STAGE / "outputs" / hardware / (model or cfg.model.name)
 
 
 def _keep(settings: dict[str, Any], pins: dict[str, Any]) -> bool:
@@ -130,7 +131,7 @@ def _generations(cfg: StudyConfig) -> list[rec.Record]:
 
 
 def _outputs(cfg: StudyConfig, r: rec.Record) -> list[dict[str, Any]]:
-    path = outputs_dir(cfg, _hardware(r)) / r.metrics["outputs_file"]
+    path = outputs_dir(cfg, _hardware(r), r.model.get("name")) / r.metrics["outputs_file"]
     if not path.exists():
         raise FileNotFoundError(f"the outputs file {path} of {r.name} on {_hardware(r)} is missing")
     blob = path.read_bytes()
