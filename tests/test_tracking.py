@@ -70,3 +70,17 @@ def test_log_records_command_reports_a_dead_store(tiny_project):
     r = run([sys.executable, "-m", "inferlab.cli", "log-records", "--uri", "http://127.0.0.1:9"], cwd=tiny_project,
             check=False)
     assert r.returncode == 2 and "cannot be reached" in r.stderr
+
+
+def test_given_commit_wins_over_a_stale_git_folder(monkeypatch):
+    """On a lent machine the working tree may carry an old .git; the commit the copy was made from is given."""
+    from inferlab.environment import git_commit
+
+    monkeypatch.delenv("INFERLAB_GIT_COMMIT", raising=False)
+    git_commit.cache_clear()
+    here = git_commit()
+    assert here["commit"] and len(here["commit"]) == 40 and here["dirty"] in (True, False)
+    monkeypatch.setenv("INFERLAB_GIT_COMMIT", "0" * 40)
+    git_commit.cache_clear()
+    assert git_commit() == {"commit": "0" * 40, "dirty": None, "source": "INFERLAB_GIT_COMMIT"}
+    git_commit.cache_clear()

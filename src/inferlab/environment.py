@@ -42,9 +42,13 @@ def git_commit() -> dict[str, str | bool | None]:
             return None
         return r.stdout.strip() if r.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD") or os.environ.get("INFERLAB_GIT_COMMIT")
+    # A copy of the working tree (a lent GPU machine) may carry a stale .git: the commit it was copied from,
+    # given in INFERLAB_GIT_COMMIT, wins over what that .git says.
+    given = os.environ.get("INFERLAB_GIT_COMMIT")
+    if given:
+        return {"commit": given, "dirty": None, "source": "INFERLAB_GIT_COMMIT"}
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
 
 
 def _cpu_model() -> str:
