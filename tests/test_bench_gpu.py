@@ -42,12 +42,13 @@ def test_gpu_grid_groups_points_by_loaded_model():
     pts = hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 16)
     names = {p.name for p in pts}
     assert {"hf-fp16-b1-dynamic-sdpa", "hf-fp16-b64-dynamic-sdpa", "hf-nf4-b16-dynamic-sdpa",
-            "hf-int8-b1-dynamic-sdpa", "hf-fp16-b1-static-sdpa-compiled", "hf-fp16-b1-none-sdpa",
-            "hf-fp16-b1-dynamic-eager"} <= names
-    # one worker (one model load) per precision and attention implementation
-    assert len({p.group for p in pts}) == len({(p.settings["precision"], p.settings["attn"]) for p in pts})
+            "hf-int8-b1-dynamic-sdpa", "hf-fp16-b1-static-sdpa-compiled", "hf-fp16-b1-none-sdpa"} <= names
     full = compose(["model=phi-2-random", "bench_gpu=full"])
-    assert len(hf_points(full.bench_gpu, full.model_dir() / "hf", {}, 16)) >= 7 * 7
+    full_pts = hf_points(full.bench_gpu, full.model_dir() / "hf", {}, 16)
+    assert len(full_pts) >= 7 * 7 and "hf-fp16-b1-dynamic-eager" in {p.name for p in full_pts}
+    # one worker (one model load) per precision and attention implementation
+    for grid in (pts, full_pts):
+        assert len({p.group for p in grid}) == len({(p.settings["precision"], p.settings["attn"]) for p in grid})
     pinned = compose(["model=phi-2-random", "precision=nf4", "batch_size=4"])
     assert [p.name for p in hf_points(pinned.bench_gpu, pinned.model_dir() / "hf", pinned.pins(), 16)] == [
         "hf-nf4-b4-dynamic-sdpa"]
