@@ -42,12 +42,16 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    """Print a benchmark stage's results (latest record per point) as markdown or CSV, from the records."""
+    """Print a stage's results (latest record per point; for evaluate, per configuration) as markdown or CSV."""
     import csv
 
     from inferlab.bench.aggregate import MARKDOWN_COLUMNS, markdown, stage_rows
+    from inferlab.quality import stage as quality
 
-    rows = stage_rows(project_root() / "results", args.stage)
+    if args.stage == quality.STAGE:  # one row per configuration: its scores (figures of its own shape)
+        rows, columns = quality.quality_rows(project_root() / "results"), quality.QUALITY_COLUMNS
+    else:
+        rows, columns = stage_rows(project_root() / "results", args.stage), MARKDOWN_COLUMNS
     if args.model:
         rows = [r for r in rows if r["model"] == args.model]
     if not rows:
@@ -58,7 +62,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         w.writeheader()
         w.writerows(rows)
     else:
-        print(markdown(rows, tuple(args.columns.split(",")) if args.columns else MARKDOWN_COLUMNS))
+        print(markdown(rows, tuple(args.columns.split(",")) if args.columns else columns))
     return 0
 
 

@@ -63,10 +63,11 @@ def _unavailable(model: ModelConfig, why: str) -> ModelUnavailable:
     )
 
 
-def hub_problem(model: ModelConfig, timeout: float = 5.0) -> str | None:
-    """None if the Hub answers at all (any HTTP status); otherwise why it cannot be reached."""
+def hub_problem(api_path: str, timeout: float = 5.0) -> str | None:
+    """None if the Hub answers a HEAD request for /api/<api_path> at all (any HTTP status); otherwise why it
+    cannot be reached."""
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    url = f"{endpoint}/api/models/{model.repo_id}/revision/{model.revision or 'main'}"
+    url = f"{endpoint}/api/{api_path}"
     try:
         urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
     except urllib.error.HTTPError:
@@ -83,7 +84,7 @@ def download_from_hub(model: ModelConfig, dst: Path) -> str:
     from huggingface_hub import snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    problem = None if offline else hub_problem(model)
+    problem = None if offline else hub_problem(f"models/{model.repo_id}/revision/{model.revision or 'main'}")
     if offline or problem:
         # The Hub client would retry for half a minute; the cache answers at once.
         log.info("%s; looking for %s@%s in the Hugging Face cache", problem or "HF_HUB_OFFLINE is set",

@@ -12,8 +12,6 @@ import hashlib
 import json
 import os
 import re
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -73,8 +71,10 @@ def _hub_items(cfg: EvalDatasetConfig) -> list[Item]:
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
     from huggingface_hub import hf_hub_download
 
+    from inferlab.models.acquire import hub_problem
+
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    problem = None if offline else _hub_problem()
+    problem = None if offline else hub_problem(f"datasets/{h.repo_id}")
     try:
         path = Path(hf_hub_download(h.repo_id, h.filename, repo_type="dataset", revision=h.revision,
                                     local_files_only=bool(offline or problem)))
@@ -94,18 +94,6 @@ def _hub_items(cfg: EvalDatasetConfig) -> list[Item]:
                                  f"{sorted(rows[0])}")
     return [Item(str(r.get(h.id_field, n)) if h.id_field else str(n), h.task, str(r[h.input_field]),
                  str(r[h.reference_field])) for n, r in enumerate(rows[:h.limit])]
-
-
-def _hub_problem(timeout: float = 5.0) -> str | None:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    try:
-        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/api/datasets", method="HEAD"),
-                               timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return None
-    except (urllib.error.URLError, OSError) as e:
-        return f"the Hugging Face Hub ({endpoint}) cannot be reached: {getattr(e, 'reason', e)}"
-    return None
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from inferlab import records as rec
+from inferlab.backends import hf
 from inferlab.bench.grid import usable_cores
 from inferlab.bench.sweep import Point, run_sweep
 from inferlab.config import StudyConfig, resolve
@@ -36,7 +37,6 @@ PINS = ("runtime", "precision", "quant", "kv_cache", "kv_type")  # the pins that
 NOT_MEANINGFUL = ("random weights: these scores and this perplexity measure nothing about language quality; "
                   "they show that the pipeline runs and how far a configuration's outputs drift from its "
                   "reference, no more")
-BNB = ("int8", "nf4", "fp4", "nf4-dq")
 
 
 def outputs_dir(cfg: StudyConfig, hardware: str, model: str | None = None) -> Path:
@@ -75,7 +75,7 @@ def generation_points(cfg: StudyConfig, items: list[dataset.Item], passage: str,
                     skip = None
                     if device == "cuda" and cuda_problem:
                         skip = cuda_problem
-                    elif precision in BNB and bnb_missing:
+                    elif precision in hf.BNB and bnb_missing:
                         skip = "bitsandbytes is not installed (pip install 'inferlab[gpu]')"
                     points.append(Point(f"hf-{device}-{precision}-{kv}", "hf", ("hf", device, precision), settings,
                                         {**load, "model_dir": str(cfg.model_dir() / "hf")}, skip))
@@ -118,10 +118,14 @@ def _hardware(r: rec.Record) -> str:
     return r.environment.get("hardware", {}).get("id", "?")
 
 
-def _generations(cfg: StudyConfig) -> list[rec.Record]:
+def _records(results: Path) -> list[rec.Record]:
+    return rec.read_all(sorted((results / STAGE).glob("*.jsonl")))
+
+
+def _generations(cfg: StudyConfig, recs: list[rec.Record]) -> list[rec.Record]:
     """The latest generation record of each configuration per hardware, for this model."""
     best: dict[tuple, rec.Record] = {}
-    for r in rec.read_all(sorted((resolve(cfg.paths.results) / STAGE).glob("*.jsonl"))):
+    for r in recs:
         if r.point.get("scenario") != "quality" or r.model.get("name") != cfg.model.name:
             continue
         key = (_hardware(r), r.point_id)
@@ -140,21 +144,18 @@ def _outputs(cfg: StudyConfig, r: rec.Record) -> list[dict[str, Any]]:
     return [json.loads(line) for line in blob.decode().splitlines() if line.strip()]
 
 
-def score(cfg: StudyConfig, stage: StageRun) -> int:
+def score(cfg: StudyConfig, stage: StageRun, bert: BertScorer) -> int:
     """Score every generation of this model not scored yet with the same reference and scorer."""
-    gens = _generations(cfg)
-    done = {r.point_id for r in rec.read_all(sorted((resolve(cfg.paths.results) / STAGE).glob("*.jsonl")))
-            if r.point.get("scenario") == "scores" and r.status == "ok"}
-    bert: BertScorer | None = None
+    recs = _records(resolve(cfg.paths.results))
+    done = {r.point_id for r in recs if r.point.get("scenario") == "scores" and r.status == "ok"}
     made = 0
-    ok = [g for g in gens if g.status == "ok"]
+    ok = [g for g in _generations(cfg, recs) if g.status == "ok"]
     for n, g in enumerate(ok, 1):
         hw = _hardware(g)
         wanted = reference_config(cfg, g.point)
         ref = next((r for r in ok if _hardware(r) == hw and _family(r.point) == _family(g.point)
                     and _config_of(r.point) == wanted
                     and r.point.get("items_digest") == g.point.get("items_digest")), None)
-        bert = bert or BertScorer(cfg.evaluate.bertscore)
         point = {"scenario": "scores", "of": g.name, "of_point": g.point_id, "of_hardware": hw,
                  "generation_record": g.record_id, "reference_record": ref.record_id if ref else None,
                  "reference": "-".join(map(str, wanted)), "scorer": bert.info(),
@@ -208,25 +209,26 @@ def _score_one(cfg: StudyConfig, g: rec.Record, ref: rec.Record | None,
     return metrics, samples
 
 
-QUALITY_COLUMNS = ("hardware", "model", "weights", "meaningful", "config", "status", "runtime", "device",
-                   "precision", "quant", "kv_cache", "kv_type", "perplexity", "perplexity_delta", "perplexity_ratio",
+QUALITY_SETTINGS = ("hardware", "model", "weights", "meaningful", "config", "status", "runtime", "device",
+                    "precision", "quant", "kv_cache", "kv_type")
+QUALITY_FIGURES = ("perplexity", "perplexity_delta", "perplexity_ratio",
                    "fidelity_rouge1", "fidelity_rouge2", "fidelity_rougeL", "fidelity_bertscore_f1", "exact_match",
                    "first_diff", "task_rouge1", "task_rouge2", "task_rougeL", "task_bertscore_f1", "reason")
+QUALITY_COLUMNS = QUALITY_SETTINGS + QUALITY_FIGURES
 
 
 def quality_rows(results: Path) -> list[dict[str, Any]]:
     """One row per configuration (hardware of generation, model, config): its latest score, or why it has
     none (a failed or skipped generation)."""
-    allrecs = rec.read_all(sorted((results / STAGE).glob("*.jsonl")))
-    latest: dict[tuple, rec.Record] = {}
-    for r in allrecs:
+    latest: dict[tuple, tuple[tuple, rec.Record]] = {}
+    for r in _records(results):
         sc = r.point.get("scenario")
         hw = r.point.get("of_hardware") if sc == "scores" else _hardware(r)
         name = r.point.get("of") if sc == "scores" else r.name
         key = (hw, r.model.get("name"), name)
         rank = (sc == "scores" and r.status == "ok", r.timestamp)  # a score beats a generation record
-        if key not in latest or rank >= (latest[key][0], latest[key][1].timestamp):
-            latest[key] = (rank[0], r)
+        if key not in latest or rank >= latest[key][0]:
+            latest[key] = (rank, r)
     rows = []
     for (hw, model, name), (_, r) in sorted(latest.items(), key=lambda kv: tuple(map(str, kv[0]))):
         m = r.metrics if r.point.get("scenario") == "scores" else {}
@@ -256,7 +258,7 @@ def write_aggregates(cfg: StudyConfig) -> dict[str, Any]:
             "weights": r["weights"], "meaningful": r["meaningful"], "configs": {}})
         if not r["meaningful"]:
             model["note"] = NOT_MEANINGFUL
-        model["configs"][r["config"]] = {k: r[k] for k in QUALITY_COLUMNS[12:] if r[k] not in ("", None)} | {
+        model["configs"][r["config"]] = {k: r[k] for k in QUALITY_FIGURES if r[k] not in ("", None)} | {
             "status": r["status"]}
     metrics = resolve(cfg.paths.metrics)
     rec.write_json(metrics / "quality.json", summary)
@@ -272,8 +274,7 @@ def run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
     e = cfg.evaluate
     items = dataset.load_items(e.dataset)  # fails before any model loads
     passage = dataset.passage(cfg.evaluate)
-    if e.score:
-        BertScorer(e.bertscore)  # a scorer that cannot be set up fails before generation, not after
+    bert = BertScorer(e.bertscore) if e.score else None  # a bad scorer setting fails before generation
     from inferlab.bench.gpu import cuda_problem
 
     need_cuda = e.gpu.enabled and cfg.pins().get("runtime") in (None, "hf")
@@ -286,7 +287,7 @@ def run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
              len(points))
     run_sweep(stage, points, resolve(e.dataset.path), {}, e.point_timeout_s, e.retry_failed, [stage_file],
               lambda m: None)
-    if e.score:
-        made = score(cfg, stage)
+    if bert is not None:
+        made = score(cfg, stage, bert)
         log.info("evaluate: %d configuration(s) scored", made)
     write_aggregates(cfg)
