@@ -27,5 +27,5 @@ if ! ls "$WHEELHOUSE"/llama_cpp_python-*.whl >/dev/null 2>&1; then
   CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" \
     python -m pip wheel -q --no-deps --no-cache-dir -w "$WHEELHOUSE" "$LLAMA_REQ"  # no cached build made with other flags
 fi
-python -m pip install -q --find-links "$WHEELHOUSE" -e ".[gpu,eval,report,dev]"
+python -m pip install -q --find-links "$WHEELHOUSE" -e ".[gpu,eval,report,serve,dev]"
 echo "inferlab is set up in .venv ($(python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

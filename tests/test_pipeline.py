@@ -32,7 +32,8 @@ def repo(tmp_path, monkeypatch):
 
 SMALL_BENCH = ["runtime=llama_cpp", "quant=q8_0", "bench_cpu.prompt_cache.enabled=false",
                "bench_cpu.workload.new_tokens=8", "bench_cpu.workload.repetitions=2", "bench_cpu.workload.warmup=0",
-               "evaluate.dataset.limit=2"]
+               "evaluate.dataset.limit=2", "serve_bench.concurrency=[1,2]", "serve_bench.requests=4",
+               "serve_bench.max_tokens=8", "serve_bench.warmup=1"]
 
 
 def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
@@ -50,7 +51,18 @@ def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
     exp = client.get_experiment_by_name("inferlab")
     runs = client.search_runs([exp.experiment_id])
     stages = {r.data.tags["inferlab.stage"] for r in runs}
-    assert stages == {"download", "convert", "bench_cpu", "evaluate"}
+    assert stages == {"download", "convert", "bench_cpu", "evaluate", "report", "serve_bench"}
+    # the served configuration under load: one record per concurrency level, every request answered
+    served = [r for r in records.read_all((repo / "results" / "serve_bench").glob("*.jsonl"))]
+    assert sorted(r.point["concurrency"] for r in served) == [1, 2] and all(r.status == "ok" for r in served)
+    assert all(r.metrics["errors"] == 0 and r.metrics["ok"] == 4 and r.point["quant"] == "q8_0" for r in served)
+    assert json.loads((repo / "metrics" / "serve_bench.json").read_text())
+    # the study ends with its answer: the report, the recommendation, figures
+    md = (repo / "metrics" / "report.md").read_text()
+    assert "## The answer" in md and "## tiny-phi on " in md
+    (answer,) = json.loads((repo / "metrics" / "recommendation.json").read_text())["recommendations"]
+    assert answer["model"] == "tiny-phi" and answer["candidates"] >= 1
+    assert list((repo / "metrics" / "figures").glob("*--tiny-phi--throughput.png"))
     quality = json.loads((repo / "metrics" / "quality.json").read_text())
     configs = next(iter(quality.values()))["tiny-phi"]["configs"]
     assert configs["llama-q8_0-kvf16"]["status"] == "ok"  # scored; its F16 reference was pinned away:
@@ -64,6 +76,7 @@ def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
     assert (repo / "dvc.lock").read_text() == lock and (gguf / "tiny-phi-q8_0.gguf").stat().st_mtime == mtime
     status = run(["dvc", "status"], cwd=repo)
     assert "up to date" in status.stdout
+
 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], cwd=repo).stdout)
     exps = [e for commit in shown for e in (commit.get("experiments") or [])]
@@ -97,6 +110,14 @@ def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
     for h in hydra_recs:
         d = next(x for x in dvc_recs if x.point_id == h.point_id)
         assert h.point == d.point and h.name == d.name and h.model == d.model
+
+    # DVC metrics and plots between commits
+    run(["git", "add", "-A"], cwd=repo)
+    run(["git", "commit", "-q", "-m", "study"], cwd=repo)
+    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD~1", "--json"], cwd=repo).stdout)
+    assert "metrics/report.json" in diff and "metrics/bench_cpu.json" in diff
+    plots = json.loads(run(["dvc", "plots", "diff", "HEAD~1", "--json"], cwd=repo).stdout)["data"]
+    assert "quality_vs_speed" in plots and any(k.startswith("metrics/figures/") for k in plots)
 
 
 def test_queued_experiments_sweep_the_cpu_stage(repo):

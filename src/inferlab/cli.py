@@ -96,6 +96,24 @@ def cmd_study(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, env=env, cwd=project_root())
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from inferlab.serve.server import main as serve_main
+
+    return serve_main(args.overrides)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from inferlab.serve.demo import main as demo_main
+
+    return demo_main(args.demo_args)
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from inferlab.serve.loadtest import main as loadtest_main
+
+    return loadtest_main(args.loadtest_args)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="inferlab", description=__doc__)
@@ -112,20 +130,33 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_config)
 
     p = sub.add_parser("results", help="a benchmark stage's results as markdown or CSV, from the records")
-    p.add_argument("stage", choices=["bench_cpu", "bench_gpu", "evaluate"])
+    p.add_argument("stage", choices=["bench_cpu", "bench_gpu", "evaluate", "serve_bench"])
     p.add_argument("--model", default=None)
     p.add_argument("--format", choices=["md", "csv"], default="md")
     p.add_argument("--columns", default=None, help="comma-separated columns (markdown)")
     p.set_defaults(fn=cmd_results)
 
     p = sub.add_parser("aggregate", help="rewrite a stage's metrics files from its records")
-    p.add_argument("stages", nargs="+", choices=["bench_cpu", "bench_gpu", "evaluate"])
+    p.add_argument("stages", nargs="+", choices=["bench_cpu", "bench_gpu", "evaluate", "serve_bench"])
     p.set_defaults(fn=cmd_aggregate)
 
     p = sub.add_parser("study", help="run the study as a DVC experiment: inferlab study model=tiny-phi ...")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, passed to `dvc exp run` as -S")
     p.add_argument("--dvc-args", nargs=argparse.REMAINDER, default=[], help="further arguments for dvc exp run")
     p.set_defaults(fn=cmd_study)
+
+    p = sub.add_parser("serve", help="serve the recommended configuration: OpenAI-compatible API, demo under /ui")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny-phi serve.port=8001")
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("demo", help="the Gradio demo alone, against a running server (--url, --api-key, --port)")
+    p.add_argument("demo_args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("loadtest", help="drive a running server with concurrent streaming clients (--url, "
+                                         "--concurrency 1,4, --requests, --max-tokens)")
+    p.add_argument("loadtest_args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_loadtest)
 
     args = parser.parse_args(argv)
     return args.fn(args)

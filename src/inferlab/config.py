@@ -484,6 +484,107 @@ class EvaluateConfig:
             check_choice("evaluate.max_new_tokens", key, EVAL_TASKS)
 
 
+REPORT_OBJECTIVES = ("total_tps", "decode_tps")
+FIDELITY_METRICS = ("fidelity_rougeL", "fidelity_rouge1", "fidelity_rouge2", "fidelity_bertscore_f1", "exact_match")
+
+
+@dataclass
+class ConstraintsConfig:
+    """What the recommended configuration must meet; null: no limit."""
+
+    memory_gib: float | None = None  # peak memory: GPU memory allocated (CUDA) or process RSS (CPU)
+    ttft_ms: float | None = 1000.0  # median time to first token
+    itl_p90_ms: float | None = 100.0  # 90th percentile inter-token latency (the reader's stream rate)
+    min_fidelity: float | None = 0.9  # fidelity to the reference precision (report.fidelity_metric)
+
+    def check(self, key: str) -> None:
+        for name in ("memory_gib", "ttft_ms", "itl_p90_ms"):
+            if getattr(self, name) is not None:
+                check_range(f"{key}.{name}", getattr(self, name), low=0)
+        if self.min_fidelity is not None:
+            check_range(f"{key}.min_fidelity", self.min_fidelity, low=0, high=1)
+
+
+@dataclass
+class ReportConfig:
+    objective: str = "total_tps"  # what "fastest" means: total tokens/s (throughput) or decode tokens/s per sequence
+    fidelity_metric: str = "fidelity_rougeL"  # the quality axis of the frontier and of min_fidelity
+    constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
+    models: list[str] = field(default_factory=list)  # models to report; empty: every model with records
+    html: bool = True  # metrics/report.html with the figures embedded, beside metrics/report.md
+
+    def __post_init__(self) -> None:
+        check_choice("report.objective", self.objective, REPORT_OBJECTIVES)
+        check_choice("report.fidelity_metric", self.fidelity_metric, FIDELITY_METRICS)
+        self.constraints.check("report.constraints")
+
+
+SERVE_SOURCES = ("recommendation", "config")
+SERVE_RUNTIMES = ("hf", "llama_cpp")
+
+
+@dataclass
+class ServeConfig:
+    """`inferlab serve`: an OpenAI-compatible server for the recommended configuration (or the one given here)."""
+
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    source: str = "recommendation"  # recommendation: metrics/recommendation.json for this hardware; config: below
+    recommendation: str = "metrics/recommendation.json"
+    # the configuration served when source=config, or when the recommendation has none for this hardware
+    runtime: str = "llama_cpp"
+    quant: str = "q4_k_m"  # llama.cpp: the GGUF file (models/<model>/gguf/<model>-<quant>.gguf)
+    n_threads: int = 0  # llama.cpp and transformers on CPU; 0: every usable core
+    n_ctx: int = 2048  # llama.cpp context window (transformers: the model's max_position_embeddings)
+    precision: str = "fp32"  # transformers
+    device: str = "auto"  # transformers: auto (cuda if available), cpu or cuda
+    served_model_name: str | None = None  # the name clients ask for; null: model.name
+    api_key: str | None = None  # null: $INFERLAB_API_KEY if set, else no key
+    max_queue: int = 16  # requests waiting beyond this answer 429 with Retry-After
+    max_batch: int = 8  # transformers: concurrent requests decoded together
+    batch_wait_ms: float = 5.0  # transformers: how long the first request of a batch waits for company
+    default_max_tokens: int = 64
+    max_tokens_limit: int = 1024
+    max_prompt_chars: int = 32768
+    max_body_bytes: int = 1_000_000
+    retry_after_s: int = 1
+    gradio: bool = True  # the demo under /ui
+
+    def __post_init__(self) -> None:
+        check_choice("serve.source", self.source, SERVE_SOURCES)
+        check_choice("serve.runtime", self.runtime, SERVE_RUNTIMES)
+        check_choice("serve.device", self.device, ("auto", "cpu", "cuda"))
+        check_range("serve.port", self.port, low=0, high=65535)
+        for key in ("max_queue", "max_batch", "default_max_tokens", "max_tokens_limit", "max_prompt_chars",
+                    "max_body_bytes", "n_ctx"):
+            check_range(f"serve.{key}", getattr(self, key), low=1)
+        check_range("serve.n_threads", self.n_threads, low=0)
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ConfigError(f"serve.default_max_tokens: {self.default_max_tokens} is above serve.max_tokens_limit "
+                              f"({self.max_tokens_limit})")
+
+
+@dataclass
+class ServeBenchConfig:
+    """Stage `serve_bench`: the server under load from N concurrent streaming clients."""
+
+    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
+    requests: int = 32  # per concurrency level (raised to the concurrency if below it)
+    prompt_tokens: int = 64
+    max_tokens: int = 32
+    warmup: int = 2  # requests before each level, not measured
+    prompts: str = "data/prompts"
+    timeout_s: float = 900.0  # per level
+
+    def __post_init__(self) -> None:
+        if not self.concurrency:
+            raise ConfigError("serve_bench.concurrency: empty; give at least one level, e.g. [1, 4]")
+        for c in self.concurrency:
+            check_range("serve_bench.concurrency", c, low=1)
+        for key in ("requests", "prompt_tokens", "max_tokens"):
+            check_range(f"serve_bench.{key}", getattr(self, key), low=1)
+
+
 @dataclass
 class TrackingConfig:
     enabled: bool = True  # log to MLflow; records on disk are written either way
@@ -506,6 +607,9 @@ class StudyConfig:
     bench_cpu: BenchCPUConfig = field(default_factory=BenchCPUConfig)
     bench_gpu: BenchGPUConfig = field(default_factory=BenchGPUConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    serve_bench: ServeBenchConfig = field(default_factory=ServeBenchConfig)
     # Pins: a top-level key set on the command line restricts one axis of every sweep to that value,
     # e.g. `python stages/bench_cpu.py -m quant=q4_k_m,q8_0 n_threads=1,2`. Unset (null): the grid's values.
     runtime: str | None = None  # llama_cpp, hf or prompt_cache

@@ -61,9 +61,16 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# settings the MLflow UI groups and compares runs by, as top-level params (also kept under point.*)
+GROUP_PARAMS = ("runtime", "scenario", "precision", "batch_size", "kv_cache", "attn", "compile", "quant", "n_threads",
+                "n_batch", "flash_attn", "kv_type", "api", "mode", "device", "prompt_tokens", "new_tokens")
+
+
 def _params(record: Record) -> dict[str, str]:
     flat = flatten({"model": record.model, **record.config})
     flat.update(flatten(record.point, "point."))
+    flat.update({k: record.point[k] for k in GROUP_PARAMS if record.point.get(k) not in (None, "")})
+    flat["hardware"] = record.environment.get("hardware", {}).get("id")
     return {k: str(v)[:MAX_PARAM_LEN] for k, v in flat.items()}
 
 
@@ -174,3 +181,42 @@ class Tracker:
                 created += 1
         log.info("logged %d new run(s) to MLflow at %s (experiment %s)", created, self.uri, self.cfg.experiment)
         return created
+
+    def log_report(self, run_name: str, params: dict[str, Any], metrics: dict[str, float], files: list[Path],
+                   figures: list[Path], digest: str) -> str | None:
+        """One run per distinct report, with the report files and figures as artifacts; None if not logged.
+        Never raises (the report on disk is what counts)."""
+        if not self.cfg.enabled:
+            return None
+        problem = check_reachable(self.uri, self.cfg.timeout_s)
+        if problem is None:
+            try:
+                return self._log_report(run_name, params, metrics, files, figures, digest)
+            except Exception as e:
+                problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log.warning("MLflow tracking store %s cannot be reached (%s); the report is on disk, not logged", self.uri,
+                    problem)
+        return None
+
+    def _log_report(self, run_name: str, params: dict[str, Any], metrics: dict[str, float], files: list[Path],
+                    figures: list[Path], digest: str) -> str:
+        from mlflow.entities import Metric, Param
+
+        client = self._client()
+        exp_id = self._experiment_id(client)
+        existing = client.search_runs([exp_id], filter_string=f"tags.`inferlab.report_digest` = '{digest}'")
+        if existing:
+            log.info("this report is already in MLflow (run %s)", existing[0].info.run_id)
+            return existing[0].info.run_id
+        run = client.create_run(exp_id, run_name=run_name, tags={TAG_KIND: "report", "inferlab.report_digest": digest,
+                                                                 "inferlab.stage": "report"})
+        rid = run.info.run_id
+        client.log_batch(rid, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
+                         params=[Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items()])
+        for f in files:
+            client.log_artifact(rid, str(f))
+        for f in figures:
+            client.log_artifact(rid, str(f), artifact_path="figures")
+        client.set_terminated(rid, "FINISHED")
+        log.info("report logged to MLflow at %s: run %s (%s)", self.uri, run_name, rid)
+        return rid

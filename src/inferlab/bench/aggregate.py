@@ -16,7 +16,8 @@ from inferlab.config import StudyConfig, resolve
 
 # plot-table columns: settings first, then figures (median unless named otherwise)
 SETTING_COLUMNS = ("runtime", "scenario", "quant", "precision", "batch_size", "n_threads", "n_batch", "flash_attn",
-                   "kv_type", "kv_cache", "attn", "compile", "api", "mode", "prompt_tokens", "new_tokens")
+                   "kv_type", "kv_cache", "attn", "compile", "api", "mode", "prompt_tokens", "new_tokens",
+                   "concurrency", "max_tokens")
 FIGURES = ("decode_tps", "total_tps", "ttft_ms", "tpot_ms", "e2e_ms", "prefill_tps", "llama_decode_tps",
            "harness_overhead_ms")
 
@@ -42,7 +43,7 @@ def row(r: rec.Record) -> dict[str, Any]:
     out["decode_tps_stdev"] = _round(m.get("decode_tps", {}).get("stdev")) if "decode_tps" in m else ""
     out["cold_ttft_ms"] = _round(m.get("cold", {}).get("ttft_ms"))
     for k in ("peak_rss_mib", "peak_allocated_gib", "peak_reserved_gib", "load_s", "weight_bytes", "cache_hits",
-              "first_ttft_ms", "harness_overhead_fraction"):
+              "first_ttft_ms", "harness_overhead_fraction", "request_throughput", "token_throughput", "errors"):
         out[k] = _round(m.get(k))
     roof = m.get("roofline", {})
     out["roofline_tps"] = _round(roof.get("roofline_tps"))
@@ -60,18 +61,23 @@ def _round(v: Any) -> Any:
     return v
 
 
-def stage_rows(results_dir: Path, stage: str) -> list[dict[str, Any]]:
-    """One row per point (its latest record) per hardware and model. Points that share a name but differ in a
-    setting (e.g. the workload) get the differing generated-token count appended to their name."""
-    rows = [row(r) for r in latest(rec.read_all(sorted((results_dir / stage).glob("*.jsonl"))))]
+def stage_records_rows(results_dir: Path, stage: str) -> list[tuple[rec.Record, dict[str, Any]]]:
+    """The latest record of each point per hardware and model, with its row. Points that share a name but differ
+    in a setting (e.g. the workload) get the differing generated-token count appended to their name."""
+    pairs = [(r, row(r)) for r in latest(rec.read_all(sorted((results_dir / stage).glob("*.jsonl"))))]
     seen: dict[tuple, int] = {}
-    for r in rows:
+    for _, r in pairs:
         key = (r["hardware"], r["model"], r["name"])
         seen[key] = seen.get(key, 0) + 1
-    for r in rows:
+    for _, r in pairs:
         if seen[(r["hardware"], r["model"], r["name"])] > 1:
             r["name"] = f"{r['name']}-n{r['new_tokens']}"
-    return rows
+    return pairs
+
+
+def stage_rows(results_dir: Path, stage: str) -> list[dict[str, Any]]:
+    """One row per point (its latest record) per hardware and model."""
+    return [r for _, r in stage_records_rows(results_dir, stage)]
 
 
 MARKDOWN_COLUMNS = ("name", "status", "batch_size", "decode_tps", "total_tps", "ttft_ms", "itl_p50_ms", "itl_p90_ms",
@@ -101,7 +107,8 @@ def write_aggregates(cfg: StudyConfig, stage: str) -> dict[str, Any]:
         hw = summary.setdefault(r["hardware"], {"bandwidth_gbps": r["bandwidth_gbps"], "models": {}})
         model = hw["models"].setdefault(r["model"], {"weights": r["weights"], "points": {}})
         keep = ("status", "decode_tps", "total_tps", "ttft_ms", "itl_p50_ms", "itl_p90_ms", "peak_rss_mib",
-                "peak_allocated_gib", "roofline_fraction", "cold_ttft_ms", "cache_hits")
+                "peak_allocated_gib", "roofline_fraction", "cold_ttft_ms", "cache_hits", "request_throughput",
+                "token_throughput", "errors", "e2e_ms")
         model["points"][r["name"]] = {k: r[k] for k in keep if r[k] != ""}
         if r["status"] != "ok":
             model["points"][r["name"]]["reason"] = r["reason"]

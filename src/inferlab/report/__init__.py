@@ -1,0 +1,1 @@
+"""The study's answer: report, Pareto frontier, recommendation (stage `report`)."""

@@ -1,0 +1,176 @@
+"""The comparisons a reader asks for first, restated from this study's records: 16-bit against 4-bit (speed and
+memory), 4-bit with and without batching, and what the KV cache, the prompt cache and streaming changed.
+
+Each comparison finds its two points by their settings; where one was not measured (or failed) it says so."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from inferlab.report.table import Section, num
+
+SIXTEEN_BIT = {"hf": ("fp16", "bf16"), "llama_cpp": ("f16",)}
+FOUR_BIT = {"hf": ("nf4", "fp4", "nf4-dq"), "llama_cpp": ("q4_k_m", "q4_0")}
+
+
+def _f(v: Any, unit: str = "", digits: int = 3) -> str:
+    x = num(v)
+    if x is None:
+        return "not measured"
+    s = f"{x:.{digits}g}" if abs(x) < 100 else f"{x:,.0f}"
+    return f"{s} {unit}".rstrip()
+
+
+def _ratio(a: Any, b: Any) -> str:
+    x, y = num(a), num(b)
+    return f"{x / y:.2f}×" if x is not None and y else "n/a"
+
+
+def _plain_hf(r: dict[str, Any]) -> bool:
+    return (r["runtime"] == "hf" and r.get("kv_cache") == "dynamic" and r.get("attn") == "sdpa"
+            and str(r.get("compile")) == "False")
+
+
+def _plain_llama(r: dict[str, Any], threads: float | None, base: dict[str, Any] | None = None) -> bool:
+    """llama.cpp's main grid point: generate API, no flash attention, F16 KV cache, the grid's prompt length and
+    n_batch (those of `base`, the section's most common ones, where given)."""
+    base = base or {}
+    return (r["runtime"] == "llama_cpp" and r.get("api") == "generate" and str(r.get("flash_attn")) == "False"
+            and r.get("kv_type") == "f16" and (threads is None or num(r.get("n_threads")) == threads)
+            and all(r.get(k) == v for k, v in base.items()))
+
+
+def llama_grid(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The prompt length and n_batch most llama.cpp points ran with (the main grid's)."""
+    out = {}
+    for key in ("prompt_tokens", "n_batch"):
+        values = [r.get(key) for r in rows if r["runtime"] == "llama_cpp"]
+        if values:
+            out[key] = max(set(values), key=values.count)
+    return out
+
+
+def _kind(r: dict[str, Any]) -> str:
+    return str(r.get("precision") or r.get("quant"))
+
+
+def _first(rows: list[dict[str, Any]], kinds: tuple[str, ...]) -> dict[str, Any] | None:
+    for k in kinds:
+        for r in rows:
+            if _kind(r) == k:
+                return r
+    return None
+
+
+def headline(section: Section) -> list[str]:
+    """The seed study's three comparisons, per runtime that ran here, as sentences with this run's figures."""
+    out: list[str] = []
+    cands = section.candidates
+    llama_threads = max((num(r.get("n_threads")) or 0 for r in cands if r["runtime"] == "llama_cpp"), default=None)
+    families = {
+        "transformers": [r for r in cands if _plain_hf(r)],
+        "llama.cpp": [r for r in cands if _plain_llama(r, llama_threads, llama_grid(cands))],
+    }
+    for family, rows in families.items():
+        if not rows:
+            continue
+        runtime = rows[0]["runtime"]
+        b1 = [r for r in rows if num(r.get("batch_size")) in (1, None)]
+        base, q4 = _first(b1, SIXTEEN_BIT[runtime]), _first(b1, FOUR_BIT[runtime])
+        where = f" ({int(llama_threads)} threads)" if runtime == "llama_cpp" and llama_threads else " at batch 1"
+        if base is None or q4 is None:
+            missing = "a 16-bit" if base is None else "a 4-bit"
+            out.append(f"**{family}**: {missing} configuration was not measured{where}, so 16-bit vs 4-bit "
+                       "cannot be compared here.")
+            continue
+        out.append(
+            f"**{family}, 16-bit vs 4-bit speed{where}**: {_kind(q4)} decodes {_f(q4['decode_tps'], 'tokens/s')} "
+            f"against {_kind(base)}'s {_f(base['decode_tps'], 'tokens/s')} "
+            f"({_ratio(q4['decode_tps'], base['decode_tps'])} the speed); "
+            f"TTFT {_f(q4['ttft_ms'], 'ms')} vs {_f(base['ttft_ms'], 'ms')}.")
+        out.append(
+            f"**{family}, 16-bit vs 4-bit memory**: {_kind(q4)} peaks at {_f(q4['memory_gib'], 'GiB')} "
+            f"({q4['memory_kind']}) against {_f(base['memory_gib'], 'GiB')} for {_kind(base)} "
+            f"({_ratio(q4['memory_gib'], base['memory_gib'])}).")
+        batched = [r for r in rows if _kind(r) == _kind(q4) and (num(r.get("batch_size")) or 1) > 1]
+        if runtime == "llama_cpp":
+            continue  # llama.cpp's sweep runs one sequence at a time: batching is a transformers comparison
+        if not batched:
+            out.append(f"**{family}, 4-bit with and without batching**: {_kind(q4)} ran at batch 1 only here.")
+            continue
+        big = max(batched, key=lambda r: num(r["batch_size"]) or 0)
+        base_big = next((r for r in rows if _kind(r) == _kind(base) and r["batch_size"] == big["batch_size"]), None)
+        sentence = (f"**{family}, 4-bit with and without batching**: {_kind(q4)} at batch {big['batch_size']} "
+                    f"delivers {_f(big['total_tps'], 'tokens/s')} in total against {_f(q4['total_tps'], 'tokens/s')} "
+                    f"at batch 1 ({_ratio(big['total_tps'], q4['total_tps'])}), each sequence at "
+                    f"{_f(big['decode_tps'], 'tokens/s')}, in {_f(big['memory_gib'], 'GiB')}")
+        if base_big is not None:
+            sentence += (f"; {_kind(base)} at the same batch: {_f(base_big['total_tps'], 'tokens/s')} in "
+                         f"{_f(base_big['memory_gib'], 'GiB')}, so batched 4-bit reaches "
+                         f"{_ratio(big['total_tps'], base_big['total_tps'])} of its throughput")
+        out.append(sentence + ".")
+    return out
+
+
+def _by_name(section: Section, predicate) -> list[dict[str, Any]]:
+    return [r for r in section.rows if predicate(r)]
+
+
+def cache_and_streaming(section: Section) -> list[str]:
+    """What the KV cache, the prompt (prefix) cache and streaming changed, from the points that vary them."""
+    out: list[str] = []
+    hf = [r for r in section.candidates if r["runtime"] == "hf" and num(r.get("batch_size")) == 1
+          and r.get("attn") == "sdpa"]
+    for precision in sorted({r["precision"] for r in hf}):
+        same = {(r["kv_cache"], str(r["compile"])): r for r in hf if r["precision"] == precision}
+        dyn = same.get(("dynamic", "False"))
+        others = [(label, same.get(key)) for label, key in (("no KV cache", ("none", "False")),
+                                                            ("static cache", ("static", "False")),
+                                                            ("static cache + torch.compile", ("static", "True")))]
+        others = [(label, r) for label, r in others if r is not None]
+        if dyn is None or not others:
+            continue
+        parts = [f"{label} {_f(r['decode_tps'], 'tokens/s')} ({_ratio(r['decode_tps'], dyn['decode_tps'])}), "
+                 f"TTFT {_f(r['ttft_ms'], 'ms')}, {_f(r['memory_gib'], 'GiB')}" for label, r in others]
+        out.append(f"**KV cache ({precision}, batch 1)**: dynamic cache {_f(dyn['decode_tps'], 'tokens/s')}, "
+                   f"TTFT {_f(dyn['ttft_ms'], 'ms')}, {_f(dyn['memory_gib'], 'GiB')}; " + "; ".join(parts) + ".")
+    kv = _by_name(section, lambda r: r["runtime"] == "llama_cpp" and r["scenario"] == "latency"
+                  and r.get("kv_type") not in ("", "f16", None))
+    for r in kv:
+        if r["status"] == "ok":
+            out.append(f"**llama.cpp KV cache {r['kv_type']}** ({r['name']}): {_f(r['decode_tps'], 'tokens/s')}, "
+                       f"{_f(r['memory_gib'], 'GiB')}.")
+        else:
+            out.append(f"**llama.cpp KV cache {r['kv_type']}** ({r['name']}): {r['status']}: {r['reason'][:160]}")
+
+    prefix = _by_name(section, lambda r: r["scenario"] == "prefix_cache")
+    for runtime in sorted({r["runtime"] for r in prefix}):
+        rows = [r for r in prefix if r["runtime"] == runtime]
+        ok = [r for r in rows if r["status"] == "ok"]
+        parts = [f"{r['mode']}: TTFT {_f(r['ttft_ms'], 'ms')}"
+                 + (f" ({_f(r['cache_hits'])} cache hits)" if num(r.get("cache_hits")) is not None else "")
+                 for r in ok]
+        parts += [f"{r['mode']}: {r['status']} ({r['reason'][:120]})" for r in rows if r["status"] != "ok"]
+        name = "transformers" if runtime == "hf" else "llama.cpp"
+        out.append(f"**Prompt cache ({name}, requests sharing a long prefix)**: " + "; ".join(parts) + ".")
+
+    for r in _by_name(section, lambda r: r["scenario"] == "streaming"):
+        m = r["_metrics"]
+        if r["status"] != "ok":
+            out.append(f"**Streaming** ({r['name']}): {r['status']}: {r['reason'][:160]}")
+            continue
+        stream, plain = m.get("stream_e2e_ms", {}).get("median"), m.get("plain_e2e_ms", {}).get("median")
+        out.append(f"**Streaming (transformers TextIteratorStreamer, {r.get('precision')} batch 1)**: the same "
+                   f"{r['new_tokens']} tokens take {_f(stream, 'ms')} streamed against {_f(plain, 'ms')} without "
+                   f"streaming ({_ratio(stream, plain)}); first text after {_f(r['ttft_ms'], 'ms')}.")
+    stream = next((r for r in section.candidates if r["runtime"] == "llama_cpp"
+                   and r.get("api") == "completion_stream"), None)
+    if stream is not None:
+        same = ("quant", "n_threads", "n_batch", "flash_attn", "kv_type", "prompt_tokens", "new_tokens")
+        apis = {r["api"]: r for r in section.candidates if r["runtime"] == "llama_cpp"
+                and all(r.get(k) == stream.get(k) for k in same)}
+        parts = [f"{api}: {_f(r['total_tps'], 'tokens/s')} end to end, first token after {_f(r['ttft_ms'], 'ms')}"
+                 for api, r in sorted(apis.items())]
+        out.append(f"**Streaming (llama.cpp, {stream['quant']}, {stream['n_threads']} threads)**: "
+                   + "; ".join(parts) + " (without streaming the first token reaches the client with the last).")
+    return out

@@ -1,0 +1,166 @@
+"""The Pareto frontier over speed, memory and quality, and the recommended configuration under constraints.
+
+A configuration is on the frontier when no other one is at least as fast, as small and as faithful, and
+strictly better in one of them. Quality joins the axes only where it was measured: a section with quality
+scores ranks the scored configurations on all three axes; a section without any ranks speed and memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from inferlab.config import ConstraintsConfig, ReportConfig
+from inferlab.report.table import num
+
+OBJECTIVE_LABELS = {"total_tps": "total tokens/s", "decode_tps": "decode tokens/s per sequence"}
+# constraint -> (row figure, sense, label, unit); sense +1: the figure must be at most the limit
+CONSTRAINTS = {
+    "memory_gib": ("memory_gib", +1, "peak memory", "GiB"),
+    "ttft_ms": ("ttft_ms", +1, "TTFT", "ms"),
+    "itl_p90_ms": ("itl_p90_ms", +1, "ITL p90", "ms"),
+    "min_fidelity": ("fidelity", -1, "fidelity", ""),
+}
+
+
+def axes(objective: str, with_quality: bool) -> list[tuple[str, int]]:
+    """(figure, +1 to maximise / -1 to minimise)."""
+    out = [(objective, +1), ("memory_gib", -1)]
+    return [*out, ("fidelity", +1)] if with_quality else out
+
+
+def dominates(a: dict[str, Any], b: dict[str, Any], ax: list[tuple[str, int]]) -> bool:
+    va = [num(a.get(k)) * s for k, s in ax]  # type: ignore[operator]
+    vb = [num(b.get(k)) * s for k, s in ax]  # type: ignore[operator]
+    return all(x >= y for x, y in zip(va, vb)) and any(x > y for x, y in zip(va, vb))
+
+
+def pareto(candidates: list[dict[str, Any]], ax: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """The non-dominated candidates among those with every axis measured, fastest first."""
+    usable = [c for c in candidates if all(num(c.get(k)) is not None for k, _ in ax)]
+    front = [c for c in usable if not any(dominates(o, c, ax) for o in usable if o is not c)]
+    return sorted(front, key=lambda c: -num(c[ax[0][0]]))  # type: ignore[operator]
+
+
+def frontier(candidates: list[dict[str, Any]], objective: str) -> tuple[list[dict[str, Any]], bool]:
+    """The frontier of one section and whether quality was one of its axes."""
+    with_quality = any(num(c.get("fidelity")) is not None for c in candidates)
+    return pareto(candidates, axes(objective, with_quality)), with_quality
+
+
+def _limits(constraints: ConstraintsConfig) -> dict[str, float]:
+    return {k: float(getattr(constraints, k)) for k in CONSTRAINTS if getattr(constraints, k) is not None}
+
+
+def violations(c: dict[str, Any], constraints: ConstraintsConfig) -> dict[str, str]:
+    """Each constraint the candidate fails, and why."""
+    out = {}
+    for key, limit in _limits(constraints).items():
+        figure, sense, label, unit = CONSTRAINTS[key]
+        v = num(c.get(figure))
+        if v is None:
+            out[key] = f"{label} not measured"
+        elif (v - limit) * sense > 0:
+            out[key] = f"{label} {_fmt(v)}{unit} vs limit {_fmt(limit)}{unit}"
+    return out
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if abs(v) < 10 else f"{v:,.0f}"
+
+
+def settings(c: dict[str, Any]) -> dict[str, Any]:
+    """What a server needs to run the configuration (the record's settings, no figures)."""
+    if c["runtime"] == "llama_cpp":
+        keys = ("runtime", "quant", "n_threads", "n_batch", "flash_attn", "kv_type")
+    else:
+        keys = ("runtime", "device", "precision", "batch_size", "kv_cache", "attn", "compile")
+    out = {k: c.get(k) for k in keys}
+    for k in ("n_threads", "n_batch", "batch_size"):
+        if k in out and num(out[k]) is not None:
+            out[k] = int(num(out[k]))  # type: ignore[arg-type]
+    for k in ("flash_attn", "compile"):
+        if k in out and isinstance(out[k], str):
+            out[k] = out[k] == "True"
+    return out
+
+
+FIGURES = ("decode_tps", "total_tps", "ttft_ms", "itl_p50_ms", "itl_p90_ms", "memory_gib", "roofline_fraction",
+           "fidelity", "exact_match", "perplexity_ratio")
+
+
+def _summary(c: dict[str, Any]) -> dict[str, Any]:
+    return {"name": c["config"], "point": c["name"], "stage": c["stage"], "workload": c["workload"],
+            "memory_kind": c["memory_kind"],
+            "settings": settings(c), "quality_config": c.get("quality_config") or None,
+            "figures": {k: num(c.get(k)) for k in FIGURES}}
+
+
+def recommend(candidates: list[dict[str, Any]], cfg: ReportConfig) -> dict[str, Any]:
+    """The fastest candidate (cfg.objective) that meets every constraint, with the reason; or, when none does,
+    which constraint fails and by how much (the best any candidate reached against each limit)."""
+    limits = _limits(cfg.constraints)
+    objective = cfg.objective
+    front, with_quality = frontier(candidates, objective)
+    front_names = {c["name"] for c in front}
+    checked = [(c, violations(c, cfg.constraints)) for c in candidates if num(c.get(objective)) is not None]
+    passing = [c for c, v in checked if not v]
+    out: dict[str, Any] = {"objective": objective, "constraints": limits, "candidates": len(checked),
+                           "meeting_constraints": len(passing), "frontier": [c["name"] for c in front],
+                           "frontier_axes": [k for k, _ in axes(objective, with_quality)]}
+    if not checked:
+        return {**out, "status": "no candidates",
+                "reason": "no latency point ran on this hardware for this model (see the missing inputs)"}
+    label = OBJECTIVE_LABELS[objective]
+    conds = ", ".join(_describe(k, v) for k, v in limits.items()) or "no constraints"
+    if passing:
+        best = max(passing, key=lambda c: (num(c[objective]), -(num(c.get("memory_gib")) or 0)))
+        reason = (f"highest {label} ({_fmt(num(best[objective]))}) among the {len(passing)} of {len(checked)} "  # type: ignore[arg-type]
+                  f"configurations that meet {conds}")
+        reason += "; on the Pareto frontier" if best["name"] in front_names else "; not on the frontier"
+        if num(best.get("fidelity")) is None:
+            reason += "; its quality was not measured"
+        runner_up = [c["name"] for c in sorted(passing, key=lambda c: -num(c[objective]))[1:4]]  # type: ignore[operator]
+        return {**out, "status": "recommended", **_summary(best), "reason": reason, "alternatives": runner_up}
+    failing: dict[str, Any] = {}
+    for key, limit in limits.items():
+        figure, sense, lab, unit = CONSTRAINTS[key]
+        values = [num(c.get(figure)) for c, _ in checked if num(c.get(figure)) is not None]
+        n_pass = sum(1 for c, v in checked if key not in v)
+        entry: dict[str, Any] = {"limit": limit, "measured": len(values), "passing": n_pass}
+        if values:
+            best_v = min(values) if sense > 0 else max(values)
+            entry["best"] = best_v
+            entry["short_by"] = max(0.0, (best_v - limit) * sense)
+        failing[key] = entry
+    # the candidate closest to meeting them all: the smallest largest relative shortfall
+    closest = min((c for c, _ in checked), key=lambda c: _shortfall(c, cfg.constraints))
+    parts = []
+    for key, e in failing.items():
+        lab, unit = CONSTRAINTS[key][2], CONSTRAINTS[key][3]
+        if e["measured"] == 0:
+            parts.append(f"{lab}: not measured for any configuration")
+        elif e["passing"] == 0:
+            parts.append(f"{lab}: best {_fmt(e['best'])}{unit} misses the limit {_fmt(e['limit'])}{unit} "
+                         f"by {_fmt(e['short_by'])}{unit}")
+        else:
+            parts.append(f"{lab}: {e['passing']} of {len(checked)} meet it")
+    return {**out, "status": "none", "reason": "no configuration meets " + conds + " — " + "; ".join(parts),
+            "constraint_check": failing, "closest": {**_summary(closest),
+                                                     "fails": violations(closest, cfg.constraints)}}
+
+
+def _describe(key: str, limit: float) -> str:
+    _, sense, label, unit = CONSTRAINTS[key]
+    return f"{label} {'≤' if sense > 0 else '≥'} {_fmt(limit)}{unit and ' ' + unit}"
+
+
+def _shortfall(c: dict[str, Any], constraints: ConstraintsConfig) -> float:
+    worst = 0.0
+    for key, limit in _limits(constraints).items():
+        figure, sense, _, _ = CONSTRAINTS[key]
+        v = num(c.get(figure))
+        if v is None:
+            worst = max(worst, 1e9)
+        elif limit:
+            worst = max(worst, (v - limit) * sense / abs(limit))
+    return worst

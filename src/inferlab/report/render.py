@@ -1,0 +1,233 @@
+"""The report as markdown (metrics/report.md) and as HTML with the figures embedded (metrics/report.html)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+from pathlib import Path
+from typing import Any
+
+from inferlab.report.frontier import CONSTRAINTS, OBJECTIVE_LABELS, _describe
+from inferlab.report.table import Section, num
+
+CANDIDATE_COLUMNS = (
+    ("config", "configuration"), ("workload", "prompt+new"), ("batch_size", "batch"), ("n_threads", "threads"),
+    ("decode_tps", "decode tok/s"), ("decode_tps_stdev", "±"), ("total_tps", "total tok/s"), ("ttft_ms", "TTFT ms"),
+    ("itl_p50_ms", "ITL p50 ms"), ("itl_p90_ms", "ITL p90 ms"), ("memory_gib", "memory GiB"),
+    ("roofline_fraction", "roofline"), ("fidelity", "fidelity"), ("exact_match", "exact match"),
+    ("perplexity_ratio", "ppl ratio"), ("frontier", "frontier"),
+)
+QUALITY_COLUMNS = (("config", "configuration"), ("status", "status"), ("fidelity_rougeL", "ROUGE-L"),
+                   ("fidelity_bertscore_f1", "BERTScore F1"), ("exact_match", "exact match"),
+                   ("first_diff", "first diff (tokens)"), ("perplexity", "perplexity"),
+                   ("perplexity_ratio", "ppl ratio"), ("task_rougeL", "task ROUGE-L"), ("reason", "reason"))
+
+
+def cell(v: Any) -> str:
+    if v is None or v == "":
+        return "—"
+    if isinstance(v, bool):
+        return "✓" if v else ""
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...]) -> str:
+    cols = [(k, h) for k, h in columns if any(r.get(k) not in ("", None) for r in rows)]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k, _ in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _fig(v: Any, unit: str = "") -> str:
+    return cell(v) + (f" {unit}" if unit and v not in (None, "") else "")
+
+
+def answer_table(results: list[tuple[Section, dict[str, Any]]]) -> str:
+    lines = ["| hardware | model | recommended | total tok/s | decode tok/s | TTFT ms | ITL p90 ms | memory GiB "
+             "| fidelity | why |", "|" + "---|" * 10]
+    for s, rec in results:
+        if rec["status"] == "recommended":
+            f = rec["figures"]
+            lines.append(f"| {s.hardware} | {s.model} | **{rec['name']}** | {cell(f['total_tps'])} | "
+                         f"{cell(f['decode_tps'])} | {cell(f['ttft_ms'])} | {cell(f['itl_p90_ms'])} | "
+                         f"{cell(f['memory_gib'])} | {cell(f['fidelity'])} | {cell(rec['reason'])} |")
+        else:
+            lines.append(f"| {s.hardware} | {s.model} | none | — | — | — | — | — | — | {cell(rec['reason'])} |")
+    return "\n".join(lines)
+
+
+def pivot(cands: list[dict[str, Any]]) -> str:
+    """transformers points as precision (and cache/compile) x batch: total tok/s, decode tok/s per sequence,
+    peak memory and fidelity in each cell."""
+    hf = [c for c in cands if c["runtime"] == "hf" and c.get("attn") == "sdpa"]
+    batches = sorted({int(num(c["batch_size"]) or 1) for c in hf})
+    if len(batches) < 2:
+        return ""
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
+    for c in hf:
+        label = f"{c['precision']} {c['kv_cache']}" + (" compiled" if str(c.get("compile")) == "True" else "")
+        rows.setdefault(label, {})[int(num(c["batch_size"]) or 1)] = c
+    lines = ["| precision, KV cache | " + " | ".join(f"batch {b}" for b in batches) + " |",
+             "|" + "---|" * (len(batches) + 1)]
+    for label, by_batch in rows.items():
+        cells = []
+        for b in batches:
+            c = by_batch.get(b)
+            cells.append("" if c is None else f"{cell(num(c['total_tps']))} / {cell(num(c['decode_tps']))} / "
+                                              f"{cell(num(c['memory_gib']))} GiB")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _not_run(section: Section) -> str:
+    """Failed and skipped points; many skipped for one reason collapse into one line."""
+    rows = section.not_ok()
+    if not rows:
+        return ""
+    by_reason: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        name = r.get("name") or r.get("config")
+        by_reason.setdefault((r["status"], (r.get("reason") or "no reason recorded")[:240]), []).append(name)
+    out = ["| status | points | reason |", "|---|---|---|"]
+    for (status, reason), names in sorted(by_reason.items()):
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        out.append(f"| {status} | {cell(shown)} | {cell(reason)} |")
+    return "\n".join(out)
+
+
+def section_md(s: Section, rec: dict[str, Any], headline: list[str], caching: list[str],
+               figures: list[tuple[str, Path]], figure_base: Path, front_names: set[str]) -> str:
+    out = [f"## {s.title}", ""]
+    if s.weights and s.weights != "real":
+        out += [f"_Weights: {s.weights}. Speed and memory depend on shapes only and are real figures; quality "
+                "scores show how far each configuration drifts from its reference, not language quality._", ""]
+    out += ["### Recommendation", ""]
+    if rec["status"] == "recommended":
+        f = rec["figures"]
+        out += [f"**{rec['name']}** ({', '.join(f'{k}={v}' for k, v in rec['settings'].items())}): "
+                f"{_fig(f['total_tps'], 'tokens/s')} in total, {_fig(f['decode_tps'], 'tokens/s')} per sequence, "
+                f"TTFT {_fig(f['ttft_ms'], 'ms')}, ITL p90 {_fig(f['itl_p90_ms'], 'ms')}, "
+                f"{_fig(f['memory_gib'], 'GiB')} ({rec['memory_kind']}), fidelity {_fig(f['fidelity'])}.", "",
+                f"Why: {rec['reason']}.", ""]
+        if rec.get("alternatives"):
+            out += [f"Next fastest that meet the constraints: {', '.join(rec['alternatives'])}.", ""]
+    else:
+        out += [f"No recommendation: {rec['reason']}.", ""]
+        if rec.get("closest"):
+            c = rec["closest"]
+            out += [f"Closest: **{c['name']}**, which fails {'; '.join(c['fails'].values())}.", ""]
+    if headline:
+        out += ["### Headline comparisons", "", *[f"- {h}" for h in headline], ""]
+    if caching:
+        out += ["### KV cache, prompt cache and streaming", "", *[f"- {c}" for c in caching], ""]
+    if figures:
+        out += ["### Figures", ""]
+        for caption, path in figures:
+            out += [f"![{caption}]({path.relative_to(figure_base).as_posix()})", ""]
+    cands = s.candidates
+    if cands:
+        rows = [{**c, "frontier": c["name"] in front_names} for c in cands]
+        mem_kinds = ", ".join(sorted({c["memory_kind"] for c in cands}))
+        grid = pivot(cands)
+        if grid:
+            out += ["### Precision × batch (transformers)", "", "Each cell: total tokens/s / decode tokens/s per "
+                    "sequence / peak memory.", "", grid, ""]
+        out += ["### Configurations: speed, memory and quality", "",
+                f"Medians over the repetitions (warm-up excluded); memory is peak {mem_kinds}; roofline is the "
+                "fraction of the memory-bandwidth limit; fidelity "
+                f"({s.fidelity_metric}) and exact match against the reference precision of the same runtime, "
+                "from the evaluate stage (joined by runtime, device, precision or quant and KV cache).", "",
+                table(rows, CANDIDATE_COLUMNS), ""]
+        front = [r for r in rows if r["frontier"]]
+        axes = ", ".join(rec.get("frontier_axes", []))
+        out += ["### Pareto frontier", "", f"Axes: {axes}. {len(front)} of {len(cands)} configurations are not "
+                "beaten on every axis at once by another.", ""]
+        if front:
+            out += [table(front, CANDIDATE_COLUMNS[:1] + tuple(c for c in CANDIDATE_COLUMNS
+                                                              if c[0] in rec.get("frontier_axes", [])
+                                                              or c[0] in ("batch_size", "ttft_ms", "itl_p90_ms"))),
+                    ""]
+    if s.quality:
+        out += ["### Quality of every configuration evaluated here", "", table(s.quality, QUALITY_COLUMNS), ""]
+    not_run = _not_run(s)
+    if not_run:
+        out += ["### Points that did not run", "", not_run, ""]
+    return "\n".join(out)
+
+
+def missing_inputs(sections: list[Section]) -> list[str]:
+    """What the study lacks, in words (never an error)."""
+    out = []
+    for stage, what, how in (
+        ("bench_gpu", "GPU benchmark results", "run the bench_gpu stage on a CUDA machine "
+                                               "(see README, scripts/gpu_run.sh)"),
+        ("bench_cpu", "CPU benchmark results", "run the bench_cpu stage"),
+    ):
+        rows = [r for s in sections for r in s.rows if r["stage"] == stage]
+        if not any(r["status"] == "ok" for r in rows):
+            seen = sorted({f"{r['hardware']}: {r['status']} ({(r['reason'] or '')[:100]})" for r in rows})
+            out.append(f"No {what}: {how}." + (f" Records say {'; '.join(seen[:3])}." if seen else ""))
+    if not any(s.quality for s in sections):
+        out.append("No quality scores: run the evaluate stage.")
+    for s in sections:
+        ok = [r for r in s.rows if r["status"] == "ok"]
+        if s.candidates and not s.scored:
+            out.append(f"{s.title}: quality not measured (run evaluate with this model on this machine); "
+                       "its frontier ranks speed and memory only.")
+        elif s.candidates:
+            unscored = [c["config"] for c in s.candidates if c.get("fidelity") is None]
+            if unscored:
+                out.append(f"{s.title}: {len(unscored)} of {len(s.candidates)} benchmarked configurations have no "
+                           f"quality score of the same configuration ({', '.join(unscored[:5])}"
+                           f"{' …' if len(unscored) > 5 else ''}).")
+        if s.scored and not ok:
+            out.append(f"{s.title}: quality only; speed not measured.")
+        failed = [r for r in s.rows if r["status"] == "failed"]
+        if failed:
+            out.append(f"{s.title}: {len(failed)} benchmark point(s) failed (listed in its section).")
+    return out
+
+
+def report_md(sections_md: list[str], answer: str, missing: list[str], header: dict[str, Any]) -> str:
+    limits = header["constraints"]
+    conds = ", ".join(_describe(k, v) for k, v in limits.items()) or "none"
+    out = ["# inferlab report: which configuration to use", "",
+           f"Built from the records under `results/` only ({header['records']} records), {header['generated']}, "
+           f"code at commit {header['commit']}. Objective: highest {OBJECTIVE_LABELS[header['objective']]}. "
+           f"Constraints (`report.constraints` in conf/config.yaml): {conds}. Fidelity: `{header['fidelity_metric']}` "
+           "against the reference precision of each runtime.", "",
+           "## The answer", "", answer, ""]
+    if missing:
+        out += ["## What is missing", "", *[f"- {m}" for m in missing], ""]
+    out += sections_md
+    out += ["---", f"Constraints checked: {', '.join(CONSTRAINTS)}. Machine-readable: `metrics/recommendation.json` "
+            "(the serving stage loads it), `metrics/report.json` (DVC metrics), `metrics/plots/frontier.csv` "
+            "(DVC plots).", ""]
+    return "\n".join(out)
+
+
+def to_html(markdown_text: str, base: Path) -> str:
+    """HTML from the markdown, with each figure embedded as a data URI (one file to open or mail)."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown_text)
+
+    def embed(m: re.Match) -> str:
+        path = base / html.unescape(m.group(1))
+        if not path.is_file():
+            return m.group(0)
+        data = base64.b64encode(path.read_bytes()).decode()
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^"]+\.png)"', embed, body)
+    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;line-height:1.45}"
+             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
+             "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}"
+             "img{max-width:100%;border:1px solid #eee}code{background:#f5f5f5;padding:1px 3px}")
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>inferlab report</title>"
+            f"<style>{style}</style></head><body>\n{body}</body></html>\n")

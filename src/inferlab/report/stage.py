@@ -1,0 +1,125 @@
+"""Stage `report`: the study's answer, from the records only.
+
+Writes metrics/report.md (+ report.html with the figures embedded), metrics/figures/*.png,
+metrics/recommendation.json (what `inferlab serve` loads), metrics/report.json (DVC metrics) and
+metrics/plots/frontier.csv (DVC plots), and logs them as the artifacts of one MLflow report run.
+Missing or partial inputs make a report that says what is missing, never an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+from inferlab import records as rec
+from inferlab.config import StudyConfig, resolve, to_container
+from inferlab.environment import environment
+from inferlab.report import comparisons, figures, frontier, render
+from inferlab.report.table import Section, collect, num
+from inferlab.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+STAGE = "report"
+FRONTIER_COLUMNS = ("hardware", "model", "config", "stage", "runtime", "precision", "quant", "batch_size",
+                    "n_threads", "kv_cache", "kv_type", "compile", "decode_tps", "total_tps", "ttft_ms",
+                    "itl_p90_ms", "memory_gib", "fidelity", "on_frontier", "recommended")
+
+
+def _frontier_csv(results: list[tuple[Section, dict[str, Any]]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(FRONTIER_COLUMNS), extrasaction="ignore")
+    w.writeheader()
+    for s, r in results:
+        front = set(r.get("frontier", []))
+        for c in s.candidates:
+            w.writerow({**{k: c.get(k, "") for k in FRONTIER_COLUMNS}, "hardware": s.hardware, "model": s.model,
+                        "fidelity": "" if c.get("fidelity") is None else c["fidelity"],
+                        "on_frontier": c["name"] in front, "recommended": r.get("point") == c["name"]})
+    return buf.getvalue()
+
+
+def _metrics_json(results: list[tuple[Section, dict[str, Any]]]) -> dict[str, Any]:
+    """Numbers only, for `dvc metrics diff`: per hardware and model, the recommended point's figures."""
+    out: dict[str, Any] = {}
+    for s, r in results:
+        entry: dict[str, Any] = {"candidates": r.get("candidates", 0), "meeting_constraints":
+                                 r.get("meeting_constraints", 0), "frontier_size": len(r.get("frontier", []))}
+        if r["status"] == "recommended":
+            entry.update({k: v for k, v in r["figures"].items() if v is not None})
+        out.setdefault(s.hardware, {})[s.model] = entry
+    return out
+
+
+def build(cfg: StudyConfig) -> dict[str, Any]:
+    """Everything the report says, written to metrics/; returns the recommendation document."""
+    rc = cfg.report
+    results_dir, metrics_dir = resolve(cfg.paths.results), resolve(cfg.paths.metrics)
+    sections = collect(results_dir, rc.fidelity_metric, rc.models)
+    n_records = sum(len(s.rows) + len(s.quality) for s in sections)
+    log.info("report: %d hardware/model section(s) from %d records", len(sections), n_records)
+    fig_dir = metrics_dir / "figures"
+    drawn: set[Path] = set()
+    results, parts = [], []
+    for s in sections:
+        cands = s.candidates
+        rcm = frontier.recommend(cands, rc)
+        front, with_quality = frontier.frontier(cands, rc.objective)
+        figs = figures.draw_all(s, front, with_quality, rc.objective, fig_dir, rcm.get("point"))
+        drawn.update(p for _, p in figs)
+        parts.append(render.section_md(s, rcm, comparisons.headline(s), comparisons.cache_and_streaming(s), figs,
+                                       metrics_dir, {c["name"] for c in front}))
+        results.append((s, rcm))
+        log.info("report: %s: %s%s", s.title, rcm["status"],
+                 f" {rcm['name']}" if rcm["status"] == "recommended" else f" ({rcm['reason'][:160]})")
+    for stale in fig_dir.glob("*.png") if fig_dir.is_dir() else ():
+        if stale not in drawn:  # figures of a section that no longer exists
+            stale.unlink()
+    env = environment()
+    header = {"records": n_records, "generated": rec.now()[:16].replace("T", " ") + " UTC",
+              "commit": (env["git"].get("commit") or "unknown")[:10], "objective": rc.objective,
+              "constraints": {k: v for k, v in to_container(rc.constraints).items() if v is not None},
+              "fidelity_metric": rc.fidelity_metric}
+    md = render.report_md(parts, render.answer_table(results) if results else "No records yet: run the study.",
+                          render.missing_inputs(sections), header)
+    rec.write_atomic(metrics_dir / "report.md", md)
+    if rc.html:
+        rec.write_atomic(metrics_dir / "report.html", render.to_html(md, metrics_dir))
+    document = {
+        "objective": rc.objective, "fidelity_metric": rc.fidelity_metric, "constraints": header["constraints"],
+        "generated": rec.now(), "git_commit": env["git"].get("commit"),
+        "recommendations": [{"hardware": s.hardware, "model": s.model, "weights": s.weights, **r}
+                            for s, r in results],
+    }
+    rec.write_json(metrics_dir / "recommendation.json", document)
+    rec.write_json(metrics_dir / "report.json", _metrics_json(results))
+    rec.write_atomic(metrics_dir / "plots" / "frontier.csv", _frontier_csv(results))
+    log.info("report written: %s (%d figures), recommendation.json", metrics_dir / "report.md", len(drawn))
+    # the same report (its text without the time it was made) is logged to MLflow once
+    digest = hashlib.sha256(md.replace(header["generated"], "").encode()).hexdigest()[:16]
+    _log_mlflow(cfg, document, sorted(drawn), metrics_dir, digest)
+    return document
+
+
+def _log_mlflow(cfg: StudyConfig, document: dict[str, Any], figs: list[Path], metrics_dir: Path, digest: str) -> None:
+    models = sorted({r["model"] for r in document["recommendations"]})
+    params: dict[str, Any] = {"objective": document["objective"], "fidelity_metric": document["fidelity_metric"],
+                              **{f"constraint.{k}": v for k, v in document["constraints"].items()}}
+    metrics: dict[str, float] = {}
+    for r in document["recommendations"]:
+        key = f"{r['hardware']}.{r['model']}"
+        params[f"recommended.{key}"] = r.get("name", "none")
+        for k, v in (r.get("figures") or {}).items():
+            if num(v) is not None:
+                metrics[f"{key}.{k}"] = float(v)
+    files = [metrics_dir / n for n in ("report.md", "report.html", "recommendation.json", "report.json")]
+    Tracker(cfg.tracking).log_report(f"report-{'+'.join(models) or 'empty'}", params, metrics,
+                                     [f for f in files if f.is_file()], figs, digest)
+
+
+def run(cfg: StudyConfig) -> dict[str, Any]:
+    return build(cfg)

@@ -1,0 +1,138 @@
+"""The report's inputs, from the records only: per hardware and model, the benchmark rows (the latest record of
+each point) joined with the quality scores of the same configuration on the same hardware."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from inferlab.bench.aggregate import stage_records_rows
+from inferlab.quality import stage as quality
+
+log = logging.getLogger(__name__)
+
+BENCH_STAGES = ("bench_gpu", "bench_cpu")
+DEVICE_OF_STAGE = {"bench_gpu": "cuda", "bench_cpu": "cpu"}
+QUALITY_KEYS = ("fidelity_rougeL", "fidelity_rouge1", "fidelity_rouge2", "fidelity_bertscore_f1", "exact_match",
+                "first_diff", "perplexity", "perplexity_ratio", "task_rougeL")
+
+
+def num(v: Any) -> float | None:
+    """A figure from a row, or None where it was not measured (rows carry "" for that)."""
+    if isinstance(v, bool) or v in ("", None):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if f != f else f
+
+
+@dataclass
+class Section:
+    """Everything measured for one model on one machine."""
+
+    hardware: str
+    model: str
+    weights: str = ""
+    rows: list[dict[str, Any]] = field(default_factory=list)  # benchmark rows of every scenario and status
+    quality: list[dict[str, Any]] = field(default_factory=list)  # quality rows of configurations generated here
+    fidelity_metric: str = "fidelity_rougeL"
+
+    @property
+    def title(self) -> str:
+        return f"{self.model} on {self.hardware}"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.hardware}--{self.model}"
+
+    def ok(self, scenario: str | None = None) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["status"] == "ok" and (scenario is None or r["scenario"] == scenario)]
+
+    def not_ok(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["status"] != "ok"] + [q for q in self.quality if q["status"] != "ok"]
+
+    @property
+    def candidates(self) -> list[dict[str, Any]]:
+        """Latency points that ran, one per configuration: where a configuration ran with several generation
+        lengths, the longest (steadier decode figures) stands for it."""
+        best: dict[tuple, dict[str, Any]] = {}
+        for r in self.ok("latency"):
+            if num(r.get("total_tps")) is None:
+                continue
+            key = (r["stage"], r["config"])
+            if key not in best or (num(r["new_tokens"]) or 0) > (num(best[key]["new_tokens"]) or 0):
+                best[key] = r
+        return sorted(best.values(), key=sort_key)
+
+    @property
+    def scored(self) -> list[dict[str, Any]]:
+        return [q for q in self.quality if q["status"] == "ok"]
+
+
+def sort_key(r: dict[str, Any]) -> tuple:
+    return (r["stage"], r["runtime"], str(r.get("precision") or r.get("quant")), num(r.get("batch_size")) or 0,
+            str(r.get("kv_cache")), str(r.get("compile")), num(r.get("n_threads")) or 0, r["name"])
+
+
+def _match(row: dict[str, Any], scored: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The quality configuration a benchmark point ran: same runtime and device, same precision (transformers)
+    or quant (llama.cpp), same KV cache. Batch, threads and compile change speed, not what is computed."""
+    for q in scored:
+        if q["runtime"] != row["runtime"]:
+            continue
+        if row["runtime"] == "hf" and (q["device"], q["precision"], q["kv_cache"]) == (
+                row["device"], row["precision"], row["kv_cache"]):
+            return q
+        if row["runtime"] == "llama_cpp" and (q["quant"], q["kv_type"]) == (row["quant"], row["kv_type"]):
+            return q
+    return None
+
+
+def _enrich(row: dict[str, Any], record_metrics: dict[str, Any], stage: str) -> dict[str, Any]:
+    row = dict(row)
+    row["stage"] = stage
+    row["device"] = DEVICE_OF_STAGE[stage]
+    suffix = f"-n{row['new_tokens']}"
+    row["config"] = row["name"][: -len(suffix)] if row["name"].endswith(suffix) else row["name"]
+    if row["device"] == "cuda":
+        row["n_threads"] = ""  # the GPU sweep does not set threads
+        row["memory_gib"], row["memory_kind"] = num(row.get("peak_allocated_gib")), "GPU allocated"
+    else:
+        rss = num(row.get("peak_rss_mib"))
+        row["memory_gib"], row["memory_kind"] = (None if rss is None else rss / 1024), "process RSS"
+    row["workload"] = (f"{row['prompt_tokens']}+{row['new_tokens']}" if row.get("prompt_tokens") not in ("", None)
+                       else "")
+    row["_metrics"] = record_metrics
+    return row
+
+
+def collect(results: Path, fidelity_metric: str = "fidelity_rougeL", models: list[str] | None = None) -> list[Section]:
+    """Sections per (hardware, model) from every record file under results/, in a stable order."""
+    sections: dict[tuple[str, str], Section] = {}
+
+    def section(hw: str, model: str, weights: str) -> Section:
+        if (hw, model) not in sections:
+            sections[(hw, model)] = Section(hw, model, weights or "", fidelity_metric=fidelity_metric)
+        return sections[(hw, model)]
+
+    for stage in BENCH_STAGES:
+        for record, row in stage_records_rows(results, stage):
+            section(row["hardware"], row["model"], row["weights"]).rows.append(_enrich(row, record.metrics, stage))
+    for q in quality.quality_rows(results):
+        section(q["hardware"], q["model"], q["weights"]).quality.append(q)
+    out = [s for s in sections.values() if not models or s.model in models]
+    for s in out:
+        scored = s.scored
+        for r in s.rows:
+            q = _match(r, scored) if r["status"] == "ok" else None
+            r["quality_config"] = q["config"] if q else ""
+            for k in QUALITY_KEYS:
+                r[k] = num(q.get(k)) if q else None
+            r["fidelity"] = r.get(fidelity_metric)
+    # GPU machines first (they answer the main question), then by name
+    return sorted(out, key=lambda s: (not any(r["device"] == "cuda" and r["status"] == "ok" for r in s.rows),
+                                      not s.rows, s.hardware, s.model))

@@ -1,0 +1,133 @@
+"""`inferlab serve`: load the configuration the study recommends for this machine (or the one given by Hydra
+overrides) and serve it with uvicorn on 127.0.0.1 unless told otherwise.
+
+    inferlab serve model=tiny-phi                              # metrics/recommendation.json, else serve.* below
+    inferlab serve model=tiny-phi serve.source=config serve.runtime=hf serve.precision=fp32 serve.port=8001
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from inferlab.config import ConfigError, StudyConfig, resolve
+from inferlab.environment import environment
+
+log = logging.getLogger(__name__)
+
+
+def usable_cores() -> int:
+    from inferlab.bench.grid import usable_cores as cores
+
+    return cores()
+
+
+def choose(cfg: StudyConfig, hardware_id: str | None = None) -> tuple[dict[str, Any], str]:
+    """The settings to serve and where they came from."""
+    s = cfg.serve
+    fallback = {"runtime": s.runtime, "quant": s.quant, "n_threads": s.n_threads, "precision": s.precision,
+                "device": s.device}
+    if s.source == "config":
+        return fallback, "serve.* in the configuration (serve.source=config)"
+    path = resolve(s.recommendation)
+    if not path.is_file():
+        return fallback, f"serve.* in the configuration: {path} does not exist (run the report stage)"
+    hardware_id = hardware_id or environment()["hardware"]["id"]
+    doc = json.loads(path.read_text())
+    for r in doc.get("recommendations", []):
+        if r.get("hardware") == hardware_id and r.get("model") == cfg.model.name:
+            if r.get("status") != "recommended":
+                return fallback, (f"serve.* in the configuration: the report recommends nothing for {cfg.model.name} "
+                                  f"on {hardware_id} ({r.get('reason', '')[:200]})")
+            return dict(r["settings"]), f"{path.name}: {r['name']} ({r['reason'][:200]})"
+    return fallback, f"serve.* in the configuration: {path.name} has no entry for {cfg.model.name} on {hardware_id}"
+
+
+def build_engine(cfg: StudyConfig, settings: dict[str, Any]):
+    from inferlab.serve.engine import HFEngine, LlamaCppEngine
+
+    s = cfg.serve
+    threads = int(settings.get("n_threads") or 0) or usable_cores()
+    if settings["runtime"] == "llama_cpp":
+        quant = settings.get("quant") or s.quant
+        path = cfg.model_dir() / "gguf" / f"{cfg.model.name}-{quant}.gguf"
+        if not path.is_file():
+            raise ConfigError(f"serve.quant: {path} does not exist; run the convert stage with {quant} "
+                              f"(available: {', '.join(sorted(p.stem for p in path.parent.glob('*.gguf'))) or 'none'})")
+        return LlamaCppEngine(str(path), threads, s.n_ctx, s.max_queue, n_batch=int(settings.get("n_batch") or 512),
+                              flash_attn=bool(settings.get("flash_attn", False)),
+                              kv_type=settings.get("kv_type") or "f16")
+    model_dir = cfg.model_dir() / "hf"
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"model: {model_dir} has no model; run the download stage for {cfg.model.name}")
+    max_batch = int(settings.get("batch_size") or 0) or s.max_batch
+    return HFEngine(str(model_dir), settings.get("precision") or s.precision, settings.get("device") or s.device,
+                    s.max_queue, max_batch, s.batch_wait_ms, n_threads=threads)
+
+
+def make_app(cfg: StudyConfig, hardware_id: str | None = None):
+    """The ASGI app with its engine started (and the Gradio demo mounted under /ui when enabled)."""
+    settings, source = choose(cfg, hardware_id)
+    log.info("serving %s with %s; from %s", cfg.model.name, settings, source)
+    engine = build_engine(cfg, settings)
+    engine.start()
+    from inferlab.serve.app import create_app
+
+    name = cfg.serve.served_model_name or cfg.model.name
+    api_key = cfg.serve.api_key or os.environ.get("INFERLAB_API_KEY") or None
+    app = create_app(engine, name, cfg.serve, api_key)
+    app.state.source = source
+    if cfg.serve.gradio:
+        import gradio as gr
+
+        from inferlab.serve.demo import build_demo, engine_stream
+
+        demo = build_demo(engine_stream(engine), name)
+        app = gr.mount_gradio_app(app, demo, path="/ui")
+    return app
+
+
+def serve(cfg: StudyConfig) -> None:
+    import uvicorn
+
+    app = make_app(cfg)
+    host, port = cfg.serve.host, cfg.serve.port
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        key = cfg.serve.api_key or os.environ.get("INFERLAB_API_KEY")
+        log.warning("listening on %s: reachable from other machines%s", host,
+                    "" if key else " and without an API key (set serve.api_key or INFERLAB_API_KEY)")
+    log.info("OpenAI-compatible API on http://%s:%d/v1 (docs /docs, demo /ui, metrics /metrics)", host, port)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from inferlab.config import compose
+    from inferlab.stage import setup_logging
+
+    setup_logging()
+    argv = list(argv or [])
+    try:
+        if argv[:1] == ["--params"]:  # a resolved config written by serve_bench
+            import yaml
+
+            from inferlab.config import load
+
+            cfg = load(yaml.safe_load(Path(argv[1]).read_text()))
+        else:
+            cfg = compose(argv)
+    except ConfigError as e:
+        raise SystemExit(f"invalid configuration: {e}") from None
+    try:
+        serve(cfg)
+    except ConfigError as e:
+        raise SystemExit(f"cannot serve: {e}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,14 @@
+"""Stage `report`: the study's answer from the records: tables per hardware, the Pareto frontier over speed, memory
+and quality, the recommended configuration under the constraints in config, figures, and an MLflow report run."""
+
+from inferlab.config import StudyConfig
+from inferlab.report import stage as report
+from inferlab.stage import run_stage
+
+
+def main(cfg: StudyConfig) -> None:
+    report.run(cfg)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,19 @@
+"""Stage `serve_bench`: the served configuration under load. Starts `inferlab serve` on 127.0.0.1, drives it with
+N concurrent streaming clients per level and records TTFT, ITL, end-to-end percentiles, throughput and errors."""
+
+from inferlab.config import StudyConfig
+from inferlab.serve import loadtest
+from inferlab.stage import run_stage
+from inferlab.study import StageRun
+
+
+def main(cfg: StudyConfig) -> None:
+    stage = StageRun(cfg, loadtest.STAGE, sections=("serve", "serve_bench"))
+    try:
+        loadtest.run(cfg, stage)
+    finally:
+        stage.finish()
+
+
+if __name__ == "__main__":
+    run_stage(main)
