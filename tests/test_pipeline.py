@@ -85,6 +85,24 @@ def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
               for e in exps for rev in e["revs"]]
     assert ["q8_0"] in quants
 
+    # DVC remote storage: the large outputs (checkpoint, GGUF files) pushed to a local-path remote and pulled into
+    # a fresh clone, which then has nothing to reproduce
+    remote = repo.parent / "dvc-remote"
+    run(["dvc", "remote", "add", "-d", "store", str(remote)], cwd=repo)
+    run(["git", "add", "-A"], cwd=repo)
+    run(["git", "commit", "-q", "-m", "study"], cwd=repo)
+    run(["dvc", "push"], cwd=repo)
+    clone = repo.parent / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], cwd=repo.parent)
+    assert not (clone / "models").exists()
+    run(["dvc", "pull"], cwd=clone)
+    pulled = clone / "models" / "tiny-phi" / "gguf" / "tiny-phi-q8_0.gguf"
+    assert pulled.read_bytes() == (gguf / "tiny-phi-q8_0.gguf").read_bytes()
+    assert (clone / "models" / "tiny-phi" / "hf" / "model.safetensors").exists()
+    r = run(["dvc", "repro"], cwd=clone)
+    assert "Running stage" not in r.stdout and "didn't change" in r.stdout
+    assert "up to date" in run(["dvc", "status"], cwd=clone).stdout
+
     # Hydra multirun of the same stage script, outside DVC
     r = run([sys.executable, "stages/convert.py", "-m", "model=tiny-phi", "convert.quants=[q8_0],[q4_0]"], cwd=repo)
     assert "#0 : model=tiny-phi convert.quants=[q8_0]" in r.stdout + r.stderr
@@ -111,22 +129,22 @@ def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
         d = next(x for x in dvc_recs if x.point_id == h.point_id)
         assert h.point == d.point and h.name == d.name and h.model == d.model
 
-    # DVC metrics and plots between commits
-    run(["git", "add", "-A"], cwd=repo)
-    run(["git", "commit", "-q", "-m", "study"], cwd=repo)
-    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD~1", "--json"], cwd=repo).stdout)
+    # DVC metrics and plots between commits: the first commit (no results yet) against the study's
+    first = run(["git", "rev-list", "--max-parents=0", "HEAD"], cwd=repo).stdout.strip()
+    diff = json.loads(run(["dvc", "metrics", "diff", first, "--json"], cwd=repo).stdout)
     assert "metrics/report.json" in diff and "metrics/bench_cpu.json" in diff
-    plots = json.loads(run(["dvc", "plots", "diff", "HEAD~1", "--json"], cwd=repo).stdout)["data"]
+    plots = json.loads(run(["dvc", "plots", "diff", first, "--json"], cwd=repo).stdout)["data"]
     assert "quality_vs_speed" in plots and any(k.startswith("metrics/figures/") for k in plots)
 
 
 def test_queued_experiments_sweep_the_cpu_stage(repo):
-    """`dvc exp run --queue -S ...` sweeps: each queued experiment runs in its own copy of the workspace, and
-    its MLflow runs land in the repository's store (DVC_ROOT)."""
+    """`dvc exp run --queue -S ...` sweeps run by two queue workers at once: each queued experiment runs in its own
+    copy of the workspace, its MLflow runs land in the repository's store (DVC_ROOT), and the device lock keeps
+    their measurements from overlapping."""
     common = ["-S", "model=tiny-phi", "-S", "convert.quants=[q8_0]", *[a for o in SMALL_BENCH for a in ("-S", o)]]
     for t in (1, 2):
         run(["dvc", "exp", "run", "--queue", *common, "-S", f"n_threads={t}"], cwd=repo)
-    run(["dvc", "queue", "start", "-j", "1"], cwd=repo)
+    run(["dvc", "queue", "start", "-j", "2"], cwd=repo)  # two workers: both experiments at once
     deadline = time.time() + 400
     while time.time() < deadline:
         status = run(["dvc", "queue", "status"], cwd=repo).stdout

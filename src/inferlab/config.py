@@ -162,7 +162,8 @@ class ConvertConfig:
 KV_TYPES = ("f16", "q8_0", "q4_0")
 LLAMA_APIS = ("generate", "completion", "completion_stream")
 PROMPT_CACHE_MODES = ("none", "context", "ram", "disk")
-HF_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4", "nf4-dq")
+# bitsandbytes: int8, nf4, fp4, nf4-dq; torchao weight-only (bf16 activations): int8-ao, int4-ao
+HF_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4", "nf4-dq", "int8-ao", "int4-ao")
 HF_KV_CACHES = ("none", "dynamic", "static")
 HF_ATTENTION = ("sdpa", "eager")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -262,6 +263,11 @@ class HFPoint:
     kv_cache: str | None = None
     attn: str | None = None
     compile: bool | None = None
+    compile_mode: str | None = None  # torch.compile mode of this point (default: the sweep's compile_mode)
+    decode: str | None = None  # generate (transformers' generate) or fast (static cache, one compiled step, no sync)
+
+
+HF_DECODE = ("generate", "fast")
 
 
 @dataclass
@@ -289,7 +295,8 @@ class HFSweep:
         for b in self.batch_sizes:
             check_range(f"{key}.batch_sizes", b, low=1)
         _check_extras(key, self.extra_points,
-                      {"precision": HF_PRECISIONS, "kv_cache": HF_KV_CACHES, "attn": HF_ATTENTION})
+                      {"precision": HF_PRECISIONS, "kv_cache": HF_KV_CACHES, "attn": HF_ATTENTION,
+                       "compile_mode": COMPILE_MODES, "decode": HF_DECODE})
 
 
 @dataclass
@@ -598,6 +605,7 @@ class PathsConfig:
     models: str = "models"
     results: str = "results"
     metrics: str = "metrics"
+    min_free_mb: int = 200  # a stage refuses to start with less free disk than this where it writes results
 
 
 @dataclass

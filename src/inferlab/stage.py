@@ -35,6 +35,16 @@ def setup_logging() -> None:
     quiet_libraries()
 
 
+def _call(fn: StageFn, cfg) -> None:
+    from inferlab.study import StorageError
+
+    try:
+        fn(cfg)
+    except StorageError as e:
+        log.error("cannot start: %s", e)
+        raise SystemExit(f"cannot start: {e}") from None
+
+
 def run_stage(fn: StageFn, argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--params"]:
@@ -46,7 +56,7 @@ def run_stage(fn: StageFn, argv: list[str] | None = None) -> None:
             cfg = load(yaml.safe_load(path.read_text()))
         except ConfigError as e:
             sys.exit(f"invalid configuration in {path}: {e}")
-        fn(cfg)
+        _call(fn, cfg)
         return
 
     import hydra
@@ -67,7 +77,7 @@ def run_stage(fn: StageFn, argv: list[str] | None = None) -> None:
         except ConfigError as e:
             log.error("invalid configuration: %s", e)
             raise SystemExit(f"invalid configuration: {e}") from None
-        fn(cfg)
+        _call(fn, cfg)
 
     sys.argv = [sys.argv[0], *argv]
     _main()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,10 +58,35 @@ def multirun_sweep_id(stage: str) -> str | None:
     return f"{stage}-multirun-{Path(hc.sweep.dir).name}-{digest}"
 
 
+class StorageError(RuntimeError):
+    """Results cannot be written (a folder not writable, a full disk): found before any work starts."""
+
+
+def check_storage(cfg: StudyConfig) -> None:
+    """Every folder a stage writes is writable and has paths.min_free_mb free; else a clear error, now."""
+    need = cfg.paths.min_free_mb * 2**20
+    for key in ("results", "metrics"):
+        folder = resolve(getattr(cfg.paths, key))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-") as f:
+                f.write(b"x")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise StorageError(f"paths.{key}: {folder} is not writable ({e.strerror or e}); nothing was run. "
+                               f"Fix its permissions or point paths.{key} elsewhere") from None
+        free = shutil.disk_usage(folder).free
+        if free < need:
+            raise StorageError(f"paths.{key}: only {free / 2**20:,.0f} MiB free on the disk of {folder}; a stage "
+                               f"needs at least {cfg.paths.min_free_mb:,} MiB (paths.min_free_mb); nothing was run")
+
+
 class StageRun:
     """One execution of a stage: records appended as they are made, logged to MLflow at the end."""
 
     def __init__(self, cfg: StudyConfig, stage: str, sections: Sequence[str]):
+        check_storage(cfg)
         self.cfg = cfg
         self.stage = stage
         self.sweep_id = multirun_sweep_id(stage) or rec.new_sweep_id(stage)
@@ -67,7 +95,8 @@ class StageRun:
         self.config = {s: full[s] for s in sections}
         self.model = model_info(cfg)
         self.path = records_path(cfg, stage, self.env["hardware"]["id"])
-        self.records: list[rec.Record] = []
+        self.records: list[rec.Record] = []  # this run's records (and a resumed sweep's earlier ones)
+        self.written = 0
 
     def record(self, name: str, point: dict[str, Any], **fields: Any) -> rec.Record:
         r = rec.Record(
@@ -76,10 +105,13 @@ class StageRun:
         )
         rec.append(self.path, r)
         self.records.append(r)
+        self.written += 1
         if r.status != "ok":
             log.warning("%s %s: %s (%s)", self.stage, name, r.status, r.reason)
         return r
 
     def finish(self) -> None:
-        log.info("%d record(s) appended to %s", len(self.records), relpath(self.path))
+        earlier = len(self.records) - self.written
+        log.info("%d record(s) appended to %s%s", self.written, relpath(self.path),
+                 f" ({earlier} of this sweep were written before the interruption)" if earlier else "")
         Tracker(self.cfg.tracking).log(self.records)

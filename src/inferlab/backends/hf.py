@@ -16,8 +16,9 @@ from inferlab.bench.timing import RequestTiming
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4", "nf4-dq")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4", "nf4-dq", "int8-ao", "int4-ao")
 BNB = {"int8", "nf4", "fp4", "nf4-dq"}
+TORCHAO = {"int8-ao", "int4-ao"}  # torchao weight-only quantization, bf16 activations
 KV_CACHES = ("none", "dynamic", "static")
 ATTENTION = ("sdpa", "eager")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -62,6 +63,8 @@ class HFBackend(Backend):
         kwargs: dict[str, Any] = {"attn_implementation": s.get("attn", "sdpa")}
         if precision in BNB:
             kwargs.update(self._bnb_kwargs(precision, s.get("compute_dtype", "bf16"), device))
+        elif precision in TORCHAO:
+            kwargs.update(self._torchao_kwargs(precision, device))
         else:
             kwargs["dtype"] = getattr(torch, DTYPES[precision])
             if device == "cuda":
@@ -76,7 +79,10 @@ class HFBackend(Backend):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.model.generation_config.pad_token_id = pad
         # bytes of the weights as stored (packed 4-bit weights and their scales included)
-        return {"load_s": load_s, "weight_bytes": int(self.model.get_memory_footprint())}
+        out = {"load_s": load_s, "weight_bytes": int(self.model.get_memory_footprint())}
+        if getattr(self, "quant_detail", None):
+            out["quantization"] = self.quant_detail
+        return out
 
     @staticmethod
     def _bnb_kwargs(precision: str, compute_dtype: str, device: str) -> dict[str, Any]:
@@ -97,6 +103,28 @@ class HFBackend(Backend):
             )
         return {"quantization_config": q, "device_map": {"": 0} if device == "cuda" else "cpu",
                 "dtype": getattr(torch, DTYPES[compute_dtype])}
+
+    def _torchao_kwargs(self, precision: str, device: str) -> dict[str, Any]:
+        """torchao weight-only: int8 (per channel) or int4 (group size 128, the tinygemm kernel on CUDA)."""
+        import torch
+
+        try:
+            from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+            from transformers import TorchAoConfig
+        except ImportError as e:
+            raise BackendUnavailable(f"torchao is not installed ({e}): pip install torchao") from e
+        if precision == "int4-ao":
+            if device != "cuda":
+                raise BackendUnavailable("int4-ao uses torchao's tinygemm int4 kernel, which needs CUDA")
+            try:  # torchao >= 0.13 names the tinygemm layout; older ones take version=1
+                quant = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+            except TypeError:
+                quant = Int4WeightOnlyConfig(group_size=128)
+        else:
+            quant = Int8WeightOnlyConfig()
+        self.quant_detail = f"torchao {type(quant).__name__}: {quant}"[:300]
+        return {"quantization_config": TorchAoConfig(quant_type=quant), "dtype": torch.bfloat16,
+                "device_map": {"": 0} if device == "cuda" else "cpu"}
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
@@ -124,6 +152,10 @@ class HFBackend(Backend):
     def request(self, prompts: list[list[int]], new_tokens: int, past_key_values=None, **_: Any) -> RequestTiming:
         import torch
 
+        if self.settings.get("decode") == "fast":
+            if past_key_values is not None:
+                raise BackendUnavailable("the fast decode loop does not take a precomputed prefix cache")
+            return self._fast_request(prompts, new_tokens)
         ids = torch.tensor(prompts, device=self.device)
         timer = StepTimer(self.sync)
         kwargs = self.generation_kwargs(new_tokens)
@@ -138,6 +170,78 @@ class HFBackend(Backend):
         generated = out.shape[1] - ids.shape[1]
         return RequestTiming(start, timer.times, end, ids.shape[1], generated, ids.shape[0],
                              output_ids=out[:, ids.shape[1]:].tolist())
+
+    # -- the fast decode loop --------------------------------------------------------------------------------
+    # generate() does host work and a device-to-host sync every step (stopping criteria, streamer), so at batch
+    # 1 the GPU waits for Python. This loop keeps the whole decode on the device: a static KV cache, one
+    # compiled step (forward + argmax; mode reduce-overhead captures it as a CUDA graph) fed by the previous
+    # step's output tensor, no sync until the end. Step times come from CUDA events recorded after each step
+    # and read once at the end (device timestamps, not a host clock racing the GPU).
+
+    def _fast_step(self):
+        import torch
+
+        key = (self.settings.get("compile"), self.settings.get("compile_mode", "reduce-overhead"))
+        if getattr(self, "_step_key", None) == key:
+            return self._step
+
+        def step(ids, pos):
+            out = self.model(input_ids=ids, position_ids=pos.expand(ids.shape[0], -1), cache_position=pos[0],
+                             past_key_values=self._cache, use_cache=True)
+            return out.logits[:, -1].argmax(-1, keepdim=True)
+
+        self._step = torch.compile(step, mode=key[1], fullgraph=False, dynamic=False) if key[0] else step
+        self._step_key = key
+        return self._step
+
+    def _fast_request(self, prompts: list[list[int]], new_tokens: int) -> RequestTiming:
+        import torch
+        from transformers import StaticCache
+
+        b, n_prompt = len(prompts), len(prompts[0])
+        if any(len(p) != n_prompt for p in prompts):
+            raise BackendUnavailable("the fast decode loop takes prompts of equal length (no padding)")
+        max_len = n_prompt + new_tokens
+        if getattr(self, "_cache_shape", None) != (b, max_len):  # a new cache (and graph) per shape
+            self._cache = StaticCache(config=self.model.config, max_cache_len=max_len)
+            self._cache_shape = (b, max_len)
+            self._step_key = None
+        else:
+            with torch.inference_mode():  # the cache's tensors were made in inference mode
+                self._cache.reset()
+        step = self._fast_step()
+        ids = torch.tensor(prompts, device=self.device)
+        positions = torch.arange(max_len, device=self.device).unsqueeze(0)
+        cuda = self.device.type == "cuda"
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(new_tokens + 1)] if cuda else []
+        host: list[float] = []
+        out = torch.empty((b, new_tokens), dtype=torch.long, device=self.device)
+        self.sync()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            if cuda:
+                events[0].record()
+            logits = self.model(input_ids=ids, position_ids=positions[:, :n_prompt].expand(b, -1),
+                                cache_position=positions[0, :n_prompt], past_key_values=self._cache,
+                                use_cache=True).logits
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            out[:, :1] = tok
+            for i in range(1, new_tokens + 1):
+                if cuda:
+                    events[i].record()
+                else:
+                    host.append(time.perf_counter())
+                if i == new_tokens:
+                    break
+                if cuda and self._step_key[0]:
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
+                tok = step(tok.clone(), positions[:, n_prompt + i - 1: n_prompt + i])
+                out[:, i: i + 1] = tok
+        self.sync()
+        end = time.perf_counter()
+        # on CUDA: device timestamps, placed on the host clock at the first event
+        times = [start + events[0].elapsed_time(e) / 1000 for e in events[1:]] if cuda else host
+        return RequestTiming(start, times, end, n_prompt, new_tokens, b, output_ids=out.tolist())
 
     def complete(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """One left-padded batch; stops at EOS (the KV-cache setting of the point applies)."""

@@ -50,10 +50,14 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
     bnb_missing = importlib.util.find_spec("bitsandbytes") is None
     points, seen = [], set()
     for c in combos:
+        fast = c.pop("decode", None) == "fast"
+        mode = c.pop("compile_mode", None) or H.compile_mode
         settings = {**c, "scenario": "latency", "device": H.device, "n_threads": threads,
-                    "compute_dtype": H.compute_dtype, "compile_mode": H.compile_mode,
+                    "compute_dtype": H.compute_dtype, "compile_mode": mode,
                     "prompt_tokens": w.prompt_tokens, "new_tokens": new_tokens, "warmup": w.warmup,
                     "repetitions": w.repetitions}
+        if fast:  # only then: the ids of the generate() points stay what they were
+            settings["decode"] = "fast"
         key = tuple(sorted(settings.items()))
         if key in seen or not keep(settings, pins):
             continue
@@ -61,10 +65,17 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
         skip = None
         if c["compile"] and c["kv_cache"] != "static":
             skip = "torch.compile applies to the static KV cache only (kv_cache=static)"
+        elif fast and c["kv_cache"] != "static":
+            skip = "the fast decode loop runs on a static KV cache (kv_cache=static)"
         elif c["precision"] in ("int8", "nf4", "fp4", "nf4-dq") and bnb_missing:
             skip = "bitsandbytes is not installed (pip install 'inferlab[gpu]')"
-        name = f"hf-{c['precision']}-b{c['batch_size']}-{c['kv_cache']}-{c['attn']}" + ("-compiled" if c["compile"]
-                                                                                        else "")
+        elif c["precision"] in ("int8-ao", "int4-ao") and importlib.util.find_spec("torchao") is None:
+            skip = "torchao is not installed (pip install torchao)"
+        name = f"hf-{c['precision']}-b{c['batch_size']}-{c['kv_cache']}-{c['attn']}"
+        if c["compile"]:
+            name += "-compiled" + ("" if mode == "reduce-overhead" else f"-{mode}")
+        if fast:
+            name += "-fast"
         load = {"model_dir": str(model_dir)}
         points.append(Point(name, "hf", ("hf", c["precision"], c["attn"]), settings, load, skip))
     return points

@@ -19,6 +19,7 @@ from typing import Any
 
 import inferlab
 from inferlab import records as rec
+from inferlab.bench.lock import device_key, device_lock
 from inferlab.bench.memory import roofline
 from inferlab.bench.worker import Worker
 from inferlab.study import StageRun
@@ -99,7 +100,10 @@ def run_sweep(stage: StageRun, points: list[Point], folder: Path, bandwidth: dic
             else:
                 if worker is None:
                     worker = Worker(p.runtime, p.load)
-                status, payload = worker.run(p.settings, p.name, str(folder), timeout)
+                key = device_key(_device(p))
+                with device_lock(key) as waited:  # one point measured per device at a time, across processes
+                    status, payload = worker.run(p.settings, p.name, str(folder), timeout)
+                payload.setdefault("metrics", {})["device_lock"] = {"device": key, "waited_s": round(waited, 3)}
                 if status == "failed":  # a clean process (and device) for what follows
                     worker.kill()
                     worker = None
@@ -112,6 +116,13 @@ def run_sweep(stage: StageRun, points: list[Point], folder: Path, bandwidth: dic
         if worker is not None:
             worker.stop()
     manifest.write(stage.sweep_id, "complete")
+
+
+def _device(p: Point) -> str:
+    """Where a point computes: cuda for transformers on CUDA or llama.cpp with offloaded layers, else cpu."""
+    if p.settings.get("device") == "cuda" or (p.runtime == "llama_cpp" and p.settings.get("n_gpu_layers")):
+        return "cuda"
+    return "cpu"
 
 
 def _fmt(seconds: float) -> str:

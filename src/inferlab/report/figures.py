@@ -139,6 +139,7 @@ def quality_vs_speed(section: Section, front: list[dict[str, Any]], with_quality
                     textcoords="offset points", ha="right")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib_ticker().NullFormatter())
     ax.set_xlabel(OBJECTIVE_LABELS[objective] + " (marker area: peak memory)")
     ax.set_ylabel(f"fidelity ({section.fidelity_metric})" if with_quality else "peak memory, GiB")
     title = "Quality vs speed" if with_quality else "Memory vs speed (quality not measured here)"
