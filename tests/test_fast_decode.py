@@ -7,20 +7,21 @@ from inferlab.bench.grid import hf_points
 from inferlab.config import compose
 
 
-def test_fast_loop_matches_generate_token_for_token(tiny_hf):
+def test_fast_and_graph_loops_match_generate_token_for_token(tiny_hf):
     base = {"model_dir": str(tiny_hf), "precision": "fp32", "device": "cpu", "attn": "sdpa", "threads": 2}
     plain = HFBackend({**base, "kv_cache": "dynamic"})
     plain.load()
     ids = plain.tokenize("The weather today is nice and the")
     prompts = [ids, ids[::-1]]  # a batch of two, equal length
     want = plain.request(prompts, 12)
-    fast = HFBackend({**base, "kv_cache": "static", "decode": "fast"})
-    fast.load()
-    for _ in range(2):  # the second request reuses (resets) the static cache
-        got = fast.request(prompts, 12)
-        assert got.output_ids == want.output_ids
-        assert got.generated_tokens == 12 and len(got.token_times) == 12 and got.batch == 2
-        assert got.start < got.token_times[0] <= got.token_times[-1] <= got.end
+    for decode in ("fast", "graph"):
+        loop = HFBackend({**base, "kv_cache": "static", "decode": decode})
+        loop.load()
+        for _ in range(2):  # the second request reuses (resets) the static cache and the step's buffers
+            got = loop.request(prompts, 12)
+            assert got.output_ids == want.output_ids, decode
+            assert got.generated_tokens == 12 and len(got.token_times) == 12 and got.batch == 2
+            assert got.start < got.token_times[0] <= got.token_times[-1] <= got.end
 
 
 def test_fast_and_compile_mode_points_in_the_grid():

@@ -264,10 +264,11 @@ class HFPoint:
     attn: str | None = None
     compile: bool | None = None
     compile_mode: str | None = None  # torch.compile mode of this point (default: the sweep's compile_mode)
-    decode: str | None = None  # generate (transformers' generate) or fast (static cache, one compiled step, no sync)
+    decode: str | None = None  # generate (transformers' generate), fast (static cache, compiled step, no per-token
+    # sync) or graph (the step and its bookkeeping captured as one CUDA graph, replayed per token)
 
 
-HF_DECODE = ("generate", "fast")
+HF_DECODE = ("generate", "fast", "graph")
 
 
 @dataclass

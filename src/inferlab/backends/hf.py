@@ -152,6 +152,10 @@ class HFBackend(Backend):
     def request(self, prompts: list[list[int]], new_tokens: int, past_key_values=None, **_: Any) -> RequestTiming:
         import torch
 
+        if self.settings.get("decode") == "graph":
+            if past_key_values is not None:
+                raise BackendUnavailable("the graph decode loop does not take a precomputed prefix cache")
+            return self._graph_request(prompts, new_tokens)
         if self.settings.get("decode") == "fast":
             if past_key_values is not None:
                 raise BackendUnavailable("the fast decode loop does not take a precomputed prefix cache")
@@ -242,6 +246,108 @@ class HFBackend(Backend):
         # on CUDA: device timestamps, placed on the host clock at the first event
         times = [start + events[0].elapsed_time(e) / 1000 for e in events[1:]] if cuda else host
         return RequestTiming(start, times, end, n_prompt, new_tokens, b, output_ids=out.tolist())
+
+    # -- the graph decode loop -------------------------------------------------------------------------------
+    # One decode step (compiled forward + argmax, then the step's bookkeeping: next input, output column,
+    # position) captured once as a CUDA graph over static buffers; a request is the prefill and then one
+    # graph.replay() per token. The host does nothing else per token, so Python and dynamo guards leave the
+    # critical path. Without CUDA the same step runs eagerly (the correctness path the tests take).
+
+    def _graph_setup(self, b: int, max_len: int, new_tokens: int) -> None:
+        import torch
+        from transformers import StaticCache
+
+        s = self.settings
+        key = (b, max_len, new_tokens, s.get("compile"), s.get("compile_mode"))
+        if getattr(self, "_graph_key", None) == key:
+            return
+        self._graph_key, self._graph = key, None
+        self._cache = StaticCache(config=self.model.config, max_cache_len=max_len)
+        dev = self.device
+        self._tok = torch.zeros((b, 1), dtype=torch.long, device=dev)
+        self._pos = torch.zeros((1, 1), dtype=torch.long, device=dev)
+        self._idx = torch.zeros((1,), dtype=torch.long, device=dev)
+        self._out = torch.zeros((b, new_tokens), dtype=torch.long, device=dev)
+
+        def forward(ids, pos):
+            logits = self.model(input_ids=ids, position_ids=pos.expand(ids.shape[0], -1), cache_position=pos[0],
+                                past_key_values=self._cache, use_cache=True).logits
+            return logits[:, -1].argmax(-1, keepdim=True)
+
+        mode = s.get("compile_mode", "max-autotune-no-cudagraphs")
+        if mode == "reduce-overhead":  # the graph is ours: inductor must not wrap its own around the step
+            mode = "max-autotune-no-cudagraphs"
+        fwd = torch.compile(forward, mode=mode, fullgraph=False, dynamic=False) if s.get("compile") else forward
+
+        def step():
+            nxt = fwd(self._tok, self._pos)
+            self._tok.copy_(nxt)
+            self._out.index_copy_(1, self._idx.clamp(max=new_tokens - 1), nxt)
+            self._pos.add_(1)
+            self._idx.add_(1)
+
+        self._step_fn = step
+        if dev.type != "cuda":
+            return
+        with torch.inference_mode():  # compile and warm up off the capture, then capture one step
+            self._prefill(torch.zeros((b, max_len - new_tokens), dtype=torch.long, device=dev))
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+        self._graph = graph
+
+    def _prefill(self, ids):
+        import torch
+
+        n = ids.shape[1]
+        pos = torch.arange(n, device=self.device).unsqueeze(0)
+        logits = self.model(input_ids=ids, position_ids=pos.expand(ids.shape[0], -1), cache_position=pos[0],
+                            past_key_values=self._cache, use_cache=True).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    def _graph_request(self, prompts: list[list[int]], new_tokens: int) -> RequestTiming:
+        import torch
+
+        b, n_prompt = len(prompts), len(prompts[0])
+        if any(len(p) != n_prompt for p in prompts):
+            raise BackendUnavailable("the graph decode loop takes prompts of equal length (no padding)")
+        self._graph_setup(b, n_prompt + new_tokens, new_tokens)
+        cuda = self.device.type == "cuda"
+        ids = torch.tensor(prompts, device=self.device)
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(new_tokens + 1)] if cuda else []
+        host: list[float] = []
+        self.sync()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            if cuda:
+                events[0].record()
+            self._cache.reset()
+            first = self._prefill(ids)
+            self._tok.copy_(first)
+            self._out[:, :1] = first
+            self._pos.fill_(n_prompt)
+            self._idx.fill_(1)
+            for i in range(1, new_tokens + 1):
+                if cuda:
+                    events[i].record()
+                else:
+                    host.append(time.perf_counter())
+                if i == new_tokens:
+                    break
+                if self._graph is not None:
+                    self._graph.replay()
+                else:
+                    self._step_fn()
+        self.sync()
+        end = time.perf_counter()
+        times = [start + events[0].elapsed_time(e) / 1000 for e in events[1:]] if cuda else host
+        return RequestTiming(start, times, end, n_prompt, new_tokens, b, output_ids=self._out.tolist())
 
     def complete(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """One left-padded batch; stops at EOS (the KV-cache setting of the point applies)."""

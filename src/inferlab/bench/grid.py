@@ -50,14 +50,15 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
     bnb_missing = importlib.util.find_spec("bitsandbytes") is None
     points, seen = [], set()
     for c in combos:
-        fast = c.pop("decode", None) == "fast"
+        decode = c.pop("decode", None) or "generate"
+        fast = decode != "generate"
         mode = c.pop("compile_mode", None) or H.compile_mode
         settings = {**c, "scenario": "latency", "device": H.device, "n_threads": threads,
                     "compute_dtype": H.compute_dtype, "compile_mode": mode,
                     "prompt_tokens": w.prompt_tokens, "new_tokens": new_tokens, "warmup": w.warmup,
                     "repetitions": w.repetitions}
         if fast:  # only then: the ids of the generate() points stay what they were
-            settings["decode"] = "fast"
+            settings["decode"] = decode
         key = tuple(sorted(settings.items()))
         if key in seen or not keep(settings, pins):
             continue
@@ -66,7 +67,7 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
         if c["compile"] and c["kv_cache"] != "static":
             skip = "torch.compile applies to the static KV cache only (kv_cache=static)"
         elif fast and c["kv_cache"] != "static":
-            skip = "the fast decode loop runs on a static KV cache (kv_cache=static)"
+            skip = f"the {decode} decode loop runs on a static KV cache (kv_cache=static)"
         elif c["precision"] in ("int8", "nf4", "fp4", "nf4-dq") and bnb_missing:
             skip = "bitsandbytes is not installed (pip install 'inferlab[gpu]')"
         elif c["precision"] in ("int8-ao", "int4-ao") and importlib.util.find_spec("torchao") is None:
@@ -75,7 +76,7 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
         if c["compile"]:
             name += "-compiled" + ("" if mode == "reduce-overhead" else f"-{mode}")
         if fast:
-            name += "-fast"
+            name += f"-{decode}"
         load = {"model_dir": str(model_dir)}
         points.append(Point(name, "hf", ("hf", c["precision"], c["attn"]), settings, load, skip))
     return points
