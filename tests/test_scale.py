@@ -208,25 +208,29 @@ def test_unwritable_results_or_a_full_disk_fail_before_any_work(project):
     assert not (project / "models" / "tiny-phi").exists()  # the model was never built
 
 
-def _hold(key: str, seconds: float, out: str) -> None:
+def _hold(key: str, seconds: float, out: str, barrier) -> None:
     from inferlab.bench.lock import device_lock
 
-    with device_lock(key):
+    barrier.wait()  # all three ask for their lock at the same moment
+    with device_lock(key) as waited:
         t0 = time.time()
         time.sleep(seconds)
-        Path(out).write_text(json.dumps([t0, time.time()]))
+        Path(out).write_text(json.dumps([t0, time.time(), waited]))
 
 
 def test_device_lock_serialises_measurements_across_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("INFERLAB_LOCK_DIR", str(tmp_path))
     ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(3)
     outs = [tmp_path / f"{i}.json" for i in range(3)]
     keys = ["cpu", "cpu", "gpu-1"]
-    procs = [ctx.Process(target=_hold, args=(k, 0.6, str(o))) for k, o in zip(keys, outs)]
+    procs = [ctx.Process(target=_hold, args=(k, 1.0, str(o), barrier)) for k, o in zip(keys, outs)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(30)
-    (a0, a1), (b0, b1), (g0, g1) = (json.loads(o.read_text()) for o in outs)
+        p.join(60)
+        assert p.exitcode == 0
+    (a0, a1, aw), (b0, b1, bw), (g0, g1, gw) = (json.loads(o.read_text()) for o in outs)
     assert a1 <= b0 or b1 <= a0  # the two CPU holders never overlapped
-    assert g0 < max(a1, b1) and max(a0, b0) < g1  # another device's lock does not wait for them
+    assert max(aw, bw) > 0.8  # one of them waited for the other to finish
+    assert gw < 0.5  # another device's lock does not wait for them

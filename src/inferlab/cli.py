@@ -96,6 +96,24 @@ def cmd_study(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, env=env, cwd=project_root())
 
 
+def cmd_parallel_check(args: argparse.Namespace) -> int:
+    """Points measured beside other GPUs against the same points measured alone (exit 1 beyond tolerance)."""
+    from inferlab.bench.parallel import compare
+
+    rows = compare(project_root() / "results", args.stage, args.tolerance)
+    if not rows:
+        print(f"no point of {args.stage} was measured both alone and beside another GPU", file=sys.stderr)
+        return 2
+    print(f"| point | GPU | beside | decode tok/s alone | parallel | ratio | total tok/s alone | parallel | ratio "
+          f"| within ±{args.tolerance:.0%} |\n|" + "---|" * 10)
+    for r in rows:
+        print(f"| {r['name']} | {r['gpu']} | {r['beside']} | {r.get('decode_tps_alone', 0):.1f} | "
+              f"{r.get('decode_tps_parallel', 0):.1f} | {r.get('decode_tps_ratio', 0):.3f} | "
+              f"{r.get('total_tps_alone', 0):.1f} | {r.get('total_tps_parallel', 0):.1f} | "
+              f"{r.get('total_tps_ratio', 0):.3f} | {'yes' if r['within_tolerance'] else 'NO'} |")
+    return 0 if all(r["within_tolerance"] for r in rows) else 1
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from inferlab.serve.server import main as serve_main
 
@@ -144,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="Hydra overrides, passed to `dvc exp run` as -S")
     p.add_argument("--dvc-args", nargs=argparse.REMAINDER, default=[], help="further arguments for dvc exp run")
     p.set_defaults(fn=cmd_study)
+
+    p = sub.add_parser("parallel-check", help="points measured beside other GPUs against the same points alone")
+    p.add_argument("stage", nargs="?", default="bench_gpu")
+    p.add_argument("--tolerance", type=float, default=0.05)
+    p.set_defaults(fn=cmd_parallel_check)
 
     p = sub.add_parser("serve", help="serve the recommended configuration: OpenAI-compatible API, demo under /ui")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny-phi serve.port=8001")

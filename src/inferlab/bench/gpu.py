@@ -10,6 +10,7 @@ from typing import Any
 
 from inferlab.bench.aggregate import write_aggregates
 from inferlab.bench.grid import hf_points, keep, usable_cores
+from inferlab.bench.lock import claim_gpu, visible_gpus
 from inferlab.bench.sweep import Point, run_sweep
 from inferlab.config import StudyConfig, resolve
 from inferlab.study import StageRun
@@ -78,6 +79,15 @@ def _decode_rate(metrics: dict) -> float | None:
 
 
 def run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
+    # On a host with several GPUs and several sweep jobs at once (hydra/launcher=gpus), this job takes one GPU
+    # for all its points; the workers it starts see only that one. Claimed before CUDA is first asked about.
+    with claim_gpu() as gpu:
+        if gpu is not None:
+            stage.env["gpu"] = {"claimed": gpu, "of": visible_gpus()}  # in every record of this job
+        _run(cfg, stage, stage_file)
+
+
+def _run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
     pins = cfg.pins()
     points = hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", pins, usable_cores()) + scenario_points(cfg, pins)
     problem = cuda_problem()

@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import re
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,6 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+_HELD: dict[str, object] = {}  # device keys this process holds for its whole run (a claimed GPU)
+# nothing here needs NVLink multicast (NVLS / symmetric memory): keep it off on multi-GPU hosts
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def lock_dir() -> Path:
@@ -37,7 +42,7 @@ def device_key(runtime_device: str) -> str:
 @contextmanager
 def device_lock(key: str) -> Iterator[float]:
     """Hold the device's lock; yields how long it waited for it (seconds). INFERLAB_DEVICE_LOCK=0 turns it off."""
-    if os.environ.get("INFERLAB_DEVICE_LOCK", "1") == "0":
+    if os.environ.get("INFERLAB_DEVICE_LOCK", "1") == "0" or key in _HELD:  # a claimed GPU is ours already
         yield 0.0
         return
     path = lock_dir() / f"inferlab-{key}.lock"
@@ -54,3 +59,83 @@ def device_lock(key: str) -> Iterator[float]:
             yield waited
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _busy(key: str) -> bool:
+    """Whether another process holds this device's lock right now (a non-blocking probe)."""
+    path = lock_dir() / f"inferlab-{key}.lock"
+    if key in _HELD or not path.exists():
+        return False
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this host offers the sweep: $INFERLAB_GPUS (e.g. "0,1"), else a non-empty $CUDA_VISIBLE_DEVICES,
+    else every GPU `nvidia-smi -L` lists; [] without GPUs."""
+    for var in ("INFERLAB_GPUS", "CUDA_VISIBLE_DEVICES"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            return [g.strip() for g in value.split(",") if g.strip()]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def others_busy(key: str) -> list[str]:
+    """The other GPUs of this host whose lock another process holds (a point measured beside them)."""
+    if not key.startswith("gpu-"):
+        return []
+    return [f"gpu-{g}" for g in visible_gpus() if f"gpu-{g}" != key and _busy(f"gpu-{g}")]
+
+
+@contextmanager
+def claim_gpu() -> Iterator[str | None]:
+    """Claim one free GPU of this host for this process (and the workers it starts) until the block ends: its
+    lock is held and CUDA_VISIBLE_DEVICES names only it. With several sweep jobs at once (Hydra's submitit_local
+    launcher, `hydra/launcher=gpus`), each job takes its own GPU, so up to one point per GPU runs at a time; a
+    job that finds every GPU taken waits for one. With one GPU or none, nothing is claimed (yields None)."""
+    gpus = visible_gpus()
+    if len(gpus) < 2 or os.environ.get("INFERLAB_GPU_CLAIM", "1") == "0":
+        yield None
+        return
+    lock_dir().mkdir(parents=True, exist_ok=True)
+    waited, t0 = False, time.perf_counter()
+    while True:
+        for g in gpus:
+            f = open(lock_dir() / f"inferlab-gpu-{g}.lock", "a+")  # noqa: SIM115 - held for the whole block
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                continue
+            saved = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", *NO_MULTICAST)}
+            os.environ["CUDA_VISIBLE_DEVICES"] = g
+            for k, v in NO_MULTICAST.items():
+                os.environ.setdefault(k, v)
+            _HELD[f"gpu-{g}"] = f
+            log.info("claimed GPU %s of %s%s", g, ",".join(gpus),
+                     f" after waiting {time.perf_counter() - t0:.0f} s" if waited else "")
+            try:
+                yield g
+            finally:
+                _HELD.pop(f"gpu-{g}", None)
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+                fcntl.flock(f, fcntl.LOCK_UN)
+                f.close()
+            return
+        if not waited:
+            log.info("every GPU (%s) is taken by another sweep job; waiting for one", ",".join(gpus))
+            waited = True
+        time.sleep(1.0)

@@ -19,7 +19,7 @@ from typing import Any
 
 import inferlab
 from inferlab import records as rec
-from inferlab.bench.lock import device_key, device_lock
+from inferlab.bench.lock import device_key, device_lock, others_busy
 from inferlab.bench.memory import roofline
 from inferlab.bench.worker import Worker
 from inferlab.study import StageRun
@@ -102,8 +102,10 @@ def run_sweep(stage: StageRun, points: list[Point], folder: Path, bandwidth: dic
                     worker = Worker(p.runtime, p.load)
                 key = device_key(_device(p))
                 with device_lock(key) as waited:  # one point measured per device at a time, across processes
+                    beside = others_busy(key)  # other GPUs measuring at the same time (a parallel sweep)
                     status, payload = worker.run(p.settings, p.name, str(folder), timeout)
-                payload.setdefault("metrics", {})["device_lock"] = {"device": key, "waited_s": round(waited, 3)}
+                payload.setdefault("metrics", {})["device_lock"] = {"device": key, "waited_s": round(waited, 3),
+                                                                    "others_busy": beside}
                 if status == "failed":  # a clean process (and device) for what follows
                     worker.kill()
                     worker = None

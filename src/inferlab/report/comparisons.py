@@ -26,9 +26,14 @@ def _ratio(a: Any, b: Any) -> str:
     return f"{x / y:.2f}×" if x is not None and y else "n/a"
 
 
+def _generate(r: dict[str, Any]) -> bool:
+    """A point decoded by transformers' generate() (not the fast or graph loop)."""
+    return r.get("decode") in ("", None, "generate")
+
+
 def _plain_hf(r: dict[str, Any]) -> bool:
     return (r["runtime"] == "hf" and r.get("kv_cache") == "dynamic" and r.get("attn") == "sdpa"
-            and str(r.get("compile")) == "False")
+            and str(r.get("compile")) == "False" and _generate(r))
 
 
 def _plain_llama(r: dict[str, Any], threads: float | None, base: dict[str, Any] | None = None) -> bool:
@@ -120,7 +125,7 @@ def cache_and_streaming(section: Section) -> list[str]:
     """What the KV cache, the prompt (prefix) cache and streaming changed, from the points that vary them."""
     out: list[str] = []
     hf = [r for r in section.candidates if r["runtime"] == "hf" and num(r.get("batch_size")) == 1
-          and r.get("attn") == "sdpa"]
+          and r.get("attn") == "sdpa" and _generate(r) and r.get("compile_mode") in ("", None, "reduce-overhead")]
     for precision in sorted({r["precision"] for r in hf}):
         same = {(r["kv_cache"], str(r["compile"])): r for r in hf if r["precision"] == precision}
         dyn = same.get(("dynamic", "False"))
@@ -134,6 +139,7 @@ def cache_and_streaming(section: Section) -> list[str]:
                  f"TTFT {_f(r['ttft_ms'], 'ms')}, {_f(r['memory_gib'], 'GiB')}" for label, r in others]
         out.append(f"**KV cache ({precision}, batch 1)**: dynamic cache {_f(dyn['decode_tps'], 'tokens/s')}, "
                    f"TTFT {_f(dyn['ttft_ms'], 'ms')}, {_f(dyn['memory_gib'], 'GiB')}; " + "; ".join(parts) + ".")
+    out += decode_loops(section)
     kv = _by_name(section, lambda r: r["runtime"] == "llama_cpp" and r["scenario"] == "latency"
                   and r.get("kv_type") not in ("", "f16", None))
     for r in kv:
@@ -173,4 +179,30 @@ def cache_and_streaming(section: Section) -> list[str]:
                  for api, r in sorted(apis.items())]
         out.append(f"**Streaming (llama.cpp, {stream['quant']}, {stream['n_threads']} threads)**: "
                    + "; ".join(parts) + " (without streaming the first token reaches the client with the last).")
+    return out
+
+
+def decode_loops(section: Section) -> list[str]:
+    """generate() against the fast and graph decode loops, per precision and batch, best compile mode each."""
+    out = []
+    hf = [r for r in section.candidates if r["runtime"] == "hf" and r.get("attn") == "sdpa"]
+    loops = [r for r in hf if not _generate(r)]
+    for precision, batch in sorted({(r["precision"], num(r["batch_size"])) for r in loops}, key=str):
+        same = [r for r in hf if r["precision"] == precision and num(r["batch_size"]) == batch]
+        parts = []
+        for label, pick in (("generate, dynamic cache", lambda r: _generate(r) and r["kv_cache"] == "dynamic"),
+                            ("generate, static cache + compile",
+                             lambda r: _generate(r) and str(r.get("compile")) == "True"),
+                            ("fast loop", lambda r: r.get("decode") == "fast"),
+                            ("CUDA-graph loop", lambda r: r.get("decode") == "graph")):
+            rows = [r for r in same if pick(r)]
+            if rows:
+                best = max(rows, key=lambda r: num(r["decode_tps"]) or 0)
+                mode = best["compile_mode"] if str(best.get("compile")) == "True" else ""
+                if best.get("decode") == "graph" and mode == "reduce-overhead":
+                    mode = "max-autotune-no-cudagraphs kernels"  # the loop captures its own graph
+                mode = f" ({mode})" if mode else ""
+                parts.append(f"{label}{mode} {_f(best['decode_tps'], 'tokens/s')} per sequence "
+                             f"({_f(best['total_tps'], 'tokens/s')} total, ITL p50 {_f(best['itl_p50_ms'], 'ms')})")
+        out.append(f"**Decode loop ({precision}, batch {int(batch)})**: " + "; ".join(parts) + ".")
     return out

@@ -56,6 +56,10 @@ def throughput(section: Section, path: Path) -> bool:
         for r in rows:
             if kind == "hf":
                 label = _kind(r) + (" static+compile" if str(r.get("compile")) == "True" else "")
+                if r.get("decode") not in ("", None, "generate"):
+                    label += f" {r['decode']} loop"
+                if r.get("compile_mode") not in ("", None, "reduce-overhead") and str(r.get("compile")) == "True":
+                    label += f" {r['compile_mode']}"
                 series.setdefault(label, []).append((num(r["batch_size"]), num(r["total_tps"])))  # type: ignore[arg-type]
             else:
                 series.setdefault(_kind(r), []).append((num(r["n_threads"]), num(r["decode_tps"])))  # type: ignore[arg-type]

@@ -71,6 +71,10 @@ def pivot(cands: list[dict[str, Any]]) -> str:
     rows: dict[str, dict[int, dict[str, Any]]] = {}
     for c in hf:
         label = f"{c['precision']} {c['kv_cache']}" + (" compiled" if str(c.get("compile")) == "True" else "")
+        if c.get("compile_mode") not in ("", None, "reduce-overhead") and str(c.get("compile")) == "True":
+            label += f" ({c['compile_mode']})"
+        if c.get("decode") not in ("", None, "generate"):
+            label += f", {c['decode']} loop"
         rows.setdefault(label, {})[int(num(c["batch_size"]) or 1)] = c
     lines = ["| precision, KV cache | " + " | ".join(f"batch {b}" for b in batches) + " |",
              "|" + "---|" * (len(batches) + 1)]
