@@ -43,6 +43,36 @@ class StepTimer:
         pass
 
 
+class StepClock:
+    """When each token of a decode loop became available: CUDA events recorded on the stream (read once at the
+    end, no host sync per token) or, on the CPU, where ops are synchronous, the host clock."""
+
+    def __init__(self, cuda: bool, n: int):
+        import torch
+
+        self.cuda = cuda
+        self.events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)] if cuda else []
+        self.host: list[float] = []
+        self.origin = 0.0
+
+    def start(self) -> None:
+        self.origin = time.perf_counter()
+        if self.cuda:
+            self.events[0].record()
+
+    def mark(self, i: int) -> None:
+        if self.cuda:
+            self.events[i].record()
+        else:
+            self.host.append(time.perf_counter())
+
+    def times(self) -> list[float]:
+        """After a device sync: one host-clock time per marked token."""
+        if not self.cuda:
+            return self.host
+        return [self.origin + self.events[0].elapsed_time(e) / 1000 for e in self.events[1:]]
+
+
 class HFBackend(Backend):
     """settings: model_dir, precision, compute_dtype, device (cpu/cuda), attn, kv_cache, compile, compile_mode,
     threads."""
@@ -217,24 +247,19 @@ class HFBackend(Backend):
         ids = torch.tensor(prompts, device=self.device)
         positions = torch.arange(max_len, device=self.device).unsqueeze(0)
         cuda = self.device.type == "cuda"
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(new_tokens + 1)] if cuda else []
-        host: list[float] = []
+        clock = StepClock(cuda, new_tokens)
         out = torch.empty((b, new_tokens), dtype=torch.long, device=self.device)
         self.sync()
         start = time.perf_counter()
         with torch.inference_mode():
-            if cuda:
-                events[0].record()
+            clock.start()
             logits = self.model(input_ids=ids, position_ids=positions[:, :n_prompt].expand(b, -1),
                                 cache_position=positions[0, :n_prompt], past_key_values=self._cache,
                                 use_cache=True).logits
             tok = logits[:, -1].argmax(-1, keepdim=True)
             out[:, :1] = tok
             for i in range(1, new_tokens + 1):
-                if cuda:
-                    events[i].record()
-                else:
-                    host.append(time.perf_counter())
+                clock.mark(i)
                 if i == new_tokens:
                     break
                 if cuda and self._step_key[0]:
@@ -243,8 +268,7 @@ class HFBackend(Backend):
                 out[:, i: i + 1] = tok
         self.sync()
         end = time.perf_counter()
-        # on CUDA: device timestamps, placed on the host clock at the first event
-        times = [start + events[0].elapsed_time(e) / 1000 for e in events[1:]] if cuda else host
+        times = clock.times()
         return RequestTiming(start, times, end, n_prompt, new_tokens, b, output_ids=out.tolist())
 
     # -- the graph decode loop -------------------------------------------------------------------------------
@@ -324,11 +348,9 @@ class HFBackend(Backend):
         self.sync()
         setup_s = time.perf_counter() - start
         ids = torch.tensor(prompts, device=self.device)
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(new_tokens + 1)] if cuda else []
-        host: list[float] = []
+        clock = StepClock(cuda, new_tokens)
         with torch.inference_mode():
-            if cuda:
-                events[0].record()
+            clock.start()
             self._cache.reset()
             first = self._prefill(ids)
             self._tok.copy_(first)
@@ -336,10 +358,7 @@ class HFBackend(Backend):
             self._pos.fill_(n_prompt)
             self._idx.fill_(1)
             for i in range(1, new_tokens + 1):
-                if cuda:
-                    events[i].record()
-                else:
-                    host.append(time.perf_counter())
+                clock.mark(i)
                 if i == new_tokens:
                     break
                 if self._graph is not None:
@@ -348,8 +367,7 @@ class HFBackend(Backend):
                     self._step_fn()
         self.sync()
         end = time.perf_counter()
-        first_event = start + setup_s  # events[0] is recorded right after the setup
-        times = [first_event + events[0].elapsed_time(e) / 1000 for e in events[1:]] if cuda else host
+        times = clock.times()
         return RequestTiming(start, times, end, n_prompt, new_tokens, b, internal={"setup_s": setup_s},
                              output_ids=self._out.tolist())
 
