@@ -7,11 +7,13 @@ while the tracking store was unreachable can be logged later with `inferlab log-
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +86,23 @@ def _metrics(record: Record) -> dict[str, float]:
     return out
 
 
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Processes on one host take turns with a SQLite store: two that create it at once (queued DVC experiments
+    started together) would run its schema migrations over each other and leave it broken."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class Tracker:
     """Logs records to one MLflow tracking store."""
 
@@ -116,7 +135,8 @@ class Tracker:
         problem = check_reachable(self.uri, self.cfg.timeout_s)
         if problem is None:
             try:
-                return self._log(records)
+                with store_lock(self.uri):
+                    return self._log(records)
             except Exception as e:  # any failure of the store must not lose the stage's files
                 problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         log.warning(
@@ -191,7 +211,8 @@ class Tracker:
         problem = check_reachable(self.uri, self.cfg.timeout_s)
         if problem is None:
             try:
-                return self._log_report(run_name, params, metrics, files, figures, digest)
+                with store_lock(self.uri):
+                    return self._log_report(run_name, params, metrics, files, figures, digest)
             except Exception as e:
                 problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         log.warning("MLflow tracking store %s cannot be reached (%s); the report is on disk, not logged", self.uri,
