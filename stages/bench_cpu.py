@@ -9,11 +9,8 @@ from inferlab.study import StageRun
 
 
 def main(cfg: StudyConfig) -> None:
-    stage = StageRun(cfg, cpu.STAGE, sections=("bench_cpu",))
-    try:
+    with StageRun(cfg, cpu.STAGE, sections=("bench_cpu",)) as stage:  # logged even if interrupted
         cpu.run(cfg, stage, Path(__file__))
-    finally:
-        stage.finish()  # records already written are logged even if the sweep was interrupted
 
 
 if __name__ == "__main__":

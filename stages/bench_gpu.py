@@ -9,11 +9,8 @@ from inferlab.study import StageRun
 
 
 def main(cfg: StudyConfig) -> None:
-    stage = StageRun(cfg, gpu.STAGE, sections=("bench_gpu",))
-    try:
+    with StageRun(cfg, gpu.STAGE, sections=("bench_gpu",)) as stage:  # logged even if interrupted
         gpu.run(cfg, stage, Path(__file__))
-    finally:
-        stage.finish()
 
 
 if __name__ == "__main__":

@@ -10,11 +10,8 @@ from inferlab.study import StageRun
 
 
 def main(cfg: StudyConfig) -> None:
-    stage = StageRun(cfg, quality.STAGE, sections=("evaluate",))
-    try:
+    with StageRun(cfg, quality.STAGE, sections=("evaluate",)) as stage:  # records logged even if interrupted
         quality.run(cfg, stage, Path(__file__))
-    finally:
-        stage.finish()
 
 
 if __name__ == "__main__":

@@ -8,11 +8,8 @@ from inferlab.study import StageRun
 
 
 def main(cfg: StudyConfig) -> None:
-    stage = StageRun(cfg, loadtest.STAGE, sections=("serve", "serve_bench"))
-    try:
+    with StageRun(cfg, loadtest.STAGE, sections=("serve", "serve_bench")) as stage:  # logged even if interrupted
         loadtest.run(cfg, stage)
-    finally:
-        stage.finish()
 
 
 if __name__ == "__main__":

@@ -110,6 +110,12 @@ class StageRun:
             log.warning("%s %s: %s (%s)", self.stage, name, r.status, r.reason)
         return r
 
+    def __enter__(self) -> StageRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()  # records already written are logged even if the stage was interrupted
+
     def finish(self) -> None:
         earlier = len(self.records) - self.written
         log.info("%d record(s) appended to %s%s", self.written, relpath(self.path),

@@ -91,6 +91,7 @@ class HFBackend(Backend):
         if s.get("threads"):
             torch.set_num_threads(int(s["threads"]))
         kwargs: dict[str, Any] = {"attn_implementation": s.get("attn", "sdpa")}
+        self.quant_detail: str | None = None  # what torchao was asked for, recorded with the load figures
         if precision in BNB:
             kwargs.update(self._bnb_kwargs(precision, s.get("compute_dtype", "bf16"), device))
         elif precision in TORCHAO:
@@ -110,7 +111,7 @@ class HFBackend(Backend):
         self.model.generation_config.pad_token_id = pad
         # bytes of the weights as stored (packed 4-bit weights and their scales included)
         out = {"load_s": load_s, "weight_bytes": int(self.model.get_memory_footprint())}
-        if getattr(self, "quant_detail", None):
+        if self.quant_detail:
             out["quantization"] = self.quant_detail
         return out
 
@@ -212,40 +213,49 @@ class HFBackend(Backend):
     # step's output tensor, no sync until the end. Step times come from CUDA events recorded after each step
     # and read once at the end (device timestamps, not a host clock racing the GPU).
 
+    def _next_token(self, ids, pos):
+        """Greedy next token of each sequence after ids (positions pos, shape [1, n]) on the static cache."""
+        logits = self.model(input_ids=ids, position_ids=pos.expand(ids.shape[0], -1), cache_position=pos[0],
+                            past_key_values=self._cache, use_cache=True).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    def _prefill(self, ids):
+        import torch
+
+        return self._next_token(ids, torch.arange(ids.shape[1], device=self.device).unsqueeze(0))
+
+    def _static_cache(self, b: int, max_len: int) -> None:
+        """The one static KV cache of both loops: a new one per shape, and then what was compiled or captured
+        over the old one (the fast loop's step, the graph) is built again."""
+        from transformers import StaticCache
+
+        if getattr(self, "_cache_shape", None) != (b, max_len):
+            self._cache = StaticCache(config=self.model.config, max_cache_len=max_len)
+            self._cache_shape = (b, max_len)
+            self._step_key = self._graph_key = None
+
     def _fast_step(self):
         import torch
 
         key = (self.settings.get("compile"), self.settings.get("compile_mode", "reduce-overhead"))
-        if getattr(self, "_step_key", None) == key:
-            return self._step
-
-        def step(ids, pos):
-            out = self.model(input_ids=ids, position_ids=pos.expand(ids.shape[0], -1), cache_position=pos[0],
-                             past_key_values=self._cache, use_cache=True)
-            return out.logits[:, -1].argmax(-1, keepdim=True)
-
-        self._step = torch.compile(step, mode=key[1], fullgraph=False, dynamic=False) if key[0] else step
-        self._step_key = key
+        if getattr(self, "_step_key", None) != key:
+            self._step = (torch.compile(self._next_token, mode=key[1], fullgraph=False, dynamic=False)
+                          if key[0] else self._next_token)
+            self._step_key = key
         return self._step
 
     def _fast_request(self, prompts: list[list[int]], new_tokens: int) -> RequestTiming:
         import torch
-        from transformers import StaticCache
 
         b, n_prompt = len(prompts), len(prompts[0])
         if any(len(p) != n_prompt for p in prompts):
             raise BackendUnavailable("the fast decode loop takes prompts of equal length (no padding)")
-        max_len = n_prompt + new_tokens
-        if getattr(self, "_cache_shape", None) != (b, max_len):  # a new cache (and graph) per shape
-            self._cache = StaticCache(config=self.model.config, max_cache_len=max_len)
-            self._cache_shape = (b, max_len)
-            self._step_key = None
-        else:
-            with torch.inference_mode():  # the cache's tensors were made in inference mode
-                self._cache.reset()
+        self._static_cache(b, n_prompt + new_tokens)
+        with torch.inference_mode():  # the cache's tensors are made in inference mode
+            self._cache.reset()
         step = self._fast_step()
         ids = torch.tensor(prompts, device=self.device)
-        positions = torch.arange(max_len, device=self.device).unsqueeze(0)
+        positions = torch.arange(n_prompt + new_tokens, device=self.device).unsqueeze(0)
         cuda = self.device.type == "cuda"
         clock = StepClock(cuda, new_tokens)
         out = torch.empty((b, new_tokens), dtype=torch.long, device=self.device)
@@ -253,10 +263,7 @@ class HFBackend(Backend):
         start = time.perf_counter()
         with torch.inference_mode():
             clock.start()
-            logits = self.model(input_ids=ids, position_ids=positions[:, :n_prompt].expand(b, -1),
-                                cache_position=positions[0, :n_prompt], past_key_values=self._cache,
-                                use_cache=True).logits
-            tok = logits[:, -1].argmax(-1, keepdim=True)
+            tok = self._prefill(ids)
             out[:, :1] = tok
             for i in range(1, new_tokens + 1):
                 clock.mark(i)
@@ -268,8 +275,7 @@ class HFBackend(Backend):
                 out[:, i: i + 1] = tok
         self.sync()
         end = time.perf_counter()
-        times = clock.times()
-        return RequestTiming(start, times, end, n_prompt, new_tokens, b, output_ids=out.tolist())
+        return RequestTiming(start, clock.times(), end, n_prompt, new_tokens, b, output_ids=out.tolist())
 
     # -- the graph decode loop -------------------------------------------------------------------------------
     # One decode step (compiled forward + argmax, then the step's bookkeeping: next input, output column,
@@ -279,29 +285,24 @@ class HFBackend(Backend):
 
     def _graph_setup(self, b: int, max_len: int, new_tokens: int) -> None:
         import torch
-        from transformers import StaticCache
 
         s = self.settings
         key = (b, max_len, new_tokens, s.get("compile"), s.get("compile_mode"))
+        self._static_cache(b, max_len)
         if getattr(self, "_graph_key", None) == key:
             return
         self._graph_key, self._graph = key, None
-        self._cache = StaticCache(config=self.model.config, max_cache_len=max_len)
         dev = self.device
         self._tok = torch.zeros((b, 1), dtype=torch.long, device=dev)
         self._pos = torch.zeros((1, 1), dtype=torch.long, device=dev)
         self._idx = torch.zeros((1,), dtype=torch.long, device=dev)
         self._out = torch.zeros((b, new_tokens), dtype=torch.long, device=dev)
 
-        def forward(ids, pos):
-            logits = self.model(input_ids=ids, position_ids=pos.expand(ids.shape[0], -1), cache_position=pos[0],
-                                past_key_values=self._cache, use_cache=True).logits
-            return logits[:, -1].argmax(-1, keepdim=True)
-
         mode = s.get("compile_mode", "max-autotune-no-cudagraphs")
         if mode == "reduce-overhead":  # the graph is ours: inductor must not wrap its own around the step
             mode = "max-autotune-no-cudagraphs"
-        fwd = torch.compile(forward, mode=mode, fullgraph=False, dynamic=False) if s.get("compile") else forward
+        fwd = (torch.compile(self._next_token, mode=mode, fullgraph=False, dynamic=False) if s.get("compile")
+               else self._next_token)
 
         def step():
             nxt = fwd(self._tok, self._pos)
@@ -325,15 +326,6 @@ class HFBackend(Backend):
             with torch.cuda.graph(graph):
                 step()
         self._graph = graph
-
-    def _prefill(self, ids):
-        import torch
-
-        n = ids.shape[1]
-        pos = torch.arange(n, device=self.device).unsqueeze(0)
-        logits = self.model(input_ids=ids, position_ids=pos.expand(ids.shape[0], -1), cache_position=pos[0],
-                            past_key_values=self._cache, use_cache=True).logits
-        return logits[:, -1].argmax(-1, keepdim=True)
 
     def _graph_request(self, prompts: list[list[int]], new_tokens: int) -> RequestTiming:
         import torch
@@ -367,8 +359,7 @@ class HFBackend(Backend):
                     self._step_fn()
         self.sync()
         end = time.perf_counter()
-        times = clock.times()
-        return RequestTiming(start, times, end, n_prompt, new_tokens, b, internal={"setup_s": setup_s},
+        return RequestTiming(start, clock.times(), end, n_prompt, new_tokens, b, internal={"setup_s": setup_s},
                              output_ids=self._out.tolist())
 
     def complete(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:

@@ -7,18 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from inferlab.report.table import Section, num
+from inferlab.report.table import Section, fmt, num
 
 SIXTEEN_BIT = {"hf": ("fp16", "bf16"), "llama_cpp": ("f16",)}
 FOUR_BIT = {"hf": ("nf4", "fp4", "nf4-dq"), "llama_cpp": ("q4_k_m", "q4_0")}
 
 
-def _f(v: Any, unit: str = "", digits: int = 3) -> str:
+def _f(v: Any, unit: str = "") -> str:
     x = num(v)
-    if x is None:
-        return "not measured"
-    s = f"{x:.{digits}g}" if abs(x) < 100 else f"{x:,.0f}"
-    return f"{s} {unit}".rstrip()
+    return "not measured" if x is None else f"{fmt(x)} {unit}".rstrip()
 
 
 def _ratio(a: Any, b: Any) -> str:
@@ -31,12 +28,12 @@ def _generate(r: dict[str, Any]) -> bool:
     return r.get("decode") in ("", None, "generate")
 
 
-def _plain_hf(r: dict[str, Any]) -> bool:
+def plain_hf(r: dict[str, Any]) -> bool:
     return (r["runtime"] == "hf" and r.get("kv_cache") == "dynamic" and r.get("attn") == "sdpa"
             and str(r.get("compile")) == "False" and _generate(r))
 
 
-def _plain_llama(r: dict[str, Any], threads: float | None, base: dict[str, Any] | None = None) -> bool:
+def plain_llama(r: dict[str, Any], threads: float | None, base: dict[str, Any] | None = None) -> bool:
     """llama.cpp's main grid point: generate API, no flash attention, F16 KV cache, the grid's prompt length and
     n_batch (those of `base`, the section's most common ones, where given)."""
     base = base or {}
@@ -72,9 +69,10 @@ def headline(section: Section) -> list[str]:
     out: list[str] = []
     cands = section.candidates
     llama_threads = max((num(r.get("n_threads")) or 0 for r in cands if r["runtime"] == "llama_cpp"), default=None)
+    grid = llama_grid(cands)
     families = {
-        "transformers": [r for r in cands if _plain_hf(r)],
-        "llama.cpp": [r for r in cands if _plain_llama(r, llama_threads, llama_grid(cands))],
+        "transformers": [r for r in cands if plain_hf(r)],
+        "llama.cpp": [r for r in cands if plain_llama(r, llama_threads, grid)],
     }
     for family, rows in families.items():
         if not rows:

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from inferlab.report.comparisons import _plain_hf, _plain_llama, llama_grid
+from inferlab.report.comparisons import llama_grid, plain_hf, plain_llama
 from inferlab.report.frontier import OBJECTIVE_LABELS
 from inferlab.report.table import Section, num
 
@@ -44,8 +44,9 @@ def throughput(section: Section, path: Path) -> bool:
     """Total tokens/s against batch size per precision (transformers); decode tokens/s against threads per
     quant (llama.cpp)."""
     cands = section.candidates
-    hf = [r for r in cands if r["runtime"] == "hf" and (_plain_hf(r) or str(r.get("compile")) == "True")]
-    llama = [r for r in cands if _plain_llama(r, None, llama_grid(cands))]
+    hf = [r for r in cands if r["runtime"] == "hf" and (plain_hf(r) or str(r.get("compile")) == "True")]
+    grid = llama_grid(cands)
+    llama = [r for r in cands if plain_llama(r, None, grid)]
     panels = [p for p in (("hf", hf), ("llama", llama)) if p[1]]
     if not panels:
         return False
@@ -85,30 +86,36 @@ def throughput(section: Section, path: Path) -> bool:
     return True
 
 
+def _bars(path: Path, labels: list[str], values: list[float], colors: Any, text: str, xlabel: str, title: str,
+          log: bool = False) -> None:
+    """A horizontal bar chart, top to bottom in the given order, each bar with its value written beside it."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 0.48 * len(labels) + 1.4))
+    ax.barh(labels, values, color=colors)
+    for i, v in enumerate(values):
+        ax.text(v, i, " " + text.format(v), va="center", fontsize=8)
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.invert_yaxis()
+    _save(fig, path)
+    plt.close(fig)
+
+
 def memory(section: Section, path: Path) -> bool:
     """Peak memory per precision / quant, one sequence."""
     cands = section.candidates
     threads = max((num(r.get("n_threads")) or 0 for r in cands if r["runtime"] == "llama_cpp"), default=None)
-    bars = []
-    for r in cands:
-        if num(r.get("memory_gib")) is None:
-            continue
-        if (_plain_hf(r) and num(r.get("batch_size")) == 1) or _plain_llama(r, threads, llama_grid(cands)):
-            runtime = "transformers" if r["runtime"] == "hf" else "llama.cpp"
-            bars.append((f"{runtime} {_kind(r)}", num(r["memory_gib"]), r["memory_kind"]))
+    grid = llama_grid(cands)
+    bars = [r for r in cands if num(r.get("memory_gib")) is not None
+            and ((plain_hf(r) and num(r.get("batch_size")) == 1) or plain_llama(r, threads, grid))]
     if not bars:
         return False
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(bars) + 1.4))
-    labels = [b[0] for b in bars]
-    ax.barh(labels, [b[1] for b in bars], color="tab:blue")
-    for i, b in enumerate(bars):
-        ax.text(b[1], i, f" {b[1]:.2f}", va="center", fontsize=8)
-    ax.set_xlabel(f"peak memory, GiB ({', '.join(sorted({b[2] for b in bars}))}), batch 1")
-    ax.set_title(f"Peak memory per precision — {section.title}", fontsize=10)
-    ax.invert_yaxis()
-    _save(fig, path)
-    plt.close(fig)
+    kinds = ", ".join(sorted({r["memory_kind"] for r in bars}))
+    _bars(path, [f"{'transformers' if r['runtime'] == 'hf' else 'llama.cpp'} {_kind(r)}" for r in bars],
+          [num(r["memory_gib"]) for r in bars], "tab:blue", "{:.2f}",  # type: ignore[misc]
+          f"peak memory, GiB ({kinds}), batch 1", f"Peak memory per precision — {section.title}")
     return True
 
 
@@ -161,20 +168,10 @@ def prompt_cache(section: Section, path: Path) -> bool:
     rows = [r for r in section.ok("prefix_cache") if num(r.get("ttft_ms")) is not None]
     if not rows:
         return False
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 0.5 * len(rows) + 1.4))
-    labels = [f"{'transformers' if r['runtime'] == 'hf' else 'llama.cpp'} {r['mode']}" for r in rows]
-    values = [num(r["ttft_ms"]) for r in rows]
-    colors = ["tab:gray" if r["mode"] in ("none", "recompute") else "tab:green" for r in rows]
-    ax.barh(labels, values, color=colors)
-    for i, v in enumerate(values):
-        ax.text(v, i, f" {v:,.1f} ms", va="center", fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("time to first token, ms (median; grey: no prompt cache)")
-    ax.set_title(f"Prompt caching — {section.title}", fontsize=10)
-    ax.invert_yaxis()
-    _save(fig, path)
-    plt.close(fig)
+    _bars(path, [f"{'transformers' if r['runtime'] == 'hf' else 'llama.cpp'} {r['mode']}" for r in rows],
+          [num(r["ttft_ms"]) for r in rows],  # type: ignore[misc]
+          ["tab:gray" if r["mode"] in ("none", "recompute") else "tab:green" for r in rows], "{:,.1f} ms",
+          "time to first token, ms (median; grey: no prompt cache)", f"Prompt caching — {section.title}", log=True)
     return True
 
 

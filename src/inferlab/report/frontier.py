@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from inferlab.config import ConstraintsConfig, ReportConfig
-from inferlab.report.table import num
+from inferlab.report.table import fmt, num
 
 OBJECTIVE_LABELS = {"total_tps": "total tokens/s", "decode_tps": "decode tokens/s per sequence"}
 # constraint -> (row figure, sense, label, unit); sense +1: the figure must be at most the limit
@@ -60,12 +60,8 @@ def violations(c: dict[str, Any], constraints: ConstraintsConfig) -> dict[str, s
         if v is None:
             out[key] = f"{label} not measured"
         elif (v - limit) * sense > 0:
-            out[key] = f"{label} {_fmt(v)}{unit} vs limit {_fmt(limit)}{unit}"
+            out[key] = f"{label} {fmt(v)}{unit} vs limit {fmt(limit)}{unit}"
     return out
-
-
-def _fmt(v: float) -> str:
-    return f"{v:.3g}" if abs(v) < 10 else f"{v:,.0f}"
 
 
 def settings(c: dict[str, Any]) -> dict[str, Any]:
@@ -111,10 +107,10 @@ def recommend(candidates: list[dict[str, Any]], cfg: ReportConfig) -> dict[str, 
         return {**out, "status": "no candidates",
                 "reason": "no latency point ran on this hardware for this model (see the missing inputs)"}
     label = OBJECTIVE_LABELS[objective]
-    conds = ", ".join(_describe(k, v) for k, v in limits.items()) or "no constraints"
+    conds = ", ".join(describe(k, v) for k, v in limits.items()) or "no constraints"
     if passing:
         best = max(passing, key=lambda c: (num(c[objective]), -(num(c.get("memory_gib")) or 0)))
-        reason = (f"highest {label} ({_fmt(num(best[objective]))}) among the {len(passing)} of {len(checked)} "  # type: ignore[arg-type]
+        reason = (f"highest {label} ({fmt(num(best[objective]))}) among the {len(passing)} of {len(checked)} "  # type: ignore[arg-type]
                   f"configurations that meet {conds}")
         reason += "; on the Pareto frontier" if best["name"] in front_names else "; not on the frontier"
         if num(best.get("fidelity")) is None:
@@ -140,8 +136,8 @@ def recommend(candidates: list[dict[str, Any]], cfg: ReportConfig) -> dict[str, 
         if e["measured"] == 0:
             parts.append(f"{lab}: not measured for any configuration")
         elif e["passing"] == 0:
-            parts.append(f"{lab}: best {_fmt(e['best'])}{unit} misses the limit {_fmt(e['limit'])}{unit} "
-                         f"by {_fmt(e['short_by'])}{unit}")
+            parts.append(f"{lab}: best {fmt(e['best'])}{unit} misses the limit {fmt(e['limit'])}{unit} "
+                         f"by {fmt(e['short_by'])}{unit}")
         else:
             parts.append(f"{lab}: {e['passing']} of {len(checked)} meet it")
     return {**out, "status": "none", "reason": "no configuration meets " + conds + " — " + "; ".join(parts),
@@ -149,9 +145,9 @@ def recommend(candidates: list[dict[str, Any]], cfg: ReportConfig) -> dict[str, 
                                                      "fails": violations(closest, cfg.constraints)}}
 
 
-def _describe(key: str, limit: float) -> str:
+def describe(key: str, limit: float) -> str:
     _, sense, label, unit = CONSTRAINTS[key]
-    return f"{label} {'≤' if sense > 0 else '≥'} {_fmt(limit)}{unit and ' ' + unit}"
+    return f"{label} {'≤' if sense > 0 else '≥'} {fmt(limit)}{unit and ' ' + unit}"
 
 
 def _shortfall(c: dict[str, Any], constraints: ConstraintsConfig) -> float:

@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from inferlab.report.frontier import CONSTRAINTS, OBJECTIVE_LABELS, _describe
-from inferlab.report.table import Section, num
+from inferlab.report.frontier import CONSTRAINTS, OBJECTIVE_LABELS, describe
+from inferlab.report.table import Section, fmt, num
 
 CANDIDATE_COLUMNS = (
     ("config", "configuration"), ("workload", "prompt+new"), ("batch_size", "batch"), ("n_threads", "threads"),
@@ -30,9 +30,7 @@ def cell(v: Any) -> str:
     if isinstance(v, bool):
         return "✓" if v else ""
     if isinstance(v, float):
-        if v == 0:
-            return "0"
-        return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+        return fmt(v)
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
@@ -199,7 +197,7 @@ def missing_inputs(sections: list[Section]) -> list[str]:
 
 def report_md(sections_md: list[str], answer: str, missing: list[str], header: dict[str, Any]) -> str:
     limits = header["constraints"]
-    conds = ", ".join(_describe(k, v) for k, v in limits.items()) or "none"
+    conds = ", ".join(describe(k, v) for k, v in limits.items()) or "none"
     out = ["# inferlab report: which configuration to use", "",
            f"Built from the records under `results/` only ({header['records']} records), {header['generated']}, "
            f"code at commit {header['commit']}. Objective: highest {OBJECTIVE_LABELS[header['objective']]}. "

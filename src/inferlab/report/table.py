@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,13 @@ def num(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if f != f else f
+
+
+def fmt(x: float) -> str:
+    """A figure as the report writes it: three significant digits below 100, whole numbers with commas above."""
+    if x == 0:
+        return "0"
+    return f"{x:.3g}" if abs(x) < 100 else f"{x:,.0f}"
 
 
 @dataclass
@@ -55,7 +63,7 @@ class Section:
     def not_ok(self) -> list[dict[str, Any]]:
         return [r for r in self.rows if r["status"] != "ok"] + [q for q in self.quality if q["status"] != "ok"]
 
-    @property
+    @cached_property
     def candidates(self) -> list[dict[str, Any]]:
         """Latency points that ran, one per configuration: where a configuration ran with several generation
         lengths, the longest (steadier decode figures) stands for it."""
@@ -68,7 +76,7 @@ class Section:
                 best[key] = r
         return sorted(best.values(), key=sort_key)
 
-    @property
+    @cached_property
     def scored(self) -> list[dict[str, Any]]:
         return [q for q in self.quality if q["status"] == "ok"]
 

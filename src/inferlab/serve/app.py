@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -64,7 +65,13 @@ class APIError(Exception):
 
 def create_app(engine: Engine, served_name: str, settings: Any, api_key: str | None = None) -> FastAPI:
     """settings: the ServeConfig (limits, queue, retry_after_s)."""
-    app = FastAPI(title="inferlab", version="1", description=f"OpenAI-compatible API serving {served_name}")
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        engine.close()  # the worker thread stops with the server
+
+    app = FastAPI(title="inferlab", version="1", description=f"OpenAI-compatible API serving {served_name}",
+                  lifespan=lifespan)
     metrics = Metrics(lambda: engine.depth, lambda: engine.in_flight, lambda: dict(engine.batch_sizes))
     app.state.engine, app.state.metrics, app.state.served_name = engine, metrics, served_name
 

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from inferlab.backends.base import Backend
+
 log = logging.getLogger(__name__)
 
 
@@ -90,12 +92,14 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    # -- the model --
+    # -- the model (the backend's own tokenizer) --
+    backend: Backend
+
     def tokenize(self, text: str) -> list[int]:
-        raise NotImplementedError
+        return self.backend.tokenize(text)
 
     def decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
+        return self.backend.detokenize(ids)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> tuple[str, list[str]]:
         """The prompt for a chat and the stop strings its format implies."""
@@ -182,12 +186,6 @@ class LlamaCppEngine(Engine):
                             "n_ctx": self.context_window, "n_batch": n_batch, "flash_attn": flash_attn,
                             "kv_type": kv_type}
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode(), add_bos=False, special=False)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.llm.detokenize(ids).decode("utf-8", errors="replace")
-
     def _serve(self, batch: list[GenRequest]) -> None:
         for req in batch:
             if req.cancelled.is_set():
@@ -248,12 +246,6 @@ class HFEngine(Engine):
                                                                            tokenize=False)
         self.description = {"runtime": "hf", "model_dir": model_dir, "precision": precision, "device": device,
                             "max_batch": max_batch, "context_window": self.context_window}
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
 
     def _gather(self, first: GenRequest) -> list[GenRequest]:
         batch, deadline = [first], time.perf_counter() + self.batch_wait

@@ -19,12 +19,6 @@ from inferlab.environment import environment
 log = logging.getLogger(__name__)
 
 
-def usable_cores() -> int:
-    from inferlab.bench.grid import usable_cores as cores
-
-    return cores()
-
-
 def choose(cfg: StudyConfig, hardware_id: str | None = None) -> tuple[dict[str, Any], str]:
     """The settings to serve and where they came from."""
     s = cfg.serve
@@ -47,6 +41,7 @@ def choose(cfg: StudyConfig, hardware_id: str | None = None) -> tuple[dict[str, 
 
 
 def build_engine(cfg: StudyConfig, settings: dict[str, Any]):
+    from inferlab.bench.grid import usable_cores
     from inferlab.serve.engine import HFEngine, LlamaCppEngine
 
     s = cfg.serve
