@@ -266,9 +266,22 @@ class HFPoint:
     compile_mode: str | None = None  # torch.compile mode of this point (default: the sweep's compile_mode)
     decode: str | None = None  # generate (transformers' generate), fast (static cache, compiled step, no per-token
     # sync) or graph (the step and its bookkeeping captured as one CUDA graph, replayed per token)
+    inductor: str | None = None  # inductor options switched on for this point's compile, comma-separated (see
+    # INDUCTOR_OPTIONS), on top of its compile mode's own
 
 
 HF_DECODE = ("generate", "fast", "graph")
+# torch._inductor options a point may switch on. coordinate_descent_tuning tunes each generated Triton kernel's
+# launch parameters (max-autotune turns it on with its GEMM templates too); freezing folds the weights into the
+# graph as constants.
+INDUCTOR_OPTIONS = ("coordinate_descent_tuning", "epilogue_fusion", "aggressive_fusion", "freezing",
+                    "max_autotune_gemm", "shape_padding")
+
+
+def check_inductor(key: str, value: str | None) -> None:
+    for flag in (value or "").split(","):
+        if flag.strip():
+            check_choice(key, flag.strip(), INDUCTOR_OPTIONS)
 
 
 @dataclass
@@ -298,6 +311,8 @@ class HFSweep:
         _check_extras(key, self.extra_points,
                       {"precision": HF_PRECISIONS, "kv_cache": HF_KV_CACHES, "attn": HF_ATTENTION,
                        "compile_mode": COMPILE_MODES, "decode": HF_DECODE})
+        for i, p in enumerate(self.extra_points):
+            check_inductor(f"{key}.extra_points[{i}].inductor", p.inductor)
 
 
 @dataclass
@@ -349,11 +364,66 @@ class StreamingConfig:
 
 
 @dataclass
+class AssistedConfig:
+    """Prompt-lookup decoding (transformers' assisted generation without a draft model): candidate tokens are
+    copied from the prompt where its last n-gram occurred before, and checked in one forward pass. Run on the
+    summarization items of the evaluation set (the answer repeats the input), against the same requests decoded
+    without lookup (lookup_tokens 0)."""
+
+    enabled: bool = True
+    precision: str = "fp16"
+    lookup_tokens: list[int] = field(default_factory=lambda: [0, 10])  # candidates per step; 0: plain decoding
+    max_ngram: int = 2  # longest n-gram searched for in the prompt
+    task: str = "summarization"
+    requests: int = 8  # items of the task, one request each (batch 1), after one warm-up request
+    max_prompt_tokens: int = 512  # longer inputs are cut (tokens of the model's tokenizer)
+    new_tokens: int = 64  # fixed length
+
+    def check(self, key: str) -> None:
+        check_choice(f"{key}.precision", self.precision, HF_PRECISIONS)
+        for n in self.lookup_tokens:
+            check_range(f"{key}.lookup_tokens", n, low=0)
+        check_range(f"{key}.max_ngram", self.max_ngram, low=1)
+        check_choice(f"{key}.task", self.task, EVAL_TASKS)
+        for name in ("requests", "max_prompt_tokens", "new_tokens"):
+            check_range(f"{key}.{name}", getattr(self, name), low=1)
+
+
+@dataclass
+class ProfileConfig:
+    """Kernel-level profiles (torch.profiler) of decode steps: GPU kernel time, the gaps between kernels (launch
+    latency) and the time the GPU waits for the host, per generated token. Each point names a configuration of
+    the transformers sweep (unset fields take the grid's first values)."""
+
+    enabled: bool = False
+    new_tokens: int = 32  # decode steps profiled (after the configuration's warm-up)
+    keep_trace: bool = False  # also keep the Chrome trace (trace.json.gz, open in Perfetto) beside the record
+    points: list[HFPoint] = field(default_factory=list)
+
+    def check(self, key: str) -> None:
+        check_range(f"{key}.new_tokens", self.new_tokens, low=2)
+        _check_extras(f"{key}.points", self.points,
+                      {"precision": HF_PRECISIONS, "kv_cache": HF_KV_CACHES, "attn": HF_ATTENTION,
+                       "compile_mode": COMPILE_MODES, "decode": HF_DECODE})
+        for i, p in enumerate(self.points):
+            check_inductor(f"{key}.points[{i}].inductor", p.inductor)
+
+
+def _gpu_llama() -> LlamaCppSweep:
+    return LlamaCppSweep(quants=["f16", "q8_0", "q4_k_m", "q4_0"], n_threads=[], flash_attn=[True], n_gpu_layers=-1)
+
+
+@dataclass
 class BenchGPUConfig:
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     hf: HFSweep = field(default_factory=lambda: HFSweep(device="cuda", compute_dtype="fp16"))
+    # llama.cpp on the GPU over the convert stage's GGUF files (a CUDA build of llama-cpp-python; all layers
+    # offloaded with n_gpu_layers -1): the peer a user would pick instead, measured in the same run
+    llama_cpp: LlamaCppSweep = field(default_factory=_gpu_llama)
     prefix_cache: HFPrefixCacheConfig = field(default_factory=HFPrefixCacheConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    assisted: AssistedConfig = field(default_factory=AssistedConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     bandwidth_gib: float = 2.0  # device-to-device copy buffer
     point_timeout_s: float = 900.0
     retry_failed: bool = False
@@ -361,8 +431,14 @@ class BenchGPUConfig:
     def __post_init__(self) -> None:
         self.workload.check("bench_gpu.workload")
         self.hf.check("bench_gpu.hf")
+        self.llama_cpp.check("bench_gpu.llama_cpp")
+        if self.llama_cpp.n_gpu_layers == 0:
+            raise ConfigError("bench_gpu.llama_cpp.n_gpu_layers: 0 is not allowed on the GPU; "
+                              "choose -1 (every layer) or a number of layers to offload")
         self.prefix_cache.check("bench_gpu.prefix_cache")
         self.streaming.check("bench_gpu.streaming")
+        self.assisted.check("bench_gpu.assisted")
+        self.profile.check("bench_gpu.profile")
 
 
 EVAL_TASKS = ("summarization", "qa", "code")

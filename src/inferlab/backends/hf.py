@@ -22,6 +22,10 @@ TORCHAO = {"int8-ao", "int4-ao"}  # torchao weight-only quantization, bf16 activ
 KV_CACHES = ("none", "dynamic", "static")
 ATTENTION = ("sdpa", "eager")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# The graph loop captures its own CUDA graph, so inductor must not wrap one around the step: each compile mode
+# runs as its counterpart without CUDA graphs (reduce-overhead is the default mode plus CUDA graphs).
+GRAPH_MODES = {"default": "default", "reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs",
+               "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs"}
 
 
 class StepTimer:
@@ -224,6 +228,12 @@ class HFBackend(Backend):
 
         return self._next_token(ids, torch.arange(ids.shape[1], device=self.device).unsqueeze(0))
 
+    after_prefill = None  # called once the prefill is queued (the profiler starts there); None: nothing
+
+    def _prefilled(self) -> None:
+        if self.after_prefill is not None:
+            self.after_prefill()
+
     def _static_cache(self, b: int, max_len: int) -> None:
         """The one static KV cache of both loops: a new one per shape, and then what was compiled or captured
         over the old one (the fast loop's step, the graph) is built again."""
@@ -234,13 +244,24 @@ class HFBackend(Backend):
             self._cache_shape = (b, max_len)
             self._step_key = self._graph_key = None
 
-    def _fast_step(self):
+    def _compiled(self, mode: str):
+        """self._next_token under torch.compile in `mode`, with the point's inductor options (settings
+        "inductor", comma-separated) switched on over the mode's own."""
         import torch
 
-        key = (self.settings.get("compile"), self.settings.get("compile_mode", "reduce-overhead"))
+        flags = [f.strip() for f in (self.settings.get("inductor") or "").split(",") if f.strip()]
+        if not flags:
+            return torch.compile(self._next_token, mode=mode, fullgraph=False, dynamic=False)
+        from torch._inductor import list_mode_options
+
+        options = {**list_mode_options(mode), **dict.fromkeys(flags, True)}
+        return torch.compile(self._next_token, options=options, fullgraph=False, dynamic=False)
+
+    def _fast_step(self):
+        key = (self.settings.get("compile"), self.settings.get("compile_mode", "reduce-overhead"),
+               self.settings.get("inductor"))
         if getattr(self, "_step_key", None) != key:
-            self._step = (torch.compile(self._next_token, mode=key[1], fullgraph=False, dynamic=False)
-                          if key[0] else self._next_token)
+            self._step = self._compiled(key[1]) if key[0] else self._next_token
             self._step_key = key
         return self._step
 
@@ -265,6 +286,7 @@ class HFBackend(Backend):
             clock.start()
             tok = self._prefill(ids)
             out[:, :1] = tok
+            self._prefilled()
             for i in range(1, new_tokens + 1):
                 clock.mark(i)
                 if i == new_tokens:
@@ -287,7 +309,7 @@ class HFBackend(Backend):
         import torch
 
         s = self.settings
-        key = (b, max_len, new_tokens, s.get("compile"), s.get("compile_mode"))
+        key = (b, max_len, new_tokens, s.get("compile"), s.get("compile_mode"), s.get("inductor"))
         self._static_cache(b, max_len)
         if getattr(self, "_graph_key", None) == key:
             return
@@ -298,11 +320,7 @@ class HFBackend(Backend):
         self._idx = torch.zeros((1,), dtype=torch.long, device=dev)
         self._out = torch.zeros((b, new_tokens), dtype=torch.long, device=dev)
 
-        mode = s.get("compile_mode", "max-autotune-no-cudagraphs")
-        if mode == "reduce-overhead":  # the graph is ours: inductor must not wrap its own around the step
-            mode = "max-autotune-no-cudagraphs"
-        fwd = (torch.compile(self._next_token, mode=mode, fullgraph=False, dynamic=False) if s.get("compile")
-               else self._next_token)
+        fwd = self._compiled(GRAPH_MODES[s.get("compile_mode", "default")]) if s.get("compile") else self._next_token
 
         def step():
             nxt = fwd(self._tok, self._pos)
@@ -349,6 +367,7 @@ class HFBackend(Backend):
             self._out[:, :1] = first
             self._pos.fill_(n_prompt)
             self._idx.fill_(1)
+            self._prefilled()
             for i in range(1, new_tokens + 1):
                 clock.mark(i)
                 if i == new_tokens:

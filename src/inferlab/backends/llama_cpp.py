@@ -40,6 +40,10 @@ class LlamaCppBackend(Backend):
         path = Path(s["model_path"])
         if not path.exists():
             raise BackendUnavailable(f"{path} does not exist: run the convert stage for this quant type")
+        if s.get("n_gpu_layers", 0) != 0 and not llama_cpp.llama_supports_gpu_offload():
+            raise BackendUnavailable(
+                "this llama-cpp-python was built without GPU offload: rebuild it with CUDA "
+                "(CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install --force-reinstall --no-cache-dir llama-cpp-python)")
         kv = KV_TYPES[s.get("kv_type", "f16")]
         t0 = time.perf_counter()
         self.llm = llama_cpp.Llama(

@@ -20,12 +20,15 @@ log = logging.getLogger(__name__)
 STAGE = "bench_cpu"
 
 
-def llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int) -> list[Point]:
+def llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int, L: Any = None, w: Any = None,
+                 threads: list[int] | None = None) -> list[Point]:
+    """The llama.cpp grid of `L` (default: bench_cpu.llama_cpp) and, for the CPU sweep, its prompt-cache
+    scenario."""
     runtime = pins.get("runtime")
     pins = {k: v for k, v in pins.items() if k != "runtime"}
-    b, w = cfg.bench_cpu, cfg.bench_cpu.workload
-    L = b.llama_cpp
-    axes = {"quant": L.quants, "n_threads": L.n_threads or default_threads(cores), "n_batch": L.n_batch,
+    b = cfg.bench_cpu
+    L, w = L or b.llama_cpp, w or b.workload
+    axes = {"quant": L.quants, "n_threads": threads or L.n_threads or default_threads(cores), "n_batch": L.n_batch,
             "flash_attn": L.flash_attn, "kv_type": L.kv_type, "api": L.api, "prompt_tokens": [w.prompt_tokens]}
     combos = grid(axes, pins)
     first = {k: v[0] for k, v in axes.items()} | {"n_threads": cores}
@@ -42,7 +45,7 @@ def llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int) -> list[Poi
         name = (f"{c['quant']}-t{c['n_threads']}-b{c['n_batch']}-fa{int(c['flash_attn'])}-kv{c['kv_type']}"
                 f"-{c['api']}-p{c['prompt_tokens']}")
         points.append(_llama_point(cfg, name, settings))
-    if b.prompt_cache.enabled and runtime in (None, "prompt_cache"):
+    if L is b.llama_cpp and b.prompt_cache.enabled and runtime in (None, "prompt_cache"):
         pc = b.prompt_cache
         for mode in pc.modes:
             settings = {"scenario": "prefix_cache", "mode": mode, "quant": pc.quant,

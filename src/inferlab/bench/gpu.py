@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from inferlab.bench.aggregate import write_aggregates
+from inferlab.bench.cpu import llama_points
 from inferlab.bench.grid import hf_points, keep, usable_cores
 from inferlab.bench.lock import claim_gpu, visible_gpus
 from inferlab.bench.sweep import Point, run_sweep
@@ -57,6 +58,75 @@ def scenario_points(cfg: StudyConfig, pins: dict[str, Any]) -> list[Point]:
         if keep(settings, pins):
             points.append(Point(f"hf-{s.precision}-b{s.batch_size}-streaming", "hf", ("hf", s.precision, base["attn"]),
                                 settings, {"model_dir": model_dir}))
+    if b.assisted.enabled:
+        points += assisted_points(cfg, base, pins)
+    if b.profile.enabled:
+        points += profile_points(cfg, pins)
+    return points
+
+
+def assisted_points(cfg: StudyConfig, base: dict[str, Any], pins: dict[str, Any]) -> list[Point]:
+    """Prompt-lookup decoding against plain decoding of the same requests: the evaluation set's items of one task
+    in the evaluate stage's template, batch 1, dynamic cache (transformers' assisted generation)."""
+    import hashlib
+    import json
+
+    from inferlab.quality.dataset import load_items, prompt
+
+    a = cfg.bench_gpu.assisted
+    items = [i for i in load_items(cfg.evaluate.dataset) if i.task == a.task][: a.requests + 1]
+    texts = [prompt(i, cfg.evaluate.templates) for i in items]
+    digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:12]
+    points = []
+    for n in a.lookup_tokens:
+        settings = {**base, "scenario": "assisted", "precision": a.precision, "batch_size": 1, "kv_cache": "dynamic",
+                    "lookup_tokens": n, "max_ngram": a.max_ngram, "task": a.task, "requests": len(texts) - 1,
+                    "items": digest, "max_prompt_tokens": a.max_prompt_tokens, "new_tokens": a.new_tokens}
+        if keep(settings, pins):
+            name = f"hf-{a.precision}-b1-{'lookup' + str(n) if n else 'plain'}-{a.task}"
+            points.append(Point(name, "hf", ("hf", a.precision, base["attn"]), settings,
+                                {"model_dir": str(cfg.model_dir() / "hf"), "texts": texts}))
+    return points
+
+
+def profile_points(cfg: StudyConfig, pins: dict[str, Any]) -> list[Point]:
+    """One profile per configured transformers point: its grid settings with the profile scenario."""
+    b = cfg.bench_gpu
+    section = type("ProfileGrid", (), {"hf": _profile_sweep(b), "workload": b.workload})
+    points = []
+    for p in hf_points(section, cfg.model_dir() / "hf", pins, 0):
+        p.settings.update(scenario="profile", new_tokens=b.profile.new_tokens)
+        p.name = p.name + "-profile"
+        if b.profile.keep_trace:
+            p.load["trace_dir"] = str(resolve(cfg.paths.results) / STAGE / "traces")
+        points.append(p)
+    return points
+
+
+def _profile_sweep(b: Any) -> Any:
+    """The transformers sweep reduced to its first point (plain generate(): the host-bound reference) and the
+    profile's points."""
+    import copy
+
+    hf = copy.copy(b.hf)
+    hf.precisions, hf.batch_sizes = [b.hf.precisions[0]], [b.hf.batch_sizes[0]]
+    hf.kv_cache, hf.attn, hf.compile = [b.hf.kv_cache[0]], [b.hf.attn[0]], [b.hf.compile[0]]
+    hf.extra_points = list(b.profile.points)
+    hf.new_tokens = b.profile.new_tokens
+    hf.enabled = True
+    return hf
+
+
+def gpu_llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int) -> list[Point]:
+    """llama.cpp with its layers on the GPU, over the GGUF files of the convert stage."""
+    L = cfg.bench_gpu.llama_cpp
+    if not L.enabled or pins.get("runtime") not in (None, "llama_cpp"):
+        return []
+    points = llama_points(cfg, {**pins, "runtime": "llama_cpp"}, cores, L, cfg.bench_gpu.workload,
+                          threads=L.n_threads or [cores])
+    for p in points:
+        p.settings["device"] = "cuda"
+        p.name = f"gpu-{p.name}"
     return points
 
 
@@ -89,7 +159,9 @@ def run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
 
 def _run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
     pins = cfg.pins()
-    points = hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", pins, usable_cores()) + scenario_points(cfg, pins)
+    cores = usable_cores()
+    points = (hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", pins, cores) + gpu_llama_points(cfg, pins, cores)
+              + scenario_points(cfg, pins))
     problem = cuda_problem()
     if problem:
         log.warning("bench_gpu: %s; every point is recorded as skipped", problem)

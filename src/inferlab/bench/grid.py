@@ -10,6 +10,9 @@ from typing import Any
 
 from inferlab.bench.sweep import Point
 
+INDUCTOR_SHORT = {"coordinate_descent_tuning": "cdt", "epilogue_fusion": "epilogue", "aggressive_fusion": "aggressive",
+                  "freezing": "frozen", "max_autotune_gemm": "gemm-autotune", "shape_padding": "padded"}
+
 
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -53,18 +56,23 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
         decode = c.pop("decode", None) or "generate"
         fast = decode != "generate"
         mode = c.pop("compile_mode", None) or H.compile_mode
+        inductor = c.pop("inductor", None)
         settings = {**c, "scenario": "latency", "device": H.device, "n_threads": threads,
                     "compute_dtype": H.compute_dtype, "compile_mode": mode,
                     "prompt_tokens": w.prompt_tokens, "new_tokens": new_tokens, "warmup": w.warmup,
                     "repetitions": w.repetitions}
         if fast:  # only then: the ids of the generate() points stay what they were
             settings["decode"] = decode
+        if inductor:
+            settings["inductor"] = inductor
         key = tuple(sorted(settings.items()))
         if key in seen or not keep(settings, pins):
             continue
         seen.add(key)
         skip = None
-        if c["compile"] and c["kv_cache"] != "static":
+        if inductor and not (c["compile"] and fast):
+            skip = "inductor options apply to the compiled step of the fast and graph loops (compile=true, decode)"
+        elif c["compile"] and c["kv_cache"] != "static":
             skip = "torch.compile applies to the static KV cache only (kv_cache=static)"
         elif fast and c["kv_cache"] != "static":
             skip = f"the {decode} decode loop runs on a static KV cache (kv_cache=static)"
@@ -75,6 +83,8 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
         name = f"hf-{c['precision']}-b{c['batch_size']}-{c['kv_cache']}-{c['attn']}"
         if c["compile"]:
             name += "-compiled" + ("" if mode == "reduce-overhead" else f"-{mode}")
+            name += "".join(f"-{INDUCTOR_SHORT.get(f.strip(), f.strip())}" for f in (inductor or "").split(",")
+                            if f.strip())
         if fast:
             name += f"-{decode}"
         load = {"model_dir": str(model_dir)}

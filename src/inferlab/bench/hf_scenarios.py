@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from inferlab.backends.hf import StepTimer
 from inferlab.bench.scenarios import prefix_summary
 from inferlab.bench.stats import summarize
 from inferlab.bench.timing import RequestTiming
@@ -133,3 +134,99 @@ def _generate(backend, kwargs: dict) -> None:
 
     with torch.inference_mode():
         backend.model.generate(**kwargs)
+
+
+class ForwardLog:
+    """The number of positions each forward pass of the model processes (a hook on its decoder): with
+    prompt-lookup decoding, a verification pass covers the last token and the candidates it checks."""
+
+    def __init__(self, model):
+        self.lengths: list[int] = []
+        self.handle = model.get_decoder().register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        emb = kwargs.get("inputs_embeds")
+        self.lengths.append(int((ids if ids is not None else emb).shape[1]))
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _cut(ids: list[int], limit: int, tail: int = 16) -> list[int]:
+    """At most `limit` tokens: the head of the prompt and its last `tail` tokens (the template's cue)."""
+    return ids if len(ids) <= limit else ids[: limit - tail] + ids[-tail:]
+
+
+def assisted(backend, texts: list[str], lookup_tokens: int, max_ngram: int, max_prompt_tokens: int,
+             new_tokens: int) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """Prompt-lookup decoding (lookup_tokens > 0) or plain greedy decoding (0) through generate(), batch 1, one
+    warm-up request then one request per remaining text. Every request generates exactly new_tokens.
+
+    Acceptance is counted, not estimated: each forward pass yields its accepted candidates plus one token, so
+    accepted = new tokens - forward passes; drafted = the candidates the passes checked (positions beyond the
+    first pass's prompt, and beyond each later pass's one new token)."""
+    import hashlib
+
+    import torch
+
+    if lookup_tokens and backend.settings.get("kv_cache", "dynamic") != "dynamic":
+        raise RuntimeError("prompt-lookup decoding here runs on the dynamic KV cache (kv_cache=dynamic)")
+    ps = [_cut(backend.tokenize(t), max_prompt_tokens) for t in texts]
+    if len(ps) < 2:
+        raise RuntimeError("assisted decoding needs a warm-up request and at least one measured request")
+    kwargs = backend.generation_kwargs(new_tokens)
+    if lookup_tokens:
+        kwargs.update(prompt_lookup_num_tokens=lookup_tokens, max_matching_ngram_size=max_ngram)
+    e2e, ttft, per_fwd, rates, fwd_per_tok, drafted_all, accepted_all, prompt_lens = [], [], [], [], [], [], [], []
+    outputs = hashlib.sha256()
+    log = ForwardLog(backend.model)
+    try:
+        for i, p in enumerate(ps):
+            ids = torch.tensor([p], device=backend.device)
+            timer = StepTimer(backend.sync)
+            log.lengths.clear()
+            backend.sync()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = backend.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=timer,
+                                             **kwargs)
+            backend.sync()
+            end = time.perf_counter()
+            generated = out.shape[1] - ids.shape[1]
+            if generated != new_tokens:
+                raise RuntimeError(f"generated {generated} tokens instead of the fixed {new_tokens}")
+            if i == 0:
+                continue  # warm-up
+            passes = len(log.lengths)
+            drafted = (log.lengths[0] - len(p)) + sum(n - 1 for n in log.lengths[1:])
+            accepted = new_tokens - passes
+            e2e.append(1e3 * (end - start))
+            ttft.append(1e3 * ((timer.times[0] if timer.times else end) - start))
+            fwd_per_tok.append(passes / new_tokens)
+            per_fwd.append(new_tokens / passes)
+            drafted_all.append(drafted)
+            accepted_all.append(accepted)
+            if drafted:
+                rates.append(accepted / drafted)
+            prompt_lens.append(len(p))
+            outputs.update(str(out[0, ids.shape[1]:].tolist()).encode())
+    finally:
+        log.remove()
+    tps = [1e3 * new_tokens / e for e in e2e]
+    metrics = {
+        "e2e_ms": summarize(e2e, "ms").to_dict(), "ttft_ms": summarize(ttft, "ms").to_dict(),
+        "total_tps": summarize(tps, "tokens/s").to_dict(),
+        "tokens_per_forward": summarize(per_fwd, "tokens").to_dict(),
+        "forwards_per_token": summarize(fwd_per_tok, "passes").to_dict(),
+        "acceptance_rate": round(sum(accepted_all) / sum(drafted_all), 4) if sum(drafted_all) else None,
+        "acceptance_rate_per_request": summarize(rates, "fraction").to_dict() if rates else None,
+        "drafted_tokens": sum(drafted_all), "accepted_tokens": sum(accepted_all),
+        "prompt_tokens_each": summarize(prompt_lens, "tokens").to_dict(),
+        "outputs_sha256": outputs.hexdigest()[:16],  # equal to the plain point's: lookup changed no token
+        "lookup_tokens": lookup_tokens, "max_ngram": max_ngram, "requests": len(e2e), "new_tokens": new_tokens,
+        "batch": 1,
+    }
+    samples = {"e2e_ms": e2e, "ttft_ms": ttft, "total_tps": tps, "tokens_per_forward": per_fwd,
+               "acceptance_rate": rates}
+    return metrics, samples

@@ -116,3 +116,30 @@ def roofline(bandwidth_gbps: float, weight_bytes: int, decode_tps: float | None)
     if decode_tps is not None and limit == limit:
         out["roofline_fraction"] = round(decode_tps / limit, 4)
     return out
+
+
+def process_gpu_gib() -> float | None:
+    """GPU memory this process holds, as the driver reports it (NVML), summed over devices; None without NVML.
+
+    For runtimes that allocate outside torch (llama.cpp): weights, KV cache and compute buffers are allocated
+    when the model and context are created, so the figure after a point is its peak."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    try:
+        total = 0
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == os.getpid() and proc.usedGpuMemory:
+                    total += proc.usedGpuMemory
+        return total / 2**30
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()

@@ -42,7 +42,9 @@ def _inject(name: str) -> None:
     raise RuntimeError(f"injected failure in {name}")
 
 
-def _gpu_peaks_reset() -> bool:
+def _gpu_peaks_reset(runtime: str) -> bool:
+    if runtime != "hf":  # llama.cpp allocates outside torch: a torch context would only add to its footprint
+        return False
     try:
         import torch
     except ImportError:
@@ -86,7 +88,7 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any]) -> None:
         try:
             _inject(name)
             gc.collect()
-            gpu = _gpu_peaks_reset()
+            gpu = _gpu_peaks_reset(runtime)
             reset_peak_rss()
             if backend is None or reload_each_point:
                 backend = get_backend(runtime)({**load_settings, **point})
@@ -104,6 +106,14 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any]) -> None:
                 from inferlab.quality import generate
 
                 metrics, samples = generate.run(backend, name, point)
+            elif point.get("scenario") == "assisted":
+                metrics, samples = hf_scenarios.assisted(
+                    backend, backend.settings["texts"], point["lookup_tokens"], point["max_ngram"],
+                    point["max_prompt_tokens"], point["new_tokens"])
+            elif point.get("scenario") == "profile":
+                from inferlab.bench import profile
+
+                metrics, samples = profile.decode_profile(backend, folder, point, name)
             elif point.get("scenario") == "streaming":
                 metrics, samples = hf_scenarios.streaming(
                     backend, folder, point["prompt_tokens"], point["new_tokens"], point.get("batch_size", 1),
@@ -117,6 +127,12 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any]) -> None:
             metrics["rss_before_mib"] = round(rss_before, 1)
             if gpu:
                 metrics.update({k: round(v, 4) for k, v in _gpu_peaks().items()})
+            elif point.get("device") == "cuda":  # llama.cpp on the GPU: what the driver says this process holds
+                from inferlab.bench.memory import process_gpu_gib
+
+                used = process_gpu_gib()
+                if used is not None:
+                    metrics["gpu_process_gib"] = round(used, 4)
             conn.send(("ok", {"metrics": metrics, "samples": samples}))
         except BackendUnavailable as e:
             conn.send(("skipped", {"reason": str(e)}))
