@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run a stage of the study on a machine whose Python already has torch and transformers (the lent GPU machine):
-#   bash scripts/gpu_run.sh OUT_DIR STAGE [Hydra overrides for stages/STAGE.py ...]
+#   bash scripts/gpu_run.sh OUT_DIR STAGE [Hydra overrides for stages/STAGE.py ...]   (STAGE setup: no stage)
 #   bash scripts/gpu_run.sh $OUT bench_gpu                                  # the default GPU grid
 #   bash scripts/gpu_run.sh $OUT bench_gpu -m bench_gpu=full precision=nf4,fp4  # a part of the full grid
 #   bash scripts/gpu_run.sh $OUT evaluate evaluate.cpu.enabled=false evaluate.llama_cpp.enabled=false evaluate.score=false
@@ -35,6 +35,7 @@ if [ -n "$llama_pid" ]; then
   tail -1 "$out/llama-build.log"
 fi
 built=$(date +%s)
+if [ "$stage" = setup ]; then echo "set up in $((built - start)) s"; exit 0; fi  # wheels, llama.cpp, model only
 if [ ! -d gpu-work/results ]; then  # first call on this machine: start from the committed records
   mkdir -p gpu-work && cp -r results gpu-work/results && cp -r metrics gpu-work/metrics
 fi

@@ -88,5 +88,8 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
         if fast:
             name += f"-{decode}"
         load = {"model_dir": str(model_dir)}
-        points.append(Point(name, "hf", ("hf", c["precision"], c["attn"]), settings, load, skip))
+        # the graph loop's points get a worker of their own: no compiled state of generate() or the fast loop
+        # (dynamo's caches, inductor's CUDA-graph trees) is left in the process that captures its graphs
+        group = ("hf", c["precision"], c["attn"]) + (("graph",) if decode == "graph" else ())
+        points.append(Point(name, "hf", group, settings, load, skip))
     return points

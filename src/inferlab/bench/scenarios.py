@@ -33,7 +33,10 @@ def summarize_requests(timings: list[RequestTiming]) -> tuple[dict[str, Any], di
     metrics = {k: summarize(v, FIGURE_UNITS[k]).to_dict() for k, v in samples.items()}
     metrics["itl_ms"] = summarize(itl, "ms").to_dict()
     samples["itl_ms"] = itl
-    internal = [t.internal for t in timings if t.internal]
+    internal = [t.internal for t in timings if "eval_ms" in t.internal]
+    setup = [t.internal["setup_s"] for t in timings if "setup_s" in t.internal]
+    if setup:  # the graph loop's compile and capture inside a request (0 once done)
+        metrics["setup_ms"] = summarize([1e3 * x for x in setup], "ms").to_dict()
     if internal:  # llama.cpp's own counters: how much of the wall clock llama.cpp itself spent
         own_ms = [i["prompt_ms"] + i["eval_ms"] for i in internal]
         overhead = [1e3 * t.e2e - o for t, o in zip(timings, own_ms)]
