@@ -28,7 +28,12 @@ def test_without_cuda_every_point_is_recorded_as_skipped(tiny_project):
     cfg = compose(["model=tiny-phi"])
     expected = len(cfg.bench_gpu.hf.precisions) * len(cfg.bench_gpu.hf.batch_sizes) + len(
         cfg.bench_gpu.hf.extra_points) + len(cfg.bench_gpu.prefix_cache.modes) + 1
+    L = cfg.bench_gpu.llama_cpp
+    expected += len(L.quants) * len(L.flash_attn) * len(L.n_batch) * len(L.kv_type) + len(L.extra_points)
+    expected += len(cfg.bench_gpu.assisted.lookup_tokens)
     assert len(recs) == expected
+    assert {r.point["runtime"] for r in recs} == {"hf", "llama_cpp"}
+    assert {r.point["scenario"] for r in recs} >= {"latency", "prefix_cache", "streaming", "assisted"}
     assert all(r.status == "skipped" and "no CUDA device" in r.reason for r in recs)
     metrics = json.loads((tiny_project / "metrics" / "bench_gpu.json").read_text())
     (hw,) = metrics.values()

@@ -97,6 +97,8 @@ def profile_points(cfg: StudyConfig, pins: dict[str, Any]) -> list[Point]:
     for p in hf_points(section, cfg.model_dir() / "hf", pins, 0):
         p.settings.update(scenario="profile", new_tokens=b.profile.new_tokens)
         p.name = p.name + "-profile"
+        if p.settings.get("decode") == "graph":  # its own capture (another length) in a process of its own
+            p.group = (*p.group, "profile")
         if b.profile.keep_trace:
             p.load["trace_dir"] = str(resolve(cfg.paths.results) / STAGE / "traces")
         points.append(p)
@@ -166,7 +168,7 @@ def _run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
     if problem:
         log.warning("bench_gpu: %s; every point is recorded as skipped", problem)
         for p in points:
-            p.skip = p.skip or problem
+            p.skip = problem
         bandwidth: dict = {}
     else:
         bandwidth = _bandwidth_in_child(cfg.bench_gpu.bandwidth_gib)

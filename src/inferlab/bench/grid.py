@@ -88,8 +88,9 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
         if fast:
             name += f"-{decode}"
         load = {"model_dir": str(model_dir)}
-        # the graph loop's points get a worker of their own: no compiled state of generate() or the fast loop
-        # (dynamo's caches, inductor's CUDA-graph trees) is left in the process that captures its graphs
-        group = ("hf", c["precision"], c["attn"]) + (("graph",) if decode == "graph" else ())
+        # each graph-loop point gets a worker of its own: no compiled state of another point (dynamo's caches,
+        # inductor's CUDA-graph trees, cuDNN attention plans) is left in the process that captures its graph. On an
+        # H100, a second capture in one process failed in cuDNN attention ("mha_graph.execute ... is_good()").
+        group = ("hf", c["precision"], c["attn"]) + ((name,) if decode == "graph" else ())
         points.append(Point(name, "hf", group, settings, load, skip))
     return points

@@ -96,7 +96,7 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any]) -> None:
                 load_info["load_peak_rss_mib"] = peak_rss_mib()
                 reset_peak_rss()  # the point's peak: the loaded model plus what running it needs
             else:
-                backend.settings.update(point)
+                backend.settings.update({**msg.get("load", {}), **point})
             rss_before = rss_mib()
             if point.get("scenario") == "prefix_cache":
                 fn = hf_scenarios.prefix_cache if runtime == "hf" else scenarios.prefix_cache
@@ -155,8 +155,10 @@ class Worker:
         self.proc.start()
         child.close()
 
-    def run(self, point: dict, name: str, folder: str, timeout: float) -> tuple[str, dict]:
-        self.conn.send({"point": point, "name": name, "folder": folder})
+    def run(self, point: dict, name: str, folder: str, timeout: float,
+            load: dict | None = None) -> tuple[str, dict]:
+        """Run one point; `load` holds its settings outside the identity (paths, texts) for a reused backend."""
+        self.conn.send({"point": point, "name": name, "folder": folder, "load": load or {}})
         if not self.conn.poll(timeout):
             self.kill()
             return "failed", {"reason": f"timed out after {timeout:.0f} s; the worker was stopped"}

@@ -8,7 +8,12 @@ weight of every type.
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
+import os
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +32,38 @@ def gguf_path(cfg: StudyConfig, ftype: str) -> Path:
     return cfg.model_dir() / "gguf" / f"{cfg.model.name}-{ftype}.gguf"
 
 
+def _quiet_child(log_path: str) -> None:
+    """In the child: llama.cpp's output (stdout and stderr) goes to a file, read back if the child dies."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def isolated(fn, *args):
+    """fn(*args) in a fresh process (spawned: no torch, no CUDA state of this one). llama.cpp's own crashes
+    (a segfault in a quantizer or loader) then fail this file with a reason instead of ending the stage."""
+    with tempfile.NamedTemporaryFile(prefix="inferlab-llama-", suffix=".log", delete=False) as f:
+        log_path = f.name
+    try:
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_quiet_child,
+                                 initargs=(log_path,)) as pool:
+            try:
+                return pool.submit(fn, *args).result()
+            except BrokenProcessPool as e:
+                tail = Path(log_path).read_text(errors="replace")[-1500:]
+                raise RuntimeError(f"llama.cpp's process died in {fn.__name__} ({e}); its last output:\n{tail}") from e
+    finally:
+        Path(log_path).unlink(missing_ok=True)
+
+
 def check_generates(path: Path, n_tokens: int) -> int:
     """Load the file in llama.cpp and generate n_tokens greedily; returns how many came out."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=None, verbose=False, seed=0)
+    # verbose: llama.cpp's log reaches the file isolated() gives it (a CUDA build of llama-cpp-python 0.3.36
+    # crashed on an H100 machine in loads with verbose=False, which silences output itself)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=None, verbose=True, seed=0)
     try:
         prompt = llm.tokenize(CHECK_TEXT.encode(), add_bos=False, special=False)
         out = []
@@ -45,21 +77,27 @@ def check_generates(path: Path, n_tokens: int) -> int:
         llm.close()
 
 
+def llama_logits(path: Path, text: str) -> tuple[list[int], np.ndarray]:
+    """llama.cpp's token ids for text and the logits at every position."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=True, seed=0)
+    try:
+        lids = llm.tokenize(text.encode(), add_bos=False, special=False)
+        llm.eval(lids)
+        return lids, np.array(llm.scores[: len(lids)], dtype=np.float64)
+    finally:
+        llm.close()
+
+
 def logits_error(path: Path, hf_dir: Path) -> dict:
     """Relative L2 error of llama.cpp's logits against transformers' (float32) on the same token ids."""
-    import llama_cpp
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     ids = tok(CHECK_TEXT)["input_ids"]
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, seed=0)
-    try:
-        lids = llm.tokenize(CHECK_TEXT.encode(), add_bos=False, special=False)
-        llm.eval(lids)
-        ours = np.array(llm.scores[: len(lids)], dtype=np.float64)
-    finally:
-        llm.close()
+    lids, ours = isolated(llama_logits, path, CHECK_TEXT)
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].double().numpy()
@@ -94,11 +132,11 @@ def run(cfg: StudyConfig, stage: StageRun) -> bool:
                 info = convert(hf_dir, path, ftype)
                 metrics["convert_s"] = info["seconds"]
             else:
-                metrics["quantize_s"] = round(quantize(gguf_path(cfg, base_types[0]), path, GGUF_FILE_TYPES[ftype],
-                                                       c.threads), 3)
+                metrics["quantize_s"] = round(isolated(quantize, gguf_path(cfg, base_types[0]), path,
+                                                       GGUF_FILE_TYPES[ftype], c.threads), 3)
             stats = tensor_stats(path)
             metrics.update({k: v for k, v in stats.items() if k != "tensor_types"})
-            metrics["generated_tokens"] = check_generates(path, c.check_tokens)
+            metrics["generated_tokens"] = isolated(check_generates, path, c.check_tokens)
             if metrics["generated_tokens"] != c.check_tokens:
                 raise RuntimeError(f"generated {metrics['generated_tokens']} of {c.check_tokens} tokens")
             if how == "convert" and c.check_logits:
