@@ -10,14 +10,13 @@ def _load_llama_cpp_first() -> None:
     process that had imported torch before llama_cpp, and loaded fine in one that had not; the study's workers
     import numpy (and the stages torch) first. Every process of the study imports this package before either,
     so the libraries are loaded here. Without llama-cpp-python nothing happens."""
+    import contextlib
     import importlib.util
 
     if importlib.util.find_spec("llama_cpp") is None:
         return
-    try:
+    with contextlib.suppress(Exception):  # a broken install is reported where llama.cpp is used, with its message
         import llama_cpp.llama_cpp  # noqa: F401  (loads libllama / libggml through ctypes)
-    except Exception:  # a broken install is reported where llama.cpp is used, with its own message
-        pass
 
 
 _load_llama_cpp_first()

@@ -28,6 +28,23 @@ GRAPH_MODES = {"default": "default", "reduce-overhead": "default", "max-autotune
                "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs"}
 
 
+def _tensor_bytes(t) -> int:
+    """Bytes a tensor holds in memory: for tensor subclasses that pack their data (torchao's quantized weights),
+    the sum over the inner tensors they are made of, not their logical (unpacked) size."""
+    if hasattr(t, "__tensor_flatten__") and type(t).__name__ not in ("Tensor", "Parameter"):
+        names, _ = t.__tensor_flatten__()
+        inner = [getattr(t, n) for n in names]
+        if inner and all(hasattr(x, "element_size") for x in inner):
+            return sum(_tensor_bytes(x) for x in inner)
+    return t.nelement() * t.element_size()
+
+
+def stored_bytes(model) -> int:
+    """Bytes of a model's parameters and buffers as stored (bitsandbytes' and torchao's packed weights with their
+    scales); transformers' get_memory_footprint() counts a torchao weight at its unpacked size."""
+    return sum(_tensor_bytes(t) for t in (*model.parameters(), *model.buffers()))
+
+
 class StepTimer:
     """A transformers streamer that timestamps every generation step (the first put() is the prompt)."""
 
@@ -114,7 +131,7 @@ class HFBackend(Backend):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.model.generation_config.pad_token_id = pad
         # bytes of the weights as stored (packed 4-bit weights and their scales included)
-        out = {"load_s": load_s, "weight_bytes": int(self.model.get_memory_footprint())}
+        out = {"load_s": load_s, "weight_bytes": stored_bytes(self.model), "weight_bytes_method": "storage"}
         if self.quant_detail:
             out["quantization"] = self.quant_detail
         return out

@@ -180,6 +180,7 @@ def assisted(backend, texts: list[str], lookup_tokens: int, max_ngram: int, max_
         kwargs.update(prompt_lookup_num_tokens=lookup_tokens, max_matching_ngram_size=max_ngram)
     e2e, ttft, per_fwd, rates, fwd_per_tok, drafted_all, accepted_all, prompt_lens = [], [], [], [], [], [], [], []
     outputs = hashlib.sha256()
+    each: list[str] = []  # per request: which requests decoded to the same tokens as another point's
     log = ForwardLog(backend.model)
     try:
         for i, p in enumerate(ps):
@@ -210,7 +211,9 @@ def assisted(backend, texts: list[str], lookup_tokens: int, max_ngram: int, max_
             if drafted:
                 rates.append(accepted / drafted)
             prompt_lens.append(len(p))
-            outputs.update(str(out[0, ids.shape[1]:].tolist()).encode())
+            text = str(out[0, ids.shape[1]:].tolist()).encode()
+            outputs.update(text)
+            each.append(hashlib.sha256(text).hexdigest()[:12])
     finally:
         log.remove()
     tps = [1e3 * new_tokens / e for e in e2e]
@@ -224,6 +227,7 @@ def assisted(backend, texts: list[str], lookup_tokens: int, max_ngram: int, max_
         "drafted_tokens": sum(drafted_all), "accepted_tokens": sum(accepted_all),
         "prompt_tokens_each": summarize(prompt_lens, "tokens").to_dict(),
         "outputs_sha256": outputs.hexdigest()[:16],  # equal to the plain point's: lookup changed no token
+        "outputs_sha256_each": each,
         "lookup_tokens": lookup_tokens, "max_ngram": max_ngram, "requests": len(e2e), "new_tokens": new_tokens,
         "batch": 1,
     }

@@ -180,8 +180,11 @@ def decode_profile(backend, folder: Path, point: dict[str, Any], name: str) -> t
             kept.with_suffix(".part").rename(kept)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    weight_bytes = int(backend.model.get_memory_footprint())
+    from inferlab.backends.hf import stored_bytes
+
+    weight_bytes = stored_bytes(backend.model)
     metrics = summarize_timeline(device_intervals(trace, cuda), steps, weight_bytes)
+    metrics["weight_bytes_method"] = "storage"
     itl = t.itl
     metrics.update(
         window="decode steps" if loop else "whole request (prefill included)",

@@ -197,10 +197,95 @@ def decode_loops(section: Section) -> list[str]:
             if rows:
                 best = max(rows, key=lambda r: num(r["decode_tps"]) or 0)
                 mode = best["compile_mode"] if str(best.get("compile")) == "True" else ""
-                if best.get("decode") == "graph" and mode == "reduce-overhead":
-                    mode = "max-autotune-no-cudagraphs kernels"  # the loop captures its own graph
+                if best.get("decode") == "graph" and mode:  # the loop captures its own graph
+                    mode = {"reduce-overhead": "default", "max-autotune": "max-autotune"}.get(mode, mode) + " kernels"
+                if best.get("inductor"):
+                    mode += f", {best['inductor']}"
                 mode = f" ({mode})" if mode else ""
                 parts.append(f"{label}{mode} {_f(best['decode_tps'], 'tokens/s')} per sequence "
                              f"({_f(best['total_tps'], 'tokens/s')} total, ITL p50 {_f(best['itl_p50_ms'], 'ms')})")
         out.append(f"**Decode loop ({precision}, batch {int(batch)})**: " + "; ".join(parts) + ".")
     return out
+
+
+def _best(rows: list[dict[str, Any]], key: str = "decode_tps") -> dict[str, Any] | None:
+    rows = [r for r in rows if num(r.get(key)) is not None]
+    return max(rows, key=lambda r: num(r[key]) or 0) if rows else None
+
+
+def faster_decoding(section: Section) -> list[str]:
+    """The peer runtime on the same GPU (llama.cpp with every layer offloaded), the best batch-1 figures of
+    transformers at 16 and 4 bits, and prompt-lookup decoding against plain decoding of the same requests."""
+    out: list[str] = []
+    gpu_llama = [r for r in section.rows if r["runtime"] == "llama_cpp" and r["device"] == "cuda"
+                 and r["scenario"] == "latency"]
+    hf_b1 = [r for r in section.candidates if r["runtime"] == "hf" and num(r.get("batch_size")) == 1]
+    fp16 = _best([r for r in hf_b1 if r["precision"] in ("fp16", "bf16")])
+    q4 = _best([r for r in hf_b1 if r["precision"] in ("nf4", "fp4", "nf4-dq", "int4-ao")])
+    if fp16 is not None and q4 is not None and not _generate(fp16):
+        out.append(f"**Fastest batch-1 decoding (transformers)**: 16-bit {fp16['name']} "
+                   f"{_f(fp16['decode_tps'], 'tokens/s')} (ITL p50 {_f(fp16['itl_p50_ms'], 'ms')}); 4-bit "
+                   f"{q4['name']} {_f(q4['decode_tps'], 'tokens/s')} (ITL p50 {_f(q4['itl_p50_ms'], 'ms')}), "
+                   f"{_ratio(q4['decode_tps'], fp16['decode_tps'])} the 16-bit speed in "
+                   f"{_f(q4['memory_gib'], 'GiB')} against {_f(fp16['memory_gib'], 'GiB')}.")
+    if gpu_llama:
+        ok = [r for r in gpu_llama if r["status"] == "ok"]
+        if ok:
+            parts = [f"{r['quant']}{' (flash attention)' if str(r.get('flash_attn')) == 'True' else ''} "
+                     f"{_f(r['decode_tps'], 'tokens/s')}, TTFT {_f(r['ttft_ms'], 'ms')}, {_f(r['memory_gib'], 'GiB')}"
+                     for r in sorted(ok, key=lambda r: str(r["quant"]))]
+            out.append("**llama.cpp on this GPU (every layer offloaded, same GGUF files)**: " + "; ".join(parts) + ".")
+        failed = [r for r in gpu_llama if r["status"] != "ok"]
+        if failed:
+            reasons = sorted({r["reason"].splitlines()[0][:140] for r in failed})
+            out.append(f"**llama.cpp on this GPU**: {len(failed)} of {len(gpu_llama)} points did not run: "
+                       + "; ".join(reasons) + ".")
+    lookup = [r for r in section.rows if r["scenario"] == "assisted" and r["status"] == "ok"]
+    plain = {(r.get("precision"), r.get("task")): r for r in lookup if num(r.get("lookup_tokens")) == 0}
+    for r in lookup:
+        if not num(r.get("lookup_tokens")):
+            continue
+        m, base = r["_metrics"], plain.get((r.get("precision"), r.get("task")))
+        n = int(num(r["lookup_tokens"]) or 0)
+        text = (f"**Prompt lookup ({r.get('precision')}, {r.get('task')}, {n} candidates)**: "
+                f"{_f(r['total_tps'], 'tokens/s')} per request (median of {m.get('requests')}), acceptance "
+                f"{_f(m.get('acceptance_rate'))}, {_f(m.get('tokens_per_forward', {}).get('median'))} tokens per "
+                "forward pass")
+        if base is not None:
+            same = m.get("outputs_sha256") == base["_metrics"].get("outputs_sha256")
+            each, base_each = m.get("outputs_sha256_each"), base["_metrics"].get("outputs_sha256_each")
+            if each and base_each and len(each) == len(base_each):
+                agree = f"{sum(a == b for a, b in zip(each, base_each))} of {len(each)} requests"
+            else:
+                agree = "every request" if same else "not every request (which ones was not recorded)"
+            text += (f"; plain decoding of the same requests {_f(base['total_tps'], 'tokens/s')} "
+                     f"({_ratio(r['total_tps'], base['total_tps'])} faster); the same tokens as plain decoding in "
+                     f"{agree}")
+        out.append(text + ".")
+    return out
+
+
+PROFILE_COLUMNS = (("name", "profiled configuration"), ("window", "window"), ("profiled_step_ms", "step ms"),
+                   ("kernel_ms_per_step", "kernels ms"), ("launch_gap_ms_per_step", "launch gaps ms"),
+                   ("host_wait_ms_per_step", "host waits ms"), ("kernels_per_step", "kernels/step"),
+                   ("matmul_ms", "matmul ms"), ("weight_gbps_over_matmul", "weights GB/s in matmuls"),
+                   ("top_kernel", "largest kernel (ms/step)"))
+
+
+def profiles(section: Section) -> list[dict[str, Any]]:
+    """One row per kernel-level profile of decode steps (the profile scenario)."""
+    rows = []
+    for r in section.rows:
+        if r["scenario"] != "profile" or r["status"] != "ok":
+            continue
+        m = r["_metrics"]
+        top = (m.get("top_kernels") or [{}])[0]
+        rows.append({"name": r["name"].removesuffix("-profile"), "window": m.get("window"),
+                     **{k: m.get(k) for k in ("profiled_step_ms", "kernel_ms_per_step", "launch_gap_ms_per_step",
+                                              "host_wait_ms_per_step", "kernels_per_step")},
+                     "matmul_ms": (m.get("ms_per_step_by_kind") or {}).get("matmul"),
+                     "weight_gbps_over_matmul": m.get("weight_gbps_over_matmul")
+                     if m.get("weight_bytes_method") == "storage" or r.get("precision") not in ("int8-ao", "int4-ao")
+                     else None,
+                     "top_kernel": f"{top.get('name', '')[:48]} ({top.get('ms_per_step', '')})" if top else ""})
+    return rows

@@ -103,7 +103,8 @@ def _not_run(section: Section) -> str:
 
 
 def section_md(s: Section, rec: dict[str, Any], headline: list[str], caching: list[str],
-               figures: list[tuple[str, Path]], figure_base: Path, front_names: set[str]) -> str:
+               figures: list[tuple[str, Path]], figure_base: Path, front_names: set[str],
+               faster: list[str] | None = None, profiles: list[dict[str, Any]] | None = None) -> str:
     out = [f"## {s.title}", ""]
     if s.weights and s.weights != "real":
         out += [f"_Weights: {s.weights}. Speed and memory depend on shapes only and are real figures; quality "
@@ -127,6 +128,16 @@ def section_md(s: Section, rec: dict[str, Any], headline: list[str], caching: li
         out += ["### Headline comparisons", "", *[f"- {h}" for h in headline], ""]
     if caching:
         out += ["### KV cache, prompt cache and streaming", "", *[f"- {c}" for c in caching], ""]
+    if faster or profiles:
+        out += ["### Faster decoding: the peer runtime, prompt lookup, and where a step's time goes", ""]
+        out += [f"- {f}" for f in faster or []] + ([""] if faster else [])
+        if profiles:
+            from inferlab.report.comparisons import PROFILE_COLUMNS
+
+            out += ["Kernel-level profiles (torch.profiler) of decode steps, per generated token: time in GPU kernels, "
+                    "idle gaps shorter than 10 µs between kernels (launch latency, also inside a CUDA graph) and "
+                    "longer ones (the GPU waiting for the host); weights GB/s is the rate the weights are read at "
+                    "while matrix kernels run.", "", table(profiles, PROFILE_COLUMNS), ""]
     if figures:
         out += ["### Figures", ""]
         for caption, path in figures:

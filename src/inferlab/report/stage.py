@@ -72,7 +72,8 @@ def build(cfg: StudyConfig) -> dict[str, Any]:
         figs = figures.draw_all(s, front, with_quality, rc.objective, fig_dir, rcm.get("point"))
         drawn.update(p for _, p in figs)
         parts.append(render.section_md(s, rcm, comparisons.headline(s), comparisons.cache_and_streaming(s), figs,
-                                       metrics_dir, {c["name"] for c in front}))
+                                       metrics_dir, {c["name"] for c in front}, comparisons.faster_decoding(s),
+                                       comparisons.profiles(s)))
         results.append((s, rcm))
         log.info("report: %s: %s%s", s.title, rcm["status"],
                  f" {rcm['name']}" if rcm["status"] == "recommended" else f" ({rcm['reason'][:160]})")

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 BENCH_STAGES = ("bench_gpu", "bench_cpu")
 DEVICE_OF_STAGE = {"bench_gpu": "cuda", "bench_cpu": "cpu"}
+TORCHAO = ("int8-ao", "int4-ao")
 QUALITY_KEYS = ("fidelity_rougeL", "fidelity_rouge1", "fidelity_rouge2", "fidelity_bertscore_f1", "exact_match",
                 "first_diff", "perplexity", "perplexity_ratio", "task_rougeL")
 
@@ -106,7 +107,9 @@ def _enrich(row: dict[str, Any], record_metrics: dict[str, Any], stage: str) -> 
     row["device"] = DEVICE_OF_STAGE[stage]
     suffix = f"-n{row['new_tokens']}"
     row["config"] = row["name"][: -len(suffix)] if row["name"].endswith(suffix) else row["name"]
-    if row["device"] == "cuda":
+    if row["device"] == "cuda" and row["runtime"] == "llama_cpp":  # allocates outside torch: the driver's figure
+        row["memory_gib"], row["memory_kind"] = num(record_metrics.get("gpu_process_gib")), "GPU used by the process"
+    elif row["device"] == "cuda":
         row["n_threads"] = ""  # the GPU sweep does not set threads
         row["memory_gib"], row["memory_kind"] = num(row.get("peak_allocated_gib")), "GPU allocated"
     else:
@@ -114,6 +117,9 @@ def _enrich(row: dict[str, Any], record_metrics: dict[str, Any], stage: str) -> 
         row["memory_gib"], row["memory_kind"] = (None if rss is None else rss / 1024), "process RSS"
     row["workload"] = (f"{row['prompt_tokens']}+{row['new_tokens']}" if row.get("prompt_tokens") not in ("", None)
                        else "")
+    if row.get("precision") in TORCHAO and record_metrics.get("weight_bytes_method") != "storage":
+        # records before the weights were counted by storage took torchao's packed weights at 16-bit size
+        row["roofline_fraction"] = None
     row["_metrics"] = record_metrics
     return row
 

@@ -1,0 +1,175 @@
+"""Issue 9's measuring tools on the CPU: the kernel-level profile of decode steps (its timeline arithmetic on a
+constructed timeline, and a real profile of tiny-phi), prompt-lookup decoding with counted acceptance, per-point
+inductor options, llama.cpp's GPU points where llama-cpp-python has no GPU offload, the convert stage's crash
+isolation, and the report's section on all of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from inferlab import records as rec
+from inferlab.backends import BackendUnavailable, get_backend
+from inferlab.bench import hf_scenarios, profile
+from inferlab.config import ConfigError, compose
+from inferlab.gguf.pipeline import isolated
+from inferlab.report.stage import build
+
+from .conftest import ROOT
+from .test_report import bench
+
+PROMPTS = ROOT / "data" / "prompts"
+
+
+def test_timeline_splits_kernel_time_launch_gaps_and_host_waits():
+    # two steps; times in microseconds
+    timeline = [(0.0, 10.0, "nvjet_sm90_gemv"), (11.0, 21.0, "nvjet_sm90_gemv"),  # 1 us launch gap
+                (40.0, 45.0, "triton_poi_fused_add"),  # 19 us: the GPU waited for the host
+                (44.0, 50.0, "Memcpy DtoD"),  # overlaps the previous one: counted once
+                (51.0, 61.0, "cudnn_sdpa_flash_fprop")]
+    s = profile.summarize_timeline(sorted(timeline), steps=2, weight_bytes=20_000)
+    assert s["span_ms_per_step"] == pytest.approx(61 / 2 / 1e3)
+    assert s["kernel_ms_per_step"] == pytest.approx((10 + 10 + 10 + 10) / 2 / 1e3)  # 40..50 once, not 11 us
+    assert s["launch_gap_ms_per_step"] == pytest.approx((1 + 1) / 2 / 1e3)
+    assert s["host_wait_ms_per_step"] == pytest.approx(19 / 2 / 1e3)
+    assert s["kernel_ms_per_step"] + s["launch_gap_ms_per_step"] + s["host_wait_ms_per_step"] == pytest.approx(
+        s["span_ms_per_step"])
+    assert (s["launch_gaps_per_step"], s["host_waits_per_step"], s["kernels_per_step"]) == (1.0, 0.5, 2.5)
+    assert s["ms_per_step_by_kind"] == {"matmul": 0.01, "attention": 0.005, "copy": 0.003, "fused (Triton)": 0.0025}
+    # 20 kB of weights read in the 10 us of matrix kernels per step: 2 GB/s
+    assert s["weight_gbps_over_matmul"] == pytest.approx(2.0)
+    assert s["top_kernels"][0]["name"] == "nvjet_sm90_gemv" and s["top_kernels"][0]["calls_per_step"] == 1.0
+    with pytest.raises(RuntimeError, match="no device activity"):
+        profile.summarize_timeline([], steps=2)
+
+
+@pytest.mark.parametrize("decode", ["generate", "fast"])
+def test_profile_of_real_decode_steps_on_the_cpu(tiny_hf, decode):
+    loop = decode != "generate"
+    b = get_backend("hf")({"model_dir": str(tiny_hf), "precision": "fp32", "device": "cpu",
+                           "kv_cache": "static" if loop else "dynamic", "decode": decode if loop else None})
+    b.load()
+    point = {"batch_size": 1, "prompt_tokens": 16, "new_tokens": 8, "warmup": 1, "decode": decode}
+    m, _ = profile.decode_profile(b, PROMPTS, point, "p")
+    assert m["window"] == ("decode steps" if loop else "whole request (prefill included)")
+    assert m["steps"] == (7 if loop else 8) and m["device_timeline"] == "CPU top-level operators"
+    assert 0 < m["kernel_ms_per_step"] <= m["span_ms_per_step"]
+    assert m["kernel_ms_per_step"] + m["launch_gap_ms_per_step"] + m["host_wait_ms_per_step"] == pytest.approx(
+        m["span_ms_per_step"], rel=1e-3)
+    assert "aten::linear" in {k["name"] for k in m["top_kernels"]} and m["ms_per_step_by_kind"]["matmul"] > 0
+    assert m["weight_bytes_method"] == "storage" and m["weight_gbps_over_matmul"] > 0
+    assert b.after_prefill is None  # the profiler's hook does not outlive the profile
+
+
+def test_prompt_lookup_counts_acceptance_and_keeps_greedy_tokens(tiny_hf):
+    b = get_backend("hf")({"model_dir": str(tiny_hf), "precision": "fp32", "device": "cpu", "kv_cache": "dynamic"})
+    b.load()
+    items = [json.loads(line) for line in (ROOT / "data" / "eval" / "items.jsonl").read_text().splitlines()]
+    texts = [f"Summarize the text in one sentence.\n\nText: {i['input']}\nSummary:" for i in items
+             if i["task"] == "summarization"][:4]
+    plain, _ = hf_scenarios.assisted(b, texts, 0, 2, 512, 24)
+    lookup, samples = hf_scenarios.assisted(b, texts, 10, 2, 512, 24)
+    assert plain["requests"] == lookup["requests"] == 3  # the first text warms up
+    assert plain["drafted_tokens"] == plain["accepted_tokens"] == 0 and plain["acceptance_rate"] is None
+    assert plain["tokens_per_forward"]["median"] == 1.0  # one forward pass per token without lookup
+    assert lookup["drafted_tokens"] > 0 and 0 <= lookup["accepted_tokens"] <= lookup["drafted_tokens"]
+    assert lookup["acceptance_rate"] == pytest.approx(lookup["accepted_tokens"] / lookup["drafted_tokens"], abs=1e-4)
+    # every forward pass yields its accepted candidates and one token: passes = tokens - accepted
+    passes = sum(24 / t for t in samples["tokens_per_forward"])
+    assert passes == pytest.approx(3 * 24 - lookup["accepted_tokens"])
+    # greedy lookup is lossless in fp32: the same tokens as plain decoding, request by request
+    assert lookup["outputs_sha256_each"] == plain["outputs_sha256_each"] and len(plain["outputs_sha256_each"]) == 3
+
+
+def test_inductor_options_are_config_checked_and_named():
+    with pytest.raises(ConfigError, match=r"bench_gpu.hf.extra_points\[0\].inductor: 'coordinate_descent' is not "
+                                          r"allowed; choose one of coordinate_descent_tuning"):
+        compose(["bench_gpu.hf.extra_points=[{precision: fp16, kv_cache: static, compile: true, decode: fast, "
+                 "inductor: coordinate_descent}]"])
+    from inferlab.bench.grid import hf_points
+
+    cfg = compose(["model=tiny-phi", "bench_gpu=fast"])
+    names = {p.name: p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 2)}
+    cdt = names["hf-fp16-b1-static-sdpa-compiled-cdt-fast"]
+    assert cdt.settings["inductor"] == "coordinate_descent_tuning" and cdt.skip is None
+    assert "inductor" not in names["hf-fp16-b1-static-sdpa-compiled-fast"].settings  # ids of older points kept
+    graph = [p for p in names.values() if p.settings.get("decode") == "graph"]
+    assert len({p.group for p in graph}) == len(graph)  # each graph-loop point in a worker of its own
+    cfg = compose(["model=tiny-phi", "bench_gpu.hf.extra_points=[{precision: fp16, kv_cache: static, compile: true, "
+                   "inductor: freezing}]"])
+    (p,) = [p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 2) if p.settings.get("inductor")]
+    assert "fast and graph loops" in p.skip  # generate() compiles through transformers: no options there
+
+
+def test_llama_cpp_gpu_points_are_skipped_without_gpu_offload(tiny_project):
+    import llama_cpp
+
+    if llama_cpp.llama_supports_gpu_offload():  # pragma: no cover - a CUDA build of llama-cpp-python
+        pytest.skip("this llama-cpp-python offloads to a GPU: the point would run")
+    gguf = tiny_project / "models" / "tiny-phi" / "gguf" / "tiny-phi-q4_0.gguf"
+    b = get_backend("llama_cpp")({"model_path": str(gguf), "n_threads": 1, "n_gpu_layers": -1})
+    with pytest.raises(BackendUnavailable, match="built without GPU offload.*GGML_CUDA=on"):
+        b.load()
+    from inferlab.bench.gpu import gpu_llama_points
+
+    cfg = compose(["model=tiny-phi"])
+    points = gpu_llama_points(cfg, {}, 2)
+    assert {p.settings["quant"] for p in points} == set(cfg.bench_gpu.llama_cpp.quants)
+    assert all(p.settings["n_gpu_layers"] == -1 and p.settings["device"] == "cuda" for p in points)
+    assert all(p.name.startswith("gpu-") and p.settings["n_threads"] == 2 for p in points)
+    with pytest.raises(ConfigError, match="bench_gpu.llama_cpp.n_gpu_layers: 0 is not allowed"):
+        compose(["bench_gpu.llama_cpp.n_gpu_layers=0"])
+
+
+def _segfault() -> None:
+    print("loading the model", flush=True)
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def test_a_crash_in_llama_cpp_fails_the_call_with_its_output():
+    with pytest.raises(RuntimeError, match=r"(?s)process died in _segfault.*loading the model"):
+        isolated(_segfault)
+    assert isolated(sorted, [3, 1, 2]) == [1, 2, 3]
+
+
+def test_report_shows_peer_lookup_and_profiles(project):
+    r = project / "results"
+    bench(r, "gpu-a", "hf-fp16-b1-dynamic-sdpa", "fp16", 1, 40, 20, 25, 5.3)
+    bench(r, "gpu-a", "hf-fp16-b1-static-sdpa-compiled-fast", "fp16", 1, 314, 20, 3.2, 5.3, kv_cache="static",
+          decode="fast", compile=True)
+    bench(r, "gpu-a", "hf-int4-ao-b1-static-sdpa-compiled-graph", "int4-ao", 1, 437, 20, 2.3, 2.2,
+          kv_cache="static", decode="graph", compile=True)
+    bench(r, "gpu-a", "gpu-f16-t16-b512-fa1-kvf16-generate-p64", None, 1, 0, 0, 0, 0, status="failed",
+          reason="the worker process died with exit code -11 (SIGSEGV)", runtime="llama_cpp", quant="f16",
+          device="cuda")
+    for n, tps, acc in ((0, 39.0, None), (10, 75.4, 0.58)):
+        name = f"hf-fp16-b1-{'lookup10' if n else 'plain'}-summarization"
+        rec.append(r / "bench_gpu" / "gpu-a.jsonl", rec.Record(
+            stage="bench_gpu", name=name, point={"runtime": "hf", "scenario": "assisted", "precision": "fp16",
+                                                 "batch_size": 1, "lookup_tokens": n, "task": "summarization",
+                                                 "new_tokens": 64},
+            config={}, model={"name": "m", "weights": "random"}, environment={"hardware": {"id": "gpu-a"}},
+            sweep_id="s", metrics={"total_tps": {"median": tps}, "acceptance_rate": acc, "requests": 8,
+                                   "tokens_per_forward": {"median": 6.1 if n else 1.0},
+                                   "outputs_sha256_each": ["a", "b"] if n else ["a", "c"]}))
+    rec.append(r / "bench_gpu" / "gpu-a.jsonl", rec.Record(
+        stage="bench_gpu", name="hf-fp16-b1-static-sdpa-compiled-fast-profile",
+        point={"runtime": "hf", "scenario": "profile", "precision": "fp16", "batch_size": 1, "new_tokens": 32},
+        config={}, model={"name": "m", "weights": "random"}, environment={"hardware": {"id": "gpu-a"}}, sweep_id="s",
+        metrics={"window": "decode steps", "profiled_step_ms": 3.31, "kernel_ms_per_step": 2.95,
+                 "launch_gap_ms_per_step": 0.24, "host_wait_ms_per_step": 0.12, "kernels_per_step": 456.5,
+                 "ms_per_step_by_kind": {"matmul": 2.47}, "weight_gbps_over_matmul": 2249.2,
+                 "top_kernels": [{"name": "nvjet_sm90_hsh_64x8", "ms_per_step": 0.998}]}))
+    build(compose(["tracking.enabled=false", "report.constraints.min_fidelity=null"]))
+    md = (project / "metrics" / "report.md").read_text()
+    assert "### Faster decoding" in md
+    assert ("**Fastest batch-1 decoding (transformers)**: 16-bit hf-fp16-b1-static-sdpa-compiled-fast 314 tokens/s"
+            in md and "4-bit hf-int4-ao-b1-static-sdpa-compiled-graph 437 tokens/s" in md and "1.39×" in md)
+    assert "**llama.cpp on this GPU**: 1 of 1 points did not run: the worker process died with exit code -11" in md
+    assert ("**Prompt lookup (fp16, summarization, 10 candidates)**: 75.4 tokens/s per request (median of 8), "
+            "acceptance 0.58, 6.1 tokens per forward pass; plain decoding of the same requests 39 tokens/s "
+            "(1.93× faster); the same tokens as plain decoding in 1 of 2 requests.") in md
+    assert "| hf-fp16-b1-static-sdpa-compiled-fast | decode steps | 3.31 | 2.95 | 0.24 | 0.12 | 456 | 2.47 |" in md
