@@ -173,3 +173,15 @@ def test_report_shows_peer_lookup_and_profiles(project):
             "acceptance 0.58, 6.1 tokens per forward pass; plain decoding of the same requests 39 tokens/s "
             "(1.93× faster); the same tokens as plain decoding in 1 of 2 requests.") in md
     assert "| hf-fp16-b1-static-sdpa-compiled-fast | decode steps | 3.31 | 2.95 | 0.24 | 0.12 | 456 | 2.47 |" in md
+
+
+def test_importing_inferlab_loads_llama_cpp_before_torch():
+    """llama.cpp's libraries are loaded by `import inferlab`, before anything loads torch's (a CUDA build of
+    llama-cpp-python crashed in model loads after torch). Checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import inferlab; "
+            "print('llama_cpp.llama_cpp' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False"]

@@ -71,7 +71,8 @@ def test_the_gpus_launcher_runs_jobs_that_claim_gpus(project, tmp_path):
     run([sys.executable, "stages/download.py", "model=tiny-phi", "tracking.enabled=false"], cwd=project, env=env)
     r = run([sys.executable, "stages/bench_gpu.py", "-m", "hydra/launcher=gpus", "model=tiny-phi", "runtime=hf",
              "precision=fp16,bf16", "batch_size=1", "kv_cache=dynamic", "bench_gpu.prefix_cache.enabled=false",
-             "bench_gpu.streaming.enabled=false", "tracking.enabled=false"], cwd=project, env=env)
+             "bench_gpu.streaming.enabled=false", "bench_gpu.assisted.enabled=false", "tracking.enabled=false"],
+            cwd=project, env=env)
     assert "Submitit 'local' sweep output dir" in r.stdout + r.stderr
     recs = rec.read_all((project / "results" / "bench_gpu").glob("*.jsonl"))
     assert sorted(x.point["precision"] for x in recs) == ["bf16", "fp16"]

@@ -51,7 +51,10 @@ def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
     exp = client.get_experiment_by_name("inferlab")
     runs = client.search_runs([exp.experiment_id])
     stages = {r.data.tags["inferlab.stage"] for r in runs}
-    assert stages == {"download", "convert", "bench_cpu", "evaluate", "report", "serve_bench"}
+    # bench_gpu too: its llama.cpp points match the pins and are recorded as skipped here (no CUDA)
+    assert stages == {"download", "convert", "bench_cpu", "bench_gpu", "evaluate", "report", "serve_bench"}
+    gpu = records.read_all((repo / "results" / "bench_gpu").glob("*.jsonl"))
+    assert len(gpu) == 1 and gpu[0].name.startswith("gpu-q8_0-t") and gpu[0].status == "skipped"
     # the served configuration under load: one record per concurrency level, every request answered
     served = [r for r in records.read_all((repo / "results" / "serve_bench").glob("*.jsonl"))]
     assert sorted(r.point["concurrency"] for r in served) == [1, 2] and all(r.status == "ok" for r in served)

@@ -77,6 +77,8 @@ def generation_points(cfg: StudyConfig, items: list[dataset.Item], passage: str,
                         skip = cuda_problem
                     elif precision in hf.BNB and bnb_missing:
                         skip = "bitsandbytes is not installed (pip install 'inferlab[gpu]')"
+                    elif precision in hf.TORCHAO and importlib.util.find_spec("torchao") is None:
+                        skip = "torchao is not installed (pip install torchao)"
                     points.append(Point(f"hf-{device}-{precision}-{kv}", "hf", ("hf", device, precision), settings,
                                         {**load, "model_dir": str(cfg.model_dir() / "hf")}, skip))
     L = e.llama_cpp
