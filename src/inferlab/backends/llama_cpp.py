@@ -50,10 +50,7 @@ class LlamaCppBackend(Backend):
             model_path=str(path), n_ctx=s.get("n_ctx", 2048), n_batch=s.get("n_batch", 512),
             n_ubatch=s.get("n_batch", 512), n_threads=s["n_threads"], n_threads_batch=s["n_threads"],
             flash_attn=bool(s.get("flash_attn", False)), type_k=kv, type_v=kv,
-            n_gpu_layers=s.get("n_gpu_layers", 0), seed=0,
-            # on the GPU llama.cpp logs its offload (which layers, which buffers) to stderr, the sweep's log; a
-            # CUDA build of llama-cpp-python 0.3.36 crashed (SIGSEGV) in loads with verbose=False on an H100
-            verbose=s.get("n_gpu_layers", 0) != 0,
+            n_gpu_layers=s.get("n_gpu_layers", 0), seed=0, verbose=False,
             logits_all=bool(s.get("logits_all", False)),  # every position's logits: perplexity
         )
         load_s = time.perf_counter() - t0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -90,11 +91,15 @@ def assisted_points(cfg: StudyConfig, base: dict[str, Any], pins: dict[str, Any]
 
 
 def profile_points(cfg: StudyConfig, pins: dict[str, Any]) -> list[Point]:
-    """One profile per configured transformers point: its grid settings with the profile scenario."""
+    """One profile per configured transformers point: its grid settings with the profile scenario. The sweep is
+    the transformers sweep reduced to its first point (plain generate(): the host-bound reference) and the
+    profile's points."""
     b = cfg.bench_gpu
-    section = type("ProfileGrid", (), {"hf": _profile_sweep(b), "workload": b.workload})
+    hf = replace(b.hf, enabled=True, precisions=b.hf.precisions[:1], batch_sizes=b.hf.batch_sizes[:1],
+                 kv_cache=b.hf.kv_cache[:1], attn=b.hf.attn[:1], compile=b.hf.compile[:1],
+                 extra_points=list(b.profile.points), new_tokens=b.profile.new_tokens)
     points = []
-    for p in hf_points(section, cfg.model_dir() / "hf", pins, 0):
+    for p in hf_points(replace(b, hf=hf), cfg.model_dir() / "hf", pins, 0):
         p.settings.update(scenario="profile", new_tokens=b.profile.new_tokens)
         p.name = p.name + "-profile"
         if p.settings.get("decode") == "graph":  # its own capture (another length) in a process of its own
@@ -103,20 +108,6 @@ def profile_points(cfg: StudyConfig, pins: dict[str, Any]) -> list[Point]:
             p.load["trace_dir"] = str(resolve(cfg.paths.results) / STAGE / "traces")
         points.append(p)
     return points
-
-
-def _profile_sweep(b: Any) -> Any:
-    """The transformers sweep reduced to its first point (plain generate(): the host-bound reference) and the
-    profile's points."""
-    import copy
-
-    hf = copy.copy(b.hf)
-    hf.precisions, hf.batch_sizes = [b.hf.precisions[0]], [b.hf.batch_sizes[0]]
-    hf.kv_cache, hf.attn, hf.compile = [b.hf.kv_cache[0]], [b.hf.attn[0]], [b.hf.compile[0]]
-    hf.extra_points = list(b.profile.points)
-    hf.new_tokens = b.profile.new_tokens
-    hf.enabled = True
-    return hf
 
 
 def gpu_llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int) -> list[Point]:

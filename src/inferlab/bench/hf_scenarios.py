@@ -16,24 +16,19 @@ from inferlab.bench.timing import RequestTiming
 from inferlab.bench.workload import prompts, shared_prefix_requests
 
 
-class PrefillCounter:
-    """Counts the tokens the first forward pass of each generate() call processes (the prefill), so that a
-    prefix-cache hit is checked, not assumed."""
+class ForwardLog:
+    """The number of positions each forward pass of the model processes (a hook on its decoder): the first pass
+    of a request is its prefill (a prefix-cache hit is checked, not assumed); with prompt-lookup decoding, a
+    verification pass covers the last token and the candidates it checks."""
 
     def __init__(self, model):
-        self.first: list[int] = []
-        self._armed = False
+        self.lengths: list[int] = []
         self.handle = model.get_decoder().register_forward_pre_hook(self._hook, with_kwargs=True)
 
-    def arm(self) -> None:
-        self._armed = True
-
     def _hook(self, module, args, kwargs):
-        if self._armed:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            emb = kwargs.get("inputs_embeds")
-            self.first.append(int((ids if ids is not None else emb).shape[1]))
-            self._armed = False
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        emb = kwargs.get("inputs_embeds")
+        self.lengths.append(int((ids if ids is not None else emb).shape[1]))
 
     def remove(self) -> None:
         self.handle.remove()
@@ -47,7 +42,8 @@ def prefix_cache(backend, folder: Path, mode: str, prefix_tokens: int, suffix_to
     from transformers import DynamicCache
 
     prefix, suffixes = shared_prefix_requests(backend.tokenize, folder, prefix_tokens, suffix_tokens, requests + 1)
-    counter = PrefillCounter(backend.model)
+    log = ForwardLog(backend.model)
+    prefills: list[int] = []  # tokens the first forward pass of each request processed
     fill_s = copy_s = 0.0
     cache = None
     try:
@@ -72,13 +68,14 @@ def prefix_cache(backend, folder: Path, mode: str, prefix_tokens: int, suffix_to
                 past = copy.deepcopy(cache)  # a request must not extend the shared prefix's cache
                 backend.sync()
                 copy_s += time.perf_counter() - t0
-            counter.arm()
+            log.lengths.clear()
             t = backend.request([prefix + suffix], new_tokens, past_key_values=past)
+            prefills.append(log.lengths[0])
             t.start = t0  # the copy is part of what a request costs: TTFT and total time include it
             timings.append(t)
     finally:
-        counter.remove()
-    metrics, samples = prefix_summary(mode, timings, len(prefix), suffix_tokens, counter.first[1:])
+        log.remove()
+    metrics, samples = prefix_summary(mode, timings, len(prefix), suffix_tokens, prefills[1:])
     metrics.update(prefix_fill_ms=round(1e3 * fill_s, 3), cache_copy_ms=round(1e3 * copy_s / len(suffixes), 3))
     return metrics, samples
 
@@ -134,23 +131,6 @@ def _generate(backend, kwargs: dict) -> None:
 
     with torch.inference_mode():
         backend.model.generate(**kwargs)
-
-
-class ForwardLog:
-    """The number of positions each forward pass of the model processes (a hook on its decoder): with
-    prompt-lookup decoding, a verification pass covers the last token and the candidates it checks."""
-
-    def __init__(self, model):
-        self.lengths: list[int] = []
-        self.handle = model.get_decoder().register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        emb = kwargs.get("inputs_embeds")
-        self.lengths.append(int((ids if ids is not None else emb).shape[1]))
-
-    def remove(self) -> None:
-        self.handle.remove()
 
 
 def _cut(ids: list[int], limit: int, tail: int = 16) -> list[int]:

@@ -61,8 +61,7 @@ def check_generates(path: Path, n_tokens: int) -> int:
     """Load the file in llama.cpp and generate n_tokens greedily; returns how many came out."""
     import llama_cpp
 
-    # verbose: llama.cpp's log reaches the file isolated() gives it (a CUDA build of llama-cpp-python 0.3.36
-    # crashed on an H100 machine in loads with verbose=False, which silences output itself)
+    # verbose: llama.cpp's log goes to the file isolated() gives it, and into the failure's reason if it crashes
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=None, verbose=True, seed=0)
     try:
         prompt = llm.tokenize(CHECK_TEXT.encode(), add_bos=False, special=False)

@@ -220,8 +220,8 @@ def faster_decoding(section: Section) -> list[str]:
     gpu_llama = [r for r in section.rows if r["runtime"] == "llama_cpp" and r["device"] == "cuda"
                  and r["scenario"] == "latency"]
     hf_b1 = [r for r in section.candidates if r["runtime"] == "hf" and num(r.get("batch_size")) == 1]
-    fp16 = _best([r for r in hf_b1 if r["precision"] in ("fp16", "bf16")])
-    q4 = _best([r for r in hf_b1 if r["precision"] in ("nf4", "fp4", "nf4-dq", "int4-ao")])
+    fp16 = _best([r for r in hf_b1 if r["precision"] in SIXTEEN_BIT["hf"]])
+    q4 = _best([r for r in hf_b1 if r["precision"] in (*FOUR_BIT["hf"], "int4-ao")])
     if fp16 is not None and q4 is not None and not _generate(fp16):
         out.append(f"**Fastest batch-1 decoding (transformers)**: 16-bit {fp16['name']} "
                    f"{_f(fp16['decode_tps'], 'tokens/s')} (ITL p50 {_f(fp16['itl_p50_ms'], 'ms')}); 4-bit "
