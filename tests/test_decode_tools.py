@@ -175,13 +175,29 @@ def test_report_shows_peer_lookup_and_profiles(project):
     assert "| hf-fp16-b1-static-sdpa-compiled-fast | decode steps | 3.31 | 2.95 | 0.24 | 0.12 | 456 | 2.47 |" in md
 
 
-def test_importing_inferlab_loads_llama_cpp_before_torch():
-    """llama.cpp's libraries are loaded by `import inferlab`, before anything loads torch's (a CUDA build of
-    llama-cpp-python crashed in model loads after torch). Checked in a fresh interpreter."""
+def test_llama_processes_load_llama_cpp_first_and_others_never():
+    """A CUDA build of llama-cpp-python crashed beside numpy or torch loaded first, and torch after it: the
+    processes the study starts for llama.cpp load it on `import inferlab`, the others (torch's) do not.
+    Checked in fresh interpreters, and in a worker started for each runtime."""
     import subprocess
     import sys
 
-    code = ("import sys; import inferlab; "
-            "print('llama_cpp.llama_cpp' in sys.modules, 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["True", "False"]
+    from inferlab import LLAMA_PROCESS_ENV, llama_children
+
+    code = "import sys; import inferlab; print('llama_cpp.llama_cpp' in sys.modules, 'torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != LLAMA_PROCESS_ENV}
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    llama = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**env, LLAMA_PROCESS_ENV: "1"})
+    assert plain.stdout.split() == ["False", "False"]
+    assert llama.stdout.split() == ["True", "False"]
+    with llama_children():
+        assert os.environ[LLAMA_PROCESS_ENV] == "1"
+    assert LLAMA_PROCESS_ENV not in os.environ
+    assert isolated(_llama_loaded) is True  # the convert stage's llama.cpp calls
+
+
+def _llama_loaded() -> bool:
+    import sys
+
+    return "llama_cpp.llama_cpp" in sys.modules

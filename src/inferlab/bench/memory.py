@@ -119,18 +119,19 @@ def roofline(bandwidth_gbps: float, weight_bytes: int, decode_tps: float | None)
 
 
 def process_gpu_gib() -> float | None:
-    """GPU memory this process holds, as the driver reports it (NVML), summed over devices; None without NVML.
+    """GPU memory this process holds, as the driver reports it (NVML, else nvidia-smi), summed over devices;
+    None where neither answers.
 
     For runtimes that allocate outside torch (llama.cpp): weights, KV cache and compute buffers are allocated
     when the model and context are created, so the figure after a point is its peak."""
     try:
         import pynvml
     except ImportError:
-        return None
+        return _nvidia_smi_gib()
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError:
-        return None
+        return _nvidia_smi_gib()
     try:
         total = 0
         for i in range(pynvml.nvmlDeviceGetCount()):
@@ -143,3 +144,18 @@ def process_gpu_gib() -> float | None:
         return None
     finally:
         pynvml.nvmlShutdown()
+
+
+def _nvidia_smi_gib() -> float | None:
+    import subprocess
+
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0:
+        return None
+    mib = [float(used) for pid, used in (line.split(",")[:2] for line in r.stdout.splitlines() if "," in line)
+           if pid.strip() == str(os.getpid()) and used.strip().replace(".", "", 1).isdigit()]
+    return sum(mib) / 1024 if mib else None

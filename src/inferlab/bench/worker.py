@@ -19,6 +19,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from inferlab import llama_children
+
 log = logging.getLogger(__name__)
 
 FAIL_ENV = "INFERLAB_INJECT_FAILURE"  # "<substring of a point name>:<oom|crash|error|hang>", for tests
@@ -152,7 +154,8 @@ class Worker:
         ctx = mp.get_context("spawn")  # a fresh interpreter: no memory or CUDA state inherited
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=worker_main, args=(child, runtime, load_settings), daemon=True)
-        self.proc.start()
+        with llama_children() if runtime == "llama_cpp" else contextlib.nullcontext():
+            self.proc.start()
         child.close()
 
     def run(self, point: dict, name: str, folder: str, timeout: float,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from inferlab import llama_children
 from inferlab.config import GGUF_FILE_TYPES, StudyConfig, resolve
 from inferlab.gguf.convert import convert, quantize, tensor_stats
 from inferlab.records import write_json
@@ -41,15 +42,18 @@ def _quiet_child(log_path: str) -> None:
 
 
 def isolated(fn, *args):
-    """fn(*args) in a fresh process (spawned: no torch, no CUDA state of this one). llama.cpp's own crashes
-    (a segfault in a quantizer or loader) then fail this file with a reason instead of ending the stage."""
+    """fn(*args) in a fresh process that loads llama.cpp before anything else and never torch (a CUDA build
+    crashes beside either: inferlab.load_llama_cpp_first). llama.cpp's own crashes (a segfault in a quantizer or
+    loader) then fail this file with a reason instead of ending the stage."""
     with tempfile.NamedTemporaryFile(prefix="inferlab-llama-", suffix=".log", delete=False) as f:
         log_path = f.name
     try:
         with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_quiet_child,
                                  initargs=(log_path,)) as pool:
             try:
-                return pool.submit(fn, *args).result()
+                with llama_children():  # the process starts in submit()
+                    future = pool.submit(fn, *args)
+                return future.result()
             except BrokenProcessPool as e:
                 tail = Path(log_path).read_text(errors="replace")[-1500:]
                 raise RuntimeError(f"llama.cpp's process died in {fn.__name__} ({e}); its last output:\n{tail}") from e

@@ -47,6 +47,9 @@ def build_engine(cfg: StudyConfig, settings: dict[str, Any]):
     s = cfg.serve
     threads = int(settings.get("n_threads") or 0) or usable_cores()
     if settings["runtime"] == "llama_cpp":
+        from inferlab import load_llama_cpp_first
+
+        load_llama_cpp_first()  # before the engine's imports load numpy (a CUDA build crashes after it)
         quant = settings.get("quant") or s.quant
         path = cfg.model_dir() / "gguf" / f"{cfg.model.name}-{quant}.gguf"
         if not path.is_file():
