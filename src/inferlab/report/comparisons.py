@@ -34,18 +34,20 @@ def plain_hf(r: dict[str, Any]) -> bool:
 
 
 def plain_llama(r: dict[str, Any], threads: float | None, base: dict[str, Any] | None = None) -> bool:
-    """llama.cpp's main grid point: generate API, no flash attention, F16 KV cache, the grid's prompt length and
-    n_batch (those of `base`, the section's most common ones, where given)."""
+    """llama.cpp's main grid point: generate API, F16 KV cache, the grid's prompt length, n_batch and flash
+    attention (those of `base`, the section's most common ones, where given; else no flash attention)."""
     base = base or {}
-    return (r["runtime"] == "llama_cpp" and r.get("api") == "generate" and str(r.get("flash_attn")) == "False"
+    return (r["runtime"] == "llama_cpp" and r.get("api") == "generate"
+            and ("flash_attn" in base or str(r.get("flash_attn")) == "False")
             and r.get("kv_type") == "f16" and (threads is None or num(r.get("n_threads")) == threads)
             and all(r.get(k) == v for k, v in base.items()))
 
 
 def llama_grid(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The prompt length and n_batch most llama.cpp points ran with (the main grid's)."""
+    """The prompt length, n_batch and flash attention most llama.cpp points ran with (the main grid's: without
+    flash attention on a CPU, with it on a GPU)."""
     out = {}
-    for key in ("prompt_tokens", "n_batch"):
+    for key in ("prompt_tokens", "n_batch", "flash_attn"):
         values = [r.get(key) for r in rows if r["runtime"] == "llama_cpp"]
         if values:
             out[key] = max(set(values), key=values.count)
@@ -80,7 +82,10 @@ def headline(section: Section) -> list[str]:
         runtime = rows[0]["runtime"]
         b1 = [r for r in rows if num(r.get("batch_size")) in (1, None)]
         base, q4 = _first(b1, SIXTEEN_BIT[runtime]), _first(b1, FOUR_BIT[runtime])
-        where = f" ({int(llama_threads)} threads)" if runtime == "llama_cpp" and llama_threads else " at batch 1"
+        where = " at batch 1"
+        if runtime == "llama_cpp":
+            where = (" (every layer on the GPU)" if rows[0].get("device") == "cuda"
+                     else f" ({int(llama_threads)} threads)" if llama_threads else "")
         if base is None or q4 is None:
             missing = "a 16-bit" if base is None else "a 4-bit"
             out.append(f"**{family}**: {missing} configuration was not measured{where}, so 16-bit vs 4-bit "
@@ -227,7 +232,9 @@ def faster_decoding(section: Section) -> list[str]:
                    f"{_f(fp16['decode_tps'], 'tokens/s')} (ITL p50 {_f(fp16['itl_p50_ms'], 'ms')}); 4-bit "
                    f"{q4['name']} {_f(q4['decode_tps'], 'tokens/s')} (ITL p50 {_f(q4['itl_p50_ms'], 'ms')}), "
                    f"{_ratio(q4['decode_tps'], fp16['decode_tps'])} the 16-bit speed in "
-                   f"{_f(q4['memory_gib'], 'GiB')} against {_f(fp16['memory_gib'], 'GiB')}.")
+                   f"{_f(q4['memory_gib'], 'GiB')} against {_f(fp16['memory_gib'], 'GiB')}; the 4-bit's fidelity "
+                   f"{_f(q4.get('fidelity'))} (16-bit: {_f(fp16.get('fidelity'))}), perplexity ratio "
+                   f"{_f(q4.get('perplexity_ratio'))}.")
     if gpu_llama:
         ok = [r for r in gpu_llama if r["status"] == "ok"]
         if ok:
@@ -235,6 +242,16 @@ def faster_decoding(section: Section) -> list[str]:
                      f"{_f(r['decode_tps'], 'tokens/s')}, TTFT {_f(r['ttft_ms'], 'ms')}, {_f(r['memory_gib'], 'GiB')}"
                      for r in sorted(ok, key=lambda r: str(r["quant"]))]
             out.append("**llama.cpp on this GPU (every layer offloaded, same GGUF files)**: " + "; ".join(parts) + ".")
+            peer = []
+            for label, ours, kinds in (("16-bit", fp16, SIXTEEN_BIT["llama_cpp"]),
+                                       ("4-bit", q4, FOUR_BIT["llama_cpp"])):
+                theirs = _best([r for r in ok if r.get("quant") in kinds])
+                if ours is not None and theirs is not None:
+                    peer.append(f"{label} {_f(ours['decode_tps'], 'tokens/s')} against llama.cpp's "
+                                f"{theirs['quant']} {_f(theirs['decode_tps'], 'tokens/s')} "
+                                f"({_ratio(ours['decode_tps'], theirs['decode_tps'])})")
+            if peer:
+                out.append("**transformers' fastest against llama.cpp's, batch 1**: " + "; ".join(peer) + ".")
         failed = [r for r in gpu_llama if r["status"] != "ok"]
         if failed:
             reasons = sorted({r["reason"].splitlines()[0][:140] for r in failed})
