@@ -224,3 +224,48 @@ def test_report_compares_the_llama_cpp_peer_on_the_gpu(project):
             "f16's 254 tokens/s (1.20× the speed)") in md
     assert ("**transformers' fastest against llama.cpp's, batch 1**: 16-bit 316 tokens/s against llama.cpp's f16 "
             "254 tokens/s (1.24×); 4-bit 433 tokens/s against llama.cpp's q4_0 339 tokens/s (1.28×).") in md
+
+
+@pytest.mark.slow
+def test_fused_qkv_projection_gives_the_same_tokens_compiled_and_eager(tiny_hf):
+    """fuse_qkv: one matmul for q, k and v. The fused model generates the unfused model's tokens (fp32, greedy) with
+    generate() and in the compiled fast loop, and torch.compile traces it without a graph break."""
+    import torch
+
+    from inferlab.backends.fuse import fuse_qkv
+
+    def backend(**extra):
+        b = get_backend("hf")({"model_dir": str(tiny_hf), "precision": "fp32", "device": "cpu", **extra})
+        return b, b.load()
+
+    ids = [[5, 17, 33, 8, 2, 90, 41, 7]]
+    plain, _ = backend(kv_cache="dynamic")
+    fused, info = backend(kv_cache="dynamic", fuse_qkv=True)
+    layers = plain.model.config.num_hidden_layers
+    assert info["fused_qkv_layers"] == layers
+    assert type(fused.model.model.layers[0].self_attn.q_proj).__name__ == "FusedQKV"
+    assert fused.request(ids, 12).output_ids == plain.request(ids, 12).output_ids
+    with torch.no_grad():
+        explained = torch._dynamo.explain(fused.model)(torch.tensor(ids))
+    assert explained.graph_break_count == 0
+    loop, _ = backend(kv_cache="static", decode="fast", compile=True, fuse_qkv=True)
+    assert loop.request(ids, 12).output_ids == plain.request(ids, 12).output_ids
+    with pytest.raises(ValueError, match="fuse_qkv: .* has no attention module with q_proj, k_proj and v_proj"):
+        fuse_qkv(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_fused_qkv_points_are_named_grouped_and_refused_with_bitsandbytes():
+    from inferlab.bench.grid import hf_points
+
+    cfg = compose(["model=tiny-phi", "bench_gpu.hf.extra_points=[{precision: fp16, kv_cache: static, compile: true, "
+                   "decode: graph, fuse_qkv: true}, {precision: nf4, kv_cache: static, compile: true, decode: graph, "
+                   "fuse_qkv: true}, {precision: fp16, kv_cache: static, compile: true, decode: fast, fuse_qkv: true}, "
+                   "{precision: fp16, kv_cache: static, compile: true, decode: fast}]"])
+    names = {p.name: p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 2)}
+    fused = names["hf-fp16-b1-static-sdpa-compiled-qkv-graph"]
+    assert fused.settings["fuse_qkv"] is True and fused.skip is None
+    assert "fuse_qkv" not in names["hf-fp16-b1-static-sdpa-compiled-fast"].settings  # ids of older points kept
+    # a fused model is another load: never in the worker of an unfused one
+    fast = "hf-fp16-b1-static-sdpa-compiled-fast"
+    assert names[fast.replace("-fast", "-qkv-fast")].group != names[fast].group
+    assert "bitsandbytes quantizes the weights while loading" in names["hf-nf4-b1-static-sdpa-compiled-qkv-graph"].skip

@@ -268,6 +268,8 @@ class HFPoint:
     # sync) or graph (the step and its bookkeeping captured as one CUDA graph, replayed per token)
     inductor: str | None = None  # inductor options switched on for this point's compile, comma-separated (see
     # INDUCTOR_OPTIONS), on top of its compile mode's own
+    fuse_qkv: bool | None = None  # one matmul for the attention's q, k and v projections (backends/fuse.py); not
+    # with bitsandbytes, which quantizes while loading
 
 
 HF_DECODE = ("generate", "fast", "graph")

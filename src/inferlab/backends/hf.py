@@ -117,6 +117,8 @@ class HFBackend(Backend):
             kwargs.update(self._bnb_kwargs(precision, s.get("compute_dtype", "bf16"), device))
         elif precision in TORCHAO:
             kwargs.update(self._torchao_kwargs(precision, device))
+            if s.get("fuse_qkv"):  # quantized after fusing, below
+                quant = kwargs.pop("quantization_config").quant_type
         else:
             kwargs["dtype"] = getattr(torch, DTYPES[precision])
             if device == "cuda":
@@ -126,6 +128,19 @@ class HFBackend(Backend):
         t0 = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(s["model_dir"], padding_side="left")
         self.model = AutoModelForCausalLM.from_pretrained(s["model_dir"], **kwargs).eval()
+        fused = 0
+        if s.get("fuse_qkv"):
+            if precision in BNB:
+                raise ValueError("fuse_qkv: bitsandbytes quantizes the weights while loading, before they can be "
+                                 "fused; fusing applies to fp32, fp16, bf16, int8-ao and int4-ao")
+            from inferlab.backends.fuse import fuse_qkv
+
+            fused = fuse_qkv(self.model)
+            if precision in TORCHAO:
+                from torchao.quantization import quantize_
+
+                head = self.model.get_output_embeddings()  # kept in 16 bits, as transformers' TorchAoConfig does
+                quantize_(self.model, quant, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and m is not head)
         self.sync()
         load_s = time.perf_counter() - t0
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -134,6 +149,8 @@ class HFBackend(Backend):
         out = {"load_s": load_s, "weight_bytes": stored_bytes(self.model), "weight_bytes_method": "storage"}
         if self.quant_detail:
             out["quantization"] = self.quant_detail
+        if fused:
+            out["fused_qkv_layers"] = fused
         return out
 
     @staticmethod

@@ -57,6 +57,7 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
         fast = decode != "generate"
         mode = c.pop("compile_mode", None) or H.compile_mode
         inductor = c.pop("inductor", None)
+        fuse = bool(c.pop("fuse_qkv", None))
         settings = {**c, "scenario": "latency", "device": H.device, "n_threads": threads,
                     "compute_dtype": H.compute_dtype, "compile_mode": mode,
                     "prompt_tokens": w.prompt_tokens, "new_tokens": new_tokens, "warmup": w.warmup,
@@ -65,6 +66,8 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
             settings["decode"] = decode
         if inductor:
             settings["inductor"] = inductor
+        if fuse:
+            settings["fuse_qkv"] = True
         key = tuple(sorted(settings.items()))
         if key in seen or not keep(settings, pins):
             continue
@@ -76,6 +79,8 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
             skip = "torch.compile applies to the static KV cache only (kv_cache=static)"
         elif fast and c["kv_cache"] != "static":
             skip = f"the {decode} decode loop runs on a static KV cache (kv_cache=static)"
+        elif fuse and c["precision"] in ("int8", "nf4", "fp4", "nf4-dq"):
+            skip = "fuse_qkv: bitsandbytes quantizes the weights while loading, before they can be fused"
         elif c["precision"] in ("int8", "nf4", "fp4", "nf4-dq") and bnb_missing:
             skip = "bitsandbytes is not installed (pip install 'inferlab[gpu]')"
         elif c["precision"] in ("int8-ao", "int4-ao") and importlib.util.find_spec("torchao") is None:
@@ -85,12 +90,15 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
             name += "-compiled" + ("" if mode == "reduce-overhead" else f"-{mode}")
             name += "".join(f"-{INDUCTOR_SHORT.get(f.strip(), f.strip())}" for f in (inductor or "").split(",")
                             if f.strip())
+        if fuse:
+            name += "-qkv"
         if fast:
             name += f"-{decode}"
         load = {"model_dir": str(model_dir)}
         # each graph-loop point gets a worker of its own: no compiled state of another point (dynamo's caches,
         # inductor's CUDA-graph trees, cuDNN attention plans) is left in the process that captures its graph. On an
         # H100, a second capture in one process failed in cuDNN attention ("mha_graph.execute ... is_good()").
-        group = ("hf", c["precision"], c["attn"]) + ((name,) if decode == "graph" else ())
+        group = (("hf", c["precision"], c["attn"]) + (("fuse_qkv",) if fuse else ())
+                 + ((name,) if decode == "graph" else ()))
         points.append(Point(name, "hf", group, settings, load, skip))
     return points
