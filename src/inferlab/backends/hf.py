@@ -117,8 +117,9 @@ class HFBackend(Backend):
             kwargs.update(self._bnb_kwargs(precision, s.get("compute_dtype", "bf16"), device))
         elif precision in TORCHAO:
             kwargs.update(self._torchao_kwargs(precision, device))
-            if s.get("fuse_qkv"):  # quantized after fusing, below
+            if s.get("fuse_qkv"):  # loaded in bf16 on the CPU, fused, then quantized layer by layer on the device
                 quant = kwargs.pop("quantization_config").quant_type
+                kwargs["device_map"] = "cpu"
         else:
             kwargs["dtype"] = getattr(torch, DTYPES[precision])
             if device == "cuda":
@@ -137,10 +138,7 @@ class HFBackend(Backend):
 
             fused = fuse_qkv(self.model)
             if precision in TORCHAO:
-                from torchao.quantization import quantize_
-
-                head = self.model.get_output_embeddings()  # kept in 16 bits, as transformers' TorchAoConfig does
-                quantize_(self.model, quant, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and m is not head)
+                self._quantize_on_device(quant)
         self.sync()
         load_s = time.perf_counter() - t0
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -194,6 +192,25 @@ class HFBackend(Backend):
         self.quant_detail = f"torchao {type(quant).__name__}: {quant}"[:300]
         return {"quantization_config": TorchAoConfig(quant_type=quant), "dtype": torch.bfloat16,
                 "device_map": {"": 0} if device == "cuda" else "cpu"}
+
+    def _quantize_on_device(self, quant) -> None:
+        """torchao's weight-only quantization of a model loaded on the CPU: each block of its layer lists moves to
+        the device and is quantized there, then the rest follows, so the device never holds more than one block in
+        16 bits (the peak a quantizing load has). The output head stays in 16 bits, as TorchAoConfig keeps it."""
+        import torch
+        from torchao.quantization import quantize_
+
+        head = self.model.get_output_embeddings()
+        done: set[int] = set()
+
+        def wanted(m, fqn: str) -> bool:
+            return isinstance(m, torch.nn.Linear) and m is not head and id(m) not in done
+
+        blocks = [b for lst in self.model.modules() if isinstance(lst, torch.nn.ModuleList) for b in lst]
+        for block in [*blocks, self.model]:
+            block.to(self.device)
+            quantize_(block, quant, filter_fn=wanted)
+            done.update(id(m) for m in block.modules())
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
