@@ -201,12 +201,12 @@ def decode_loops(section: Section) -> list[str]:
             rows = [r for r in same if pick(r)]
             if rows:
                 best = max(rows, key=lambda r: num(r["decode_tps"]) or 0)
-                mode = best["compile_mode"] if str(best.get("compile")) == "True" else ""
+                mode = (best.get("compile_mode") or "") if str(best.get("compile")) == "True" else ""
                 if best.get("decode") == "graph" and mode:  # the loop captures its own graph
                     mode = {"reduce-overhead": "default", "max-autotune": "max-autotune"}.get(mode, mode) + " kernels"
-                if best.get("inductor"):
-                    mode += f", {best['inductor']}"
-                mode = f" ({mode})" if mode else ""
+                notes = [n for n in (mode, best.get("inductor"),
+                                     "fused q/k/v" if str(best.get("fuse_qkv")) == "True" else "") if n]
+                mode = f" ({', '.join(notes)})" if notes else ""
                 parts.append(f"{label}{mode} {_f(best['decode_tps'], 'tokens/s')} per sequence "
                              f"({_f(best['total_tps'], 'tokens/s')} total, ITL p50 {_f(best['itl_p50_ms'], 'ms')})")
         out.append(f"**Decode loop ({precision}, batch {int(batch)})**: " + "; ".join(parts) + ".")
