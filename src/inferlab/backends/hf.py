@@ -109,6 +109,9 @@ class HFBackend(Backend):
         if device == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable("CUDA is not available on this machine")
         precision = s["precision"]
+        if s.get("fuse_qkv") and precision in BNB:  # before any loading
+            raise ValueError("fuse_qkv: bitsandbytes quantizes the weights while loading, before they can be "
+                             "fused; fusing applies to fp32, fp16, bf16, int8-ao and int4-ao")
         if s.get("threads"):
             torch.set_num_threads(int(s["threads"]))
         kwargs: dict[str, Any] = {"attn_implementation": s.get("attn", "sdpa")}
@@ -131,9 +134,6 @@ class HFBackend(Backend):
         self.model = AutoModelForCausalLM.from_pretrained(s["model_dir"], **kwargs).eval()
         fused = 0
         if s.get("fuse_qkv"):
-            if precision in BNB:
-                raise ValueError("fuse_qkv: bitsandbytes quantizes the weights while loading, before they can be "
-                                 "fused; fusing applies to fp32, fp16, bf16, int8-ao and int4-ao")
             from inferlab.backends.fuse import fuse_qkv
 
             fused = fuse_qkv(self.model)

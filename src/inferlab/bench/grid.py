@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from inferlab.backends.hf import BNB, TORCHAO
 from inferlab.bench.sweep import Point
 
 INDUCTOR_SHORT = {"coordinate_descent_tuning": "cdt", "epilogue_fusion": "epilogue", "aggressive_fusion": "aggressive",
@@ -79,11 +80,11 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
             skip = "torch.compile applies to the static KV cache only (kv_cache=static)"
         elif fast and c["kv_cache"] != "static":
             skip = f"the {decode} decode loop runs on a static KV cache (kv_cache=static)"
-        elif fuse and c["precision"] in ("int8", "nf4", "fp4", "nf4-dq"):
+        elif fuse and c["precision"] in BNB:
             skip = "fuse_qkv: bitsandbytes quantizes the weights while loading, before they can be fused"
-        elif c["precision"] in ("int8", "nf4", "fp4", "nf4-dq") and bnb_missing:
+        elif c["precision"] in BNB and bnb_missing:
             skip = "bitsandbytes is not installed (pip install 'inferlab[gpu]')"
-        elif c["precision"] in ("int8-ao", "int4-ao") and importlib.util.find_spec("torchao") is None:
+        elif c["precision"] in TORCHAO and importlib.util.find_spec("torchao") is None:
             skip = "torchao is not installed (pip install torchao)"
         name = f"hf-{c['precision']}-b{c['batch_size']}-{c['kv_cache']}-{c['attn']}"
         if c["compile"]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from inferlab.backends.hf import GRAPH_MODES
 from inferlab.report.table import Section, fmt, num
 
 SIXTEEN_BIT = {"hf": ("fp16", "bf16"), "llama_cpp": ("f16",)}
@@ -203,7 +204,7 @@ def decode_loops(section: Section) -> list[str]:
                 best = max(rows, key=lambda r: num(r["decode_tps"]) or 0)
                 mode = (best.get("compile_mode") or "") if str(best.get("compile")) == "True" else ""
                 if best.get("decode") == "graph" and mode:  # the loop captures its own graph
-                    mode = {"reduce-overhead": "default", "max-autotune": "max-autotune"}.get(mode, mode) + " kernels"
+                    mode = GRAPH_MODES.get(mode, mode).removesuffix("-no-cudagraphs") + " kernels"
                 notes = [n for n in (mode, best.get("inductor"),
                                      "fused q/k/v" if str(best.get("fuse_qkv")) == "True" else "") if n]
                 mode = f" ({', '.join(notes)})" if notes else ""
