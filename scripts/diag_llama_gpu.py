@@ -46,6 +46,8 @@ def cases(path: str) -> dict[str, str]:
 def main() -> None:
     import os
 
+    if len(sys.argv) != 2:
+        sys.exit("usage: python3 scripts/diag_llama_gpu.py MODEL.gguf")
     path = sys.argv[1]
     for name, code in cases(path).items():
         env = {**os.environ, "INFERLAB_LLAMA_PROCESS": "1"} if "INFERLAB_LLAMA_PROCESS" in name else None
