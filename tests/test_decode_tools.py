@@ -272,3 +272,115 @@ def test_fused_qkv_points_are_named_grouped_and_refused_with_bitsandbytes():
     fast = "hf-fp16-b1-static-sdpa-compiled-fast"
     assert names[fast.replace("-fast", "-qkv-fast")].group != names[fast].group
     assert "bitsandbytes quantizes the weights while loading" in names["hf-nf4-b1-static-sdpa-compiled-qkv-graph"].skip
+
+
+@pytest.mark.slow
+def test_fused_parallel_block_gives_the_same_tokens_compiled_and_eager(tiny_hf):
+    """fuse_block: Phi's parallel layer as two matmuls ([q;k;v;fc1] and [dense|fc2]). The fused model generates the
+    unfused model's tokens (fp32, greedy) with generate() and in the compiled fast loop with coordinate-descent
+    tuning (the M=1 decomposition), without a graph break; a sequential model is refused by name."""
+    import torch
+
+    from inferlab.backends.fuse import fuse_parallel_block
+
+    def backend(**extra):
+        b = get_backend("hf")({"model_dir": str(tiny_hf), "precision": "fp32", "device": "cpu", **extra})
+        return b, b.load()
+
+    ids = [[5, 17, 33, 8, 2, 90, 41, 7]]
+    plain, _ = backend(kv_cache="dynamic")
+    fused, info = backend(kv_cache="dynamic", fuse_block=True)
+    assert info["fused_block_layers"] == plain.model.config.num_hidden_layers
+    layer = fused.model.model.layers[0]
+    assert [type(m).__name__ for m in (layer.self_attn.q_proj, layer.self_attn.dense, layer.mlp.fc2)] == [
+        "BlockInput", "DeferredOutput", "BlockOutput"]
+    assert type(fused.model.lm_head).__name__ == "MatVecLinear"
+    expected = plain.request(ids, 12).output_ids
+    assert fused.request(ids, 12).output_ids == expected
+    with torch.no_grad():
+        x = torch.tensor(ids)
+        assert torch.allclose(fused.model(x).logits, plain.model(x).logits, atol=1e-5)
+        assert torch._dynamo.explain(fused.model)(x).graph_break_count == 0
+    loop, _ = backend(kv_cache="static", decode="fast", compile=True, fuse_block=True,
+                      inductor="coordinate_descent_tuning")
+    assert loop.request(ids, 12).output_ids == expected
+    llama_like = torch.nn.Module()
+    llama_like.layer = torch.nn.Module()
+    for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
+        setattr(llama_like.layer, name, torch.nn.Module())
+    with pytest.raises(ValueError, match="fuse_block: Module has no parallel decoder layer .* use fuse_qkv"):
+        fuse_parallel_block(llama_like)
+
+
+def test_int4_linear_packs_two_weights_per_byte_and_both_paths_compute_the_same():
+    """int4-inductor's layer: every weight within half a quantization step of the original, half a byte per weight
+    plus a scale and an offset per group of 128, and the one-row reduction (what inductor compiles at batch 1)
+    equal to the dequantized matmul that more rows take."""
+    import torch
+
+    from inferlab.backends.int4 import group_size_for, int4_linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 96)
+    q = int4_linear(lin)
+    assert q.group_size == 128 and q.packed.dtype == torch.uint8 and q.packed.shape == (96, 256)
+    assert q.scale.shape == q.offset.shape == (96, 4)
+    w = q.dequantize()
+    step = q.scale.repeat_interleave(128, dim=1)
+    assert torch.all((w - lin.weight).abs() <= step / 2 + 1e-6)
+    assert not torch.equal(w, lin.weight)  # it did quantize
+    x = torch.randn(1, 1, 512)
+    with torch.no_grad():
+        one = q(x)
+        assert torch.allclose(one, torch.nn.functional.linear(x, w, lin.bias), atol=1e-5)
+        rows = q(torch.cat([x, torch.randn(1, 3, 512)], dim=1))
+        assert torch.allclose(rows[:, :1], one, atol=1e-5)
+    assert (group_size_for(2560), group_size_for(192), group_size_for(100)) == (128, 32, None)
+    with pytest.raises(ValueError, match="in_features 100 is not divisible by 64"):
+        int4_linear(torch.nn.Linear(100, 8))
+
+
+@pytest.mark.slow
+def test_int4_inductor_model_decodes_fused_or_not_eager_or_compiled(tiny_hf):
+    """precision int4-inductor on the tiny model: every projection is quantized (the head stays in 16 bits), the
+    block-fused model quantizes to the same values (rows concatenated, groups never straddle the two matrices) and
+    generates the same tokens, and the compiled loop with coordinate-descent tuning gets them too."""
+    def backend(**extra):
+        b = get_backend("hf")({"model_dir": str(tiny_hf), "precision": "int4-inductor", "device": "cpu", **extra})
+        return b, b.load()
+
+    ids = [[5, 17, 33, 8, 2, 90, 41, 7]]
+    plain, info = backend(kv_cache="dynamic")
+    layers = plain.model.config.num_hidden_layers
+    assert info["quantization"].startswith("int4 weight-only, asymmetric, group size 128")
+    assert f"{6 * layers} projections quantized, 0 kept" in info["quantization"]
+    assert type(plain.model.lm_head).__name__ == "Linear"
+    fp32 = get_backend("hf")({"model_dir": str(tiny_hf), "precision": "fp32", "device": "cpu",
+                              "kv_cache": "dynamic"})
+    fp32.load()
+    assert info["weight_bytes"] < 0.5 * fp32.load()["weight_bytes"]
+    expected = plain.request(ids, 12).output_ids
+    fused, finfo = backend(kv_cache="dynamic", fuse_block=True)
+    assert f"{2 * layers} projections quantized" in finfo["quantization"]
+    assert fused.request(ids, 12).output_ids == expected
+    loop, _ = backend(kv_cache="static", decode="fast", compile=True, fuse_block=True,
+                      inductor="coordinate_descent_tuning")
+    assert loop.request(ids, 12).output_ids == expected
+
+
+def test_fused_block_points_are_named_grouped_and_refused_with_bitsandbytes():
+    from inferlab.bench.grid import hf_points
+
+    cfg = compose(["model=tiny-phi", "bench_gpu.hf.extra_points=[{precision: fp16, kv_cache: static, compile: true, "
+                   "decode: graph, fuse_block: true, inductor: coordinate_descent_tuning}, {precision: nf4, "
+                   "kv_cache: static, compile: true, decode: graph, fuse_block: true}, {precision: int4-inductor, "
+                   "kv_cache: static, compile: true, decode: graph, fuse_block: true, fuse_qkv: true}]"])
+    names = {p.name: p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 2)}
+    fused = names["hf-fp16-b1-static-sdpa-compiled-cdt-block-graph"]
+    assert fused.settings["fuse_block"] is True and "fuse_qkv" not in fused.settings and fused.skip is None
+    assert "fuse_block" in fused.group
+    int4 = names["hf-int4-inductor-b1-static-sdpa-compiled-block-graph"]  # the block includes q/k/v
+    assert int4.settings.get("fuse_qkv") is None and int4.skip is None
+    assert "fuse_block: bitsandbytes quantizes" in names["hf-nf4-b1-static-sdpa-compiled-block-graph"].skip
+    with pytest.raises(ConfigError, match="precision"):
+        compose(["model=tiny-phi", "bench_gpu.hf.extra_points=[{precision: int3}]"])

@@ -163,7 +163,7 @@ KV_TYPES = ("f16", "q8_0", "q4_0")
 LLAMA_APIS = ("generate", "completion", "completion_stream")
 PROMPT_CACHE_MODES = ("none", "context", "ram", "disk")
 # bitsandbytes: int8, nf4, fp4, nf4-dq; torchao weight-only (bf16 activations): int8-ao, int4-ao
-HF_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4", "nf4-dq", "int8-ao", "int4-ao")
+HF_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4", "nf4-dq", "int8-ao", "int4-ao", "int4-inductor")
 HF_KV_CACHES = ("none", "dynamic", "static")
 HF_ATTENTION = ("sdpa", "eager")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -270,6 +270,8 @@ class HFPoint:
     # INDUCTOR_OPTIONS), on top of its compile mode's own
     fuse_qkv: bool | None = None  # one matmul for the attention's q, k and v projections (backends/fuse.py); not
     # with bitsandbytes, which quantizes while loading
+    fuse_block: bool | None = None  # a parallel decoder layer (Phi's) as two matmuls, [q;k;v;fc1] and [dense|fc2],
+    # every projection as torch.mm + bias so inductor can write its batch-1 kernel (backends/fuse.py)
 
 
 HF_DECODE = ("generate", "fast", "graph")

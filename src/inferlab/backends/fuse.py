@@ -13,9 +13,11 @@ instead of computing something else. torch.compile traces through the hand-over 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 
+@functools.cache  # one set of classes: isinstance checks and torch.compile see the same types
 def _modules():
     from torch import nn
 
@@ -42,7 +44,8 @@ def _modules():
             return q
 
     class HandedProjection(nn.Module):
-        """k_proj or v_proj of a fused projection: the part the fused q_proj computed from the same input."""
+        """k_proj or v_proj (or a fused block's fc1) of a fused projection: the part the fused q_proj computed from the
+        same input."""
 
         def __init__(self, handed: dict[str, Any], part: str):
             super().__init__()
@@ -50,8 +53,9 @@ def _modules():
 
         def forward(self, x):
             if self.part not in self.handed:
-                raise RuntimeError(f"fuse_qkv: {self.part}_proj was called before q_proj; this model's attention "
-                                   "does not call q, k and v in that order, so its projections cannot be fused")
+                raise RuntimeError(f"fused projections: {self.part} was asked for before q_proj ran; this model "
+                                   "does not call its projections in the order fusing assumes (q, k, v, then the "
+                                   "MLP), so they cannot be fused")
             return self.handed.pop(self.part)
 
     return FusedQKV, HandedProjection
@@ -81,3 +85,141 @@ def fuse_qkv(model) -> int:
                          "as plain Linear layers (fusing applies to fp32/fp16/bf16 weights and to torchao's, which "
                          "are quantized after fusing)")
     return n
+
+
+# The parallel block (`fuse_block`). Phi's decoder layer feeds one layer norm's output to both the attention and the
+# MLP and adds both outputs to the residual: out = x + dense(attn(q, k, v)) + fc2(act(fc1(h))), h = ln(x). So
+# [q; k; v; fc1] is one matrix over h, and dense + fc2 is one matrix over [attention output, act(fc1(h))]: two
+# matrix-vector products per layer instead of six (four with fused q/k/v), each larger, which batch-1 kernels read
+# faster. Every projection then runs as `torch.mm` plus a bias add (MatVecLinear): at one row, inductor with
+# coordinate-descent tuning turns torch.mm into a Triton reduction that takes the bias, the activation and the
+# residual add into the same kernel (scripts/gemv_bench.py measured such kernels against cuBLAS on these shapes).
+# The model's own forward code stays as it is, as for fuse_qkv: q_proj computes the fused input projection and hands
+# k, v and fc1's output on; dense keeps the attention output for fc2 and returns zeros, which the layer adds.
+
+
+@functools.cache
+def _block_modules():
+    import torch
+    from torch import nn
+
+    class MatVecLinear(nn.Module):
+        """x W^T + b as torch.mm and an add (not addmm, which inductor leaves to cuBLAS)."""
+
+        def __init__(self, weight, bias):
+            super().__init__()
+            self.out_features, self.in_features = weight.shape
+            self.weight = nn.Parameter(weight, requires_grad=False)
+            self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+        def forward(self, x):
+            y = torch.mm(x.reshape(-1, self.in_features), self.weight.t())
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*x.shape[:-1], self.out_features)
+
+    class BlockInput(nn.Module):
+        """q_proj of a fused block: one matmul over [Wq; Wk; Wv; Wfc1]; k, v and fc1's output are handed on."""
+
+        def __init__(self, proj, sizes: list[int], handed: dict[str, Any]):
+            super().__init__()
+            self.proj, self.sizes, self.handed = proj, sizes, handed
+
+        def forward(self, x):
+            q, k, v, f = self.proj(x).split(self.sizes, dim=-1)
+            self.handed["k"], self.handed["v"], self.handed["fc1"] = k, v, f
+            return q
+
+    class DeferredOutput(nn.Module):
+        """The attention's output projection of a fused block: keeps its input for fc2 and adds nothing itself."""
+
+        def __init__(self, out_features: int, handed: dict[str, Any]):
+            super().__init__()
+            self.out_features, self.handed = out_features, handed
+
+        def forward(self, x):
+            self.handed["attn"] = x
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+
+    class BlockOutput(nn.Module):
+        """fc2 of a fused block: one matmul over [attention output, activated fc1 output] with [Wdense | Wfc2]."""
+
+        def __init__(self, proj, handed: dict[str, Any]):
+            super().__init__()
+            self.proj, self.handed = proj, handed
+
+        def forward(self, g):
+            if "attn" not in self.handed:
+                raise RuntimeError("fuse_block: fc2 was called before the attention's output projection; this layer "
+                                   "does not run attention before its MLP, so its block cannot be fused")
+            return self.proj(torch.cat([self.handed.pop("attn"), g], dim=-1))
+
+    return MatVecLinear, BlockInput, DeferredOutput, BlockOutput
+
+
+def matvec_linear(linear):
+    """A MatVecLinear with the weights of an nn.Linear (the same tensors, not copies)."""
+    return _block_modules()[0](linear.weight.data, linear.bias.data if linear.bias is not None else None)
+
+
+def parallel_blocks(model) -> list:
+    """The decoder layers whose attention and MLP read the same normed input (one input layer norm, no
+    post-attention one) with q/k/v/dense and fc1/fc2 as plain Linear layers: Phi's layout."""
+    from torch import nn
+
+    found = []
+    for layer in model.modules():
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None or not hasattr(layer, "input_layernorm"):
+            continue
+        if hasattr(layer, "post_attention_layernorm"):  # attention, then MLP: sequential, not parallel
+            continue
+        parts = [getattr(attn, f"{p}_proj", None) for p in "qkv"] + [getattr(attn, "dense", None),
+                                                                      getattr(mlp, "fc1", None),
+                                                                      getattr(mlp, "fc2", None)]
+        if all(type(p) is nn.Linear for p in parts):
+            found.append(layer)
+    return found
+
+
+def fuse_parallel_block(model, matvec_projections: bool = True) -> int:
+    """Fuse every parallel decoder layer into two projections (see above) and run the output head as a
+    MatVecLinear; returns how many layers were fused. Raises ValueError where none can be (a sequential layer
+    layout such as Llama's, or weights already quantized by bitsandbytes). With matvec_projections=False the two
+    projections are nn.Linear layers (what torchao's quantize_ converts) and the head stays as it is."""
+    import torch
+
+    matvec, block_input, deferred, block_output = _block_modules()
+    if not matvec_projections:
+        def matvec(weight, bias):
+            linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+            linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+            if bias is not None:
+                linear.bias = torch.nn.Parameter(bias, requires_grad=False)
+            return linear
+
+    layers = parallel_blocks(model)
+    if not layers:
+        raise ValueError(f"fuse_block: {type(model).__name__} has no parallel decoder layer (one input layer norm "
+                         "feeding self_attn with q_proj/k_proj/v_proj/dense and mlp with fc1/fc2 as plain Linear "
+                         "layers, as Phi has); sequential layers such as Llama's cannot be fused this way: use "
+                         "fuse_qkv")
+    with torch.no_grad():
+        for layer in layers:
+            a, m = layer.self_attn, layer.mlp
+            ins = [a.q_proj, a.k_proj, a.v_proj, m.fc1]
+            w_in = torch.cat([p.weight for p in ins])
+            b_in = torch.cat([p.bias if p.bias is not None else w_in.new_zeros(p.out_features) for p in ins])
+            w_out = torch.cat([a.dense.weight, m.fc2.weight], dim=1)
+            b_out = sum(p.bias for p in (a.dense, m.fc2) if p.bias is not None)
+            handed: dict[str, Any] = {}
+            _, handed_cls = _modules()
+            a.q_proj = block_input(matvec(w_in, b_in), [p.out_features for p in ins], handed)
+            a.k_proj, a.v_proj, m.fc1 = (handed_cls(handed, "k"), handed_cls(handed, "v"),
+                                         handed_cls(handed, "fc1"))
+            a.dense = deferred(w_out.shape[0], handed)
+            m.fc2 = block_output(matvec(w_out, b_out if torch.is_tensor(b_out) else None), handed)
+        head = model.get_output_embeddings()
+        if matvec_projections and type(head) is torch.nn.Linear:
+            model.set_output_embeddings(matvec_linear(head))
+    return len(layers)

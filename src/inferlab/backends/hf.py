@@ -16,9 +16,10 @@ from inferlab.bench.timing import RequestTiming
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4", "nf4-dq", "int8-ao", "int4-ao")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4", "nf4-dq", "int8-ao", "int4-ao", "int4-inductor")
 BNB = {"int8", "nf4", "fp4", "nf4-dq"}
 TORCHAO = {"int8-ao", "int4-ao"}  # torchao weight-only quantization, bf16 activations
+INT4_INDUCTOR = "int4-inductor"  # int4 weight-only whose batch-1 kernel inductor writes (backends/int4.py)
 KV_CACHES = ("none", "dynamic", "static")
 ATTENTION = ("sdpa", "eager")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -109,20 +110,25 @@ class HFBackend(Backend):
         if device == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable("CUDA is not available on this machine")
         precision = s["precision"]
-        if s.get("fuse_qkv") and precision in BNB:  # before any loading
-            raise ValueError("fuse_qkv: bitsandbytes quantizes the weights while loading, before they can be "
-                             "fused; fusing applies to fp32, fp16, bf16, int8-ao and int4-ao")
+        fuse = "block" if s.get("fuse_block") else "qkv" if s.get("fuse_qkv") else None
+        if fuse and precision in BNB:  # before any loading
+            raise ValueError(f"fuse_{fuse}: bitsandbytes quantizes the weights while loading, before they can be "
+                             "fused; fusing applies to fp32, fp16, bf16, int8-ao, int4-ao and int4-inductor")
         if s.get("threads"):
             torch.set_num_threads(int(s["threads"]))
         kwargs: dict[str, Any] = {"attn_implementation": s.get("attn", "sdpa")}
         self.quant_detail: str | None = None  # what torchao was asked for, recorded with the load figures
+        quantize = None  # quantized after loading (and fusing), block by block on the device
         if precision in BNB:
             kwargs.update(self._bnb_kwargs(precision, s.get("compute_dtype", "bf16"), device))
         elif precision in TORCHAO:
             kwargs.update(self._torchao_kwargs(precision, device))
-            if s.get("fuse_qkv"):  # loaded in bf16 on the CPU, fused, then quantized layer by layer on the device
-                quant = kwargs.pop("quantization_config").quant_type
+            if fuse:  # loaded in bf16 on the CPU, fused, then quantized layer by layer on the device
+                quantize = self._torchao_quantizer(kwargs.pop("quantization_config").quant_type)
                 kwargs["device_map"] = "cpu"
+        elif precision == INT4_INDUCTOR:  # fp16 activations on CUDA (fp32 on the CPU, where fp16 math is slow)
+            kwargs.update(dtype=torch.float16 if device == "cuda" else torch.float32, device_map="cpu")
+            quantize = self._int4_quantizer()
         else:
             kwargs["dtype"] = getattr(torch, DTYPES[precision])
             if device == "cuda":
@@ -133,12 +139,16 @@ class HFBackend(Backend):
         self.tokenizer = AutoTokenizer.from_pretrained(s["model_dir"], padding_side="left")
         self.model = AutoModelForCausalLM.from_pretrained(s["model_dir"], **kwargs).eval()
         fused = 0
-        if s.get("fuse_qkv"):
+        if fuse == "block":
+            from inferlab.backends.fuse import fuse_parallel_block
+
+            fused = fuse_parallel_block(self.model, matvec_projections=precision not in TORCHAO)
+        elif fuse == "qkv":
             from inferlab.backends.fuse import fuse_qkv
 
             fused = fuse_qkv(self.model)
-            if precision in TORCHAO:
-                self._quantize_on_device(quant)
+        if quantize is not None:
+            self._quantize_on_device(quantize)
         self.sync()
         load_s = time.perf_counter() - t0
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -148,7 +158,7 @@ class HFBackend(Backend):
         if self.quant_detail:
             out["quantization"] = self.quant_detail
         if fused:
-            out["fused_qkv_layers"] = fused
+            out[f"fused_{fuse}_layers"] = fused
         return out
 
     @staticmethod
@@ -193,23 +203,44 @@ class HFBackend(Backend):
         return {"quantization_config": TorchAoConfig(quant_type=quant), "dtype": torch.bfloat16,
                 "device_map": {"": 0} if device == "cuda" else "cpu"}
 
-    def _quantize_on_device(self, quant) -> None:
-        """torchao's weight-only quantization of a model loaded on the CPU: each block of its layer lists moves to
-        the device and is quantized there, then the rest follows, so the device never holds more than one block in
-        16 bits (the peak a quantizing load has). The output head stays in 16 bits, as TorchAoConfig keeps it."""
+    @staticmethod
+    def _torchao_quantizer(quant):
+        def apply(block, skip):
+            import torch
+            from torchao.quantization import quantize_
+
+            quantize_(block, quant, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and id(m) not in skip)
+
+        return apply
+
+    def _int4_quantizer(self):
+        from inferlab.backends.int4 import quantize_int4
+
+        totals = {"quantized": 0, "kept": 0, "group_size": 0}
+
+        def apply(block, skip):
+            counts = quantize_int4(block, skip=[m for m in block.modules() if id(m) in skip])
+            totals.update(quantized=totals["quantized"] + counts["quantized"], kept=totals["kept"] + counts["kept"],
+                          group_size=max(totals["group_size"], counts["group_size"]))
+            self.quant_detail = (f"int4 weight-only, asymmetric, group size {totals['group_size']}, two per byte; "
+                                 f"{totals['quantized']} projections quantized, {totals['kept']} kept in 16 bits "
+                                 "(output head in 16 bits)")
+
+        return apply
+
+    def _quantize_on_device(self, apply) -> None:
+        """Weight-only quantization of a model loaded on the CPU: each block of its layer lists moves to the device
+        and is quantized there (`apply(block, skip_ids)`), then the rest follows, so the device never holds more
+        than one block in 16 bits (the peak a quantizing load has). The output head stays in 16 bits, as
+        TorchAoConfig keeps it."""
         import torch
-        from torchao.quantization import quantize_
 
         head = self.model.get_output_embeddings()
-        done: set[int] = set()
-
-        def wanted(m, fqn: str) -> bool:
-            return isinstance(m, torch.nn.Linear) and m is not head and id(m) not in done
-
+        done: set[int] = {id(head)}
         blocks = [b for lst in self.model.modules() if isinstance(lst, torch.nn.ModuleList) for b in lst]
         for block in [*blocks, self.model]:
             block.to(self.device)
-            quantize_(block, quant, filter_fn=wanted)
+            apply(block, set(done))
             done.update(id(m) for m in block.modules())
 
     def tokenize(self, text: str) -> list[int]:

@@ -58,7 +58,8 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
         fast = decode != "generate"
         mode = c.pop("compile_mode", None) or H.compile_mode
         inductor = c.pop("inductor", None)
-        fuse = bool(c.pop("fuse_qkv", None))
+        fuse = "block" if c.pop("fuse_block", None) else None  # the block fusion includes q/k/v
+        fuse = "qkv" if c.pop("fuse_qkv", None) and not fuse else fuse
         settings = {**c, "scenario": "latency", "device": H.device, "n_threads": threads,
                     "compute_dtype": H.compute_dtype, "compile_mode": mode,
                     "prompt_tokens": w.prompt_tokens, "new_tokens": new_tokens, "warmup": w.warmup,
@@ -68,7 +69,7 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
         if inductor:
             settings["inductor"] = inductor
         if fuse:
-            settings["fuse_qkv"] = True
+            settings[f"fuse_{fuse}"] = True
         key = tuple(sorted(settings.items()))
         if key in seen or not keep(settings, pins):
             continue
@@ -81,7 +82,7 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
         elif fast and c["kv_cache"] != "static":
             skip = f"the {decode} decode loop runs on a static KV cache (kv_cache=static)"
         elif fuse and c["precision"] in BNB:
-            skip = "fuse_qkv: bitsandbytes quantizes the weights while loading, before they can be fused"
+            skip = f"fuse_{fuse}: bitsandbytes quantizes the weights while loading, before they can be fused"
         elif c["precision"] in BNB and bnb_missing:
             skip = "bitsandbytes is not installed (pip install 'inferlab[gpu]')"
         elif c["precision"] in TORCHAO and importlib.util.find_spec("torchao") is None:
@@ -92,14 +93,14 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
             name += "".join(f"-{INDUCTOR_SHORT.get(f.strip(), f.strip())}" for f in (inductor or "").split(",")
                             if f.strip())
         if fuse:
-            name += "-qkv"
+            name += f"-{fuse}"
         if fast:
             name += f"-{decode}"
         load = {"model_dir": str(model_dir)}
         # each graph-loop point gets a worker of its own: no compiled state of another point (dynamo's caches,
         # inductor's CUDA-graph trees, cuDNN attention plans) is left in the process that captures its graph. On an
         # H100, a second capture in one process failed in cuDNN attention ("mha_graph.execute ... is_good()").
-        group = (("hf", c["precision"], c["attn"]) + (("fuse_qkv",) if fuse else ())
+        group = (("hf", c["precision"], c["attn"]) + ((f"fuse_{fuse}",) if fuse else ())
                  + ((name,) if decode == "graph" else ()))
         points.append(Point(name, "hf", group, settings, load, skip))
     return points

@@ -205,8 +205,9 @@ def decode_loops(section: Section) -> list[str]:
                 mode = (best.get("compile_mode") or "") if str(best.get("compile")) == "True" else ""
                 if best.get("decode") == "graph" and mode:  # the loop captures its own graph
                     mode = GRAPH_MODES.get(mode, mode).removesuffix("-no-cudagraphs") + " kernels"
-                notes = [n for n in (mode, best.get("inductor"),
-                                     "fused q/k/v" if str(best.get("fuse_qkv")) == "True" else "") if n]
+                fused = ("fused block" if str(best.get("fuse_block")) == "True"
+                         else "fused q/k/v" if str(best.get("fuse_qkv")) == "True" else "")
+                notes = [n for n in (mode, best.get("inductor"), fused) if n]
                 mode = f" ({', '.join(notes)})" if notes else ""
                 parts.append(f"{label}{mode} {_f(best['decode_tps'], 'tokens/s')} per sequence "
                              f"({_f(best['total_tps'], 'tokens/s')} total, ITL p50 {_f(best['itl_p50_ms'], 'ms')})")
@@ -227,7 +228,7 @@ def faster_decoding(section: Section) -> list[str]:
                  and r["scenario"] == "latency"]
     hf_b1 = [r for r in section.candidates if r["runtime"] == "hf" and num(r.get("batch_size")) == 1]
     fp16 = _best([r for r in hf_b1 if r["precision"] in SIXTEEN_BIT["hf"]])
-    q4 = _best([r for r in hf_b1 if r["precision"] in (*FOUR_BIT["hf"], "int4-ao")])
+    q4 = _best([r for r in hf_b1 if r["precision"] in (*FOUR_BIT["hf"], "int4-ao", "int4-inductor")])
     if fp16 is not None and q4 is not None and not _generate(fp16):
         out.append(f"**Fastest batch-1 decoding (transformers)**: 16-bit {fp16['name']} "
                    f"{_f(fp16['decode_tps'], 'tokens/s')} (ITL p50 {_f(fp16['itl_p50_ms'], 'ms')}); 4-bit "

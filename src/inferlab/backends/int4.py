@@ -1,0 +1,113 @@
+"""int4 weight-only quantization whose batch-1 kernel inductor writes (`precision: int4-inductor`).
+
+Weights are quantized per row in groups of 128 input columns, asymmetric (w ~ q * scale - scale * zero, q in 0..15:
+the scheme of torchao's tinygemm int4 and HQQ), and stored two per byte: byte j of a row holds column j in its low
+nibble and column j + K/2 in its high one, so unpacking needs no interleave. At one row (batch-1 decoding) the
+product is written as plain tensor arithmetic, unpack, scale, multiply and sum, which torch.compile turns into a
+single Triton reduction that reads the packed bytes once; no custom kernel is involved. With more rows (prefill,
+batches) the weight is dequantized and multiplied by torch.mm.
+
+scripts/gemv_bench.py compared the int4 kernels available here at batch 1 on Phi-2's shapes (H100): torchao's
+tinygemm and GemLite's GEMV read their packed weights at 0.4-1.6 TB/s, since their cost per call does not scale
+down with the matrix; this path is there to measure what a bandwidth-bound reduction does instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+GROUP_SIZES = (128, 64, 32)
+
+
+@functools.cache
+def _module():
+    import torch
+    from torch import nn
+
+    class Int4Linear(nn.Module):
+        def __init__(self, weight, bias, group_size: int):
+            super().__init__()
+            n, k = weight.shape
+            self.out_features, self.in_features, self.group_size = n, k, group_size
+            w = weight.detach().float().view(n, k // group_size, group_size)
+            lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+            scale = ((hi - lo) / 15).clamp(min=1e-8)
+            zero = -lo / scale
+            q = torch.clamp(torch.round(w / scale + zero), 0, 15).to(torch.uint8).view(n, k)
+            half = k // 2
+            self.register_buffer("packed", (q[:, :half] | (q[:, half:] << 4)).contiguous())
+            dtype = weight.dtype
+            self.register_buffer("scale", scale.view(n, -1).to(dtype))  # (n, groups): lower half, then upper
+            self.register_buffer("offset", (scale * zero).view(n, -1).to(dtype))  # w = q * scale - offset
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+        def _halves(self, dtype):
+            n, g = self.out_features, self.group_size
+            p = self.packed.view(n, -1, g)  # (n, groups per half, g)
+            s = self.scale.view(n, 2, -1, 1).to(dtype)
+            o = self.offset.view(n, 2, -1, 1).to(dtype)
+            lo = (p & 15).to(dtype) * s[:, 0] - o[:, 0]
+            hi = (p >> 4).to(dtype) * s[:, 1] - o[:, 1]
+            return lo, hi
+
+        def dequantize(self, dtype=None):
+            lo, hi = self._halves(dtype or self.scale.dtype)
+            return torch.cat([lo.reshape(self.out_features, -1), hi.reshape(self.out_features, -1)], dim=1)
+
+        def forward(self, x):
+            x2 = x.reshape(-1, self.in_features)
+            if x2.shape[0] == 1:  # one row: the reduction inductor compiles into one kernel over the packed bytes
+                lo, hi = self._halves(x.dtype)
+                xs = x2.view(2, -1, self.group_size)
+                y = (lo * xs[0] + hi * xs[1]).sum(dim=(1, 2), dtype=torch.float32).to(x.dtype).view(1, -1)
+            else:
+                y = torch.mm(x2, self.dequantize(x.dtype).t())
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*x.shape[:-1], self.out_features)
+
+        def extra_repr(self) -> str:
+            return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+    return Int4Linear
+
+
+def group_size_for(in_features: int) -> int | None:
+    """The largest of 128, 64, 32 that splits each half of a row into whole groups; None if none does."""
+    return next((g for g in GROUP_SIZES if in_features % (2 * g) == 0), None)
+
+
+def int4_linear(linear) -> Any:
+    """An Int4Linear quantized from a Linear (or a MatVecLinear) with in_features divisible by 64."""
+    g = group_size_for(linear.in_features)
+    if g is None:
+        raise ValueError(f"int4-inductor: in_features {linear.in_features} is not divisible by 64")
+    return _module()(linear.weight, linear.bias, g)
+
+
+def quantize_int4(module, skip=()) -> dict[str, int]:
+    """Replace every Linear / MatVecLinear under `module` (but those in `skip`) by an Int4Linear, in place.
+    Returns counts: quantized, and left in 16 bits because no group size fits."""
+    from torch import nn
+
+    from inferlab.backends.fuse import _block_modules
+
+    matvec = _block_modules()[0]
+    skip_ids = {id(m) for m in skip}
+    counts = {"quantized": 0, "kept": 0, "group_size": 0}
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if id(child) in skip_ids or type(child) not in (nn.Linear, matvec):
+                continue
+            if group_size_for(child.in_features) is None:
+                counts["kept"] += 1
+                continue
+            q = int4_linear(child)
+            counts["group_size"] = max(counts["group_size"], q.group_size)
+            setattr(parent, name, q)
+            counts["quantized"] += 1
+    return counts
