@@ -272,9 +272,12 @@ class HFPoint:
     # with bitsandbytes, which quantizes while loading
     fuse_block: bool | None = None  # a parallel decoder layer (Phi's) as two matmuls, [q;k;v;fc1] and [dense|fc2],
     # every projection as torch.mm + bias so inductor can write its batch-1 kernel (backends/fuse.py)
+    gemv: str | None = None  # default, or triton: batch-1 projections in 16 bits and int4-inductor's run the Triton
+    # kernels of backends/kernels.py (CUDA)
 
 
 HF_DECODE = ("generate", "fast", "graph")
+HF_GEMV = ("default", "triton")
 # torch._inductor options a point may switch on. coordinate_descent_tuning tunes each generated Triton kernel's
 # launch parameters (max-autotune turns it on with its GEMM templates too); freezing folds the weights into the
 # graph as constants.
@@ -314,7 +317,7 @@ class HFSweep:
             check_range(f"{key}.batch_sizes", b, low=1)
         _check_extras(key, self.extra_points,
                       {"precision": HF_PRECISIONS, "kv_cache": HF_KV_CACHES, "attn": HF_ATTENTION,
-                       "compile_mode": COMPILE_MODES, "decode": HF_DECODE})
+                       "compile_mode": COMPILE_MODES, "decode": HF_DECODE, "gemv": HF_GEMV})
         for i, p in enumerate(self.extra_points):
             check_inductor(f"{key}.extra_points[{i}].inductor", p.inductor)
 
@@ -408,7 +411,7 @@ class ProfileConfig:
         check_range(f"{key}.new_tokens", self.new_tokens, low=2)
         _check_extras(f"{key}.points", self.points,
                       {"precision": HF_PRECISIONS, "kv_cache": HF_KV_CACHES, "attn": HF_ATTENTION,
-                       "compile_mode": COMPILE_MODES, "decode": HF_DECODE})
+                       "compile_mode": COMPILE_MODES, "decode": HF_DECODE, "gemv": HF_GEMV})
         for i, p in enumerate(self.points):
             check_inductor(f"{key}.points[{i}].inductor", p.inductor)
 

@@ -112,8 +112,15 @@ def _block_modules():
             self.weight = nn.Parameter(weight, requires_grad=False)
             self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
+        kernel = "default"  # "triton": one row on CUDA runs backends/kernels.py's GEMV (gemv: triton)
+
         def forward(self, x):
-            y = torch.mm(x.reshape(-1, self.in_features), self.weight.t())
+            x2 = x.reshape(-1, self.in_features)
+            if self.kernel == "triton" and x2.shape[0] == 1 and x2.is_cuda:
+                from inferlab.backends.kernels import gemv_fp16
+
+                return gemv_fp16(x2.contiguous(), self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+            y = torch.mm(x2, self.weight.t())
             if self.bias is not None:
                 y = y + self.bias
             return y.view(*x.shape[:-1], self.out_features)

@@ -149,6 +149,7 @@ class HFBackend(Backend):
             fused = fuse_qkv(self.model)
         if quantize is not None:
             self._quantize_on_device(quantize)
+        gemv = self._use_triton_gemv() if s.get("gemv") == "triton" else 0
         self.sync()
         load_s = time.perf_counter() - t0
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -159,7 +160,34 @@ class HFBackend(Backend):
             out["quantization"] = self.quant_detail
         if fused:
             out[f"fused_{fuse}_layers"] = fused
+        if gemv:
+            out["triton_gemv_layers"] = gemv
         return out
+
+    def _use_triton_gemv(self) -> int:
+        """gemv: triton. Every projection still in 16 bits becomes a MatVecLinear and it and every int4-inductor
+        layer run backends/kernels.py's Triton GEMV at one row; returns how many layers do. torchao's and
+        bitsandbytes' quantized layers keep their own kernels."""
+        import torch
+
+        from inferlab.backends import kernels
+        from inferlab.backends.fuse import _block_modules, matvec_linear
+        from inferlab.backends.int4 import _module as int4_module
+
+        if self.device.type != "cuda" or not kernels.available():
+            raise BackendUnavailable("gemv: triton runs Triton kernels, which need CUDA and the triton package")
+        kernels.prepare()
+        matvec, int4 = _block_modules()[0], int4_module()
+        n = 0
+        for parent in list(self.model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear:
+                    child = matvec_linear(child)
+                    setattr(parent, name, child)
+                if type(child) in (matvec, int4):
+                    child.kernel = "triton"
+                    n += 1
+        return n
 
     @staticmethod
     def _bnb_kwargs(precision: str, compute_dtype: str, device: str) -> dict[str, Any]:

@@ -58,8 +58,15 @@ def _module():
             lo, hi = self._halves(dtype or self.scale.dtype)
             return torch.cat([lo.reshape(self.out_features, -1), hi.reshape(self.out_features, -1)], dim=1)
 
+        kernel = "default"  # "triton": one row on CUDA runs backends/kernels.py's int4 GEMV (gemv: triton)
+
         def forward(self, x):
             x2 = x.reshape(-1, self.in_features)
+            if self.kernel == "triton" and x2.shape[0] == 1 and x2.is_cuda:
+                from inferlab.backends.kernels import gemv_int4
+
+                y = gemv_int4(x2.contiguous(), self.packed, self.scale, self.offset, self.bias, self.group_size)
+                return y.view(*x.shape[:-1], self.out_features)
             if x2.shape[0] == 1:  # one row: the reduction inductor compiles into one kernel over the packed bytes
                 lo, hi = self._halves(x.dtype)
                 xs = x2.view(2, -1, self.group_size)

@@ -17,7 +17,7 @@ from inferlab.config import StudyConfig, resolve
 # plot-table columns: settings first, then figures (median unless named otherwise)
 SETTING_COLUMNS = ("runtime", "scenario", "quant", "precision", "batch_size", "n_threads", "n_batch", "flash_attn",
                    "kv_type", "kv_cache", "attn", "compile", "api", "mode", "prompt_tokens", "new_tokens",
-                   "concurrency", "max_tokens", "decode", "compile_mode", "inductor", "fuse_qkv", "fuse_block",
+                   "concurrency", "max_tokens", "decode", "compile_mode", "inductor", "fuse_qkv", "fuse_block", "gemv",
                    "n_gpu_layers", "lookup_tokens", "task")
 FIGURES = ("decode_tps", "total_tps", "ttft_ms", "tpot_ms", "e2e_ms", "prefill_tps", "llama_decode_tps",
            "harness_overhead_ms")

@@ -60,6 +60,7 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
         inductor = c.pop("inductor", None)
         fuse = "block" if c.pop("fuse_block", None) else None  # the block fusion includes q/k/v
         fuse = "qkv" if c.pop("fuse_qkv", None) and not fuse else fuse
+        gemv = c.pop("gemv", None) or "default"
         settings = {**c, "scenario": "latency", "device": H.device, "n_threads": threads,
                     "compute_dtype": H.compute_dtype, "compile_mode": mode,
                     "prompt_tokens": w.prompt_tokens, "new_tokens": new_tokens, "warmup": w.warmup,
@@ -70,6 +71,8 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
             settings["inductor"] = inductor
         if fuse:
             settings[f"fuse_{fuse}"] = True
+        if gemv != "default":
+            settings["gemv"] = gemv
         key = tuple(sorted(settings.items()))
         if key in seen or not keep(settings, pins):
             continue
@@ -81,6 +84,8 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
             skip = "torch.compile applies to the static KV cache only (kv_cache=static)"
         elif fast and c["kv_cache"] != "static":
             skip = f"the {decode} decode loop runs on a static KV cache (kv_cache=static)"
+        elif gemv == "triton" and H.device != "cuda":
+            skip = "gemv: triton runs Triton kernels, which need CUDA (device: cuda)"
         elif fuse and c["precision"] in BNB:
             skip = f"fuse_{fuse}: bitsandbytes quantizes the weights while loading, before they can be fused"
         elif c["precision"] in BNB and bnb_missing:
@@ -94,6 +99,8 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
                             if f.strip())
         if fuse:
             name += f"-{fuse}"
+        if gemv != "default":
+            name += f"-{gemv}"
         if fast:
             name += f"-{decode}"
         load = {"model_dir": str(model_dir)}
@@ -101,6 +108,6 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
         # inductor's CUDA-graph trees, cuDNN attention plans) is left in the process that captures its graph. On an
         # H100, a second capture in one process failed in cuDNN attention ("mha_graph.execute ... is_good()").
         group = (("hf", c["precision"], c["attn"]) + ((f"fuse_{fuse}",) if fuse else ())
-                 + ((name,) if decode == "graph" else ()))
+                 + ((gemv,) if gemv != "default" else ()) + ((name,) if decode == "graph" else ()))
         points.append(Point(name, "hf", group, settings, load, skip))
     return points

@@ -207,7 +207,8 @@ def decode_loops(section: Section) -> list[str]:
                     mode = GRAPH_MODES.get(mode, mode).removesuffix("-no-cudagraphs") + " kernels"
                 fused = ("fused block" if str(best.get("fuse_block")) == "True"
                          else "fused q/k/v" if str(best.get("fuse_qkv")) == "True" else "")
-                notes = [n for n in (mode, best.get("inductor"), fused) if n]
+                notes = [n for n in (mode, best.get("inductor"), fused,
+                                     "Triton GEMV" if best.get("gemv") == "triton" else "") if n]
                 mode = f" ({', '.join(notes)})" if notes else ""
                 parts.append(f"{label}{mode} {_f(best['decode_tps'], 'tokens/s')} per sequence "
                              f"({_f(best['total_tps'], 'tokens/s')} total, ITL p50 {_f(best['itl_p50_ms'], 'ms')})")
