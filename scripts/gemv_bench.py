@@ -142,7 +142,7 @@ def main() -> int:
         t = graph_time_us([lambda: dst.copy_(src)], reps=10)
         result["bandwidth"]["copy_GB_per_s"] = round(2 * src.numel() * 2 / t["us"] / 1e3, 1)  # read + write
         out = torch.empty((), dtype=torch.float32, device=dev)
-        t = graph_time_us([lambda: torch.sum(src, dtype=torch.float32, out=out)], reps=10)
+        t = graph_time_us([lambda: torch.sum(src, dim=0, dtype=torch.float32, out=out)], reps=10)
         result["bandwidth"]["read_GB_per_s"] = round(src.numel() * 2 / t["us"] / 1e3, 1)
         print("bandwidth", result["bandwidth"], flush=True)
         save()
@@ -264,6 +264,38 @@ def main() -> int:
                    gemlite=gemlite.__version__ if hasattr(gemlite, "__version__") else "?")
             del layers
 
+    def inferlab_kernels():
+        from inferlab.backends import kernels
+        from inferlab.backends.int4 import int4_linear
+
+        kernels.prepare()
+        for name, shape in shapes.items():
+            ws, bs = weights(shape, torch.float16)
+            x = torch.randn(1, shape[1], dtype=torch.float16, device=dev)
+            err = float((kernels.gemv_fp16(x, ws[0], bs[0]).float() - F.linear(x, ws[0], bs[0]).float()).abs().max())
+            record("inferlab triton fp16 (tuned)", name,
+                   graph_time_us([lambda w=w, b=b, x=x: kernels.gemv_fp16(x, w, b) for w, b in zip(ws, bs)]),
+                   shape[0] * shape[1] * 2, max_abs_err=round(err, 5))
+            del ws, bs
+        for name, shape in shapes.items():
+            n, k = shape
+            layers = []
+            for _ in range(copies_for(n * k // 2)):
+                lin = torch.nn.Linear(k, n, dtype=torch.float16, device=dev)
+                layers.append(int4_linear(lin))
+                del lin
+            x = torch.randn(1, k, dtype=torch.float16, device=dev)
+            q = layers[0]
+            got = kernels.gemv_int4(x, q.packed, q.scale, q.offset, q.bias, q.group_size)
+            err = float((got.float() - F.linear(x, q.dequantize(), q.bias).float()).abs().max())
+            packed = q.packed.numel() + 2 * q.scale.numel() * 2
+            record("inferlab triton int4 (tuned)", name,
+                   graph_time_us([lambda q=q, x=x: kernels.gemv_int4(x, q.packed, q.scale, q.offset, q.bias,
+                                                                      q.group_size) for q in layers]),
+                   packed, max_abs_err=round(err, 5))
+            del layers
+
+    attempt("inferlab", inferlab_kernels)
     attempt("bandwidth", bandwidth)
     attempt("cublas", cublas)
     attempt("triton", triton_sweep)

@@ -9,7 +9,7 @@ and torchao's int4 kernel (tinygemm) reads its packed weights at 0.4-1.5 TB/s. T
   row, reading the row in chunks (256-1024, tuned per shape).
 - `gemv_int4(x, packed, scale, offset, b, group)`: the same over Int4Linear's layout (backends/int4.py): byte j of a
   row holds column j (low nibble) and column j + K/2 (high nibble), w = q * scale - offset per group of columns.
-  Each program reads a block of rows a group at a time and applies the group's scale to the group's partial sum.
+  Each program reads a block of rows, a few groups at a time, and applies each group's scale to its partial sum.
 
 torch.compile traces calls to user-defined Triton kernels, so both run inside the compiled step and its CUDA graph.
 They need CUDA and Triton; `available()` says whether this process has both. Block sizes are tuned per shape by
@@ -54,30 +54,40 @@ def _kernels(tuned: bool = True):
         tl.store(y_ptr + row, y.to(y_ptr.dtype.element_ty))
 
     @triton.jit
-    def int4_kernel(x_ptr, p_ptr, s_ptr, o_ptr, b_ptr, y_ptr, N, K2, G, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
-                    HAS_BIAS: tl.constexpr):
-        # rows [pid * BLOCK_N, +BLOCK_N); K2 = bytes per row (K / 2); G = groups per row (K / GROUP)
+    def int4_kernel(x_ptr, p_ptr, s_ptr, o_ptr, b_ptr, y_ptr, N, K2, G, BLOCK_N: tl.constexpr, NG: tl.constexpr,
+                    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr):
+        # rows [pid * BLOCK_N, +BLOCK_N), NG groups of GROUP bytes per step; K2 = bytes per row (K / 2); G = groups
+        # per row (K / GROUP), the first G / 2 for the low nibbles, the rest for the high ones
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live = rn < N
-        rk = tl.arange(0, GROUP)
+        rk = tl.arange(0, NG * GROUP)
+        rg = tl.arange(0, NG)
         half = G // 2
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
         rows = p_ptr + rn.to(tl.int64)[:, None] * K2
-        for g in tl.range(0, half):
-            k = g * GROUP + rk
-            p = tl.load(rows + k[None, :], mask=live[:, None], other=0, eviction_policy="evict_first").to(tl.int32)
-            xl = tl.load(x_ptr + k).to(tl.float32)
-            xh = tl.load(x_ptr + K2 + k).to(tl.float32)
-            dot_lo = tl.sum((p & 15).to(tl.float32) * xl[None, :], axis=1)
-            dot_hi = tl.sum((p >> 4).to(tl.float32) * xh[None, :], axis=1)
-            s_lo = tl.load(s_ptr + rn * G + g, mask=live, other=0).to(tl.float32)
-            s_hi = tl.load(s_ptr + rn * G + half + g, mask=live, other=0).to(tl.float32)
-            o_lo = tl.load(o_ptr + rn * G + g, mask=live, other=0).to(tl.float32)
-            o_hi = tl.load(o_ptr + rn * G + half + g, mask=live, other=0).to(tl.float32)
-            acc += s_lo * dot_lo - o_lo * tl.sum(xl, axis=0) + s_hi * dot_hi - o_hi * tl.sum(xh, axis=0)
+        srow = rn[:, None] * G
+        for k0 in tl.range(0, K2, NG * GROUP):
+            k = k0 + rk
+            kin = k < K2
+            p = tl.load(rows + k[None, :], mask=live[:, None] & kin[None, :], other=0,
+                        eviction_policy="evict_first").to(tl.int32)
+            xl = tl.load(x_ptr + k, mask=kin, other=0).to(tl.float32)
+            xh = tl.load(x_ptr + K2 + k, mask=kin, other=0).to(tl.float32)
+            lo = tl.sum(tl.reshape((p & 15).to(tl.float32) * xl[None, :], (BLOCK_N, NG, GROUP)), axis=2)
+            hi = tl.sum(tl.reshape((p >> 4).to(tl.float32) * xh[None, :], (BLOCK_N, NG, GROUP)), axis=2)
+            sxl = tl.sum(tl.reshape(xl, (NG, GROUP)), axis=1)
+            sxh = tl.sum(tl.reshape(xh, (NG, GROUP)), axis=1)
+            g = k0 // GROUP + rg
+            m = live[:, None] & (g < half)[None, :]
+            s_lo = tl.load(s_ptr + srow + g[None, :], mask=m, other=0).to(tl.float32)
+            s_hi = tl.load(s_ptr + srow + half + g[None, :], mask=m, other=0).to(tl.float32)
+            o_lo = tl.load(o_ptr + srow + g[None, :], mask=m, other=0).to(tl.float32)
+            o_hi = tl.load(o_ptr + srow + half + g[None, :], mask=m, other=0).to(tl.float32)
+            acc += s_lo * lo - o_lo * sxl[None, :] + s_hi * hi - o_hi * sxh[None, :]
+        y = tl.sum(acc, axis=1)
         if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=live, other=0).to(tl.float32)
-        tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=live)
+            y += tl.load(b_ptr + rn, mask=live, other=0).to(tl.float32)
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=live)
 
     if not tuned:
         return fp16_kernel, int4_kernel
@@ -85,11 +95,15 @@ def _kernels(tuned: bool = True):
                                     for bk in (256, 512, 1024) for w in (1, 2, 4) for st in (1, 3)
                                     if bk >= 256 * w],
                            key=["N", "K"])(fp16_kernel)
-    int4 = triton.autotune(configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-                                    for bn in (1, 2, 4, 8, 16) for w in (1, 2, 4) for st in (1, 2, 3)
-                                    if bn * 128 >= 32 * w * 4],
-                           key=["N", "K2"])(int4_kernel)
+    int4 = triton.autotune(configs=INT4_CONFIGS(triton), key=["N", "K2"])(int4_kernel)
     return fp16, int4
+
+
+def INT4_CONFIGS(triton) -> list:  # noqa: N802 - a table
+    """Rows per program x groups per step x warps x stages, 4 to 32 packed bytes per thread and step."""
+    return [triton.Config({"BLOCK_N": bn, "NG": ng}, num_warps=w, num_stages=st)
+            for bn in (1, 2, 4, 8) for ng in (1, 2, 4) for w in (2, 4, 8) for st in (1, 3)
+            if 4 <= bn * ng * 128 // (32 * w) <= 32]
 
 
 _TUNED: tuple | None = None  # set by prepare(), outside torch.compile: the forward passes only launch
