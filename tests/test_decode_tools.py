@@ -384,3 +384,26 @@ def test_fused_block_points_are_named_grouped_and_refused_with_bitsandbytes():
     assert "fuse_block: bitsandbytes quantizes" in names["hf-nf4-b1-static-sdpa-compiled-block-graph"].skip
     with pytest.raises(ConfigError, match="precision"):
         compose(["model=tiny-phi", "bench_gpu.hf.extra_points=[{precision: int3}]"])
+
+
+def test_triton_gemv_points_are_named_grouped_and_need_cuda(tiny_hf):
+    """gemv: triton: its own name part and worker group, skipped with the reason on a CPU sweep, refused by the
+    backend without CUDA (before any compile), an unknown kernel family refused by the config check, and the
+    project's GEMV kernels counted as matrix kernels by the profiler."""
+    from inferlab.bench.grid import hf_points
+
+    extra = ("[{precision: int4-inductor, kv_cache: static, compile: true, decode: graph, fuse_block: true, "
+             "gemv: triton}, {precision: fp16, kv_cache: static, compile: true, decode: fast, gemv: triton}]")
+    cfg = compose(["model=tiny-phi", f"bench_gpu.hf.extra_points={extra}", f"bench_cpu.hf.extra_points={extra}"])
+    gpu = {p.name: p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 2)}
+    point = gpu["hf-int4-inductor-b1-static-sdpa-compiled-block-triton-graph"]
+    assert point.settings["gemv"] == "triton" and point.skip is None and "triton" in point.group
+    assert gpu["hf-fp16-b1-static-sdpa-compiled-triton-fast"].group == ("hf", "fp16", "sdpa", "triton")
+    cpu = {p.name: p for p in hf_points(cfg.bench_cpu, cfg.model_dir() / "hf", {}, 2)}
+    assert "need CUDA" in cpu["hf-fp16-b1-static-sdpa-compiled-triton-fast"].skip
+    with pytest.raises(ConfigError, match="extra_points.gemv: 'cublas' is not allowed; choose one of default, triton"):
+        compose(["model=tiny-phi", "bench_gpu.hf.extra_points=[{precision: fp16, gemv: cublas}]"])
+    b = get_backend("hf")({"model_dir": str(tiny_hf), "precision": "fp32", "device": "cpu", "gemv": "triton"})
+    with pytest.raises(BackendUnavailable, match="gemv: triton runs Triton kernels, which need CUDA"):
+        b.load()
+    assert {profile.kind(n) for n in ("gemv_fp16_kernel", "gemv_int4_kernel", "fp16_kernel")} == {"matmul"}

@@ -38,7 +38,7 @@ def _kernels(tuned: bool = True):
     import triton.language as tl
 
     @triton.jit
-    def fp16_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    def gemv_fp16_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
         row = tl.program_id(0)
         rk = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -54,7 +54,7 @@ def _kernels(tuned: bool = True):
         tl.store(y_ptr + row, y.to(y_ptr.dtype.element_ty))
 
     @triton.jit
-    def int4_kernel(x_ptr, p_ptr, s_ptr, o_ptr, b_ptr, y_ptr, N, K2, G, BLOCK_N: tl.constexpr, NG: tl.constexpr,
+    def gemv_int4_kernel(x_ptr, p_ptr, s_ptr, o_ptr, b_ptr, y_ptr, N, K2, G, BLOCK_N: tl.constexpr, NG: tl.constexpr,
                     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr):
         # rows [pid * BLOCK_N, +BLOCK_N), NG groups of GROUP bytes per step; K2 = bytes per row (K / 2); G = groups
         # per row (K / GROUP), the first G / 2 for the low nibbles, the rest for the high ones
@@ -73,12 +73,8 @@ def _kernels(tuned: bool = True):
                         eviction_policy="evict_first").to(tl.int32)
             xl = tl.load(x_ptr + k, mask=kin, other=0).to(tl.float32)
             xh = tl.load(x_ptr + K2 + k, mask=kin, other=0).to(tl.float32)
-            # nibble to float without the conversion unit (a quarter of the ALU rate on sm_80/90): OR-ing q into
-            # the mantissa of 2^23 gives the float 2^23 + q exactly; subtracting 2^23 leaves q
-            q_lo = ((p & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            q_hi = ((p >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            lo = tl.sum(tl.reshape(q_lo * xl[None, :], (BLOCK_N, NG, GROUP)), axis=2)
-            hi = tl.sum(tl.reshape(q_hi * xh[None, :], (BLOCK_N, NG, GROUP)), axis=2)
+            lo = tl.sum(tl.reshape((p & 15).to(tl.float32) * xl[None, :], (BLOCK_N, NG, GROUP)), axis=2)
+            hi = tl.sum(tl.reshape((p >> 4).to(tl.float32) * xh[None, :], (BLOCK_N, NG, GROUP)), axis=2)
             sxl = tl.sum(tl.reshape(xl, (NG, GROUP)), axis=1)
             sxh = tl.sum(tl.reshape(xh, (NG, GROUP)), axis=1)
             g = k0 // GROUP + rg
@@ -94,12 +90,12 @@ def _kernels(tuned: bool = True):
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=live)
 
     if not tuned:
-        return fp16_kernel, int4_kernel
+        return gemv_fp16_kernel, gemv_int4_kernel
     fp16 = triton.autotune(configs=[triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st)
                                     for bk in (256, 512, 1024) for w in (1, 2, 4) for st in (1, 3)
                                     if bk >= 256 * w],
-                           key=["N", "K"])(fp16_kernel)
-    int4 = triton.autotune(configs=INT4_CONFIGS(triton), key=["N", "K2"])(int4_kernel)
+                           key=["N", "K"])(gemv_fp16_kernel)
+    int4 = triton.autotune(configs=INT4_CONFIGS(triton), key=["N", "K2"])(gemv_int4_kernel)
     return fp16, int4
 
 

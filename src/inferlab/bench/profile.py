@@ -34,10 +34,12 @@ log = logging.getLogger(__name__)
 
 GAP_HOST_US = 10.0  # an idle stretch this long or longer is counted as waiting for the host
 DEVICE_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
-KINDS = (  # first match wins; names of cuBLAS / CUTLASS / Triton / torchao / bitsandbytes kernels
+# first match wins; names of cuBLAS / CUTLASS / Triton / torchao / bitsandbytes kernels, and this project's Triton
+# GEMVs (backends/kernels.py; the fp16 one was named fp16_kernel in the records of 770803e)
+KINDS = (
     ("attention", re.compile(r"flash|fmha|attention|sdpa|efficient_attention|softmax", re.I)),
     ("matmul", re.compile(r"gemm|gemv|cutlass|xmma|sm\d+_|cublas|matmul|_mm_|mm_kernel|addmm|linear|tinygemm|"
-                          r"int4|int8|kgemm|kdequant|splitk|dot", re.I)),
+                          r"int4|int8|kgemm|kdequant|splitk|dot|^fp16_kernel$", re.I)),
     ("fused (Triton)", re.compile(r"^triton_", re.I)),
     ("copy", re.compile(r"memcpy|memset|copy|cat|index|scatter|gather", re.I)),
 )
