@@ -5,6 +5,7 @@ isolation, and the report's section on all of it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -20,6 +21,12 @@ from inferlab.report.stage import build
 
 from .conftest import ROOT
 from .test_report import bench
+
+
+def loaded(tiny_hf, precision="fp32", **settings):
+    """A transformers backend on the tiny model on the CPU, loaded: (backend, its load figures)."""
+    b = get_backend("hf")({"model_dir": str(tiny_hf), "precision": precision, "device": "cpu", **settings})
+    return b, b.load()
 
 PROMPTS = ROOT / "data" / "prompts"
 
@@ -237,9 +244,7 @@ def test_fused_qkv_projection_gives_the_same_tokens_compiled_and_eager(tiny_hf):
 
     from inferlab.backends.fuse import fuse_qkv
 
-    def backend(**extra):
-        b = get_backend("hf")({"model_dir": str(tiny_hf), "precision": "fp32", "device": "cpu", **extra})
-        return b, b.load()
+    backend = functools.partial(loaded, tiny_hf)
 
     ids = [[5, 17, 33, 8, 2, 90, 41, 7]]
     plain, _ = backend(kv_cache="dynamic")
@@ -257,14 +262,19 @@ def test_fused_qkv_projection_gives_the_same_tokens_compiled_and_eager(tiny_hf):
         fuse_qkv(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 
-def test_fused_qkv_points_are_named_grouped_and_refused_with_bitsandbytes():
+def gpu_points(extra_points: str) -> dict:
+    """The transformers points of the tiny model's GPU grid with these extra points, by name."""
     from inferlab.bench.grid import hf_points
 
-    cfg = compose(["model=tiny-phi", "bench_gpu.hf.extra_points=[{precision: fp16, kv_cache: static, compile: true, "
-                   "decode: graph, fuse_qkv: true}, {precision: nf4, kv_cache: static, compile: true, decode: graph, "
-                   "fuse_qkv: true}, {precision: fp16, kv_cache: static, compile: true, decode: fast, fuse_qkv: true}, "
-                   "{precision: fp16, kv_cache: static, compile: true, decode: fast}]"])
-    names = {p.name: p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 2)}
+    cfg = compose(["model=tiny-phi", f"bench_gpu.hf.extra_points={extra_points}"])
+    return {p.name: p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 2)}
+
+
+def test_fused_qkv_points_are_named_grouped_and_refused_with_bitsandbytes():
+    names = gpu_points("[{precision: fp16, kv_cache: static, compile: true, decode: graph, fuse_qkv: true}, "
+                       "{precision: nf4, kv_cache: static, compile: true, decode: graph, fuse_qkv: true}, "
+                       "{precision: fp16, kv_cache: static, compile: true, decode: fast, fuse_qkv: true}, "
+                       "{precision: fp16, kv_cache: static, compile: true, decode: fast}]")
     fused = names["hf-fp16-b1-static-sdpa-compiled-qkv-graph"]
     assert fused.settings["fuse_qkv"] is True and fused.skip is None
     assert "fuse_qkv" not in names["hf-fp16-b1-static-sdpa-compiled-fast"].settings  # ids of older points kept
@@ -283,9 +293,7 @@ def test_fused_parallel_block_gives_the_same_tokens_compiled_and_eager(tiny_hf):
 
     from inferlab.backends.fuse import fuse_parallel_block
 
-    def backend(**extra):
-        b = get_backend("hf")({"model_dir": str(tiny_hf), "precision": "fp32", "device": "cpu", **extra})
-        return b, b.load()
+    backend = functools.partial(loaded, tiny_hf)
 
     ids = [[5, 17, 33, 8, 2, 90, 41, 7]]
     plain, _ = backend(kv_cache="dynamic")
@@ -345,9 +353,7 @@ def test_int4_inductor_model_decodes_fused_or_not_eager_or_compiled(tiny_hf):
     """precision int4-inductor on the tiny model: every projection is quantized (the head stays in 16 bits), the
     block-fused model quantizes to the same values (rows concatenated, groups never straddle the two matrices) and
     generates the same tokens, and the compiled loop with coordinate-descent tuning gets them too."""
-    def backend(**extra):
-        b = get_backend("hf")({"model_dir": str(tiny_hf), "precision": "int4-inductor", "device": "cpu", **extra})
-        return b, b.load()
+    backend = functools.partial(loaded, tiny_hf, "int4-inductor")
 
     ids = [[5, 17, 33, 8, 2, 90, 41, 7]]
     plain, info = backend(kv_cache="dynamic")
@@ -355,10 +361,7 @@ def test_int4_inductor_model_decodes_fused_or_not_eager_or_compiled(tiny_hf):
     assert info["quantization"].startswith("int4 weight-only, asymmetric, group size 128")
     assert f"{6 * layers} projections quantized, 0 kept" in info["quantization"]
     assert type(plain.model.lm_head).__name__ == "Linear"
-    fp32 = get_backend("hf")({"model_dir": str(tiny_hf), "precision": "fp32", "device": "cpu",
-                              "kv_cache": "dynamic"})
-    fp32.load()
-    assert info["weight_bytes"] < 0.5 * fp32.load()["weight_bytes"]
+    assert info["weight_bytes"] < 0.5 * loaded(tiny_hf, kv_cache="dynamic")[1]["weight_bytes"]
     expected = plain.request(ids, 12).output_ids
     fused, finfo = backend(kv_cache="dynamic", fuse_block=True)
     assert f"{2 * layers} projections quantized" in finfo["quantization"]
@@ -369,13 +372,10 @@ def test_int4_inductor_model_decodes_fused_or_not_eager_or_compiled(tiny_hf):
 
 
 def test_fused_block_points_are_named_grouped_and_refused_with_bitsandbytes():
-    from inferlab.bench.grid import hf_points
-
-    cfg = compose(["model=tiny-phi", "bench_gpu.hf.extra_points=[{precision: fp16, kv_cache: static, compile: true, "
-                   "decode: graph, fuse_block: true, inductor: coordinate_descent_tuning}, {precision: nf4, "
-                   "kv_cache: static, compile: true, decode: graph, fuse_block: true}, {precision: int4-inductor, "
-                   "kv_cache: static, compile: true, decode: graph, fuse_block: true, fuse_qkv: true}]"])
-    names = {p.name: p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 2)}
+    names = gpu_points("[{precision: fp16, kv_cache: static, compile: true, decode: graph, fuse_block: true, "
+                       "inductor: coordinate_descent_tuning}, {precision: nf4, kv_cache: static, compile: true, "
+                       "decode: graph, fuse_block: true}, {precision: int4-inductor, kv_cache: static, compile: true, "
+                       "decode: graph, fuse_block: true, fuse_qkv: true}]")
     fused = names["hf-fp16-b1-static-sdpa-compiled-cdt-block-graph"]
     assert fused.settings["fuse_block"] is True and "fuse_qkv" not in fused.settings and fused.skip is None
     assert "fuse_block" in fused.group
