@@ -169,6 +169,26 @@ def matvec_linear(linear):
     return _block_modules()[0](linear.weight.data, linear.bias.data if linear.bias is not None else None)
 
 
+def swap_children(root, swap) -> None:
+    """Replace every module below `root` by `swap(module)` where that gives another module (None: keep it)."""
+    for parent in list(root.modules()):
+        for name, child in list(parent.named_children()):
+            new = swap(child)
+            if new is not None and new is not child:
+                setattr(parent, name, new)
+
+
+def _plain_linear(weight, bias):
+    """An nn.Linear holding these tensors (what torchao's quantize_ converts)."""
+    from torch import nn
+
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
 def parallel_blocks(model) -> list:
     """The decoder layers whose attention and MLP read the same normed input (one input layer norm, no
     post-attention one) with q/k/v/dense and fc1/fc2 as plain Linear layers: Phi's layout."""
@@ -197,14 +217,8 @@ def fuse_parallel_block(model, matvec_projections: bool = True) -> int:
     import torch
 
     matvec, block_input, deferred, block_output = _block_modules()
-    if not matvec_projections:
-        def matvec(weight, bias):
-            linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-            linear.weight = torch.nn.Parameter(weight, requires_grad=False)
-            if bias is not None:
-                linear.bias = torch.nn.Parameter(bias, requires_grad=False)
-            return linear
-
+    projection = matvec if matvec_projections else _plain_linear
+    handed_cls = _modules()[1]
     layers = parallel_blocks(model)
     if not layers:
         raise ValueError(f"fuse_block: {type(model).__name__} has no parallel decoder layer (one input layer norm "
@@ -220,12 +234,11 @@ def fuse_parallel_block(model, matvec_projections: bool = True) -> int:
             w_out = torch.cat([a.dense.weight, m.fc2.weight], dim=1)
             b_out = sum(p.bias for p in (a.dense, m.fc2) if p.bias is not None)
             handed: dict[str, Any] = {}
-            _, handed_cls = _modules()
-            a.q_proj = block_input(matvec(w_in, b_in), [p.out_features for p in ins], handed)
+            a.q_proj = block_input(projection(w_in, b_in), [p.out_features for p in ins], handed)
             a.k_proj, a.v_proj, m.fc1 = (handed_cls(handed, "k"), handed_cls(handed, "v"),
                                          handed_cls(handed, "fc1"))
             a.dense = deferred(w_out.shape[0], handed)
-            m.fc2 = block_output(matvec(w_out, b_out if torch.is_tensor(b_out) else None), handed)
+            m.fc2 = block_output(projection(w_out, b_out if torch.is_tensor(b_out) else None), handed)
         head = model.get_output_embeddings()
         if matvec_projections and type(head) is torch.nn.Linear:
             model.set_output_embeddings(matvec_linear(head))

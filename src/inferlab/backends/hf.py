@@ -128,7 +128,7 @@ class HFBackend(Backend):
                 kwargs["device_map"] = "cpu"
         elif precision == INT4_INDUCTOR:  # fp16 activations on CUDA (fp32 on the CPU, where fp16 math is slow)
             kwargs.update(dtype=torch.float16 if device == "cuda" else torch.float32, device_map="cpu")
-            quantize = self._int4_quantizer()
+            from inferlab.backends.int4 import quantize_int4 as quantize
         else:
             kwargs["dtype"] = getattr(torch, DTYPES[precision])
             if device == "cuda":
@@ -149,6 +149,10 @@ class HFBackend(Backend):
             fused = fuse_qkv(self.model)
         if quantize is not None:
             self._quantize_on_device(quantize)
+        if precision == INT4_INDUCTOR:
+            from inferlab.backends.int4 import describe
+
+            self.quant_detail = describe(self.model)
         gemv = self._use_triton_gemv() if s.get("gemv") == "triton" else 0
         self.sync()
         load_s = time.perf_counter() - t0
@@ -171,23 +175,23 @@ class HFBackend(Backend):
         import torch
 
         from inferlab.backends import kernels
-        from inferlab.backends.fuse import _block_modules, matvec_linear
+        from inferlab.backends.fuse import _block_modules, matvec_linear, swap_children
         from inferlab.backends.int4 import _module as int4_module
 
         if self.device.type != "cuda" or not kernels.available():
             raise BackendUnavailable("gemv: triton runs Triton kernels, which need CUDA and the triton package")
         kernels.prepare()
         matvec, int4 = _block_modules()[0], int4_module()
-        n = 0
-        for parent in list(self.model.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is torch.nn.Linear:
-                    child = matvec_linear(child)
-                    setattr(parent, name, child)
-                if type(child) in (matvec, int4):
-                    child.kernel = "triton"
-                    n += 1
-        return n
+
+        def swap(m):
+            m = matvec_linear(m) if type(m) is torch.nn.Linear else m
+            if type(m) in (matvec, int4):
+                m.kernel = "triton"
+                return m
+            return None
+
+        swap_children(self.model, swap)
+        return sum(getattr(m, "kernel", None) == "triton" for m in self.model.modules())
 
     @staticmethod
     def _bnb_kwargs(precision: str, compute_dtype: str, device: str) -> dict[str, Any]:
@@ -238,21 +242,6 @@ class HFBackend(Backend):
             from torchao.quantization import quantize_
 
             quantize_(block, quant, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and id(m) not in skip)
-
-        return apply
-
-    def _int4_quantizer(self):
-        from inferlab.backends.int4 import quantize_int4
-
-        totals = {"quantized": 0, "kept": 0, "group_size": 0}
-
-        def apply(block, skip):
-            counts = quantize_int4(block, skip=[m for m in block.modules() if id(m) in skip])
-            totals.update(quantized=totals["quantized"] + counts["quantized"], kept=totals["kept"] + counts["kept"],
-                          group_size=max(totals["group_size"], counts["group_size"]))
-            self.quant_detail = (f"int4 weight-only, asymmetric, group size {totals['group_size']}, two per byte; "
-                                 f"{totals['quantized']} projections quantized, {totals['kept']} kept in 16 bits "
-                                 "(output head in 16 bits)")
 
         return apply
 

@@ -15,10 +15,7 @@ down with the matrix; this path is there to measure what a bandwidth-bound reduc
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 GROUP_SIZES = (128, 64, 32)
 
@@ -96,25 +93,26 @@ def int4_linear(linear) -> Any:
     return _module()(linear.weight, linear.bias, g)
 
 
-def quantize_int4(module, skip=()) -> dict[str, int]:
-    """Replace every Linear / MatVecLinear under `module` (but those in `skip`) by an Int4Linear, in place.
-    Returns counts: quantized, and left in 16 bits because no group size fits."""
+def quantize_int4(module, skip_ids=frozenset()) -> None:
+    """Replace every Linear / MatVecLinear under `module` (but those whose id() is in `skip_ids`, and those whose
+    input size no group size fits) by an Int4Linear, in place."""
+    from torch import nn
+
+    from inferlab.backends.fuse import _block_modules, swap_children
+
+    kinds = (nn.Linear, _block_modules()[0])
+    swap_children(module, lambda m: int4_linear(m) if type(m) in kinds and id(m) not in skip_ids
+                  and group_size_for(m.in_features) is not None else None)
+
+
+def describe(model) -> str:
+    """What int4-inductor made of a model: group size, projections quantized and kept in 16 bits (the head aside)."""
     from torch import nn
 
     from inferlab.backends.fuse import _block_modules
 
-    matvec = _block_modules()[0]
-    skip_ids = {id(m) for m in skip}
-    counts = {"quantized": 0, "kept": 0, "group_size": 0}
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if id(child) in skip_ids or type(child) not in (nn.Linear, matvec):
-                continue
-            if group_size_for(child.in_features) is None:
-                counts["kept"] += 1
-                continue
-            q = int4_linear(child)
-            counts["group_size"] = max(counts["group_size"], q.group_size)
-            setattr(parent, name, q)
-            counts["quantized"] += 1
-    return counts
+    head = model.get_output_embeddings()
+    quantized = [m for m in model.modules() if type(m) is _module()]
+    kept = [m for m in model.modules() if type(m) in (nn.Linear, _block_modules()[0]) and m is not head]
+    return (f"int4 weight-only, asymmetric, group size {max((m.group_size for m in quantized), default=0)}, two per "
+            f"byte; {len(quantized)} projections quantized, {len(kept)} kept in 16 bits (output head in 16 bits)")

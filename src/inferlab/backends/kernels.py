@@ -18,8 +18,6 @@ triton.autotune on the first call (the cold request), never inside a CUDA graph 
 
 from __future__ import annotations
 
-import functools
-
 
 def available() -> bool:
     try:
@@ -30,10 +28,9 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
-@functools.cache
-def _kernels(tuned: bool = True):
-    """The two kernels; `tuned` wraps them in triton.autotune (block sizes picked by timing on the first call of each
-    shape, before any CUDA graph is captured). Untuned, the caller passes the block sizes (tests, interpreter)."""
+def _kernels():
+    """The two kernels, in triton.autotune (block sizes picked by timing on the first call of each shape, before any
+    CUDA graph is captured); `.fn` of each is the plain kernel, which takes the block sizes as arguments."""
     import triton
     import triton.language as tl
 
@@ -55,7 +52,7 @@ def _kernels(tuned: bool = True):
 
     @triton.jit
     def gemv_int4_kernel(x_ptr, p_ptr, s_ptr, o_ptr, b_ptr, y_ptr, N, K2, G, BLOCK_N: tl.constexpr, NG: tl.constexpr,
-                    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr):
+                         GROUP: tl.constexpr, HAS_BIAS: tl.constexpr):
         # rows [pid * BLOCK_N, +BLOCK_N), NG groups of GROUP bytes per step; K2 = bytes per row (K / 2); G = groups
         # per row (K / GROUP), the first G / 2 for the low nibbles, the rest for the high ones
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -89,21 +86,16 @@ def _kernels(tuned: bool = True):
             y += tl.load(b_ptr + rn, mask=live, other=0).to(tl.float32)
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=live)
 
-    if not tuned:
-        return gemv_fp16_kernel, gemv_int4_kernel
     fp16 = triton.autotune(configs=[triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st)
                                     for bk in (256, 512, 1024) for w in (1, 2, 4) for st in (1, 3)
                                     if bk >= 256 * w],
                            key=["N", "K"])(gemv_fp16_kernel)
-    int4 = triton.autotune(configs=INT4_CONFIGS(triton), key=["N", "K2"])(gemv_int4_kernel)
+    # int4: rows per program x groups per step x warps x stages, 4 to 32 packed bytes per thread and step
+    int4 = triton.autotune(configs=[triton.Config({"BLOCK_N": bn, "NG": ng}, num_warps=w, num_stages=st)
+                                    for bn in (1, 2, 4, 8) for ng in (1, 2, 4) for w in (2, 4, 8) for st in (1, 3)
+                                    if 4 <= bn * ng * 128 // (32 * w) <= 32],
+                           key=["N", "K2"])(gemv_int4_kernel)
     return fp16, int4
-
-
-def INT4_CONFIGS(triton) -> list:  # noqa: N802 - a table
-    """Rows per program x groups per step x warps x stages, 4 to 32 packed bytes per thread and step."""
-    return [triton.Config({"BLOCK_N": bn, "NG": ng}, num_warps=w, num_stages=st)
-            for bn in (1, 2, 4, 8) for ng in (1, 2, 4) for w in (2, 4, 8) for st in (1, 3)
-            if 4 <= bn * ng * 128 // (32 * w) <= 32]
 
 
 _TUNED: tuple | None = None  # set by prepare(), outside torch.compile: the forward passes only launch
@@ -113,7 +105,7 @@ def prepare() -> None:
     """Build the tuned kernels once, before a model that uses them is compiled."""
     global _TUNED
     if _TUNED is None:
-        _TUNED = _kernels(True)
+        _TUNED = _kernels()
 
 
 def gemv_fp16(x, w, b=None):
