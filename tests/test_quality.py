@@ -1,5 +1,7 @@
-"""Quality evaluation: scores against hand-computed cases, perplexity against a direct computation, the evaluate
-stage end to end on the tiny model (transformers and llama.cpp), and the marking of random-weights figures."""
+"""Quality evaluation: per-token figures (KL divergence, top-1 agreement, perplexity ratio) and text scores against
+hand-computed cases, perplexity against a direct computation, the two runtimes' references against each other, the
+evaluate stage end to end on the tiny model (transformers and llama.cpp), and the marking of random-weights
+figures."""
 
 from __future__ import annotations
 
@@ -7,14 +9,14 @@ import json
 import math
 import sys
 
+import numpy as np
 import pytest
 
 from inferlab import records
 from inferlab.backends import get_backend
 from inferlab.config import BertScoreConfig, ConfigError, compose
-from inferlab.quality import dataset
-from inferlab.quality.generate import perplexity
-from inferlab.quality.scores import BertScorer, first_difference, rouge, token_fidelity
+from inferlab.quality import dataset, tokens
+from inferlab.quality.scores import BertScorer, exact_match, first_difference, rouge, token_fidelity
 
 from .conftest import ROOT, run
 
@@ -33,6 +35,73 @@ def test_rouge_of_a_known_pair_and_of_identical_and_empty_texts():
                  ["A bakery replaced paper bags.", "", "def f():\n    return 1\n"])
     assert all(v == 1.0 for vs in same.values() for v in vs)
     assert rouge([""], ["something"])["rougeL"] == [0.0]
+
+
+def _lp(probs):
+    return np.log(np.asarray(probs, dtype=np.float64))
+
+
+def test_kl_divergence_top1_and_perplexity_ratio_against_hand_computed_cases():
+    same = tokens.compare(_lp([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]), _lp([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]),
+                          np.array([0, 2]))
+    assert same.kl.tolist() == pytest.approx([0.0, 0.0], abs=1e-12) and same.agree.all()
+    # reference P = (0.5, 0.5), configuration Q = (0.9, 0.1): KL(P||Q) = 0.5 ln(0.5/0.9) + 0.5 ln(0.5/0.1)
+    s = tokens.compare(_lp([[0.5, 0.5], [0.8, 0.2]]), _lp([[0.9, 0.1], [0.3, 0.7]]), np.array([1, 0]))
+    assert s.kl[0] == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1))
+    assert s.kl[1] == pytest.approx(0.8 * math.log(0.8 / 0.3) + 0.2 * math.log(0.2 / 0.7))
+    assert s.agree.tolist() == [True, False]  # argmax: 0 vs 0 (a tie goes to the first), 0 vs 1
+    assert s.nll.tolist() == pytest.approx([-math.log(0.1), -math.log(0.3)])
+    assert s.nll_ref.tolist() == pytest.approx([-math.log(0.5), -math.log(0.8)])
+    m = tokens.summarize(s)
+    # perplexity ratio: exp(mean of the per-token log-likelihood differences)
+    d = [math.log(0.5 / 0.1), math.log(0.8 / 0.3)]
+    assert m["ppl_ratio"] == pytest.approx(math.exp(sum(d) / 2))
+    sem = abs(d[0] - d[1]) / 2  # the standard error of the mean of two values: |a - b| / 2
+    assert m["ppl_ratio_ci95"] == pytest.approx([math.exp(sum(d) / 2 - tokens.Z95 * sem),
+                                                 math.exp(sum(d) / 2 + tokens.Z95 * sem)])
+    assert m["top1"] == 0.5 and m["top1_agree"] == 1 and m["tokens"] == 2
+    assert m["kl_mean"] == pytest.approx(float(s.kl.mean())) and m["kl_max"] == pytest.approx(float(s.kl.max()))
+
+
+def test_top1_agreement_interval_is_wilsons():
+    # 8 of 10: the Wilson 95% interval is (0.490, 0.943) (textbook value)
+    lo, hi = tokens.wilson(8, 10)
+    assert (round(lo, 3), round(hi, 3)) == (0.49, 0.943)
+    assert tokens.wilson(10, 10)[1] == pytest.approx(1.0) and tokens.wilson(0, 10)[0] == pytest.approx(0.0)
+    lo, hi = tokens.wilson(1900, 2000)  # the interval narrows with the count and holds the rate
+    assert lo < 0.95 < hi and hi - lo < 0.02
+
+
+def test_windows_score_every_position_once():
+    for n, w, s in ((10, 4, 2), (2486, 512, 384), (100, 200, 100), (7, 3, 1)):
+        seen = [p for begin, end, first in tokens.windows(n, w, s) for p in range(first, end - 1)]
+        assert seen == list(range(n - 1))
+        assert all(end - begin <= w and begin <= first for begin, end, first in tokens.windows(n, w, s))
+
+
+def test_reference_rows_stored_in_16_bits_change_kl_by_less_than_a_millionth(tmp_path):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 4, size=(300, 500))
+    lp = (logits - np.log(np.exp(logits).sum(1, keepdims=True))).astype(np.float32)
+    store = tokens.ReferenceStore(tmp_path, "ref")
+    ident = {"config": "ref", "ids": "x"}
+    w = store.writer(300, 500, ident)
+    w.add(0, lp[:120])
+    assert store.meta() is None  # nothing that looks finished before the commit
+    w.add(120, lp[120:])
+    w.commit()
+    assert store.matches(ident) and not store.matches({**ident, "ids": "y"})
+    back = store.read(0, 300)
+    assert np.abs(back - lp)[lp > lp.max(1, keepdims=True) - tokens.LOGP_RANGE].max() < 4e-4
+    s = tokens.compare(back, lp, np.zeros(300, dtype=int))
+    assert s.kl.max() < 1e-6 and s.agree.all()
+    other = tokens.compare(back, lp + rng.normal(0, 0.3, size=lp.shape).astype(np.float32), np.zeros(300, dtype=int))
+    exact = tokens.compare(lp, lp + 0 * lp, np.zeros(300, dtype=int))
+    assert exact.kl.max() < 1e-9 and other.kl.mean() > 1e-3
+
+
+def test_squad_exact_match():
+    assert exact_match(["The Eiffel Tower.", "a cat", "Paris"], ["eiffel tower", "the cat", "London"]) == [1, 1, 0]
 
 
 def test_token_fidelity_exact_match_and_first_difference():
@@ -80,8 +149,10 @@ def test_the_shipped_evaluation_set():
 def test_bad_evaluation_config_fails_naming_key_and_allowed_values():
     with pytest.raises(ConfigError, match=r"evaluate.dataset.tasks: 'translation'.*summarization, qa, code"):
         compose(["evaluate.dataset.tasks=[qa,translation]"])
-    with pytest.raises(ConfigError, match="evaluate.perplexity.stride"):
-        compose(["evaluate.perplexity.stride=256"])
+    with pytest.raises(ConfigError, match="evaluate.tokens.stride"):
+        compose(["evaluate.tokens.stride=512"])
+    with pytest.raises(ConfigError, match="evaluate.llama_cpp.reference: 'f32'.*add f32 to convert.outtypes"):
+        compose(["convert.outtypes=[f16]"])
     with pytest.raises(ConfigError, match="evaluate.gpu.reference: 'fp8'"):
         compose(["evaluate.gpu.reference=fp8"])
 
@@ -102,17 +173,19 @@ def test_perplexity_equals_a_direct_computation(tiny_hf):
     ids = b.tokenize((ROOT / "data/eval/heldout.txt").read_text())[:120]
     with torch.inference_mode():
         direct = math.exp(b.model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.item())
-    ppl, nll, scored = perplexity(b, ids, window=200, stride=100)  # one window: the whole passage
-    assert scored == len(ids) - 1
-    assert ppl == pytest.approx(direct, rel=1e-5)
+    own, _ = tokens.measure(b, ids, window=200, stride=100)  # one window: the whole passage
+    assert own["tokens"] == len(ids) - 1
+    assert own["perplexity"] == pytest.approx(direct, rel=1e-5)
+    assert own["perplexity_ci95"][0] < own["perplexity"] < own["perplexity_ci95"][1]
     # sliding windows score every token once; with shorter context the figure moves, but not far
-    ppl_w, _, scored_w = perplexity(b, ids, window=48, stride=16)
-    assert scored_w == len(ids) - 1
-    assert ppl_w == pytest.approx(direct, rel=0.2)
+    own_w, _ = tokens.measure(b, ids, window=48, stride=16)
+    assert own_w["tokens"] == len(ids) - 1
+    assert own_w["perplexity"] == pytest.approx(direct, rel=0.2)
 
 
-def test_llama_cpp_perplexity_agrees_with_transformers(tiny_project, tiny_hf):
-    """The same passage through the F32 GGUF file and through transformers fp32: the same perplexity."""
+def test_llama_cpp_f32_and_transformers_fp32_references_agree(tiny_project, tiny_hf, tmp_path):
+    """The same token ids through the F32 GGUF file and through transformers fp32: one distribution (KL under
+    1e-4), the same perplexity."""
     hf = get_backend("hf")({"model_dir": str(tiny_hf), "precision": "fp32", "kv_cache": "dynamic", "threads": 2})
     hf.load()
     ll = get_backend("llama_cpp")({"model_path": str(tiny_project / "models/tiny-phi/gguf/tiny-phi-f32.gguf"),
@@ -120,11 +193,17 @@ def test_llama_cpp_perplexity_agrees_with_transformers(tiny_project, tiny_hf):
     ll.load()
     try:
         text = (ROOT / "data/eval/heldout.txt").read_text()
-        ids = hf.tokenize(text)[:300]
-        assert ll.tokenize(text)[:300] == ids
-        a = perplexity(hf, ids, 128, 64)[0]
-        b = perplexity(ll, ids, 128, 64)[0]
-        assert b == pytest.approx(a, rel=1e-3)
+        ids = hf.tokenize(text)[:600]
+        assert ll.tokenize(text)[:600] == ids
+        store = tokens.ReferenceStore(tmp_path, "hf-fp32")
+        own_hf, _ = tokens.measure(hf, ids, 256, 192, store.writer(len(ids) - 1, 1024, {"config": "hf-fp32"}))
+        own_ll, stats = tokens.measure(ll, ids, 256, 192, against={"hf": store})
+        m = tokens.summarize(stats["hf"])
+        assert m["tokens"] == len(ids) - 1
+        assert m["kl_mean"] < 1e-4 and m["kl_max"] < 1e-3
+        assert m["top1"] > 0.99
+        assert own_ll["perplexity"] == pytest.approx(own_hf["perplexity"], rel=1e-3)
+        assert m["ppl_ratio"] == pytest.approx(1.0, abs=1e-3)
     finally:
         ll.unload()
 
@@ -140,7 +219,7 @@ def test_evaluate_stage_generates_scores_and_marks_random_weights(tiny_project):
     recs = records.read_all(sorted((tiny_project / "results/evaluate").glob("*.jsonl")))
     gens = {r.name: r for r in recs if r.point.get("scenario") == "quality"}
     scores = {r.point["of"]: r for r in recs if r.point.get("scenario") == "scores"}
-    assert gens["hf-cuda-fp16-dynamic"].status == "skipped"  # no CUDA here: recorded, not failed
+    assert gens["hf-cuda-fp32-dynamic"].status == "skipped"  # no CUDA here: recorded, not failed
     ran = {"hf-cpu-fp32-dynamic", "hf-cpu-bf16-dynamic", "llama-f32-kvf16", "llama-q4_0-kvf16"}
     assert {n for n, g in gens.items() if g.status == "ok"} == ran and set(scores) == ran
     for name in ran:
@@ -153,16 +232,27 @@ def test_evaluate_stage_generates_scores_and_marks_random_weights(tiny_project):
         m = scores[name].metrics
         assert m["meaningful"] is False and "measure nothing about language" in m["note"]
         assert m["scorer"]["model"] == "offline-minilm" and m["scorer"]["rescaled_with_baseline"] is False
+        t = g.metrics["tokens"]
+        assert t["own"]["tokens"] >= 2000 and t["own"]["perplexity"] > 1
     for ref in ("hf-cpu-fp32-dynamic", "llama-f32-kvf16"):  # a reference against itself: identical outputs
-        fid = scores[ref].metrics["fidelity"]
-        assert fid["exact_match"] == 1.0 and fid["rougeL"] == 1.0 and fid["bertscore_f1"] == 1.0
-        assert scores[ref].metrics["perplexity_delta"] == 0.0
-    assert scores["hf-cpu-bf16-dynamic"].metrics["reference"] == "hf-cpu-fp32-dynamic"
-    assert scores["llama-q4_0-kvf16"].metrics["reference"] == "llama-f32-kvf16"
+        drift = scores[ref].metrics["drift"]
+        assert drift["exact_match"] == 1.0 and drift["rougeL"] == 1.0 and drift["bertscore_f1"] == 1.0
+        assert gens[ref].metrics["tokens"]["is_reference"] is True
+    for name, ref in (("hf-cpu-bf16-dynamic", "hf-cpu-fp32-dynamic"), ("llama-q4_0-kvf16", "llama-f32-kvf16")):
+        assert scores[name].metrics["reference"] == ref
+        vs = gens[name].metrics["tokens"]["vs_reference"]
+        assert vs["reference"] == ref and vs["tokens"] >= 2000
+        assert vs["kl_mean"] > 0 and vs["kl_ci95"][0] <= vs["kl_mean"] <= vs["kl_ci95"][1]
+        assert vs["top1_ci95"][0] <= vs["top1"] <= vs["top1_ci95"][1]
+    # the two references agree: llama.cpp's F32 file against transformers' fp32, same ids, same machine
+    cross = gens["llama-f32-kvf16"].metrics["tokens"]["vs_transformers"]
+    assert cross["kl_mean"] < 1e-4 and cross["top1"] > 0.99
     q = json.loads((tiny_project / "metrics/quality.json").read_text())
     model = next(iter(q.values()))["tiny-phi"]
     assert model["meaningful"] is False and "note" in model
-    assert model["configs"]["llama-q4_0-kvf16"]["status"] == "ok"
+    q4 = model["configs"]["llama-q4_0-kvf16"]
+    assert q4["status"] == "ok" and q4["kl_ci_low"] <= q4["kl_mean"] <= q4["kl_ci_high"] and "ppl_ratio" in q4
+    assert model["configs"]["llama-f32-kvf16"]["vs_transformers_kl"] < 1e-4
     # scoring alone (no generation here, e.g. outputs brought from a GPU machine): what is scored stays scored
     off = ["evaluate.cpu.enabled=false", "evaluate.gpu.enabled=false", "evaluate.llama_cpp.enabled=false"]
     r2 = run(args + off, cwd=tiny_project, env=env)

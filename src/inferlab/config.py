@@ -141,7 +141,7 @@ class ModelConfig:
 
 @dataclass
 class ConvertConfig:
-    outtypes: list[str] = field(default_factory=lambda: ["f16"])  # written by the converter: f16, f32 or both
+    outtypes: list[str] = field(default_factory=lambda: ["f32", "f16"])  # written by the converter: f32, f16 or both
     quants: list[str] = field(default_factory=lambda: ["q8_0", "q5_k_m", "q4_k_m", "q4_0"])  # from the f16 file
     threads: int = 0  # quantization threads; 0 = all cores
     check_tokens: int = 8  # every file is loaded and generates this many tokens as a check
@@ -483,14 +483,19 @@ class EvalDatasetConfig:
 
 
 @dataclass
-class PerplexityConfig:
-    passage: str = "data/eval/heldout.txt"  # held-out plain text
-    window: int = 256  # tokens per forward pass
-    stride: int = 128  # tokens the window moves by; each token is scored once, with window - stride context
+class TokensConfig:
+    """Quality per token: every configuration's next-token distribution at every position of this text, compared
+    with its runtime's reference (KL divergence, top-1 agreement, perplexity ratio)."""
+
+    text: str = "data/eval/heldout.txt"  # held-out plain text, tokenized once by the model's tokenizer
+    window: int = 512  # tokens per forward pass
+    stride: int = 384  # tokens the window moves by; each token is scored once, with window - stride context or more
+    min_tokens: int = 2000  # fewer scored tokens than this is an error: the intervals would be too wide
 
     def check(self, key: str) -> None:
         check_range(f"{key}.window", self.window, low=2)
         check_range(f"{key}.stride", self.stride, low=1, high=self.window - 1)
+        check_range(f"{key}.min_tokens", self.min_tokens, low=1)
 
 
 @dataclass
@@ -500,7 +505,7 @@ class EvalHF:
     enabled: bool = True
     precisions: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
     kv_cache: list[str] = field(default_factory=lambda: ["dynamic"])
-    reference: str = "fp32"  # fidelity and perplexity change are measured against this precision
+    reference: str = "fp32"  # the full precision every other precision is compared with
     compute_dtype: str = "bf16"
     batch_size: int = 16
 
@@ -515,9 +520,9 @@ class EvalHF:
 @dataclass
 class EvalLlamaCpp:
     enabled: bool = True
-    quants: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0"])
+    quants: list[str] = field(default_factory=lambda: ["f32", "f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0"])
     kv_type: list[str] = field(default_factory=lambda: ["f16", "q8_0"])  # a quantized KV cache uses flash attention
-    reference: str = "f16"
+    reference: str = "f32"  # the full-precision file every other file is compared with
     n_threads: int = 0  # 0: all usable cores
     n_ctx: int = 2048
 
@@ -545,9 +550,12 @@ class EvaluateConfig:
         "code": "{input}",
     })
     max_new_tokens: dict[str, int] = field(default_factory=lambda: {"summarization": 48, "qa": 16, "code": 64})
-    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+    # tasks whose prompt goes through the model's chat template, where it has one (an instruct model answers a
+    # question asked as a chat turn); code completion stays a plain continuation
+    chat: dict[str, bool] = field(default_factory=lambda: {"summarization": True, "qa": True, "code": False})
+    tokens: TokensConfig = field(default_factory=TokensConfig)
     gpu: EvalHF = field(default_factory=lambda: EvalHF(
-        precisions=list(HF_PRECISIONS), kv_cache=["dynamic", "static"], reference="fp16", compute_dtype="fp16"))
+        precisions=list(HF_PRECISIONS), kv_cache=["dynamic", "static"], reference="fp32", compute_dtype="fp16"))
     cpu: EvalHF = field(default_factory=EvalHF)
     llama_cpp: EvalLlamaCpp = field(default_factory=EvalLlamaCpp)
     score: bool = True  # score the stored outputs here (off on a generation-only machine)
@@ -557,7 +565,7 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         self.dataset.check("evaluate.dataset")
-        self.perplexity.check("evaluate.perplexity")
+        self.tokens.check("evaluate.tokens")
         self.gpu.check("evaluate.gpu")
         self.cpu.check("evaluate.cpu")
         self.llama_cpp.check("evaluate.llama_cpp")
@@ -573,6 +581,8 @@ class EvaluateConfig:
             check_choice("evaluate.templates", key, EVAL_TASKS)
         for key in self.max_new_tokens:
             check_choice("evaluate.max_new_tokens", key, EVAL_TASKS)
+        for key in self.chat:
+            check_choice("evaluate.chat", key, EVAL_TASKS)
 
 
 REPORT_OBJECTIVES = ("total_tps", "decode_tps")
@@ -729,6 +739,11 @@ class StudyConfig:
         for key in ("n_threads", "n_batch", "batch_size"):
             if getattr(self, key) is not None:
                 check_range(key, getattr(self, key), low=1)
+        ref = self.evaluate.llama_cpp.reference
+        if self.evaluate.llama_cpp.enabled and ref in BASE_TYPES and ref not in self.convert.outtypes:
+            raise ConfigError(f"evaluate.llama_cpp.reference: {ref!r} is compared with every other GGUF file, and "
+                              f"convert.outtypes {self.convert.outtypes} does not write it: add {ref} to "
+                              "convert.outtypes (or set evaluate.llama_cpp.enabled=false)")
 
     def pins(self) -> dict[str, Any]:
         keys = ("runtime", "quant", "n_threads", "n_batch", "flash_attn", "kv_type", "api", "precision",

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from inferlab.bench.timing import RequestTiming
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+def log_softmax(logits) -> np.ndarray:
+    """Row-wise log-softmax of a (positions, vocabulary) array, computed in float64, returned as float32."""
+    import numpy as np
+
+    x = np.asarray(logits, dtype=np.float64)
+    top = x.max(axis=1, keepdims=True)
+    return (x - top - np.log(np.exp(x - top).sum(axis=1, keepdims=True))).astype(np.float32)
 
 
 class BackendUnavailable(RuntimeError):
@@ -35,9 +47,17 @@ class Backend(ABC):
         """Greedy continuations (token ids, EOS excluded) of prompts, ending at EOS or after max_new_tokens."""
         raise NotImplementedError(f"{self.name} does not generate for evaluation")
 
+    def logprobs(self, ids: list[int]) -> np.ndarray:
+        """Log-probabilities of the next token after each prefix ids[:i + 1], from one forward pass over ids:
+        float32, shape (len(ids), vocabulary)."""
+        raise NotImplementedError(f"{self.name} does not score tokens")
+
     def token_logprobs(self, ids: list[int]) -> list[float]:
         """log p(ids[i] | ids[:i]) for i = 1 .. len(ids) - 1, from one forward pass over ids."""
-        raise NotImplementedError(f"{self.name} does not score tokens")
+        import numpy as np
+
+        lp = self.logprobs(ids)
+        return lp[np.arange(len(ids) - 1), ids[1:]].astype(float).tolist()
 
     def detokenize(self, ids: list[int]) -> str:
         raise NotImplementedError(f"{self.name} does not detokenize")

@@ -500,14 +500,13 @@ class HFBackend(Backend):
             outputs.append(row)
         return outputs
 
-    def token_logprobs(self, ids: list[int]) -> list[float]:
+    def logprobs(self, ids: list[int]):
         import torch
 
         x = torch.tensor([ids], device=self.device)
         with torch.inference_mode():
-            logits = self.model(input_ids=x, use_cache=False).logits[0, :-1].float()
-            lp = torch.log_softmax(logits, dim=-1).gather(1, x[0, 1:, None])[:, 0]
-        return lp.cpu().tolist()
+            logits = self.model(input_ids=x, use_cache=False).logits[0].float()
+            return torch.log_softmax(logits, dim=-1).cpu().numpy()
 
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

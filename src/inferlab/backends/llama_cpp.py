@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from inferlab.backends.base import Backend, BackendUnavailable
+from inferlab.backends.base import Backend, BackendUnavailable, log_softmax
 from inferlab.bench.timing import RequestTiming
 
 log = logging.getLogger(__name__)
@@ -131,17 +131,12 @@ class LlamaCppBackend(Backend):
             outputs.append(out)
         return outputs
 
-    def token_logprobs(self, ids: list[int]) -> list[float]:
-        import numpy as np
-
+    def logprobs(self, ids: list[int]):
         if not self.settings.get("logits_all"):
-            raise RuntimeError("token_logprobs needs the model loaded with logits_all=True")
+            raise RuntimeError("logprobs needs the model loaded with logits_all=True")
         self.llm.reset()
         self.llm.eval(ids)
-        logits = np.asarray(self.llm.scores[:len(ids) - 1], dtype=np.float64)
-        top = logits.max(axis=1, keepdims=True)
-        logz = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-        return (logits[np.arange(len(ids) - 1), ids[1:]] - logz).tolist()
+        return log_softmax(self.llm.scores[:len(ids)])
 
     def detokenize(self, ids: list[int]) -> str:
         return self.llm.detokenize(ids).decode("utf-8", errors="replace")

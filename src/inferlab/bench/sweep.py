@@ -103,7 +103,8 @@ def run_sweep(stage: StageRun, points: list[Point], folder: Path, bandwidth: dic
                 key = device_key(_device(p))
                 with device_lock(key) as waited:  # one point measured per device at a time, across processes
                     beside = others_busy(key)  # other GPUs measuring at the same time (a parallel sweep)
-                    status, payload = worker.run(p.settings, p.name, str(folder), timeout, p.load)
+                    status, payload = worker.run(p.settings, p.name, str(folder), timeout,
+                                                 {**p.load, "sweep_id": stage.sweep_id})
                 payload.setdefault("metrics", {})["device_lock"] = {"device": key, "waited_s": round(waited, 3),
                                                                     "others_busy": beside}
                 if status == "failed":  # a clean process (and device) for what follows

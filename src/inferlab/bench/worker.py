@@ -93,7 +93,7 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any]) -> None:
             gpu = _gpu_peaks_reset(runtime)
             reset_peak_rss()
             if backend is None or reload_each_point:
-                backend = get_backend(runtime)({**load_settings, **point})
+                backend = get_backend(runtime)({**load_settings, **msg.get("load", {}), **point})
                 load_info = backend.load()
                 load_info["load_peak_rss_mib"] = peak_rss_mib()
                 reset_peak_rss()  # the point's peak: the loaded model plus what running it needs

@@ -1,4 +1,4 @@
-"""The evaluation set: items with a task, an input and a reference answer, and the held-out perplexity passage.
+"""The evaluation set: items with a task, an input and a reference answer, and the held-out text scored per token.
 
 The project ships its own set (data/eval/items.jsonl: summarization, short question answering and code
 completion, written for this project). A file of a Hub dataset can be used instead (evaluate.dataset.source=hub);
@@ -133,15 +133,16 @@ def answer_text(task: str, text: str) -> str:
 
 
 def passage(cfg: EvaluateConfig) -> str:
-    path = resolve(cfg.perplexity.passage)
+    """The held-out text scored token by token (evaluate.tokens.text)."""
+    path = resolve(cfg.tokens.text)
     if not path.is_file():
-        raise DatasetUnavailable(f"evaluate.perplexity.passage: {path} does not exist")
+        raise DatasetUnavailable(f"evaluate.tokens.text: {path} does not exist")
     return path.read_text()
 
 
 def digest(items: list[Item], text: str, cfg: EvaluateConfig) -> str:
     """Identity of what is generated: items, templates, lengths and passage (a changed set is a new point)."""
     blob = json.dumps({"items": [asdict(i) for i in items], "templates": cfg.templates,
-                       "max_new_tokens": cfg.max_new_tokens, "passage": text,
-                       "perplexity": asdict(cfg.perplexity)}, sort_keys=True)
+                       "max_new_tokens": cfg.max_new_tokens, "chat": cfg.chat, "passage": text,
+                       "tokens": asdict(cfg.tokens)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,44 +1,28 @@
-"""Run inside a benchmark worker (the model loaded as for the sweeps): generate the evaluation outputs of one
-configuration and compute its perplexity on the held-out passage. The per-sample outputs are written in one
-write-then-rename, so a file is either complete or absent."""
+"""Run inside a benchmark worker (the model loaded as for the sweeps): one configuration's evaluation.
+
+1. Task generations: greedy outputs for the evaluation items (prompt token ids made once by the stage, so both
+   runtimes see the same ids), written per sample in one write-then-rename (a file is complete or absent).
+2. Quality per token over the held-out text (`inferlab.quality.tokens`): the configuration's perplexity, its rows
+   stored when it is its runtime's reference, and its KL divergence, top-1 agreement and perplexity ratio against
+   each reference stored earlier in the same sweep on this machine.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 from inferlab import records as rec
 from inferlab.backends.base import Backend
+from inferlab.quality import tokens
 from inferlab.quality.dataset import answer_text
 
 
-def perplexity(backend: Backend, ids: list[int], window: int, stride: int) -> tuple[float, float, int]:
-    """Sliding-window perplexity: windows of `window` tokens moving by `stride`; every token after the first is
-    scored exactly once, by the window in which it is newest. Returns (perplexity, mean NLL, tokens scored)."""
-    if len(ids) < 2:
-        raise ValueError("the perplexity passage needs at least two tokens")
-    nll, count, prev_end = 0.0, 0, 0
-    for begin in range(0, len(ids), stride):
-        end = min(begin + window, len(ids))
-        lps = backend.token_logprobs(ids[begin:end])
-        new = lps if begin == 0 else lps[len(lps) - (end - prev_end):]
-        nll -= sum(new)
-        count += len(new)
-        prev_end = end
-        if end == len(ids):
-            break
-    mean = nll / count
-    return math.exp(mean), mean, count
-
-
-def run(backend: Backend, name: str, point: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    s = backend.settings
-    items: list[dict[str, Any]] = s["items"]
-    out_path = Path(s["outputs_dir"]) / f"{name}.jsonl"
+def generations(backend: Backend, name: str, point: dict[str, Any], out_path: Path) -> dict[str, Any]:
+    items: list[dict[str, Any]] = backend.settings["items"]
     max_new: dict[str, int] = point["max_new_tokens"]
     batch = int(point.get("batch_size", 1))
     rows: list[dict[str, Any]] = []
@@ -48,7 +32,7 @@ def run(backend: Backend, name: str, point: dict[str, Any]) -> tuple[dict[str, A
         task_items = [i for i in items if i["task"] == task]
         for k in range(0, len(task_items), batch):
             chunk = task_items[k:k + batch]
-            ids = [backend.tokenize(i["prompt"]) for i in chunk]
+            ids = [i["prompt_ids"] for i in chunk]
             outs = backend.complete(ids, max_new[task])
             for item, p_ids, o_ids in zip(chunk, ids, outs):
                 text = backend.detokenize(o_ids)
@@ -56,15 +40,55 @@ def run(backend: Backend, name: str, point: dict[str, Any]) -> tuple[dict[str, A
                 rows.append({"item_id": item["id"], "task": task, "config": name, "point": point,
                              "prompt_tokens": len(p_ids), "output_ids": o_ids, "output_tokens": len(o_ids),
                              "output": text, "answer": answer_text(task, text), "reference": item["reference"]})
-    gen_s = time.perf_counter() - t0
     blob = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
     rec.write_atomic(out_path, blob)
-    t1 = time.perf_counter()
-    ppl, nll, scored = perplexity(backend, backend.tokenize(s["passage"]), point["ppl_window"], point["ppl_stride"])
-    metrics = {
-        "perplexity": round(ppl, 6), "nll_per_token": round(nll, 6), "ppl_tokens": scored,
-        "perplexity_s": round(time.perf_counter() - t1, 3), "items": len(rows), "generated_tokens": generated,
-        "generation_s": round(gen_s, 3), "outputs_file": out_path.name,
-        "outputs_sha256": hashlib.sha256(blob.encode()).hexdigest(),
-    }
-    return metrics, {"output_tokens": [float(r["output_tokens"]) for r in rows]}
+    return {"items": len(rows), "generated_tokens": generated, "generation_s": round(time.perf_counter() - t0, 3),
+            "outputs_file": out_path.name, "outputs_sha256": hashlib.sha256(blob.encode()).hexdigest(),
+            "output_tokens": [float(r["output_tokens"]) for r in rows]}
+
+
+def token_quality(backend: Backend, name: str, out_dir: Path) -> dict[str, Any]:
+    """Perplexity, reference rows and per-token comparisons, as the stage arranged them in the load settings:
+    `token_ids`, `tokens_window`, `tokens_stride`, `reference_dir`, `writes_reference` (identity of the rows this
+    configuration stores, or None), `against` (label -> {identity} of the rows to compare with) and `sweep_id`."""
+    s = backend.settings
+    ids: list[int] = s["token_ids"]
+    folder = Path(s["reference_dir"])
+    t0 = time.perf_counter()
+    writer = None
+    sweep = {"sweep_id": s["sweep_id"]}  # compared only with rows measured in the same sweep
+    if s.get("writes_reference"):
+        ident = {**s["writes_reference"], **sweep}
+        writer = tokens.ReferenceStore(folder, ident["config"]).writer(len(ids) - 1, _vocab(backend, ids), ident)
+    against, missing = {}, {}
+    for label, want in (s.get("against") or {}).items():
+        store = tokens.ReferenceStore(folder, want["identity"]["config"])
+        if store.matches({**want["identity"], **sweep}):
+            against[label] = store
+        else:
+            missing[label] = (f"no rows of the reference {want['identity']['config']} from this sweep on this machine "
+                              "(it failed, was skipped or has not run)")
+    own, stats = tokens.measure(backend, ids, s["tokens_window"], s["tokens_stride"], writer, against)
+    out: dict[str, Any] = {"own": own, "seconds": round(time.perf_counter() - t0, 3)}
+    if writer is not None:
+        out["is_reference"] = True
+    for label, st in stats.items():
+        path = out_dir / f"{name}.tokens-{label}.npz"
+        st.save(path)
+        out[label] = {**tokens.summarize(st), "reference": against[label].name, "file": path.name,
+                      "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    for label, why in missing.items():
+        out[label] = {"missing": why}
+    return out
+
+
+def _vocab(backend: Backend, ids: list[int]) -> int:
+    return int(backend.logprobs(ids[:2]).shape[1])
+
+
+def run(backend: Backend, name: str, point: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    out_dir = Path(backend.settings["outputs_dir"])
+    gen = generations(backend, name, point, out_dir / f"{name}.jsonl")
+    samples = {"output_tokens": gen.pop("output_tokens")}
+    tq = token_quality(backend, name, out_dir)
+    return {**gen, "tokens": tq, "perplexity": round(tq["own"]["perplexity"], 6)}, samples

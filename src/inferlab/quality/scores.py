@@ -19,7 +19,7 @@ from inferlab.config import BERTSCORE_OFFLINE, BertScoreConfig
 log = logging.getLogger(__name__)
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
-SCORING_VERSION = 2  # part of a score's identity: a change to how scores are computed rescores every output
+SCORING_VERSION = 3  # part of a score's identity: a change to how scores are computed rescores every output
 
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
@@ -39,6 +39,20 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, list[float
         for k in ROUGE_TYPES:
             out[k].append(s[k].fmeasure)
     return out
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalization: lower case, no punctuation, no articles, single spaces."""
+    import re
+    import string
+
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def exact_match(predictions: list[str], references: list[str]) -> list[float]:
+    """1 where the normalized answer equals the normalized reference (SQuAD's exact match), else 0."""
+    return [float(normalize_answer(p) == normalize_answer(r)) for p, r in zip(predictions, references, strict=True)]
 
 
 def first_difference(a: list[int], b: list[int]) -> int:

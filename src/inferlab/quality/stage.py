@@ -1,14 +1,20 @@
-"""Stage `evaluate`: generation where the model runs, scoring anywhere from the stored outputs.
+"""Stage `evaluate`: what each configuration costs in quality.
 
-Generation: every configuration (transformers precision x KV cache on CUDA and on the CPU, llama.cpp quant type x
-KV-cache type) runs in a benchmark worker, writes its greedy outputs per sample to
-results/evaluate/outputs/<hardware>/<model>/<config>.jsonl and records its perplexity on the held-out passage. Points
-that cannot run here (no CUDA, no GGUF file) are recorded as skipped; an interrupted run resumes.
+Where the model runs, every configuration (transformers precision x KV cache on CUDA and on the CPU, llama.cpp
+quant type x KV-cache type) runs in a benchmark worker and measures:
+- quality per token (`inferlab.quality.tokens`): its next-token distribution at every position of the held-out
+  text against its runtime's reference, the model's own full precision (transformers fp32, the F32 GGUF file),
+  measured first in the same sweep: KL divergence, top-1 agreement and perplexity ratio, with their
+  uncertainty. llama.cpp's F32 file is also compared with transformers' fp32: the two references must agree.
+- task generations: greedy outputs for the evaluation items, stored per sample under
+  results/evaluate/outputs/<hardware>/<model>/<config>.jsonl.
+Points that cannot run here (no CUDA, no GGUF file) are recorded as skipped; an interrupted run resumes.
 
-Scoring: every generation record of the model (from any machine) is scored against the reference precision
-of its runtime on the same hardware (fidelity) and against the references (task quality). A score record is
-made once per (generation, reference, scorer); rescoring what is unchanged is skipped. Models with random
-weights are scored too, and every figure is marked as not meaningful.
+Scoring, anywhere from the stored outputs: task quality against the references (ROUGE, BERTScore, exact match,
+per task) and output drift against the reference configuration's outputs (the same scores between the two
+outputs: it says how much the text changed, not whether it got worse). A score record is made once per
+(generation, reference, scorer). Models with random weights are scored too, and every figure is marked as not
+meaningful.
 """
 
 from __future__ import annotations
@@ -25,9 +31,9 @@ from inferlab import records as rec
 from inferlab.backends import hf
 from inferlab.bench.grid import usable_cores
 from inferlab.bench.sweep import Point, run_sweep
-from inferlab.config import StudyConfig, resolve
-from inferlab.quality import dataset
-from inferlab.quality.scores import BertScorer, compare, mean_of, token_fidelity
+from inferlab.config import ConfigError, StudyConfig, resolve
+from inferlab.quality import dataset, tokens
+from inferlab.quality.scores import BertScorer, compare, exact_match, mean_of, token_fidelity
 from inferlab.study import StageRun
 
 log = logging.getLogger(__name__)
@@ -37,6 +43,8 @@ PINS = ("runtime", "precision", "quant", "kv_cache", "kv_type")  # the pins that
 NOT_MEANINGFUL = ("random weights: these scores and this perplexity measure nothing about language quality; "
                   "they show that the pipeline runs and how far a configuration's outputs drift from its "
                   "reference, no more")
+VS_REFERENCE = "vs_reference"  # against the runtime's own full precision
+VS_TRANSFORMERS = "vs_transformers"  # llama.cpp's reference against transformers' fp32 on the same machine
 
 
 def outputs_dir(cfg: StudyConfig, hardware: str, model: str | None = None) -> Path:
@@ -44,33 +52,82 @@ def outputs_dir(cfg: StudyConfig, hardware: str, model: str | None = None) -> Pa
     return resolve(cfg.paths.results) / STAGE / "outputs" / hardware / (model or cfg.model.name)
 
 
+def reference_dir(cfg: StudyConfig, hardware: str) -> Path:
+    """models/<model>/reference/<hardware>/: the references' next-token distributions (a DVC output, not git)."""
+    return resolve(cfg.paths.models) / cfg.model.name / "reference" / hardware
+
+
 def _keep(settings: dict[str, Any], pins: dict[str, Any]) -> bool:
     return all(settings.get(k) == v for k, v in pins.items() if k in settings)
 
 
-def generation_points(cfg: StudyConfig, items: list[dataset.Item], passage: str, hardware: str,
-                      cuda_problem: str | None) -> list[Point]:
+def tokenize(cfg: StudyConfig, items: list[dataset.Item], text: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """Prompt token ids of the items and the token ids of the held-out text, made once with the model's own
+    tokenizer, so every runtime reads the same ids. Prompts of the tasks in evaluate.chat go through the chat
+    template when the tokenizer has one."""
+    from transformers import AutoTokenizer
+
+    e = cfg.evaluate
+    tok = AutoTokenizer.from_pretrained(cfg.model_dir() / "hf")
+    chat = bool(getattr(tok, "chat_template", None))
+    payload = []
+    for i in items:
+        text_prompt = dataset.prompt(i, e.templates)
+        if chat and e.chat.get(i.task, False):
+            ids = tok.apply_chat_template([{"role": "user", "content": text_prompt}], add_generation_prompt=True,
+                                          tokenize=True)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        else:
+            ids = tok(text_prompt, add_special_tokens=False)["input_ids"]
+        payload.append({**asdict(i), "prompt": text_prompt, "prompt_ids": [int(t) for t in ids],
+                        "chat": chat and e.chat.get(i.task, False)})
+    token_ids = [int(t) for t in tok(text, add_special_tokens=False)["input_ids"]]
+    if len(token_ids) - 1 < e.tokens.min_tokens:
+        raise ConfigError(f"evaluate.tokens.text: {e.tokens.text} gives {len(token_ids) - 1:,} scored tokens with "
+                          f"the tokenizer of {cfg.model.name}; at least evaluate.tokens.min_tokens="
+                          f"{e.tokens.min_tokens:,} are needed: add held-out text or lower min_tokens")
+    return payload, token_ids
+
+
+def _ref_identity(cfg: StudyConfig, hardware: str, config: str, token_ids: list[int]) -> dict[str, Any]:
+    t = cfg.evaluate.tokens
+    return {"method": tokens.METHOD_VERSION, "model": cfg.model.name, "hardware": hardware, "config": config,
+            "ids": tokens.ids_digest(token_ids), "window": t.window, "stride": t.stride}
+
+
+def generation_points(cfg: StudyConfig, items: list[dict[str, Any]], token_ids: list[int], items_digest: str,
+                      hardware: str, cuda_problem: str | None) -> list[Point]:
+    """Every configuration to evaluate, each runtime's reference first (it runs even where pins leave it out: the
+    others are compared with it)."""
     e = cfg.evaluate
     pins = {k: v for k, v in cfg.pins().items() if k in PINS}
     runtime = pins.pop("runtime", None)
-    common = {"scenario": "quality", "items_digest": dataset.digest(items, passage, e), "n_items": len(items),
-              "max_new_tokens": dict(e.max_new_tokens), "ppl_window": e.perplexity.window,
-              "ppl_stride": e.perplexity.stride}
-    load = {"items": [{**asdict(i), "prompt": dataset.prompt(i, e.templates)} for i in items], "passage": passage,
-            "outputs_dir": str(outputs_dir(cfg, hardware))}
+    common = {"scenario": "quality", "items_digest": items_digest, "n_items": len(items),
+              "max_new_tokens": dict(e.max_new_tokens), "tokens_digest": tokens.ids_digest(token_ids),
+              "tokens_window": e.tokens.window, "tokens_stride": e.tokens.stride}
+    load = {"items": items, "outputs_dir": str(outputs_dir(cfg, hardware)), "token_ids": token_ids,
+            "tokens_window": e.tokens.window, "tokens_stride": e.tokens.stride,
+            "reference_dir": str(reference_dir(cfg, hardware))}
     cores = usable_cores()
     bnb_missing = importlib.util.find_spec("bitsandbytes") is None
-    points: list[Point] = []
+    families: list[list[Point]] = []
+    hf_cpu_ref: dict[str, Any] | None = None
     if runtime in (None, "hf"):
         for device, section in (("cuda", e.gpu), ("cpu", e.cpu)):
             if not section.enabled:
                 continue
-            for precision in section.precisions:
+            ref_kv = section.kv_cache[0]
+            ref_name = f"hf-{device}-{section.reference}-{ref_kv}"
+            ref_ident = _ref_identity(cfg, hardware, ref_name, token_ids)
+            family: list[Point] = []
+            for precision in dict.fromkeys([section.reference, *section.precisions]):
                 for kv in section.kv_cache:
+                    name = f"hf-{device}-{precision}-{kv}"
+                    is_ref = name == ref_name
                     settings = {**common, "device": device, "precision": precision, "kv_cache": kv, "attn": "sdpa",
                                 "compile": False, "compute_dtype": section.compute_dtype,
                                 "batch_size": section.batch_size, "threads": cores if device == "cpu" else 0}
-                    if not _keep(settings, pins):
+                    if not is_ref and not _keep(settings, pins):
                         continue
                     skip = None
                     if device == "cuda" and cuda_problem:
@@ -79,25 +136,45 @@ def generation_points(cfg: StudyConfig, items: list[dataset.Item], passage: str,
                         skip = "bitsandbytes is not installed (pip install 'inferlab[gpu]')"
                     elif precision in hf.TORCHAO and importlib.util.find_spec("torchao") is None:
                         skip = "torchao is not installed (pip install torchao)"
-                    points.append(Point(f"hf-{device}-{precision}-{kv}", "hf", ("hf", device, precision), settings,
-                                        {**load, "model_dir": str(cfg.model_dir() / "hf")}, skip))
+                    roles = ({"writes_reference": ref_ident, "against": {}} if is_ref else
+                             {"writes_reference": None, "against": {VS_REFERENCE: {"identity": ref_ident}}})
+                    family.append(Point(name, "hf", ("hf", device, precision), settings,
+                                        {**load, **roles, "model_dir": str(cfg.model_dir() / "hf")}, skip))
+            if len(family) > 1 or any(_keep(p.settings, pins) for p in family):
+                families.append(family)
+                if device == "cpu" and not family[0].skip:
+                    hf_cpu_ref = ref_ident
     L = e.llama_cpp
     if runtime in (None, "llama_cpp") and L.enabled:
         from inferlab.gguf.pipeline import gguf_path
 
-        for quant in L.quants:
+        ref_name = f"llama-{L.reference}-kv{L.kv_type[0]}"
+        ref_ident = _ref_identity(cfg, hardware, ref_name, token_ids)
+        family = []
+        for quant in dict.fromkeys([L.reference, *L.quants]):
             for kv in L.kv_type:
+                name = f"llama-{quant}-kv{kv}"
+                is_ref = name == ref_name
                 settings = {**common, "quant": quant, "kv_type": kv, "flash_attn": kv != "f16",
                             "n_threads": L.n_threads or cores, "n_batch": 512, "n_ctx": L.n_ctx, "logits_all": True,
                             "batch_size": 1}
-                if not _keep(settings, pins):
+                if not is_ref and not _keep(settings, pins):
                     continue
                 path = gguf_path(cfg, quant)
                 skip = None if path.exists() else (f"no GGUF file {path.name}: add {quant} to convert.quants "
                                                    "(or convert.outtypes)")
-                points.append(Point(f"llama-{quant}-kv{kv}", "llama_cpp", ("llama_cpp", quant), settings,
-                                    {**load, "model_path": str(path)}, skip))
-    return points
+                if is_ref:
+                    roles = {"writes_reference": ref_ident,
+                             "against": {VS_TRANSFORMERS: {"identity": hf_cpu_ref}} if hf_cpu_ref else {}}
+                else:
+                    roles = {"writes_reference": None, "against": {VS_REFERENCE: {"identity": ref_ident}}}
+                family.append(Point(name, "llama_cpp", ("llama_cpp", quant), settings,
+                                    {**load, **roles, "model_path": str(path)}, skip))
+        if len(family) > 1 or any(_keep(p.settings, pins) for p in family):
+            families.append(family)
+    # the references first (llama.cpp's after transformers' CPU one: it is compared with it), then the rest
+    refs = [f[0] for f in families]
+    return refs + [p for f in families for p in f[1:]]
 
 
 def _family(p: dict[str, Any]) -> tuple:
@@ -155,7 +232,8 @@ def score(cfg: StudyConfig, stage: StageRun, bert: BertScorer) -> int:
     for n, g in enumerate(ok, 1):
         hw = _hardware(g)
         wanted = reference_config(cfg, g.point)
-        ref = next((r for r in ok if _hardware(r) == hw and _family(r.point) == _family(g.point)
+        # output drift compares outputs made together: the reference configuration of the same sweep
+        ref = next((r for r in ok if r.sweep_id == g.sweep_id and _family(r.point) == _family(g.point)
                     and _config_of(r.point) == wanted
                     and r.point.get("items_digest") == g.point.get("items_digest")), None)
         point = {"scenario": "scores", "of": g.name, "of_point": g.point_id, "of_hardware": hw,
@@ -180,72 +258,108 @@ def _score_one(cfg: StudyConfig, g: rec.Record, ref: rec.Record | None,
                bert: BertScorer) -> tuple[dict[str, Any], dict[str, list[float]]]:
     rows = _outputs(cfg, g)
     answers = [r["answer"] for r in rows]
-    task = compare(answers, [r["reference"] for r in rows], bert)
+    references = [r["reference"] for r in rows]
+    task = {**compare(answers, references, bert), "exact_match": exact_match(answers, references)}
     metrics: dict[str, Any] = {
         "meaningful": g.model.get("weights") == "real", "items": len(rows),
-        "generated_tokens": g.metrics.get("generated_tokens"), "perplexity": g.metrics["perplexity"],
-        "task": mean_of(task), "scorer": bert.info(),
+        "generated_tokens": g.metrics.get("generated_tokens"), "scorer": bert.info(), "task": mean_of(task),
         "task_by_kind": {kind: mean_of({k: [v[i] for i, r in enumerate(rows) if r["task"] == kind]
                                         for k, v in task.items()})
                          for kind in dict.fromkeys(r["task"] for r in rows)},
     }
     if not metrics["meaningful"]:
         metrics["note"] = NOT_MEANINGFUL
-    samples = {f"task_{k}": v for k, v in task.items() if k in ("rougeL", "bertscore_f1")}
+    samples = {f"task_{k}": v for k, v in task.items() if k in ("rougeL", "bertscore_f1", "exact_match")}
     if ref is None:
-        metrics["fidelity_missing"] = (f"no {'-'.join(map(str, reference_config(cfg, g.point)))} outputs from the "
-                                       "same runtime and hardware to compare with")
+        metrics["drift_missing"] = (f"no {'-'.join(map(str, reference_config(cfg, g.point)))} outputs from the "
+                                    "same sweep to compare with")
         return metrics, samples
     ref_rows = {r["item_id"]: r for r in _outputs(cfg, ref)}
     missing = [r["item_id"] for r in rows if r["item_id"] not in ref_rows]
     if missing:
         raise ValueError(f"the reference {ref.name} lacks items {missing[:5]}")
     pairs = [ref_rows[r["item_id"]] for r in rows]
-    fid = {**compare(answers, [p["answer"] for p in pairs], bert),
-           **token_fidelity([r["output_ids"] for r in rows], [p["output_ids"] for p in pairs])}
-    ref_ppl = ref.metrics["perplexity"]
-    metrics.update(fidelity=mean_of(fid), reference=ref.name, reference_perplexity=ref_ppl,
-                   perplexity_delta=round(g.metrics["perplexity"] - ref_ppl, 6),
-                   perplexity_ratio=round(g.metrics["perplexity"] / ref_ppl, 6))
-    samples.update({f"fidelity_{k}": v for k, v in fid.items() if k in ("rougeL", "bertscore_f1", "first_diff")})
+    drift = {**compare(answers, [p["answer"] for p in pairs], bert),
+             **token_fidelity([r["output_ids"] for r in rows], [p["output_ids"] for p in pairs])}
+    metrics.update(drift=mean_of(drift), reference=ref.name)
+    samples.update({f"drift_{k}": v for k, v in drift.items() if k in ("rougeL", "bertscore_f1", "first_diff")})
     return metrics, samples
 
 
+# The quality table's columns: what identifies a configuration, then its figures.
 QUALITY_SETTINGS = ("hardware", "model", "weights", "meaningful", "config", "status", "runtime", "device",
-                    "precision", "quant", "kv_cache", "kv_type")
-QUALITY_FIGURES = ("perplexity", "perplexity_delta", "perplexity_ratio",
-                   "fidelity_rouge1", "fidelity_rouge2", "fidelity_rougeL", "fidelity_bertscore_f1", "exact_match",
-                   "first_diff", "task_rouge1", "task_rouge2", "task_rougeL", "task_bertscore_f1", "reason")
+                    "precision", "quant", "kv_cache", "kv_type", "reference", "sweep_id")
+TOKEN_FIGURES = ("tokens_scored", "kl_mean", "kl_ci_low", "kl_ci_high", "kl_median", "kl_p99", "kl_max", "top1",
+                 "top1_ci_low", "top1_ci_high", "perplexity", "perplexity_ci_low", "perplexity_ci_high", "ppl_ratio",
+                 "ppl_ratio_ci_low", "ppl_ratio_ci_high", "vs_transformers_kl", "vs_transformers_top1")
+TEXT_FIGURES = ("task_rougeL", "task_bertscore_f1", "task_exact_match", "drift_rougeL", "drift_bertscore_f1",
+                "drift_exact_match", "drift_first_diff")
+QUALITY_FIGURES = TOKEN_FIGURES + TEXT_FIGURES + ("reason",)
 QUALITY_COLUMNS = QUALITY_SETTINGS + QUALITY_FIGURES
 
 
+def token_figures(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The per-token figures of a generation record (None where not measured). A reference agrees with itself by
+    construction: KL 0, top-1 agreement 1, perplexity ratio 1."""
+    t = metrics.get("tokens") or {}
+    own, vs, cross = t.get("own") or {}, t.get(VS_REFERENCE) or {}, t.get(VS_TRANSFORMERS) or {}
+    out: dict[str, Any] = dict.fromkeys(TOKEN_FIGURES)
+    if own:
+        out.update(tokens_scored=own["tokens"], perplexity=own["perplexity"],
+                   perplexity_ci_low=own["perplexity_ci95"][0], perplexity_ci_high=own["perplexity_ci95"][1])
+    if t.get("is_reference"):
+        out.update(kl_mean=0.0, kl_ci_low=0.0, kl_ci_high=0.0, kl_median=0.0, kl_p99=0.0, kl_max=0.0, top1=1.0,
+                   top1_ci_low=1.0, top1_ci_high=1.0, ppl_ratio=1.0, ppl_ratio_ci_low=1.0, ppl_ratio_ci_high=1.0)
+    elif "kl_mean" in vs:
+        out.update(kl_mean=vs["kl_mean"], kl_ci_low=vs["kl_ci95"][0], kl_ci_high=vs["kl_ci95"][1],
+                   kl_median=vs["kl_median"], kl_p99=vs["kl_p99"], kl_max=vs["kl_max"], top1=vs["top1"],
+                   top1_ci_low=vs["top1_ci95"][0], top1_ci_high=vs["top1_ci95"][1], ppl_ratio=vs["ppl_ratio"],
+                   ppl_ratio_ci_low=vs["ppl_ratio_ci95"][0], ppl_ratio_ci_high=vs["ppl_ratio_ci95"][1])
+    if "kl_mean" in cross:
+        out.update(vs_transformers_kl=cross["kl_mean"], vs_transformers_top1=cross["top1"])
+    return out
+
+
+def _text_figures(m: dict[str, Any]) -> dict[str, Any]:
+    # score records before scoring version 3 called output drift "fidelity"
+    drift, task = m.get("drift") or m.get("fidelity") or {}, m.get("task") or {}
+    return {"task_rougeL": task.get("rougeL"), "task_bertscore_f1": task.get("bertscore_f1"),
+            "task_exact_match": task.get("exact_match"), "drift_rougeL": drift.get("rougeL"),
+            "drift_bertscore_f1": drift.get("bertscore_f1"), "drift_exact_match": drift.get("exact_match"),
+            "drift_first_diff": drift.get("first_diff")}
+
+
 def quality_rows(results: Path) -> list[dict[str, Any]]:
-    """One row per configuration (hardware of generation, model, config): its latest score, or why it has
-    none (a failed or skipped generation)."""
-    latest: dict[tuple, tuple[tuple, rec.Record]] = {}
-    for r in _records(results):
-        sc = r.point.get("scenario")
-        hw = r.point.get("of_hardware") if sc == "scores" else _hardware(r)
-        name = r.point.get("of") if sc == "scores" else r.name
-        key = (hw, r.model.get("name"), name)
-        rank = (sc == "scores" and r.status == "ok", r.timestamp)  # a score beats a generation record
-        if key not in latest or rank >= latest[key][0]:
-            latest[key] = (rank, r)
+    """One row per configuration (hardware of generation, model, config): the per-token figures of its latest
+    generation record and the text scores of that generation, or why it has none."""
+    recs = _records(results)
+    latest: dict[tuple, rec.Record] = {}
+    scores: dict[str, rec.Record] = {}  # generation record id -> its latest ok score
+    for r in recs:
+        if r.point.get("scenario") == "scores":
+            gid = r.point.get("generation_record")
+            if r.status == "ok" and (gid not in scores or r.timestamp >= scores[gid].timestamp):
+                scores[gid] = r
+            continue
+        key = (_hardware(r), r.model.get("name"), r.name)
+        if key not in latest or r.timestamp >= latest[key].timestamp:
+            latest[key] = r
     rows = []
-    for (hw, model, name), (_, r) in sorted(latest.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        m = r.metrics if r.point.get("scenario") == "scores" else {}
-        fid, task = m.get("fidelity", {}), m.get("task", {})
-        row = {"hardware": hw, "model": model, "weights": r.model.get("weights"),
-               "meaningful": r.model.get("weights") == "real", "config": name,
-               "status": r.status if m or r.status != "ok" else "not scored",
-               **{k: r.point.get(k, "") for k in ("runtime", "device", "precision", "quant", "kv_cache", "kv_type")},
-               "perplexity": m.get("perplexity", ""), "perplexity_delta": m.get("perplexity_delta", ""),
-               "perplexity_ratio": m.get("perplexity_ratio", ""),
-               **{f"fidelity_{k}": fid.get(k, "") for k in ("rouge1", "rouge2", "rougeL", "bertscore_f1")},
-               "exact_match": fid.get("exact_match", ""), "first_diff": fid.get("first_diff", ""),
-               **{f"task_{k}": task.get(k, "") for k in ("rouge1", "rouge2", "rougeL", "bertscore_f1")},
-               "reason": (r.reason or m.get("fidelity_missing") or "")[:200]}
-        rows.append(row)
+    for (hw, model, name), g in sorted(latest.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        sc = scores.get(g.record_id)
+        m = sc.metrics if sc else {}
+        status = g.status if g.status != "ok" else ("ok" if sc else "not scored")
+        figures = {**token_figures(g.metrics if g.status == "ok" else {}), **_text_figures(m)}
+        if g.status == "ok" and figures["perplexity"] is None and "perplexity" in g.metrics:
+            figures["perplexity"] = g.metrics["perplexity"]  # generation records before per-token quality
+            figures["ppl_ratio"] = m.get("perplexity_ratio")
+        t = g.metrics.get("tokens") or {}
+        reason = g.reason or (t.get(VS_REFERENCE) or {}).get("missing") or m.get("drift_missing") or ""
+        rows.append({"hardware": hw, "model": model, "weights": g.model.get("weights"),
+                     "meaningful": g.model.get("weights") == "real", "config": name, "status": status,
+                     **{k: g.point.get(k) for k in ("runtime", "device", "precision", "quant", "kv_cache", "kv_type")},
+                     "reference": "itself" if t.get("is_reference") else (t.get(VS_REFERENCE) or {}).get("reference"),
+                     "sweep_id": g.sweep_id, **figures, "reason": reason[:200]})
     return rows
 
 
@@ -261,13 +375,13 @@ def write_aggregates(cfg: StudyConfig) -> dict[str, Any]:
         if not r["meaningful"]:
             model["note"] = NOT_MEANINGFUL
         model["configs"][r["config"]] = {k: r[k] for k in QUALITY_FIGURES if r[k] not in ("", None)} | {
-            "status": r["status"]}
+            "status": r["status"], "reference": r["reference"]}
     metrics = resolve(cfg.paths.metrics)
     rec.write_json(metrics / "quality.json", summary)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(QUALITY_COLUMNS))
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows([{k: "" if v is None else v for k, v in r.items()} for r in rows])
     rec.write_atomic(metrics / "plots" / "quality.csv", buf.getvalue())
     return summary
 
@@ -275,18 +389,20 @@ def write_aggregates(cfg: StudyConfig) -> dict[str, Any]:
 def run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
     e = cfg.evaluate
     items = dataset.load_items(e.dataset)  # fails before any model loads
-    passage = dataset.passage(cfg.evaluate)
+    text = dataset.passage(cfg.evaluate)
     bert = BertScorer(e.bertscore) if e.score else None  # a bad scorer setting fails before generation
+    payload, token_ids = tokenize(cfg, items, text)
     from inferlab.bench.gpu import cuda_problem
 
     need_cuda = e.gpu.enabled and cfg.pins().get("runtime") in (None, "hf")
     problem = cuda_problem() if need_cuda else None
     if problem:
         log.warning("evaluate: %s; the CUDA configurations are recorded as skipped", problem)
-    points = generation_points(cfg, items, passage, stage.env["hardware"]["id"], problem)
-    log.info("evaluate: %d items (%s), %d configurations", len(items),
+    hw = stage.env["hardware"]["id"]
+    points = generation_points(cfg, payload, token_ids, dataset.digest(items, text, e), hw, problem)
+    log.info("evaluate: %d items (%s), %d scored tokens of held-out text, %d configurations", len(items),
              ", ".join(f"{t} {sum(i.task == t for i in items)}" for t in dict.fromkeys(i.task for i in items)),
-             len(points))
+             len(token_ids) - 1, len(points))
     run_sweep(stage, points, resolve(e.dataset.path), {}, e.point_timeout_s, e.retry_failed, [stage_file],
               lambda m: None)
     if bert is not None:
