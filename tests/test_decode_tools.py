@@ -170,7 +170,7 @@ def test_report_shows_peer_lookup_and_profiles(project):
                  "launch_gap_ms_per_step": 0.24, "host_wait_ms_per_step": 0.12, "kernels_per_step": 456.5,
                  "ms_per_step_by_kind": {"matmul": 2.47}, "weight_gbps_over_matmul": 2249.2,
                  "top_kernels": [{"name": "nvjet_sm90_hsh_64x8", "ms_per_step": 0.998}]}))
-    build(compose(["tracking.enabled=false", "report.constraints.min_fidelity=null"]))
+    build(compose(["tracking.enabled=false", "report.constraints.max_kl=null"]))
     md = (project / "metrics" / "report.md").read_text()
     assert "### Faster decoding" in md
     assert ("**Fastest batch-1 decoding (transformers)**: 16-bit hf-fp16-b1-static-sdpa-compiled-fast 314 tokens/s"
@@ -227,7 +227,7 @@ def test_report_compares_the_llama_cpp_peer_on_the_gpu(project):
         bench(r, "gpu-b", f"gpu-{quant}-t16-b512-fa{int(fa)}-kvf16-generate-p64", None, 1, tps, 10, 3.5, 3.0,
               runtime="llama_cpp", quant=quant, device="cuda", flash_attn=fa, api="generate", kv_type="f16",
               n_threads=16, n_batch=512, n_gpu_layers=-1)
-    build(compose(["tracking.enabled=false", "report.constraints.min_fidelity=null"]))
+    build(compose(["tracking.enabled=false", "report.constraints.max_kl=null"]))
     md = (project / "metrics" / "report.md").read_text()
     assert ("**llama.cpp, 16-bit vs 4-bit speed (every layer on the GPU)**: q4_k_m decodes 306 tokens/s against "
             "f16's 254 tokens/s (1.20× the speed)") in md

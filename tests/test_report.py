@@ -34,13 +34,25 @@ def bench(results, hw, name, precision, batch, tps, ttft, itl90, mem, status="ok
         environment=_env(hw), status=status, reason=reason, metrics=metrics, sweep_id=f"{stage}-{hw}"))
 
 
-def score(results, hw, precision, rouge_l, model="m", device="cuda"):
-    point = {"scenario": "scores", "of": f"hf-{device}-{precision}-dynamic", "of_hardware": hw, "runtime": "hf",
-             "device": device, "precision": precision, "kv_cache": "dynamic"}
+def score(results, hw, precision, kl, model="m", device="cuda"):
+    """The evaluate stage's records of one configuration: its generation (with its per-token figures against the
+    reference, fp32, or as the reference itself) and the score of its outputs."""
+    name = f"hf-{device}-{precision}-dynamic"
+    own = {"tokens": 2000, "perplexity": 10.0 * (1 + kl), "perplexity_ci95": [9.5, 10.5]}
+    tokens = ({"own": own, "is_reference": True} if precision == "fp32" else {"own": own, "vs_reference": {
+        "kl_mean": kl, "kl_ci95": [kl * 0.9, kl * 1.1], "kl_median": kl / 2, "kl_p99": kl * 5, "kl_max": kl * 20,
+        "top1": 1 - kl, "top1_ci95": [1 - kl * 1.2, 1 - kl * 0.8], "ppl_ratio": 1 + kl,
+        "ppl_ratio_ci95": [1 + kl * 0.8, 1 + kl * 1.2], "reference": "hf-cuda-fp32-dynamic", "tokens": 2000}})
+    point = {"scenario": "quality", "runtime": "hf", "device": device, "precision": precision, "kv_cache": "dynamic"}
+    gen = rec.Record(stage="evaluate", name=name, point=point, config={}, model={"name": model, "weights": "random"},
+                     environment=_env(hw), sweep_id="evaluate-x", metrics={"tokens": tokens, "perplexity": 10.0})
+    rec.append(results / "evaluate" / f"{hw}.jsonl", gen)
+    point = {"scenario": "scores", "of": name, "of_hardware": hw, "runtime": "hf", "device": device,
+             "precision": precision, "kv_cache": "dynamic", "generation_record": gen.record_id}
     rec.append(results / "evaluate" / f"{hw}.jsonl", rec.Record(
-        stage="evaluate", name=f"scores-{point['of']}", point=point, config={},
+        stage="evaluate", name=f"scores-{name}", point=point, config={},
         model={"name": model, "weights": "random"}, environment=_env("scorer"), sweep_id="evaluate-x",
-        metrics={"fidelity": {"rougeL": rouge_l, "exact_match": rouge_l / 2}, "task": {}, "perplexity": 10.0}))
+        metrics={"drift": {"rougeL": 1 - kl, "exact_match": 1 - 2 * kl}, "task": {"rougeL": 0.3}}))
 
 
 @pytest.fixture
@@ -51,13 +63,14 @@ def gpu_results(tmp_path):
     bench(r, "gpu-a", "fp16-b64", "fp16", 64, 3400, 65, 19, 9.0)
     bench(r, "gpu-a", "nf4-b1", "nf4", 1, 35, 38, 31, 1.9)
     bench(r, "gpu-a", "nf4-b64", "nf4", 64, 2100, 68, 32, 5.7)
-    bench(r, "gpu-a", "int8-b1", "int8", 1, 16, 75, 63, 2.9)  # dominated by nf4-b1 unless its fidelity wins
-    bench(r, "gpu-a", "fp32-b1", "fp32", 1, 30, 30, 36, 10.5)  # dominated: slower and bigger than fp16, less faithful
+    bench(r, "gpu-a", "int8-b1", "int8", 1, 16, 75, 63, 2.9)  # dominated by nf4-b1 unless its quality wins
+    bench(r, "gpu-a", "fp32-b1", "fp32", 1, 30, 30, 36, 10.5)  # slower and bigger than fp16: the reference itself
     bench(r, "gpu-a", "bf16-b8", "bf16", 8, 0, 0, 0, 0, status="failed", reason="CUDA out of memory")
-    score(r, "gpu-a", "fp16", 1.0)
-    score(r, "gpu-a", "nf4", 0.4)
-    score(r, "gpu-a", "int8", 0.75)
-    score(r, "gpu-a", "fp32", 0.99)
+    #                  KL from fp32
+    score(r, "gpu-a", "fp16", 0.001)
+    score(r, "gpu-a", "nf4", 0.3)
+    score(r, "gpu-a", "int8", 0.08)
+    score(r, "gpu-a", "fp32", 0.0)  # the reference
     return r
 
 
@@ -78,45 +91,58 @@ def test_frontier_and_recommendation_from_records(gpu_results):
     names = {c["name"] for c in section.candidates}
     assert "bf16-b8" not in names and len(names) == 6  # the failed point is no candidate
     by = {c["name"]: c for c in section.candidates}
-    assert by["nf4-b1"]["fidelity"] == 0.4 and by["fp16-b64"]["fidelity"] == 1.0  # joined by precision + cache
+    assert by["nf4-b1"]["quality"] == 0.3 and by["fp16-b64"]["kl_mean"] == 0.001  # joined by precision + cache
+    assert by["fp32-b1"]["kl_mean"] == 0.0 and by["fp32-b1"]["top1"] == 1.0  # the reference agrees with itself
+    assert by["nf4-b1"]["kl_ci_low"] == pytest.approx(0.27) and by["nf4-b1"]["ppl_ratio"] == pytest.approx(1.3)
     front, with_quality = frontier.frontier(section.candidates, "total_tps")
-    assert with_quality
-    assert {c["name"] for c in front} == {"fp16-b64", "fp16-b1", "nf4-b64", "nf4-b1", "int8-b1"}
+    assert with_quality  # KL: lower is better; the reference (KL 0) is on the frontier too
+    assert {c["name"] for c in front} == {"fp16-b64", "fp16-b1", "nf4-b64", "nf4-b1", "int8-b1", "fp32-b1"}
+    (by_top1,) = collect(gpu_results, "top1")  # the quality axis by top-1 agreement: higher is better
+    top1, _ = frontier.frontier(by_top1.candidates, "total_tps", "top1")
+    assert {c["name"] for c in top1} == {c["name"] for c in front}
 
-    cfg = ReportConfig()  # TTFT <= 1000, ITL p90 <= 100, fidelity >= 0.9
+    cfg = ReportConfig()  # TTFT <= 1000, ITL p90 <= 100, KL <= 0.05
     r = frontier.recommend(section.candidates, cfg)
     assert r["status"] == "recommended" and r["name"] == "fp16-b64"
     assert r["settings"] == {"runtime": "hf", "device": "cuda", "precision": "fp16", "batch_size": 64,
                              "kv_cache": "dynamic", "attn": "sdpa", "compile": False}
     assert "on the Pareto frontier" in r["reason"] and r["meeting_constraints"] == 3
 
-    cfg = ReportConfig(constraints=ConstraintsConfig(memory_gib=6, ttft_ms=None, itl_p90_ms=None, min_fidelity=0.5))
+    cfg = ReportConfig(constraints=ConstraintsConfig(memory_gib=6, ttft_ms=None, itl_p90_ms=None, max_kl=0.25))
     r = frontier.recommend(section.candidates, cfg)
-    assert r["name"] == "fp16-b1"  # nf4-b64 fits in 6 GiB and is faster, but its fidelity is 0.4
+    assert r["name"] == "fp16-b1"  # nf4-b64 fits in 6 GiB and is faster, but its KL divergence is 0.3
+    assert r["figures"]["kl_mean"] == 0.001 and r["figures"]["top1_ci_low"] == pytest.approx(1 - 0.0012)
+    cfg = ReportConfig(constraints=ConstraintsConfig(memory_gib=6, ttft_ms=None, itl_p90_ms=None, max_kl=None,
+                                                     min_top1=0.95))
+    assert frontier.recommend(section.candidates, cfg)["name"] == "fp16-b1"  # nf4's top-1 agreement is 0.7
 
     cfg = ReportConfig(objective="decode_tps", constraints=ConstraintsConfig(memory_gib=3, ttft_ms=None,
-                                                                             itl_p90_ms=None, min_fidelity=None))
+                                                                             itl_p90_ms=None, max_kl=None))
     assert frontier.recommend(section.candidates, cfg)["name"] == "nf4-b1"
 
 
 def test_no_configuration_meets_the_constraints_says_which_and_by_how_much(gpu_results):
     (section,) = collect(gpu_results)
-    cfg = ReportConfig(constraints=ConstraintsConfig(memory_gib=1.0, ttft_ms=10, itl_p90_ms=None, min_fidelity=0.9))
+    cfg = ReportConfig(constraints=ConstraintsConfig(memory_gib=1.0, ttft_ms=10, itl_p90_ms=None, max_kl=0.05))
     r = frontier.recommend(section.candidates, cfg)
     assert r["status"] == "none" and "name" not in r
     check = r["constraint_check"]
     assert check["memory_gib"]["best"] == pytest.approx(1.9) and check["memory_gib"]["short_by"] == pytest.approx(0.9)
     assert check["memory_gib"]["passing"] == 0
     assert check["ttft_ms"]["best"] == 20 and check["ttft_ms"]["short_by"] == 10
-    assert check["min_fidelity"]["passing"] == 3  # fp16 b1, fp16 b64, fp32
+    assert check["max_kl"]["passing"] == 3  # fp16 b1, fp16 b64, fp32
     assert "peak memory: best 1.9GiB misses the limit 1GiB by 0.9GiB" in r["reason"]
     assert "TTFT: best 20ms misses the limit 10ms by 10ms" in r["reason"]
     assert r["closest"]["name"] and r["closest"]["fails"]
 
 
 def test_constraints_are_checked_at_load():
-    with pytest.raises(ConfigError, match="report.constraints.min_fidelity: 1.5 is out of range"):
-        compose(["report.constraints.min_fidelity=1.5"])
+    with pytest.raises(ConfigError, match="report.constraints.min_top1: 1.5 is out of range"):
+        compose(["report.constraints.min_top1=1.5"])
+    with pytest.raises(ConfigError, match="report.constraints.max_kl: -1.0 is out of range"):
+        compose(["report.constraints.max_kl=-1"])
+    with pytest.raises(ConfigError, match="report.quality_metric: 'fidelity'"):
+        compose(["report.quality_metric=fidelity"])
     with pytest.raises(ConfigError, match="report.objective: 'speed' is not allowed; choose one of total_tps"):
         compose(["report.objective=speed"])
 
@@ -128,7 +154,7 @@ def test_report_from_two_machines_with_figures_and_mlflow_run(project, gpu_resul
     bench(results, "laptop", "hf-fp32-b1", "fp32", 1, 2.0, 900, 600, 11.0, stage="bench_cpu")
     bench(results, "laptop", "hf-bf16-b1", "bf16", 1, 3.4, 1000, 360, 5.6, stage="bench_cpu")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = compose([f"tracking.uri={uri}", "report.constraints.min_fidelity=null"])
+    cfg = compose([f"tracking.uri={uri}", "report.constraints.max_kl=null"])
     doc = build(cfg)
     metrics = project / "metrics"
     recs = {(r["hardware"], r["model"]): r for r in doc["recommendations"]}
@@ -183,8 +209,8 @@ def test_report_on_missing_and_partial_inputs(project):
     assert "No GPU benchmark results" in md and "laptop: skipped (CUDA is not available)" in md
     assert "1 benchmark point(s) failed" in md and "killed: out of memory" in md
     (r,) = doc["recommendations"]
-    # fidelity >= 0.9 is asked for and nothing was scored: no recommendation, and the report says why
-    assert r["status"] == "none" and "fidelity: not measured for any configuration" in r["reason"]
+    # KL <= 0.05 is asked for and no quality was measured: no recommendation, and the report says why
+    assert r["status"] == "none" and "KL divergence: not measured for any configuration" in r["reason"]
     assert "16-bit vs 4-bit" in md and "a 16-bit configuration was not measured" in md
 
 

@@ -121,6 +121,7 @@ class ModelConfig:
     dtype: str = "float32"  # dtype the built weights are saved in
     architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    note: str | None = None  # what a reader of quality figures must know about these weights (in every record)
 
     def __post_init__(self) -> None:
         check_choice("model.source", self.source, MODEL_SOURCES)
@@ -586,7 +587,10 @@ class EvaluateConfig:
 
 
 REPORT_OBJECTIVES = ("total_tps", "decode_tps")
-FIDELITY_METRICS = ("fidelity_rougeL", "fidelity_rouge1", "fidelity_rouge2", "fidelity_bertscore_f1", "exact_match")
+# The quality figures the frontier and the recommendation can rank by, and their sense: +1 higher is better.
+# Per token against the reference distribution (kl_mean, top1, ppl_ratio) is how quantization is judged; task and
+# drift scores of generated text are kept for what they are (task quality; how much the output text changed).
+QUALITY_METRICS = {"kl_mean": -1, "top1": +1, "ppl_ratio": -1, "task_rougeL": +1, "drift_rougeL": +1}
 
 
 @dataclass
@@ -596,27 +600,30 @@ class ConstraintsConfig:
     memory_gib: float | None = None  # peak memory: GPU memory allocated (CUDA) or process RSS (CPU)
     ttft_ms: float | None = 1000.0  # median time to first token
     itl_p90_ms: float | None = 100.0  # 90th percentile inter-token latency (the reader's stream rate)
-    min_fidelity: float | None = 0.9  # fidelity to the reference precision (report.fidelity_metric)
+    # mean KL divergence per token from the runtime's full precision, in nats (the default quality limit: it
+    # weighs every token's whole distribution, so it sees damage before the top-1 choice or perplexity move)
+    max_kl: float | None = 0.05
+    min_top1: float | None = None  # agreement of the top-1 next token with the full precision, 0..1
 
     def check(self, key: str) -> None:
-        for name in ("memory_gib", "ttft_ms", "itl_p90_ms"):
+        for name in ("memory_gib", "ttft_ms", "itl_p90_ms", "max_kl"):
             if getattr(self, name) is not None:
                 check_range(f"{key}.{name}", getattr(self, name), low=0)
-        if self.min_fidelity is not None:
-            check_range(f"{key}.min_fidelity", self.min_fidelity, low=0, high=1)
+        if self.min_top1 is not None:
+            check_range(f"{key}.min_top1", self.min_top1, low=0, high=1)
 
 
 @dataclass
 class ReportConfig:
     objective: str = "total_tps"  # what "fastest" means: total tokens/s (throughput) or decode tokens/s per sequence
-    fidelity_metric: str = "fidelity_rougeL"  # the quality axis of the frontier and of min_fidelity
+    quality_metric: str = "kl_mean"  # the quality axis of the frontier and figures (QUALITY_METRICS)
     constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
     models: list[str] = field(default_factory=list)  # models to report; empty: every model with records
     html: bool = True  # metrics/report.html with the figures embedded, beside metrics/report.md
 
     def __post_init__(self) -> None:
         check_choice("report.objective", self.objective, REPORT_OBJECTIVES)
-        check_choice("report.fidelity_metric", self.fidelity_metric, FIDELITY_METRICS)
+        check_choice("report.quality_metric", self.quality_metric, QUALITY_METRICS)
         self.constraints.check("report.constraints")
 
 

@@ -33,6 +33,7 @@ def model_info(cfg: StudyConfig) -> dict[str, Any]:
         "revision": prov.get("revision", cfg.model.revision),
         "weights": cfg.model.weights,
         "source": cfg.model.source,
+        **({"note": cfg.model.note} if cfg.model.note else {}),
     }
 
 

@@ -359,7 +359,8 @@ def quality_rows(results: Path) -> list[dict[str, Any]]:
                      "meaningful": g.model.get("weights") == "real", "config": name, "status": status,
                      **{k: g.point.get(k) for k in ("runtime", "device", "precision", "quant", "kv_cache", "kv_type")},
                      "reference": "itself" if t.get("is_reference") else (t.get(VS_REFERENCE) or {}).get("reference"),
-                     "sweep_id": g.sweep_id, **figures, "reason": reason[:200]})
+                     "sweep_id": g.sweep_id, **figures, "reason": reason[:200],
+                     "model_note": g.model.get("note") or ""})
     return rows
 
 
@@ -379,7 +380,7 @@ def write_aggregates(cfg: StudyConfig) -> dict[str, Any]:
     metrics = resolve(cfg.paths.metrics)
     rec.write_json(metrics / "quality.json", summary)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(QUALITY_COLUMNS))
+    writer = csv.DictWriter(buf, fieldnames=list(QUALITY_COLUMNS), extrasaction="ignore")
     writer.writeheader()
     writer.writerows([{k: "" if v is None else v for k, v in r.items()} for r in rows])
     rec.write_atomic(metrics / "plots" / "quality.csv", buf.getvalue())

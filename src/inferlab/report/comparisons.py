@@ -236,9 +236,10 @@ def faster_decoding(section: Section) -> list[str]:
                    f"{_f(fp16['decode_tps'], 'tokens/s')} (ITL p50 {_f(fp16['itl_p50_ms'], 'ms')}); 4-bit "
                    f"{q4['name']} {_f(q4['decode_tps'], 'tokens/s')} (ITL p50 {_f(q4['itl_p50_ms'], 'ms')}), "
                    f"{_ratio(q4['decode_tps'], fp16['decode_tps'])} the 16-bit speed in "
-                   f"{_f(q4['memory_gib'], 'GiB')} against {_f(fp16['memory_gib'], 'GiB')}; the 4-bit's fidelity "
-                   f"{_f(q4.get('fidelity'))} (16-bit: {_f(fp16.get('fidelity'))}), perplexity ratio "
-                   f"{_f(q4.get('perplexity_ratio'))}.")
+                   f"{_f(q4['memory_gib'], 'GiB')} against {_f(fp16['memory_gib'], 'GiB')}; the 4-bit's KL divergence "
+                   f"from full precision {_f(q4.get('kl_mean'), 'nats/token')} (16-bit: "
+                   f"{_f(fp16.get('kl_mean'), 'nats/token')}), top-1 agreement {_f(q4.get('top1'))}, perplexity "
+                   f"ratio {_f(q4.get('ppl_ratio'))}.")
     if gpu_llama:
         ok = [r for r in gpu_llama if r["status"] == "ok"]
         if ok:

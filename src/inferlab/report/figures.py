@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from inferlab.report.comparisons import llama_grid, plain_hf, plain_llama
-from inferlab.report.frontier import OBJECTIVE_LABELS
+from inferlab.report.frontier import OBJECTIVE_LABELS, QUALITY_LABELS
 from inferlab.report.table import Section, num
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def quality_vs_speed(section: Section, front: list[dict[str, Any]], with_quality
                      path: Path, recommended: str | None = None) -> bool:
     """Quality (or memory, where quality was not measured) against speed: one colour per precision / quant,
     marker area by memory, the Pareto frontier ringed, the recommendation starred."""
-    y_key = "fidelity" if with_quality else "memory_gib"
+    y_key = "quality" if with_quality else "memory_gib"
     pts = [r for r in section.candidates if num(r.get(objective)) is not None and num(r.get(y_key)) is not None]
     if not pts:
         return False
@@ -152,10 +152,13 @@ def quality_vs_speed(section: Section, front: list[dict[str, Any]], with_quality
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib_ticker().NullFormatter())
     ax.set_xlabel(OBJECTIVE_LABELS[objective] + " (marker area: peak memory)")
-    ax.set_ylabel(f"fidelity ({section.fidelity_metric})" if with_quality else "peak memory, GiB")
+    ax.set_ylabel(QUALITY_LABELS[section.quality_metric] if with_quality else "peak memory, GiB")
+    if with_quality and section.quality_metric == "kl_mean":
+        ax.set_yscale("symlog", linthresh=1e-4)  # KL spans decades; the reference itself sits at 0
+        ax.invert_yaxis()  # better quality up
     title = "Quality vs speed" if with_quality else "Memory vs speed (quality not measured here)"
     if with_quality and section.weights != "real":
-        title += " — random weights: fidelity measures numerics only"
+        title += " — random weights: quality figures measure numerics only"
     ax.set_title(f"{title}\n{section.title}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     _save(fig, path)

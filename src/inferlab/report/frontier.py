@@ -1,31 +1,38 @@
 """The Pareto frontier over speed, memory and quality, and the recommended configuration under constraints.
 
-A configuration is on the frontier when no other one is at least as fast, as small and as faithful, and
+A configuration is on the frontier when no other one is at least as fast, as small and as good in quality
+(report.quality_metric: by default the mean KL divergence per token from the runtime's full precision), and
 strictly better in one of them. Quality joins the axes only where it was measured: a section with quality
-scores ranks the scored configurations on all three axes; a section without any ranks speed and memory.
+figures ranks the measured configurations on all three axes; a section without any ranks speed and memory.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from inferlab.config import ConstraintsConfig, ReportConfig
+from inferlab.config import QUALITY_METRICS, ConstraintsConfig, ReportConfig
 from inferlab.report.table import fmt, num
 
 OBJECTIVE_LABELS = {"total_tps": "total tokens/s", "decode_tps": "decode tokens/s per sequence"}
+QUALITY_LABELS = {"kl_mean": "KL divergence from full precision (nats per token)",
+                  "top1": "top-1 agreement with full precision", "ppl_ratio": "perplexity ratio to full precision",
+                  "task_rougeL": "task ROUGE-L against the references",
+                  "drift_rougeL": "output drift: ROUGE-L against the full precision's outputs"}
 # constraint -> (row figure, sense, label, unit); sense +1: the figure must be at most the limit
 CONSTRAINTS = {
     "memory_gib": ("memory_gib", +1, "peak memory", "GiB"),
     "ttft_ms": ("ttft_ms", +1, "TTFT", "ms"),
     "itl_p90_ms": ("itl_p90_ms", +1, "ITL p90", "ms"),
-    "min_fidelity": ("fidelity", -1, "fidelity", ""),
+    "max_kl": ("kl_mean", +1, "KL divergence", "nats"),
+    "min_top1": ("top1", -1, "top-1 agreement", ""),
 }
 
 
-def axes(objective: str, with_quality: bool) -> list[tuple[str, int]]:
-    """(figure, +1 to maximise / -1 to minimise)."""
+def axes(objective: str, with_quality: bool, quality_metric: str = "kl_mean") -> list[tuple[str, int]]:
+    """(figure, +1 to maximise / -1 to minimise). The quality axis is the row's `quality` figure, the value of
+    report.quality_metric."""
     out = [(objective, +1), ("memory_gib", -1)]
-    return [*out, ("fidelity", +1)] if with_quality else out
+    return [*out, ("quality", QUALITY_METRICS[quality_metric])] if with_quality else out
 
 
 def dominates(a: dict[str, Any], b: dict[str, Any], ax: list[tuple[str, int]]) -> bool:
@@ -41,10 +48,11 @@ def pareto(candidates: list[dict[str, Any]], ax: list[tuple[str, int]]) -> list[
     return sorted(front, key=lambda c: -num(c[ax[0][0]]))  # type: ignore[operator]
 
 
-def frontier(candidates: list[dict[str, Any]], objective: str) -> tuple[list[dict[str, Any]], bool]:
+def frontier(candidates: list[dict[str, Any]], objective: str,
+             quality_metric: str = "kl_mean") -> tuple[list[dict[str, Any]], bool]:
     """The frontier of one section and whether quality was one of its axes."""
-    with_quality = any(num(c.get("fidelity")) is not None for c in candidates)
-    return pareto(candidates, axes(objective, with_quality)), with_quality
+    with_quality = any(num(c.get("quality")) is not None for c in candidates)
+    return pareto(candidates, axes(objective, with_quality, quality_metric)), with_quality
 
 
 def _limits(constraints: ConstraintsConfig) -> dict[str, float]:
@@ -81,7 +89,8 @@ def settings(c: dict[str, Any]) -> dict[str, Any]:
 
 
 FIGURES = ("decode_tps", "total_tps", "ttft_ms", "itl_p50_ms", "itl_p90_ms", "memory_gib", "roofline_fraction",
-           "fidelity", "exact_match", "perplexity_ratio")
+           "kl_mean", "kl_ci_low", "kl_ci_high", "top1", "top1_ci_low", "top1_ci_high", "ppl_ratio",
+           "ppl_ratio_ci_low", "ppl_ratio_ci_high", "task_rougeL", "drift_rougeL")
 
 
 def _summary(c: dict[str, Any]) -> dict[str, Any]:
@@ -96,13 +105,14 @@ def recommend(candidates: list[dict[str, Any]], cfg: ReportConfig) -> dict[str, 
     which constraint fails and by how much (the best any candidate reached against each limit)."""
     limits = _limits(cfg.constraints)
     objective = cfg.objective
-    front, with_quality = frontier(candidates, objective)
+    front, with_quality = frontier(candidates, objective, cfg.quality_metric)
     front_names = {c["name"] for c in front}
     checked = [(c, violations(c, cfg.constraints)) for c in candidates if num(c.get(objective)) is not None]
     passing = [c for c, v in checked if not v]
     out: dict[str, Any] = {"objective": objective, "constraints": limits, "candidates": len(checked),
                            "meeting_constraints": len(passing), "frontier": [c["name"] for c in front],
-                           "frontier_axes": [k for k, _ in axes(objective, with_quality)]}
+                           "frontier_axes": [k for k, _ in axes(objective, with_quality)],
+                           "quality_metric": cfg.quality_metric}
     if not checked:
         return {**out, "status": "no candidates",
                 "reason": "no latency point ran on this hardware for this model (see the missing inputs)"}
@@ -113,7 +123,7 @@ def recommend(candidates: list[dict[str, Any]], cfg: ReportConfig) -> dict[str, 
         reason = (f"highest {label} ({fmt(num(best[objective]))}) among the {len(passing)} of {len(checked)} "  # type: ignore[arg-type]
                   f"configurations that meet {conds}")
         reason += "; on the Pareto frontier" if best["name"] in front_names else "; not on the frontier"
-        if num(best.get("fidelity")) is None:
+        if num(best.get("quality")) is None:
             reason += "; its quality was not measured"
         runner_up = [c["name"] for c in sorted(passing, key=lambda c: -num(c[objective]))[1:4]]  # type: ignore[operator]
         return {**out, "status": "recommended", **_summary(best), "reason": reason, "alternatives": runner_up}

@@ -8,20 +8,46 @@ import re
 from pathlib import Path
 from typing import Any
 
-from inferlab.report.frontier import CONSTRAINTS, OBJECTIVE_LABELS, describe
+from inferlab.report.frontier import CONSTRAINTS, OBJECTIVE_LABELS, QUALITY_LABELS, describe
 from inferlab.report.table import Section, fmt, num
 
 CANDIDATE_COLUMNS = (
     ("config", "configuration"), ("workload", "prompt+new"), ("batch_size", "batch"), ("n_threads", "threads"),
     ("decode_tps", "decode tok/s"), ("decode_tps_stdev", "±"), ("total_tps", "total tok/s"), ("ttft_ms", "TTFT ms"),
     ("itl_p50_ms", "ITL p50 ms"), ("itl_p90_ms", "ITL p90 ms"), ("memory_gib", "memory GiB"),
-    ("roofline_fraction", "roofline"), ("fidelity", "fidelity"), ("exact_match", "exact match"),
-    ("perplexity_ratio", "ppl ratio"), ("frontier", "frontier"),
+    ("roofline_fraction", "roofline"), ("kl_mean", "KL"), ("top1", "top-1"), ("ppl_ratio", "ppl ratio"),
+    ("frontier", "frontier"),
 )
-QUALITY_COLUMNS = (("config", "configuration"), ("status", "status"), ("fidelity_rougeL", "ROUGE-L"),
-                   ("fidelity_bertscore_f1", "BERTScore F1"), ("exact_match", "exact match"),
-                   ("first_diff", "first diff (tokens)"), ("perplexity", "perplexity"),
-                   ("perplexity_ratio", "ppl ratio"), ("task_rougeL", "task ROUGE-L"), ("reason", "reason"))
+QUALITY_COLUMNS = (("config", "configuration"), ("status", "status"), ("kl", "KL divergence (95% CI)"),
+                   ("kl_p99", "KL p99"), ("kl_max", "KL max"), ("top1_ci", "top-1 agreement (95% CI)"),
+                   ("perplexity", "perplexity"), ("ppl_ratio_ci", "ppl ratio (95% CI)"),
+                   ("task_rougeL", "task ROUGE-L"), ("task_exact_match", "task exact match"),
+                   ("drift_rougeL", "drift ROUGE-L"), ("drift_exact_match", "drift exact match"),
+                   ("tokens_scored", "tokens"), ("reason", "reason"))
+
+
+def with_ci(v: Any, low: Any, high: Any, kind: str = "") -> str:
+    """A figure and its 95% interval in one cell: 0.0123 (0.0119–0.0127); kind "pct" as percentages, "ratio" to
+    four decimals (a perplexity ratio near 1)."""
+    if v is None or v == "":
+        return ""
+    f = {"pct": lambda x: f"{100 * x:.1f}%", "ratio": lambda x: f"{x:.4f}"}.get(kind, fmt)
+    return f"{f(v)} ({f(low)}–{f(high)})" if low is not None and high is not None else f(v)
+
+
+def quality_table(rows: list[dict[str, Any]]) -> str:
+    shown = []
+    for r in sorted(rows, key=lambda r: (r.get("runtime") or "", r.get("kl_mean") is None, r.get("kl_mean") or 0,
+                                         r["config"])):
+        if r.get("reference") == "itself":  # full precision: the others are measured against it
+            shown.append({**r, "kl": "reference", "kl_p99": None, "kl_max": None, "top1_ci": "reference",
+                          "ppl_ratio_ci": "reference"})
+            continue
+        shown.append({**r, "kl": with_ci(r.get("kl_mean"), r.get("kl_ci_low"), r.get("kl_ci_high")),
+                      "top1_ci": with_ci(r.get("top1"), r.get("top1_ci_low"), r.get("top1_ci_high"), "pct"),
+                      "ppl_ratio_ci": with_ci(r.get("ppl_ratio"), r.get("ppl_ratio_ci_low"),
+                                              r.get("ppl_ratio_ci_high"), "ratio")})
+    return table(shown, QUALITY_COLUMNS)
 
 
 def cell(v: Any) -> str:
@@ -47,21 +73,22 @@ def _fig(v: Any, unit: str = "") -> str:
 
 def answer_table(results: list[tuple[Section, dict[str, Any]]]) -> str:
     lines = ["| hardware | model | recommended | total tok/s | decode tok/s | TTFT ms | ITL p90 ms | memory GiB "
-             "| fidelity | why |", "|" + "---|" * 10]
+             "| KL (nats/token) | top-1 | why |", "|" + "---|" * 11]
     for s, rec in results:
         if rec["status"] == "recommended":
             f = rec["figures"]
             lines.append(f"| {s.hardware} | {s.model} | **{rec['name']}** | {cell(f['total_tps'])} | "
                          f"{cell(f['decode_tps'])} | {cell(f['ttft_ms'])} | {cell(f['itl_p90_ms'])} | "
-                         f"{cell(f['memory_gib'])} | {cell(f['fidelity'])} | {cell(rec['reason'])} |")
+                         f"{cell(f['memory_gib'])} | {cell(f['kl_mean'])} | {cell(f['top1'])} | "
+                         f"{cell(rec['reason'])} |")
         else:
-            lines.append(f"| {s.hardware} | {s.model} | none | — | — | — | — | — | — | {cell(rec['reason'])} |")
+            lines.append(f"| {s.hardware} | {s.model} | none | — | — | — | — | — | — | — | {cell(rec['reason'])} |")
     return "\n".join(lines)
 
 
 def pivot(cands: list[dict[str, Any]]) -> str:
     """transformers points as precision (and cache/compile) x batch: total tok/s, decode tok/s per sequence,
-    peak memory and fidelity in each cell."""
+    peak memory in each cell."""
     hf = [c for c in cands if c["runtime"] == "hf" and c.get("attn") == "sdpa"]
     batches = sorted({int(num(c["batch_size"]) or 1) for c in hf})
     if len(batches) < 2:
@@ -108,14 +135,20 @@ def section_md(s: Section, rec: dict[str, Any], headline: list[str], caching: li
     out = [f"## {s.title}", ""]
     if s.weights and s.weights != "real":
         out += [f"_Weights: {s.weights}. Speed and memory depend on shapes only and are real figures; quality "
-                "scores show how far each configuration drifts from its reference, not language quality._", ""]
+                "figures show how far each configuration drifts from its reference, not language quality: random "
+                "weights give near-uniform distributions, where the smallest change flips the top token._", ""]
+    elif s.model_note:
+        out += [f"_Weights: {s.weights}; {s.model_note}_", ""]
     out += ["### Recommendation", ""]
     if rec["status"] == "recommended":
         f = rec["figures"]
         out += [f"**{rec['name']}** ({', '.join(f'{k}={v}' for k, v in rec['settings'].items())}): "
                 f"{_fig(f['total_tps'], 'tokens/s')} in total, {_fig(f['decode_tps'], 'tokens/s')} per sequence, "
                 f"TTFT {_fig(f['ttft_ms'], 'ms')}, ITL p90 {_fig(f['itl_p90_ms'], 'ms')}, "
-                f"{_fig(f['memory_gib'], 'GiB')} ({rec['memory_kind']}), fidelity {_fig(f['fidelity'])}.", "",
+                f"{_fig(f['memory_gib'], 'GiB')} ({rec['memory_kind']}), KL divergence from full precision "
+                f"{with_ci(f['kl_mean'], f['kl_ci_low'], f['kl_ci_high']) or '—'} nats per token, top-1 agreement "
+                f"{with_ci(f['top1'], f['top1_ci_low'], f['top1_ci_high'], 'pct') or '—'}, perplexity ratio "
+                f"{with_ci(f['ppl_ratio'], f['ppl_ratio_ci_low'], f['ppl_ratio_ci_high'], 'ratio') or '—'}.", "",
                 f"Why: {rec['reason']}.", ""]
         if rec.get("alternatives"):
             out += [f"Next fastest that meet the constraints: {', '.join(rec['alternatives'])}.", ""]
@@ -152,9 +185,9 @@ def section_md(s: Section, rec: dict[str, Any], headline: list[str], caching: li
                     "sequence / peak memory.", "", grid, ""]
         out += ["### Configurations: speed, memory and quality", "",
                 f"Medians over the repetitions (warm-up excluded); memory is peak {mem_kinds}; roofline is the "
-                "fraction of the memory-bandwidth limit; fidelity "
-                f"({s.fidelity_metric}) and exact match against the reference precision of the same runtime, "
-                "from the evaluate stage (joined by runtime, device, precision or quant and KV cache).", "",
+                "fraction of the memory-bandwidth limit; KL (mean KL divergence per token, nats), top-1 "
+                "agreement and perplexity ratio against the full precision of the same runtime, from the "
+                "evaluate stage (joined by runtime, device, precision or quant and KV cache).", "",
                 table(rows, CANDIDATE_COLUMNS), ""]
         front = [r for r in rows if r["frontier"]]
         axes = ", ".join(rec.get("frontier_axes", []))
@@ -166,7 +199,21 @@ def section_md(s: Section, rec: dict[str, Any], headline: list[str], caching: li
                                                               or c[0] in ("batch_size", "ttft_ms", "itl_p90_ms"))),
                     ""]
     if s.quality:
-        out += ["### Quality of every configuration evaluated here", "", table(s.quality, QUALITY_COLUMNS), ""]
+        out += ["### Quality of every configuration evaluated here", "",
+                "Per token, over the same token ids of held-out text, against the full precision of the same "
+                "runtime measured in the same sweep (llama.cpp's `--kl-divergence` method): mean KL divergence "
+                "of the next-token distribution (nats), its 99th percentile and maximum, how often the most "
+                "likely next token agrees (Wilson interval), and the perplexity ratio. Intervals treat tokens "
+                "as independent; neighbouring tokens are correlated, so the true uncertainty is somewhat wider. "
+                "Task scores are the generated answers against the evaluation set's references; drift compares "
+                "them with the full precision's own answers (how much the text changed, not whether it got "
+                "worse).", ""]
+        cross = [q for q in s.quality if q.get("vs_transformers_kl") is not None]
+        for q in cross:
+            out += [f"The two runtimes' references agree: llama.cpp's {q['quant']} file against transformers' "
+                    f"fp32 on the same ids, KL {fmt(q['vs_transformers_kl'])} nats per token, top-1 agreement "
+                    f"{100 * q['vs_transformers_top1']:.2f}%.", ""]
+        out += [quality_table(s.quality), ""]
     not_run = _not_run(s)
     if not_run:
         out += ["### Points that did not run", "", not_run, ""]
@@ -193,7 +240,7 @@ def missing_inputs(sections: list[Section]) -> list[str]:
             out.append(f"{s.title}: quality not measured (run evaluate with this model on this machine); "
                        "its frontier ranks speed and memory only.")
         elif s.candidates:
-            unscored = [c["config"] for c in s.candidates if c.get("fidelity") is None]
+            unscored = [c["config"] for c in s.candidates if c.get("quality") is None]
             if unscored:
                 out.append(f"{s.title}: {len(unscored)} of {len(s.candidates)} benchmarked configurations have no "
                            f"quality score of the same configuration ({', '.join(unscored[:5])}"
@@ -212,8 +259,9 @@ def report_md(sections_md: list[str], answer: str, missing: list[str], header: d
     out = ["# inferlab report: which configuration to use", "",
            f"Built from the records under `results/` only ({header['records']} records), {header['generated']}, "
            f"code at commit {header['commit']}. Objective: highest {OBJECTIVE_LABELS[header['objective']]}. "
-           f"Constraints (`report.constraints` in conf/config.yaml): {conds}. Fidelity: `{header['fidelity_metric']}` "
-           "against the reference precision of each runtime.", "",
+           f"Constraints (`report.constraints` in conf/config.yaml): {conds}. Quality axis: "
+           f"{QUALITY_LABELS[header['quality_metric']]} (`report.quality_metric`), against the full precision "
+           "of each runtime.", "",
            "## The answer", "", answer, ""]
     if missing:
         out += ["## What is missing", "", *[f"- {m}" for m in missing], ""]

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 STAGE = "report"
 FRONTIER_COLUMNS = ("hardware", "model", "config", "stage", "runtime", "precision", "quant", "batch_size",
                     "n_threads", "kv_cache", "kv_type", "compile", "decode_tps", "total_tps", "ttft_ms",
-                    "itl_p90_ms", "memory_gib", "fidelity", "on_frontier", "recommended")
+                    "itl_p90_ms", "memory_gib", "kl_mean", "top1", "ppl_ratio", "quality", "on_frontier",
+                    "recommended")
 
 
 def _frontier_csv(results: list[tuple[Section, dict[str, Any]]]) -> str:
@@ -38,7 +39,6 @@ def _frontier_csv(results: list[tuple[Section, dict[str, Any]]]) -> str:
         front = set(r.get("frontier", []))
         for c in s.candidates:
             w.writerow({**{k: c.get(k, "") for k in FRONTIER_COLUMNS}, "hardware": s.hardware, "model": s.model,
-                        "fidelity": "" if c.get("fidelity") is None else c["fidelity"],
                         "on_frontier": c["name"] in front, "recommended": r.get("point") == c["name"]})
     return buf.getvalue()
 
@@ -59,7 +59,7 @@ def build(cfg: StudyConfig) -> dict[str, Any]:
     """Everything the report says, written to metrics/; returns the recommendation document."""
     rc = cfg.report
     results_dir, metrics_dir = resolve(cfg.paths.results), resolve(cfg.paths.metrics)
-    sections = collect(results_dir, rc.fidelity_metric, rc.models)
+    sections = collect(results_dir, rc.quality_metric, rc.models)
     n_records = sum(len(s.rows) + len(s.quality) for s in sections)
     log.info("report: %d hardware/model section(s) from %d records", len(sections), n_records)
     fig_dir = metrics_dir / "figures"
@@ -68,7 +68,7 @@ def build(cfg: StudyConfig) -> dict[str, Any]:
     for s in sections:
         cands = s.candidates
         rcm = frontier.recommend(cands, rc)
-        front, with_quality = frontier.frontier(cands, rc.objective)
+        front, with_quality = frontier.frontier(cands, rc.objective, rc.quality_metric)
         figs = figures.draw_all(s, front, with_quality, rc.objective, fig_dir, rcm.get("point"))
         drawn.update(p for _, p in figs)
         parts.append(render.section_md(s, rcm, comparisons.headline(s), comparisons.cache_and_streaming(s), figs,
@@ -84,14 +84,14 @@ def build(cfg: StudyConfig) -> dict[str, Any]:
     header = {"records": n_records, "generated": rec.now()[:16].replace("T", " ") + " UTC",
               "commit": (env["git"].get("commit") or "unknown")[:10], "objective": rc.objective,
               "constraints": {k: v for k, v in to_container(rc.constraints).items() if v is not None},
-              "fidelity_metric": rc.fidelity_metric}
+              "quality_metric": rc.quality_metric}
     md = render.report_md(parts, render.answer_table(results) if results else "No records yet: run the study.",
                           render.missing_inputs(sections), header)
     rec.write_atomic(metrics_dir / "report.md", md)
     if rc.html:
         rec.write_atomic(metrics_dir / "report.html", render.to_html(md, metrics_dir))
     document = {
-        "objective": rc.objective, "fidelity_metric": rc.fidelity_metric, "constraints": header["constraints"],
+        "objective": rc.objective, "quality_metric": rc.quality_metric, "constraints": header["constraints"],
         "generated": rec.now(), "git_commit": env["git"].get("commit"),
         "recommendations": [{"hardware": s.hardware, "model": s.model, "weights": s.weights, **r}
                             for s, r in results],
@@ -108,7 +108,7 @@ def build(cfg: StudyConfig) -> dict[str, Any]:
 
 def _log_mlflow(cfg: StudyConfig, document: dict[str, Any], figs: list[Path], metrics_dir: Path, digest: str) -> None:
     models = sorted({r["model"] for r in document["recommendations"]})
-    params: dict[str, Any] = {"objective": document["objective"], "fidelity_metric": document["fidelity_metric"],
+    params: dict[str, Any] = {"objective": document["objective"], "quality_metric": document["quality_metric"],
                               **{f"constraint.{k}": v for k, v in document["constraints"].items()}}
     metrics: dict[str, float] = {}
     for r in document["recommendations"]:

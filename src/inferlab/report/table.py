@@ -11,14 +11,14 @@ from typing import Any
 
 from inferlab.bench.aggregate import stage_records_rows
 from inferlab.quality import stage as quality
+from inferlab.quality.stage import TEXT_FIGURES, TOKEN_FIGURES
 
 log = logging.getLogger(__name__)
 
 BENCH_STAGES = ("bench_gpu", "bench_cpu")
 DEVICE_OF_STAGE = {"bench_gpu": "cuda", "bench_cpu": "cpu"}
 TORCHAO = ("int8-ao", "int4-ao")
-QUALITY_KEYS = ("fidelity_rougeL", "fidelity_rouge1", "fidelity_rouge2", "fidelity_bertscore_f1", "exact_match",
-                "first_diff", "perplexity", "perplexity_ratio", "task_rougeL")
+QUALITY_KEYS = TOKEN_FIGURES + TEXT_FIGURES  # joined from the evaluate stage onto each benchmark point
 
 
 def num(v: Any) -> float | None:
@@ -48,7 +48,8 @@ class Section:
     weights: str = ""
     rows: list[dict[str, Any]] = field(default_factory=list)  # benchmark rows of every scenario and status
     quality: list[dict[str, Any]] = field(default_factory=list)  # quality rows of configurations generated here
-    fidelity_metric: str = "fidelity_rougeL"
+    quality_metric: str = "kl_mean"
+    model_note: str = ""  # what the model's records say its weights are (e.g. dequantized from a published file)
 
     @property
     def title(self) -> str:
@@ -124,20 +125,24 @@ def _enrich(row: dict[str, Any], record_metrics: dict[str, Any], stage: str) -> 
     return row
 
 
-def collect(results: Path, fidelity_metric: str = "fidelity_rougeL", models: list[str] | None = None) -> list[Section]:
+def collect(results: Path, quality_metric: str = "kl_mean", models: list[str] | None = None) -> list[Section]:
     """Sections per (hardware, model) from every record file under results/, in a stable order."""
     sections: dict[tuple[str, str], Section] = {}
 
     def section(hw: str, model: str, weights: str) -> Section:
         if (hw, model) not in sections:
-            sections[(hw, model)] = Section(hw, model, weights or "", fidelity_metric=fidelity_metric)
+            sections[(hw, model)] = Section(hw, model, weights or "", quality_metric=quality_metric)
         return sections[(hw, model)]
 
     for stage in BENCH_STAGES:
         for record, row in stage_records_rows(results, stage):
-            section(row["hardware"], row["model"], row["weights"]).rows.append(_enrich(row, record.metrics, stage))
+            s = section(row["hardware"], row["model"], row["weights"])
+            s.rows.append(_enrich(row, record.metrics, stage))
+            s.model_note = record.model.get("note") or s.model_note
     for q in quality.quality_rows(results):
-        section(q["hardware"], q["model"], q["weights"]).quality.append(q)
+        s = section(q["hardware"], q["model"], q["weights"])
+        s.quality.append(q)
+        s.model_note = q.get("model_note") or s.model_note
     out = [s for s in sections.values() if not models or s.model in models]
     for s in out:
         scored = s.scored
@@ -146,7 +151,7 @@ def collect(results: Path, fidelity_metric: str = "fidelity_rougeL", models: lis
             r["quality_config"] = q["config"] if q else ""
             for k in QUALITY_KEYS:
                 r[k] = num(q.get(k)) if q else None
-            r["fidelity"] = r.get(fidelity_metric)
+            r["quality"] = r.get(quality_metric)
     # GPU machines first (they answer the main question), then by name
     return sorted(out, key=lambda s: (not any(r["device"] == "cuda" and r["status"] == "ok" for r in s.rows),
                                       not s.rows, s.hardware, s.model))
