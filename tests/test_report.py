@@ -16,12 +16,12 @@ from inferlab.report.table import collect
 from inferlab.tracking import TAG_KIND, Tracker
 
 
-def _env(hw: str) -> dict:
-    return {"hardware": {"id": hw}, "git": {"commit": "abc"}, "libraries": {}}
+def _env(hw: str, instance: str = "i0") -> dict:
+    return {"hardware": {"id": hw, "instance": instance}, "git": {"commit": "abc"}, "libraries": {}}
 
 
 def bench(results, hw, name, precision, batch, tps, ttft, itl90, mem, status="ok", reason=None, stage="bench_gpu",
-          scenario="latency", model="m", **extra):
+          scenario="latency", model="m", sweep=None, instance="i0", **extra):
     point = {"runtime": "hf", "scenario": scenario, "precision": precision, "batch_size": batch,
              "kv_cache": extra.pop("kv_cache", "dynamic"), "attn": "sdpa", "compile": False, "prompt_tokens": 64,
              "new_tokens": 128, **extra}
@@ -31,7 +31,8 @@ def bench(results, hw, name, precision, batch, tps, ttft, itl90, mem, status="ok
         "peak_allocated_gib" if stage == "bench_gpu" else "peak_rss_mib": mem if stage == "bench_gpu" else mem * 1024}
     rec.append(results / stage / f"{hw}.jsonl", rec.Record(
         stage=stage, name=name, point=point, config={}, model={"name": model, "weights": "random"},
-        environment=_env(hw), status=status, reason=reason, metrics=metrics, sweep_id=f"{stage}-{hw}"))
+        environment=_env(hw, instance), status=status, reason=reason, metrics=metrics,
+        sweep_id=sweep or f"{stage}-{hw}"))
 
 
 def score(results, hw, precision, kl, model="m", device="cuda"):
@@ -229,3 +230,50 @@ def test_child_runs_carry_the_params_the_ui_groups_by(tmp_path):
     p = child.data.params
     assert (p["precision"], p["batch_size"], p["kv_cache"], p["hardware"], p["runtime"]) == (
         "nf4", "4", "static", "gpu-a", "hf")
+
+
+def test_comparisons_pair_points_of_one_sweep_and_show_the_spread_across_sweeps(project):
+    """One point measured in two sweeps on two machine instances at different speeds (a host-bound point): each
+    comparison takes both of its sides from one sweep, the spread across sweeps is shown and flagged, and two
+    points that never shared a sweep are not compared."""
+    results = project / "results"
+    #                          name          precision batch tok/s TTFT ITL90 GiB
+    bench(results, "gpu-a", "fp16-b1", "fp16", 1, 40, 20, 26, 5.3, sweep="sweep-a", instance="host-1",
+          kv_cache="dynamic")
+    bench(results, "gpu-a", "nf4-b1", "nf4", 1, 30, 30, 35, 1.9, sweep="sweep-a", instance="host-1")
+    bench(results, "gpu-a", "bf16-b1-dyn", "bf16", 1, 41, 20, 25, 5.3, sweep="sweep-a", instance="host-1")
+    bench(results, "gpu-a", "fp16-b1", "fp16", 1, 60, 15, 17, 5.3, sweep="sweep-b", instance="host-2",
+          kv_cache="dynamic")
+    bench(results, "gpu-a", "fp16-b1-nokv", "fp16", 1, 56, 18, 19, 5.2, sweep="sweep-b", instance="host-2",
+          kv_cache="none")
+    bench(results, "gpu-a", "bf16-b1-static", "bf16", 1, 70, 20, 15, 5.3, sweep="sweep-b", instance="host-2",
+          kv_cache="static")
+    bench(results, "gpu-a", "int8-b1", "int8", 1, 20, 40, 55, 2.9, sweep="sweep-b", instance="host-2")
+    doc = build(compose(["tracking.enabled=false", "report.constraints.max_kl=null"]))
+    md = (project / "metrics" / "report.md").read_text()
+    kv = next(line for line in md.splitlines() if line.startswith("- **KV cache (fp16, batch 1)**"))
+    # the pair of sweep b (60 against 56), never sweep a's 40 against sweep b's 56 (which would read 1.40x)
+    assert "dynamic cache 60 tokens/s" in kv and "no KV cache 56 tokens/s (0.93×)" in kv
+    assert "sweep `sweep-b` on instance `host-2`" in kv and "1.40×" not in md
+    head = next(line for line in md.splitlines() if "16-bit vs 4-bit speed at batch 1" in line)
+    assert "nf4 decodes 30 tokens/s against fp16's 40 tokens/s (0.75× the speed)" in head  # both from sweep a
+    assert "sweep `sweep-a` on instance `host-1`" in head
+    bf16 = next(line for line in md.splitlines() if line.startswith("- **KV cache (bf16, batch 1)**"))
+    assert "never in one sweep" in bf16 or "not compared" in bf16
+    assert "70 tokens/s" not in bf16 or "(1.71×)" not in bf16
+    # the point measured twice: median (range) and count of sweeps, flagged as moving with the machine
+    assert "50 (40–60), 2 sweeps ⚠" in md
+    assert "fp16-b1: decode_tps ranges 40% across 2 sweeps on 2 machine instances" in md
+    # the frontier and the recommendation rank one sweep's points: sweep b's four (sweep a holds three)
+    (r,) = doc["recommendations"]
+    assert r["status"] == "recommended" and r["name"] == "bf16-b1-static"
+    assert "Ranked together: the 4 configurations measured in sweep `sweep-b` on instance `host-2`" in md
+    assert "### Measured in other sweeps" in md and "nf4-b1" in md.split("### Measured in other sweeps")[1]
+    # the DVC metrics carry the same spread
+    from inferlab.bench.aggregate import write_aggregates
+
+    summary = write_aggregates(compose([]), "bench_gpu")
+    point = summary["gpu-a"]["models"]["m"]["points"]["fp16-b1"]
+    spread = point["decode_tps_across_sweeps"]
+    assert (spread["sweeps"], spread["median"], spread["min"], spread["max"]) == (2, 50.0, 40.0, 60.0)
+    assert "moves with the machine" in spread["sensitive"] and point["sweep_id"] == "sweep-b"

@@ -94,14 +94,35 @@ def _num(s: str) -> float | None:
         return None
 
 
+def boot_id() -> str | None:
+    """The kernel's id of this boot: a new one on every start, so a reused host name never hides a new machine."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def instance_id(host: str, boot: str | None, gpus: list[dict]) -> str:
+    """Which machine instance measured: host, boot and GPU bus ids hashed. Figures of host-bound points move from
+    instance to instance, so the report compares only points measured in one sweep on one instance."""
+    import hashlib
+
+    blob = "|".join([host, boot or "no-boot-id", *(g.get("pci_bus_id") or "" for g in gpus)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 @functools.lru_cache(maxsize=1)
 def hardware() -> dict:
     import psutil
 
     gpus = gpu_info()
     cpu = _cpu_model()
+    host, boot = socket.gethostname(), boot_id()
     return {
-        "host": socket.gethostname(),
+        "host": host,
+        "boot_id": boot,
+        "instance": instance_id(host, boot, gpus),
         "cpu": cpu,
         "cores_logical": psutil.cpu_count(logical=True),
         "cores_physical": psutil.cpu_count(logical=False),

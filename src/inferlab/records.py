@@ -73,6 +73,12 @@ class Record:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def instance_of(r: Record) -> str:
+    """The machine instance a record was measured on (records before instance ids: the host name)."""
+    hw = r.environment.get("hardware", {})
+    return hw.get("instance") or f"host-{hw.get('host', '?')}"
+
+
 def append(path: Path, record: Record) -> None:
     """Append one record as one line. O_APPEND with a single write keeps concurrent writers' lines whole."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,10 @@
 """The comparisons a reader asks for first, restated from this study's records: 16-bit against 4-bit (speed and
 memory), 4-bit with and without batching, and what the KV cache, the prompt cache and streaming changed.
 
-Each comparison finds its two points by their settings; where one was not measured (or failed) it says so."""
+Each comparison finds its two points by their settings; where one was not measured (or failed) it says so. Two
+points are compared only where they were measured together, in one sweep on one machine instance: `together`
+runs a comparison within each such group and keeps the ranked group's, else the newest group's that holds both
+sides; where no group holds both, the report says so instead of comparing."""
 
 from __future__ import annotations
 
@@ -13,6 +16,46 @@ from inferlab.report.table import Section, fmt, num
 
 SIXTEEN_BIT = {"hf": ("fp16", "bf16"), "llama_cpp": ("f16",)}
 FOUR_BIT = {"hf": ("nf4", "fp4", "nf4-dq"), "llama_cpp": ("q4_k_m", "q4_0")}
+
+
+class Missing(str):
+    """A comparison that could not be made here (one side was not measured): `together` looks for another group
+    that holds both sides before it shows this."""
+
+
+def _topic(text: str) -> str:
+    """A comparison's topic: its bold lead (**KV cache (fp16, batch 1)**), else the whole sentence."""
+    return text[2:text.index("**", 2)] if text.startswith("**") and "**" in text[2:] else text
+
+
+def together(section: Section, compare) -> list[str]:
+    """`compare` (section -> sentences) made within one group at a time: per topic, the ranked group's complete
+    sentence, else the newest group's; a topic complete only when groups are mixed is reported as not measured
+    together, never compared."""
+    if not section.history:
+        return compare(section)
+    found: dict[str, list[tuple[tuple, str, bool]]] = {}
+    for g in section.groups:
+        for text in compare(section.view(g)):
+            found.setdefault(_topic(text), []).append((g, str(text), not isinstance(text, Missing)))
+    mixed = {_topic(t) for t in compare(section.merged()) if not isinstance(t, Missing)}
+    out = []
+    for topic, entries in found.items():
+        complete = [e for e in entries if e[2]]
+        if complete:
+            g, text, _ = complete[0]
+            also = f"; the same comparison in {len(complete) - 1} other sweep(s)" if len(complete) > 1 else ""
+            out.append(f"{text} _({section.label(g)}{also})_")
+            continue
+        text = str(entries[0][1])
+        if topic in mixed:
+            text += (" (Both sides were measured, but never in one sweep on one machine instance: not compared "
+                     "across sweeps.)")
+        out.append(text)
+    for topic in sorted(mixed - set(found)):
+        out.append(f"**{topic}**: its points were measured only in different sweeps or on different machine "
+                   "instances: not compared.")
+    return out
 
 
 def _f(v: Any, unit: str = "") -> str:
@@ -90,8 +133,8 @@ def headline(section: Section) -> list[str]:
                      else f" ({int(llama_threads)} threads)" if llama_threads else "")
         if base is None or q4 is None:
             missing = "a 16-bit" if base is None else "a 4-bit"
-            out.append(f"**{family}**: {missing} configuration was not measured{where}, so 16-bit vs 4-bit "
-                       "cannot be compared here.")
+            out.append(Missing(f"**{family}, 16-bit vs 4-bit speed{where}**: {missing} configuration was not "
+                               "measured here, so 16-bit vs 4-bit cannot be compared."))
             continue
         out.append(
             f"**{family}, 16-bit vs 4-bit speed{where}**: {_kind(q4)} decodes {_f(q4['decode_tps'], 'tokens/s')} "
@@ -106,7 +149,8 @@ def headline(section: Section) -> list[str]:
         if runtime == "llama_cpp":
             continue  # llama.cpp's sweep runs one sequence at a time: batching is a transformers comparison
         if not batched:
-            out.append(f"**{family}, 4-bit with and without batching**: {_kind(q4)} ran at batch 1 only here.")
+            out.append(Missing(f"**{family}, 4-bit with and without batching**: {_kind(q4)} ran at batch 1 only "
+                               "here."))
             continue
         big = max(batched, key=lambda r: num(r["batch_size"]) or 0)
         base_big = next((r for r in rows if _kind(r) == _kind(base) and r["batch_size"] == big["batch_size"]), None)
@@ -152,7 +196,8 @@ def cache_and_streaming(section: Section) -> list[str]:
             out.append(f"**llama.cpp KV cache {r['kv_type']}** ({r['name']}): {_f(r['decode_tps'], 'tokens/s')}, "
                        f"{_f(r['memory_gib'], 'GiB')}.")
         else:
-            out.append(f"**llama.cpp KV cache {r['kv_type']}** ({r['name']}): {r['status']}: {r['reason'][:160]}")
+            out.append(Missing(f"**llama.cpp KV cache {r['kv_type']}** ({r['name']}): {r['status']}: "
+                               f"{r['reason'][:160]}"))
 
     prefix = _by_name(section, lambda r: r["scenario"] == "prefix_cache")
     for runtime in sorted({r["runtime"] for r in prefix}):
@@ -168,7 +213,7 @@ def cache_and_streaming(section: Section) -> list[str]:
     for r in _by_name(section, lambda r: r["scenario"] == "streaming"):
         m = r["_metrics"]
         if r["status"] != "ok":
-            out.append(f"**Streaming** ({r['name']}): {r['status']}: {r['reason'][:160]}")
+            out.append(Missing(f"**Streaming** ({r['name']}): {r['status']}: {r['reason'][:160]}"))
             continue
         stream, plain = m.get("stream_e2e_ms", {}).get("median"), m.get("plain_e2e_ms", {}).get("median")
         out.append(f"**Streaming (transformers TextIteratorStreamer, {r.get('precision')} batch 1)**: the same "
@@ -259,9 +304,13 @@ def faster_decoding(section: Section) -> list[str]:
                 out.append("**transformers' fastest against llama.cpp's, batch 1**: " + "; ".join(peer) + ".")
         failed = [r for r in gpu_llama if r["status"] != "ok"]
         if failed:
-            reasons = sorted({r["reason"].splitlines()[0][:140] for r in failed})
-            out.append(f"**llama.cpp on this GPU**: {len(failed)} of {len(gpu_llama)} points did not run: "
-                       + "; ".join(reasons) + ".")
+            reasons = "; ".join(sorted({r["reason"].splitlines()[0][:140] for r in failed}))
+            if ok:
+                out.append(f"**llama.cpp on this GPU, points that did not run**: {len(failed)} of "
+                           f"{len(gpu_llama)}: {reasons}.")
+            else:
+                out.append(Missing(f"**llama.cpp on this GPU (every layer offloaded, same GGUF files)**: none of "
+                                   f"its {len(gpu_llama)} points ran: {reasons}."))
     lookup = [r for r in section.rows if r["scenario"] == "assisted" and r["status"] == "ok"]
     plain = {(r.get("precision"), r.get("task")): r for r in lookup if num(r.get("lookup_tokens")) == 0}
     for r in lookup:
@@ -287,7 +336,8 @@ def faster_decoding(section: Section) -> list[str]:
     return out
 
 
-PROFILE_COLUMNS = (("name", "profiled configuration"), ("window", "window"), ("profiled_step_ms", "step ms"),
+PROFILE_COLUMNS = (("name", "profiled configuration"), ("sweep", "sweep"), ("window", "window"),
+                   ("profiled_step_ms", "step ms"),
                    ("kernel_ms_per_step", "kernels ms"), ("launch_gap_ms_per_step", "launch gaps ms"),
                    ("host_wait_ms_per_step", "host waits ms"), ("kernels_per_step", "kernels/step"),
                    ("matmul_ms", "matmul ms"), ("weight_gbps_over_matmul", "weights GB/s in matmuls"),
@@ -313,7 +363,7 @@ def profiles(section: Section) -> list[dict[str, Any]]:
         device_gbps = (m.get("bandwidth") or {}).get("bandwidth_gbps")
         if gbps and device_gbps and gbps > 1.1 * device_gbps:  # the weights were read by kernels not classed as
             gbps = None  # matrix kernels (inductor's fused reductions): no rate to give
-        rows.append({"name": r["name"].removesuffix("-profile"), "window": m.get("window"),
+        rows.append({"name": r["name"].removesuffix("-profile"), "sweep": r.get("sweep_id"), "window": m.get("window"),
                      **{k: m.get(k) for k in ("profiled_step_ms", "kernel_ms_per_step", "launch_gap_ms_per_step",
                                               "host_wait_ms_per_step", "kernels_per_step")},
                      "matmul_ms": matmul,

@@ -16,8 +16,26 @@ CANDIDATE_COLUMNS = (
     ("decode_tps", "decode tok/s"), ("decode_tps_stdev", "±"), ("total_tps", "total tok/s"), ("ttft_ms", "TTFT ms"),
     ("itl_p50_ms", "ITL p50 ms"), ("itl_p90_ms", "ITL p90 ms"), ("memory_gib", "memory GiB"),
     ("roofline_fraction", "roofline"), ("kl_mean", "KL"), ("top1", "top-1"), ("ppl_ratio", "ppl ratio"),
-    ("frontier", "frontier"),
+    ("across", "decode tok/s across sweeps"), ("frontier", "frontier"),
 )
+OTHER_COLUMNS = (("config", "configuration"), ("sweep", "sweep"), ("decode_tps", "decode tok/s"),
+                 ("total_tps", "total tok/s"), ("ttft_ms", "TTFT ms"), ("memory_gib", "memory GiB"),
+                 ("across", "decode tok/s across sweeps"))
+
+
+def across(r: dict[str, Any]) -> str:
+    """A point's decode speed across the sweeps that measured it: median (min–max), n sweeps; ⚠ where it spreads
+    more than a run does."""
+    n = num(r.get("sweeps")) or 0
+    if n < 2:
+        return ""
+    text = (f"{fmt(num(r['decode_tps_sweeps_median']))} ({fmt(num(r['decode_tps_sweeps_min']))}–"  # type: ignore[arg-type]
+            f"{fmt(num(r['decode_tps_sweeps_max']))}), {int(n)} sweeps")  # type: ignore[arg-type]
+    return text + (" ⚠" if r.get("sensitive") else "")
+
+
+def _spread_notes(rows: list[dict[str, Any]]) -> list[str]:
+    return [f"- ⚠ {r['config']}: {r['sensitive']}." for r in rows if r.get("sensitive")]
 QUALITY_COLUMNS = (("config", "configuration"), ("status", "status"), ("kl", "KL divergence (95% CI)"),
                    ("kl_p99", "KL p99"), ("kl_max", "KL max"), ("top1_ci", "top-1 agreement (95% CI)"),
                    ("perplexity", "perplexity"), ("ppl_ratio_ci", "ppl ratio (95% CI)"),
@@ -176,8 +194,14 @@ def section_md(s: Section, rec: dict[str, Any], headline: list[str], caching: li
         for caption, path in figures:
             out += [f"![{caption}]({path.relative_to(figure_base).as_posix()})", ""]
     cands = s.candidates
+    if cands and s.history:
+        others = {r["config"] for r in s.rows if r["status"] == "ok" and r["scenario"] == "latency"} - {
+            c["config"] for c in cands}
+        out += [f"Ranked together: the {len(cands)} configurations measured in {s.label(s.ranked_group)}"
+                + (f"; {len(others)} more, measured in other sweeps, are listed apart and not ranked against them."
+                   if others else "."), ""]
     if cands:
-        rows = [{**c, "frontier": c["name"] in front_names} for c in cands]
+        rows = [{**c, "frontier": c["name"] in front_names, "across": across(c)} for c in cands]
         mem_kinds = ", ".join(sorted({c["memory_kind"] for c in cands}))
         grid = pivot(cands)
         if grid:
@@ -188,7 +212,9 @@ def section_md(s: Section, rec: dict[str, Any], headline: list[str], caching: li
                 "fraction of the memory-bandwidth limit; KL (mean KL divergence per token, nats), top-1 "
                 "agreement and perplexity ratio against the full precision of the same runtime, from the "
                 "evaluate stage (joined by runtime, device, precision or quant and KV cache).", "",
-                table(rows, CANDIDATE_COLUMNS), ""]
+                table(rows, CANDIDATE_COLUMNS), "", *_spread_notes(rows)]
+        if any(r.get("sensitive") for r in rows):
+            out += [""]
         front = [r for r in rows if r["frontier"]]
         axes = ", ".join(rec.get("frontier_axes", []))
         out += ["### Pareto frontier", "", f"Axes: {axes}. {len(front)} of {len(cands)} configurations are not "
@@ -198,6 +224,14 @@ def section_md(s: Section, rec: dict[str, Any], headline: list[str], caching: li
                                                               if c[0] in rec.get("frontier_axes", [])
                                                               or c[0] in ("batch_size", "ttft_ms", "itl_p90_ms"))),
                     ""]
+    ranked = {c["config"] for c in cands}
+    other = [{**r, "sweep": s.label((r["sweep_id"], r["instance"])), "across": across(r)} for r in s.rows
+             if r["status"] == "ok" and r["scenario"] == "latency" and r["config"] not in ranked and s.history]
+    if other:
+        out += ["### Measured in other sweeps (not ranked against the configurations above)", "",
+                "Figures of different sweeps or machine instances are not compared: host-bound points move with "
+                "the machine. Each row is the point's latest record.", "", table(other, OTHER_COLUMNS), "",
+                *_spread_notes(other), ""]
     if s.quality:
         out += ["### Quality of every configuration evaluated here", "",
                 "Per token, over the same token ids of held-out text, against the full precision of the same "

@@ -71,9 +71,11 @@ def build(cfg: StudyConfig) -> dict[str, Any]:
         front, with_quality = frontier.frontier(cands, rc.objective, rc.quality_metric)
         figs = figures.draw_all(s, front, with_quality, rc.objective, fig_dir, rcm.get("point"))
         drawn.update(p for _, p in figs)
-        parts.append(render.section_md(s, rcm, comparisons.headline(s), comparisons.cache_and_streaming(s), figs,
-                                       metrics_dir, {c["name"] for c in front}, comparisons.faster_decoding(s),
-                                       comparisons.profiles(s)))
+        headline = comparisons.together(s, comparisons.headline)
+        caching = comparisons.together(s, comparisons.cache_and_streaming)
+        faster = comparisons.together(s, comparisons.faster_decoding)
+        parts.append(render.section_md(s, rcm, headline, caching, figs, metrics_dir, {c["name"] for c in front},
+                                       faster, comparisons.profiles(s.merged())))
         results.append((s, rcm))
         log.info("report: %s: %s%s", s.title, rcm["status"],
                  f" {rcm['name']}" if rcm["status"] == "recommended" else f" ({rcm['reason'][:160]})")

@@ -1,5 +1,10 @@
-"""The report's inputs, from the records only: per hardware and model, the benchmark rows (the latest record of
-each point) joined with the quality scores of the same configuration on the same hardware."""
+"""The report's inputs, from the records only: per hardware and model, the benchmark rows joined with the quality
+figures of the same configuration on the same hardware.
+
+Figures are compared only where they were measured together: in one sweep on one machine instance (a group).
+A section keeps every record's row (`history`); its ranked group, the group holding the most configurations,
+supplies the candidates that the frontier and the recommendation rank; `view(group)` gives the same interface
+over one group's rows, so each comparison can be made within a group."""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from inferlab.bench.aggregate import stage_records_rows
+from inferlab.bench.aggregate import row as record_row
+from inferlab.bench.aggregate import stage_records, stage_records_rows
 from inferlab.quality import stage as quality
 from inferlab.quality.stage import TEXT_FIGURES, TOKEN_FIGURES
 
@@ -19,6 +25,7 @@ BENCH_STAGES = ("bench_gpu", "bench_cpu")
 DEVICE_OF_STAGE = {"bench_gpu": "cuda", "bench_cpu": "cpu"}
 TORCHAO = ("int8-ao", "int4-ao")
 QUALITY_KEYS = TOKEN_FIGURES + TEXT_FIGURES  # joined from the evaluate stage onto each benchmark point
+SPREAD_KEYS = ("sweeps", "decode_tps_sweeps_median", "decode_tps_sweeps_min", "decode_tps_sweeps_max", "sensitive")
 
 
 def num(v: Any) -> float | None:
@@ -50,6 +57,8 @@ class Section:
     quality: list[dict[str, Any]] = field(default_factory=list)  # quality rows of configurations generated here
     quality_metric: str = "kl_mean"
     model_note: str = ""  # what the model's records say its weights are (e.g. dequantized from a published file)
+    history: list[dict[str, Any]] = field(default_factory=list)  # a row per record, every sweep (full sections)
+    group: tuple | None = None  # on a view: the (sweep id, instance) its rows were measured in
 
     @property
     def title(self) -> str:
@@ -67,8 +76,11 @@ class Section:
 
     @cached_property
     def candidates(self) -> list[dict[str, Any]]:
-        """Latency points that ran, one per configuration: where a configuration ran with several generation
-        lengths, the longest (steadier decode figures) stands for it."""
+        """Latency points that ran, one per configuration, all from one sweep on one instance (the ranked group,
+        on a full section): where a configuration ran with several generation lengths, the longest (steadier
+        decode figures) stands for it."""
+        if self.history and self.group is None:
+            return self.view(self.ranked_group).candidates if self.ranked_group else []
         best: dict[tuple, dict[str, Any]] = {}
         for r in self.ok("latency"):
             if num(r.get("total_tps")) is None:
@@ -81,6 +93,54 @@ class Section:
     @cached_property
     def scored(self) -> list[dict[str, Any]]:
         return [q for q in self.quality if q["status"] == "ok"]
+
+    def view(self, group: tuple) -> Section:
+        """The section as measured in one group: the latest row of each point within it."""
+        latest: dict[str, dict[str, Any]] = {}
+        for r in self.history:
+            if (r["sweep_id"], r["instance"]) == group and (
+                    r["point_id"] not in latest or r["timestamp"] >= latest[r["point_id"]]["timestamp"]):
+                latest[r["point_id"]] = r
+        return Section(self.hardware, self.model, self.weights, list(latest.values()), self.quality,
+                       self.quality_metric, self.model_note, group=group)
+
+    def merged(self) -> Section:
+        """The latest row of every point whichever group measured it (never for comparing two points)."""
+        return Section(self.hardware, self.model, self.weights, self.rows, self.quality, self.quality_metric,
+                       self.model_note, group=("all", "all"))
+
+    @cached_property
+    def groups(self) -> list[tuple]:
+        """Every (sweep id, instance) that measured something here: the ranked group first, then newest first."""
+        newest: dict[tuple, str] = {}
+        for r in self.history:
+            g = (r["sweep_id"], r["instance"])
+            newest[g] = max(newest.get(g, ""), r["timestamp"])
+        order = sorted(newest, key=lambda g: newest[g], reverse=True)
+        if self.ranked_group in order:
+            order.remove(self.ranked_group)
+            order.insert(0, self.ranked_group)
+        return order
+
+    @cached_property
+    def ranked_group(self) -> tuple | None:
+        """The group whose configurations are ranked: the one holding the most latency points that ran (the
+        newest among equals)."""
+        count: dict[tuple, int] = {}
+        newest: dict[tuple, str] = {}
+        for r in self.history:
+            if r["status"] == "ok" and r["scenario"] == "latency" and num(r.get("total_tps")) is not None:
+                g = (r["sweep_id"], r["instance"])
+                count[g] = count.get(g, 0) + 1
+                newest[g] = max(newest.get(g, ""), r["timestamp"])
+        return max(count, key=lambda g: (count[g], newest[g])) if count else None
+
+    @staticmethod
+    def label(group: tuple | None) -> str:
+        if not group:
+            return "no sweep"
+        sweep, instance = group
+        return f"sweep `{sweep}` on instance `{instance[:8]}`"
 
 
 def sort_key(r: dict[str, Any]) -> tuple:
@@ -135,10 +195,19 @@ def collect(results: Path, quality_metric: str = "kl_mean", models: list[str] | 
         return sections[(hw, model)]
 
     for stage in BENCH_STAGES:
-        for record, row in stage_records_rows(results, stage):
+        records = stage_records(results, stage)
+        latest: dict[str, dict[str, Any]] = {}  # point id -> its latest row (name made unique, spread)
+        for record, row in stage_records_rows(results, stage, records):
             s = section(row["hardware"], row["model"], row["weights"])
             s.rows.append(_enrich(row, record.metrics, stage))
             s.model_note = record.model.get("note") or s.model_note
+            latest[record.point_id] = row
+        for record in records:
+            row = record_row(record)
+            if record.point_id in latest:
+                row.update({k: latest[record.point_id][k] for k in SPREAD_KEYS}, name=latest[record.point_id]["name"])
+            section(row["hardware"], row["model"], row["weights"]).history.append(
+                _enrich(row, record.metrics, stage))
     for q in quality.quality_rows(results):
         s = section(q["hardware"], q["model"], q["weights"])
         s.quality.append(q)
@@ -146,7 +215,7 @@ def collect(results: Path, quality_metric: str = "kl_mean", models: list[str] | 
     out = [s for s in sections.values() if not models or s.model in models]
     for s in out:
         scored = s.scored
-        for r in s.rows:
+        for r in s.rows + s.history:
             q = _match(r, scored) if r["status"] == "ok" else None
             r["quality_config"] = q["config"] if q else ""
             for k in QUALITY_KEYS:
