@@ -45,6 +45,28 @@ def test_llama_generates_exactly_the_fixed_length(tiny_project, api):
         b.unload()
 
 
+def test_completion_api_holds_the_length_when_text_ends_inside_a_character(tiny_project):
+    """llama-cpp-python's completion API skips its max_tokens check while the text ends inside a multi-byte UTF-8
+    character (the 129-of-128 tokens of the quick start): forced to emit a lone lead byte at every step, it runs
+    on until the context is full. The project's stopping criterion holds it to the length asked for."""
+    from inferlab.backends.llama_cpp import exact_length
+
+    b = llama(tiny_project, n_ctx=64)
+    try:
+        lead = next(i for i in range(b.llm.n_vocab()) if len(t := b.llm.detokenize([i])) == 1 and t[0] >= 0xE0)
+        ids = b.tokenize("The river carries sand and stones")
+        kw = dict(max_tokens=8, temperature=0.0, logit_bias={lead: 100.0})
+        with pytest.raises(RuntimeError, match="llama_decode"):  # the bug: past max_tokens to the end of n_ctx
+            b.llm.create_completion(ids, **kw)
+        assert b.llm.create_completion(ids, stopping_criteria=exact_length(len(ids), 8), **kw)[
+            "usage"]["completion_tokens"] == 8
+        chunks = [c for c in b.llm.create_completion(ids, stream=True, stopping_criteria=exact_length(len(ids), 8),
+                                                      **kw) if c["choices"][0]["finish_reason"] is None]
+        assert len(chunks) == 8
+    finally:
+        b.unload()
+
+
 def test_transformers_generates_exactly_the_fixed_length(tiny_hf):
     b = get_backend("hf")({"model_dir": str(tiny_hf), "precision": "fp32", "kv_cache": "dynamic", "threads": 2})
     b.load()

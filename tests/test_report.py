@@ -182,7 +182,7 @@ def test_report_from_two_machines_with_figures_and_mlflow_run(project, gpu_resul
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("inferlab")
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'report'")
-    assert len(runs) == 1 and runs[0].info.run_name == "report-m"
+    assert len(runs) == 1 and runs[0].info.run_name == "report — m on gpu-a: fp16-b64; m on laptop: no recommendation"
     assert runs[0].data.params["recommended.gpu-a.m"] == "fp16-b64"
     assert runs[0].data.metrics["gpu-a.m.total_tps"] == 3400
     arts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}

@@ -84,3 +84,37 @@ def test_given_commit_wins_over_a_stale_git_folder(monkeypatch):
     git_commit.cache_clear()
     assert git_commit() == {"commit": "0" * 40, "dirty": None, "source": "INFERLAB_GIT_COMMIT"}
     git_commit.cache_clear()
+
+
+def test_runs_carry_the_measurement_times_dataset_input_and_outputs_table(tmp_path, monkeypatch):
+    """A run's Duration in the UI is its measurement's (not the moment of logging); quality runs have the evaluation
+    data as dataset input and their per-sample outputs as a table."""
+    import json
+
+    monkeypatch.setenv("INFERLAB_ROOT", str(tmp_path))
+    outputs = tmp_path / "results/evaluate/outputs/hw/m/hf-cpu-fp32-dynamic.jsonl"
+    outputs.parent.mkdir(parents=True)
+    outputs.write_text("".join(json.dumps({"item_id": f"qa-{i}", "task": "qa", "prompt_tokens": 9, "output_tokens": 3,
+                                           "answer": f"a{i}", "reference": f"r{i}"}) + "\n" for i in range(3)))
+    env = {"hardware": {"id": "hw"}, "git": {"commit": "abc"}, "libraries": {}}
+    recs = [Record(stage="evaluate", name=f"p{i}", point={"scenario": "quality", "items_digest": "d1", "n_items": 3},
+                   config={"evaluate": {"dataset": {"path": "data/eval"}}}, model={"name": "m", "weights": "real"},
+                   environment=env, sweep_id="s1", started=f"2026-11-30T10:00:0{2 * i}.250+00:00",
+                   ended=f"2026-11-30T10:00:0{2 * i + 1}.750+00:00",
+                   artifacts={"outputs": "results/evaluate/outputs/hw/m/hf-cpu-fp32-dynamic.jsonl"})
+            for i in range(2)]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert Tracker(TrackingConfig(uri=uri, experiment="t")).log(recs) == 2
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    for i in range(2):
+        info = by_name[f"p{i}"].info
+        assert info.end_time - info.start_time == 1500  # 10:00:0x.250 to .750 one second later
+    parent = next(r for r in runs if r.data.tags[TAG_KIND] == "sweep").info
+    assert parent.end_time - parent.start_time == 3500  # from the first start to the last end
+    inputs = by_name["p0"].inputs.dataset_inputs
+    assert inputs and inputs[0].dataset.name == "inferlab-evaluation" and inputs[0].dataset.digest == "d1"
+    table = json.loads(open(client.download_artifacts(by_name["p0"].info.run_id, "outputs.json", str(tmp_path)))
+                       .read())
+    assert table["columns"][:2] == ["item_id", "task"] and len(table["data"]) == 3

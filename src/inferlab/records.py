@@ -22,13 +22,23 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: started / ended (when the measurement ran, to the millisecond)
 STATUSES = ("ok", "failed", "skipped")
 
 
 def now() -> str:
     """UTC timestamp, to the second, as every record and manifest writes it."""
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def now_ms() -> str:
+    """UTC timestamp to the millisecond: when a measurement started and ended."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def epoch_ms(stamp: str) -> int:
+    """Milliseconds since the epoch of a record's timestamp (as MLflow takes run times)."""
+    return int(dt.datetime.fromisoformat(stamp).timestamp() * 1000)
 
 
 def point_id(stage: str, point: dict[str, Any]) -> str:
@@ -54,6 +64,8 @@ class Record:
     point_id: str = ""
     record_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     timestamp: str = field(default_factory=now)
+    started: str = ""  # when the measurement of this point started (ms); records before schema 2: unknown
+    ended: str = ""  # when it ended (ms)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -63,6 +75,13 @@ class Record:
             raise ValueError(f"a {self.status} record needs a reason")
         if not self.point_id:
             self.point_id = point_id(self.stage, {"model": self.model.get("name"), **self.point})
+        if not self.ended and self.schema_version >= 2:
+            self.ended = now_ms()
+
+    def span_ms(self) -> tuple[int, int]:
+        """(start, end) of the measurement in epoch milliseconds, as well as the record knows them."""
+        end = epoch_ms(self.ended or self.timestamp)
+        return (epoch_ms(self.started) if self.started else end), end
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -17,22 +17,11 @@ from pathlib import Path
 import yaml
 
 from inferlab.config import ConfigError, compose, conf_dir, load, register_configs
+from inferlab.logs import quiet_libraries, setup_logging
 
 log = logging.getLogger(__name__)
 
 StageFn = Callable[..., object]
-
-
-def quiet_libraries() -> None:
-    for noisy in ("httpx", "urllib3", "alembic", "filelock", "mlflow.store.db.utils"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
-    quiet_libraries()
 
 
 def _call(fn: StageFn, cfg) -> None:

@@ -98,12 +98,17 @@ class StageRun:
         self.path = records_path(cfg, stage, self.env["hardware"]["id"])
         self.records: list[rec.Record] = []  # this run's records (and a resumed sweep's earlier ones)
         self.written = 0
+        self._since = rec.now_ms()  # the start of the work the next record describes, unless it says otherwise
 
     def record(self, name: str, point: dict[str, Any], **fields: Any) -> rec.Record:
+        """Append one record. `started` (when its measurement began, ms) defaults to the end of the previous
+        record of this run, or the run's start: the work between two records is the later one's."""
+        fields.setdefault("started", self._since)
         r = rec.Record(
             stage=self.stage, name=name, point=point, config=self.config, model=self.model,
             environment=self.env, sweep_id=self.sweep_id, **fields,
         )
+        self._since = r.ended
         rec.append(self.path, r)
         self.records.append(r)
         self.written += 1

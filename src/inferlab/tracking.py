@@ -2,7 +2,9 @@
 
 One parent run per stage execution (a sweep), one nested child run per record (a sweep point). Runs are
 tagged with the record's id, so logging the same records twice creates no duplicates, and records written
-while the tracking store was unreachable can be logged later with `inferlab log-records`.
+while the tracking store was unreachable can be logged later with `inferlab log-records`. A run's start and
+end are the measurement's own (so the UI's Duration is the point's), the evaluation data is the quality runs'
+dataset input, and their per-sample outputs are a table artifact.
 """
 
 from __future__ import annotations
@@ -103,6 +105,24 @@ def store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _log_quality_inputs(client, run_id: str, r: Record) -> None:
+    """The evaluation data as the run's dataset input, and its per-sample outputs as a table."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    profile = {k: r.point.get(k) for k in ("n_items", "tokens_digest", "tokens_window", "tokens_stride")}
+    dataset = Dataset(name="inferlab-evaluation", digest=str(r.point.get("items_digest", ""))[:36],
+                      source_type="local", source=json.dumps({"path": r.config.get("evaluate", {}).get(
+                          "dataset", {}).get("path", "data/eval")}), profile=json.dumps(profile))
+    client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "evaluation")])])
+    path = project_root() / r.artifacts.get("outputs", "")
+    if r.artifacts.get("outputs") and path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        keys = ("item_id", "task", "prompt_tokens", "output_tokens", "answer", "reference")
+        client.log_table(run_id, {k: [row.get(k) for row in rows] for k in keys}, "outputs.json")
+
+
 class Tracker:
     """Logs records to one MLflow tracking store."""
 
@@ -162,8 +182,10 @@ class Tracker:
             done = {r.data.tags.get(TAG_RECORD) for r in existing}
             first = recs[0]
             if parent is None:
+                spans = [r.span_ms() for r in recs]
                 parent = client.create_run(
                     exp_id,
+                    start_time=min(s for s, _ in spans),
                     run_name=f"{first.stage}-{first.model.get('name')}-{sweep_id[-6:]}",
                     tags={
                         TAG_SWEEP: sweep_id, TAG_KIND: "sweep", "inferlab.stage": first.stage,
@@ -173,7 +195,7 @@ class Tracker:
                     },
                 )
                 client.log_dict(parent.info.run_id, first.environment, "environment.json")
-                client.set_terminated(parent.info.run_id, "FINISHED")
+                client.set_terminated(parent.info.run_id, "FINISHED", end_time=max(e for _, e in spans))
             parent_id = parent.info.run_id
             for r in recs:
                 if r.record_id in done:
@@ -188,7 +210,8 @@ class Tracker:
                 }
                 if r.reason:
                     tags["inferlab.reason"] = r.reason[:5000]
-                run = client.create_run(exp_id, run_name=r.name, tags=tags)
+                start, end = r.span_ms()
+                run = client.create_run(exp_id, run_name=r.name, tags=tags, start_time=start)
                 rid = run.info.run_id
                 client.log_batch(
                     rid,
@@ -197,7 +220,9 @@ class Tracker:
                     tags=[RunTag(k, v) for k, v in tags.items()],
                 )
                 client.log_dict(rid, r.to_dict(), "record.json")
-                client.set_terminated(rid, "FINISHED" if r.status == "ok" else "FAILED")
+                if r.point.get("scenario") == "quality":
+                    _log_quality_inputs(client, rid, r)
+                client.set_terminated(rid, "FINISHED" if r.status == "ok" else "FAILED", end_time=end)
                 created += 1
         log.info("logged %d new run(s) to MLflow at %s (experiment %s)", created, self.uri, self.cfg.experiment)
         return created

@@ -25,6 +25,16 @@ APIS = ("generate", "completion", "completion_stream")
 PROMPT_CACHES = ("none", "ram", "disk")
 
 
+def exact_length(n_prompt: int, new_tokens: int):
+    """A stopping criterion for llama-cpp-python's completion API that ends generation after exactly new_tokens
+    tokens. Its own max_tokens check is skipped while the text ends inside a multi-byte UTF-8 character, so a
+    completion could otherwise return one or more tokens past max_tokens."""
+    import llama_cpp
+
+    # generate() calls it before yielding each sampled token, with the ids evaluated so far (prompt + yielded)
+    return llama_cpp.StoppingCriteriaList([lambda ids, _logits: len(ids) - n_prompt >= new_tokens])
+
+
 class LlamaCppBackend(Backend):
     """settings: model_path, n_threads, n_batch, flash_attn, kv_type, n_ctx, n_gpu_layers, cache_dir, and for
     the prefix-cache scenario its mode (none / context / ram / disk)."""
@@ -98,8 +108,11 @@ class LlamaCppBackend(Backend):
                     break
             generated = len(times)
         elif api in ("completion", "completion_stream"):
-            # The completion API stops at EOS; random weights emit it at any step, so it is banned.
-            kwargs = dict(max_tokens=new_tokens, temperature=0.0, top_k=1, logit_bias={self.eos: -math.inf})
+            # The completion API stops at EOS; random weights emit it at any step, so it is banned. It also runs
+            # past max_tokens while the text ends inside a multi-byte character: a stopping criterion holds the
+            # length to exactly new_tokens.
+            kwargs = dict(max_tokens=new_tokens, temperature=0.0, top_k=1, logit_bias={self.eos: -math.inf},
+                          stopping_criteria=exact_length(len(prompt), new_tokens))
             if api == "completion_stream":
                 # one chunk per token (its text may be empty: part of a multi-byte character), then a last
                 # chunk that only carries the finish reason

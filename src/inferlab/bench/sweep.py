@@ -94,7 +94,7 @@ def run_sweep(stage: StageRun, points: list[Point], folder: Path, bandwidth: dic
     for pts in groups.values():
         worker: Worker | None = None
         for p in pts:
-            started = time.perf_counter()
+            started, started_at = time.perf_counter(), rec.now_ms()
             if p.skip:
                 status, payload = "skipped", {"reason": p.skip}
             else:
@@ -110,7 +110,7 @@ def run_sweep(stage: StageRun, points: list[Point], folder: Path, bandwidth: dic
                 if status == "failed":  # a clean process (and device) for what follows
                     worker.kill()
                     worker = None
-            _record(stage, p, status, payload, bandwidth, roofline_of)
+            _record(stage, p, status, payload, bandwidth, roofline_of, started_at)
             n_done += 1
             elapsed = time.perf_counter() - t0
             eta = elapsed / n_done * (total - n_done)
@@ -134,7 +134,7 @@ def _fmt(seconds: float) -> str:
 
 
 def _record(stage: StageRun, p: Point, status: str, payload: dict, bandwidth: dict,
-            roofline_of: Callable[[dict], float | None]) -> None:
+            roofline_of: Callable[[dict], float | None], started: str) -> None:
     metrics = payload.get("metrics", {})
     if status == "ok" and "weight_bytes" in metrics and "bandwidth_gbps" in bandwidth:
         metrics["roofline"] = roofline(bandwidth["bandwidth_gbps"], metrics["weight_bytes"], roofline_of(metrics))
@@ -143,4 +143,4 @@ def _record(stage: StageRun, p: Point, status: str, payload: dict, bandwidth: di
     if bandwidth:
         metrics["bandwidth"] = bandwidth
     stage.record(p.name, p.identity(), status=status, reason=payload.get("reason"), metrics=metrics,
-                 samples=payload.get("samples", {}))
+                 samples=payload.get("samples", {}), artifacts=payload.get("artifacts", {}), started=started)

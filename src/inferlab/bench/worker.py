@@ -73,8 +73,9 @@ def _is_oom(e: BaseException) -> bool:
 
 def worker_main(conn, runtime: str, load_settings: dict[str, Any]) -> None:
     """Entry point of a worker process: receive points, send back (status, payload)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    from inferlab.logs import setup_logging
+
+    setup_logging()
     from inferlab.backends import BackendUnavailable, get_backend
     from inferlab.bench import hf_scenarios, scenarios
     from inferlab.bench.memory import peak_rss_mib, reset_peak_rss, rss_mib
@@ -100,6 +101,7 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any]) -> None:
             else:
                 backend.settings.update({**msg.get("load", {}), **point})
             rss_before = rss_mib()
+            artifacts: dict[str, str] = {}  # files the point wrote, repo-relative
             if point.get("scenario") == "prefix_cache":
                 fn = hf_scenarios.prefix_cache if runtime == "hf" else scenarios.prefix_cache
                 metrics, samples = fn(backend, folder, point["mode"], point["prefix_tokens"], point["suffix_tokens"],
@@ -107,7 +109,7 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any]) -> None:
             elif point.get("scenario") == "quality":
                 from inferlab.quality import generate
 
-                metrics, samples = generate.run(backend, name, point)
+                metrics, samples, artifacts = generate.run(backend, name, point)
             elif point.get("scenario") == "assisted":
                 metrics, samples = hf_scenarios.assisted(
                     backend, backend.settings["texts"], point["lookup_tokens"], point["max_ngram"],
@@ -135,7 +137,7 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any]) -> None:
                 used = process_gpu_gib()
                 if used is not None:
                     metrics["gpu_process_gib"] = round(used, 4)
-            conn.send(("ok", {"metrics": metrics, "samples": samples}))
+            conn.send(("ok", {"metrics": metrics, "samples": samples, "artifacts": artifacts}))
         except BackendUnavailable as e:
             conn.send(("skipped", {"reason": str(e)}))
         except BaseException as e:  # recorded as failed with its reason; the parent restarts the worker

@@ -86,9 +86,18 @@ def _vocab(backend: Backend, ids: list[int]) -> int:
     return int(backend.logprobs(ids[:2]).shape[1])
 
 
-def run(backend: Backend, name: str, point: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[float]]]:
+def run(backend: Backend, name: str,
+        point: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[float]], dict[str, str]]:
+    """(metrics, samples, artifacts): the outputs file as an artifact, repo-relative, so tracking can log it."""
+    from inferlab.config import project_root
+
     out_dir = Path(backend.settings["outputs_dir"])
     gen = generations(backend, name, point, out_dir / f"{name}.jsonl")
     samples = {"output_tokens": gen.pop("output_tokens")}
     tq = token_quality(backend, name, out_dir)
-    return {**gen, "tokens": tq, "perplexity": round(tq["own"]["perplexity"], 6)}, samples
+    path = (out_dir / gen["outputs_file"]).resolve()
+    try:
+        rel = path.relative_to(project_root().resolve()).as_posix()
+    except ValueError:
+        rel = str(path)
+    return {**gen, "tokens": tq, "perplexity": round(tq["own"]["perplexity"], 6)}, samples, {"outputs": rel}

@@ -108,8 +108,14 @@ def build(cfg: StudyConfig) -> dict[str, Any]:
     return document
 
 
+def run_name(document: dict[str, Any]) -> str:
+    """What the report says, as its MLflow run's name: the recommendation per model and hardware."""
+    parts = [f"{r['model']} on {r['hardware']}: {r.get('name') or 'no recommendation'}"
+             for r in document["recommendations"]]
+    return ("report — " + "; ".join(parts))[:250] if parts else "report — no records"
+
+
 def _log_mlflow(cfg: StudyConfig, document: dict[str, Any], figs: list[Path], metrics_dir: Path, digest: str) -> None:
-    models = sorted({r["model"] for r in document["recommendations"]})
     params: dict[str, Any] = {"objective": document["objective"], "quality_metric": document["quality_metric"],
                               **{f"constraint.{k}": v for k, v in document["constraints"].items()}}
     metrics: dict[str, float] = {}
@@ -120,7 +126,7 @@ def _log_mlflow(cfg: StudyConfig, document: dict[str, Any], figs: list[Path], me
             if num(v) is not None:
                 metrics[f"{key}.{k}"] = float(v)
     files = [metrics_dir / n for n in ("report.md", "report.html", "recommendation.json", "report.json")]
-    Tracker(cfg.tracking).log_report(f"report-{'+'.join(models) or 'empty'}", params, metrics,
+    Tracker(cfg.tracking).log_report(run_name(document), params, metrics,
                                      [f for f in files if f.is_file()], figs, digest)
 
 
