@@ -17,12 +17,21 @@ PROJECT_FILES = (
 BIN = Path(sys.executable).parent
 
 
+def committed(name: str) -> str:
+    """A file as committed (HEAD), not as a run in this checkout left it: the quick start's `dvc exp run` rewrites
+    params.yaml for its model. Outside a git checkout, the file on disk."""
+    r = subprocess.run(["git", "show", f"HEAD:{name}"], cwd=ROOT, capture_output=True, text=True)
+    return r.stdout if r.returncode == 0 else (ROOT / name).read_text()
+
+
 def copy_project(dst: Path) -> Path:
-    """The study's files (no models, results or MLflow store) in a new folder."""
+    """The study's files (no models, results or MLflow store) in a new folder; params.yaml as committed."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
         src = ROOT / name
-        if src.is_dir():
+        if name == "params.yaml":
+            (dst / name).write_text(committed(name))
+        elif src.is_dir():
             shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         elif src.exists():
             (dst / name).parent.mkdir(parents=True, exist_ok=True)

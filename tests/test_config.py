@@ -13,6 +13,7 @@ import yaml
 from inferlab.config import ConfigError, compose, load, to_container
 
 from .conftest import ROOT, run
+from .conftest import committed as committed_file
 
 MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
 
@@ -91,7 +92,7 @@ def test_dvc_composition_equals_hydra_composition(tmp_path, overrides):
 
 
 def test_committed_params_yaml_is_the_default_composition():
-    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    committed = yaml.safe_load(committed_file("params.yaml"))  # as committed: a study run rewrites the file
     assert to_container(load(committed)) == to_container(compose([]))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from mlflow import MlflowClient
 
@@ -115,6 +116,6 @@ def test_runs_carry_the_measurement_times_dataset_input_and_outputs_table(tmp_pa
     assert parent.end_time - parent.start_time == 3500  # from the first start to the last end
     inputs = by_name["p0"].inputs.dataset_inputs
     assert inputs and inputs[0].dataset.name == "inferlab-evaluation" and inputs[0].dataset.digest == "d1"
-    table = json.loads(open(client.download_artifacts(by_name["p0"].info.run_id, "outputs.json", str(tmp_path)))
-                       .read())
+    local = client.download_artifacts(by_name["p0"].info.run_id, "outputs.json", str(tmp_path))
+    table = json.loads(Path(local).read_text())
     assert table["columns"][:2] == ["item_id", "task"] and len(table["data"]) == 3
