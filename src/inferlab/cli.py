@@ -85,15 +85,48 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     """`dvc exp run` with each override as -S, and this environment's tools first on PATH (the stages call
-    `python`), so the study runs from the virtual environment without activating it."""
+    `python`), so the study runs from the virtual environment without activating it. The terminal shows the stages,
+    points done / left with the time left, warnings and the answer; the full output goes to a log file
+    (--verbose: everything on the terminal too)."""
+    import datetime as dt
     import os
     import subprocess
 
+    import yaml
+
+    from inferlab.console import StudyConsole
+
+    root = project_root()
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [str(bin_dir / "dvc"), "exp", "run", *[a for o in args.overrides for a in ("-S", o)], *args.dvc_args]
     print("+", " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=env, cwd=project_root())
+    if args.verbose:
+        return subprocess.call(cmd, env=env, cwd=root)
+    log_path = root / "outputs" / f"study-{dt.datetime.now():%Y%m%d-%H%M%S}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    stages = list(yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {}))
+    console = StudyConsole(stages, sys.stdout)
+    console.say(f"the full output goes to {log_path.relative_to(root)}")
+    tail: list[str] = []
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log_file.write(line)
+            tail = [*tail[-59:], line]
+            console.feed(line)
+        rc = proc.wait()
+    from inferlab.config import PathsConfig
+
+    metrics = root / PathsConfig().metrics  # the study's metrics folder (paths.metrics in params.yaml wins)
+    params = root / "params.yaml"
+    if params.is_file():
+        metrics = root / (yaml.safe_load(params.read_text()).get("paths", {}).get("metrics") or metrics)
+    console.finish(rc, metrics, log_path.relative_to(root), tail)
+    return rc
 
 
 def cmd_parallel_check(args: argparse.Namespace) -> int:
@@ -160,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("study", help="run the study as a DVC experiment: inferlab study model=tiny-phi ...")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, passed to `dvc exp run` as -S")
+    p.add_argument("--verbose", action="store_true", help="every line the stages print, not a summary")
     p.add_argument("--dvc-args", nargs=argparse.REMAINDER, default=[], help="further arguments for dvc exp run")
     p.set_defaults(fn=cmd_study)
 

@@ -11,7 +11,8 @@ import logging
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # loggers whose INFO lines say nothing a reader of a study's log needs
-QUIET = ("httpx", "urllib3", "alembic", "filelock", "mlflow.store.db.utils", "absl", "matplotlib", "fontTools")
+QUIET = ("httpx", "urllib3", "alembic", "filelock", "mlflow.store.db.utils", "absl", "matplotlib", "fontTools",
+         "gguf")
 # loggers that repeat one warning per call: shown once per process
 REPEATING = ("bitsandbytes.autograd._functions", "bitsandbytes")
 

@@ -112,8 +112,10 @@ class StageRun:
         rec.append(self.path, r)
         self.records.append(r)
         self.written += 1
-        if r.status != "ok":
-            log.warning("%s %s: %s (%s)", self.stage, name, r.status, r.reason)
+        if r.status == "failed":
+            log.warning("%s %s: failed (%s)", self.stage, name, r.reason)
+        elif r.status == "skipped":  # an expected limitation of this machine, said once by the stage
+            log.debug("%s %s: skipped (%s)", self.stage, name, r.reason)
         return r
 
     def __enter__(self) -> StageRun:

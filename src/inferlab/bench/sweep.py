@@ -114,7 +114,8 @@ def run_sweep(stage: StageRun, points: list[Point], folder: Path, bandwidth: dic
             n_done += 1
             elapsed = time.perf_counter() - t0
             eta = elapsed / n_done * (total - n_done)
-            log.info("[%d/%d] %s: %s in %.1f s (%d left, about %s to go)", n_done, total, p.name, status,
+            why = f" ({payload['reason'].splitlines()[0][:100]})" if status != "ok" and payload.get("reason") else ""
+            log.info("[%d/%d] %s: %s%s in %.1f s (%d left, about %s to go)", n_done, total, p.name, status, why,
                      time.perf_counter() - started, total - n_done, _fmt(eta))
         if worker is not None:
             worker.stop()

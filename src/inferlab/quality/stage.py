@@ -81,7 +81,7 @@ def tokenize(cfg: StudyConfig, items: list[dataset.Item], text: str) -> tuple[li
             ids = tok(text_prompt, add_special_tokens=False)["input_ids"]
         payload.append({**asdict(i), "prompt": text_prompt, "prompt_ids": [int(t) for t in ids],
                         "chat": chat and e.chat.get(i.task, False)})
-    token_ids = [int(t) for t in tok(text, add_special_tokens=False)["input_ids"]]
+    token_ids = [int(t) for t in tok(text, add_special_tokens=False, verbose=False)["input_ids"]]
     if len(token_ids) - 1 < e.tokens.min_tokens:
         raise ConfigError(f"evaluate.tokens.text: {e.tokens.text} gives {len(token_ids) - 1:,} scored tokens with "
                           f"the tokenizer of {cfg.model.name}; at least evaluate.tokens.min_tokens="
@@ -202,12 +202,14 @@ def _records(results: Path) -> list[rec.Record]:
 
 
 def _generations(cfg: StudyConfig, recs: list[rec.Record]) -> list[rec.Record]:
-    """The latest generation record of each configuration per hardware, for this model."""
+    """The latest generation record of each configuration per hardware, for this model. A configuration's outputs
+    file is named after it, so a newer generation (new items, new settings: another point id) replaces the file of
+    an older one, which is then superseded: only the latest generation of a name can be scored."""
     best: dict[tuple, rec.Record] = {}
     for r in recs:
         if r.point.get("scenario") != "quality" or r.model.get("name") != cfg.model.name:
             continue
-        key = (_hardware(r), r.point_id)
+        key = (_hardware(r), r.name)
         if key not in best or r.timestamp >= best[key].timestamp:
             best[key] = r
     return sorted(best.values(), key=lambda r: (_hardware(r), r.name))
