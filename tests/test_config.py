@@ -20,6 +20,9 @@ MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
 
 @pytest.mark.parametrize("model", MODELS)
 def test_every_shipped_model_config_composes(model):
+    """Every model, in the full study and in the quick preset."""
+    quick = compose([f"model={model}", "preset=quick"])
+    assert quick.evaluate.dataset.limit == 3 and quick.bench_cpu.llama_cpp.n_threads == [0]
     cfg = compose([f"model={model}"])
     assert cfg.model.name == model
     assert cfg.model.weights == ("real" if cfg.model.source == "hub" else "random")
@@ -77,7 +80,8 @@ def test_stage_script_rejects_bad_config_before_any_work(project):
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["model=tiny-phi"], ["model=tiny-phi", "convert.quants=[q8_0]"], ["model=phi-2-random", "convert.threads=2"]],
+    [[], ["model=tiny-phi"], ["model=tiny-phi", "convert.quants=[q8_0]"], ["model=phi-2-random", "convert.threads=2"],
+     ["model=tiny-phi", "preset=quick"]],
 )
 def test_dvc_composition_equals_hydra_composition(tmp_path, overrides):
     """DVC writes params.yaml with its own Hydra compose call (`dvc exp run -S ...`); the stage then loads it.

@@ -215,7 +215,7 @@ class LlamaCppPoint:
 class LlamaCppSweep:
     enabled: bool = True
     quants: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0"])
-    n_threads: list[int] = field(default_factory=list)  # empty: 1, 2, 4, ... up to the usable cores
+    n_threads: list[int] = field(default_factory=list)  # empty: 1, 2, 4, ... up to the usable cores; 0: all cores
     n_batch: list[int] = field(default_factory=lambda: [512])  # prompt tokens per llama_decode call
     flash_attn: list[bool] = field(default_factory=lambda: [False])
     kv_type: list[str] = field(default_factory=lambda: ["f16"])  # KV-cache element type
@@ -229,7 +229,7 @@ class LlamaCppSweep:
         _check_all(f"{key}.kv_type", self.kv_type, KV_TYPES)
         _check_all(f"{key}.api", self.api, LLAMA_APIS)
         for t in self.n_threads:
-            check_range(f"{key}.n_threads", t, low=1)
+            check_range(f"{key}.n_threads", t, low=0)
         for b in self.n_batch:
             check_range(f"{key}.n_batch", b, low=1)
         _check_extras(key, self.extra_points,

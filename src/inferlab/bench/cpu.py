@@ -28,7 +28,8 @@ def llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int, L: Any = No
     pins = {k: v for k, v in pins.items() if k != "runtime"}
     b = cfg.bench_cpu
     L, w = L or b.llama_cpp, w or b.workload
-    axes = {"quant": L.quants, "n_threads": threads or L.n_threads or default_threads(cores), "n_batch": L.n_batch,
+    n_threads = [t or cores for t in (threads or L.n_threads or default_threads(cores))]  # 0: every usable core
+    axes = {"quant": L.quants, "n_threads": list(dict.fromkeys(n_threads)), "n_batch": L.n_batch,
             "flash_attn": L.flash_attn, "kv_type": L.kv_type, "api": L.api, "prompt_tokens": [w.prompt_tokens]}
     combos = grid(axes, pins)
     first = {k: v[0] for k, v in axes.items()} | {"n_threads": cores}
