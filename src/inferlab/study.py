@@ -33,6 +33,7 @@ def model_info(cfg: StudyConfig) -> dict[str, Any]:
         "revision": prov.get("revision", cfg.model.revision),
         "weights": cfg.model.weights,
         "source": cfg.model.source,
+        **({"derived_from": prov["derived_from"]} if prov.get("derived_from") else {}),  # e.g. a dequantized GGUF
     }
 
 
