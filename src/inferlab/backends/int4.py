@@ -1,8 +1,10 @@
-"""int4 weight-only quantization whose batch-1 kernel inductor writes (`precision: int4-inductor`).
+"""int4 weight-only quantization whose batch-1 kernel inductor writes (`precision: int4-inductor`), and the group
+sizes of both int4 paths (this one and torchao's, `int4-ao`).
 
-Weights are quantized per row in groups of 128 input columns, asymmetric (w ~ q * scale - scale * zero, q in 0..15:
-the scheme of torchao's tinygemm int4 and HQQ), and stored two per byte: byte j of a row holds column j in its low
-nibble and column j + K/2 in its high one, so unpacking needs no interleave. At one row (batch-1 decoding) the
+Weights are quantized per row in groups of 128 input columns (64 or 32 where half a row does not split into groups
+of 128: SmolLM2's 576-wide rows get 32), asymmetric (w ~ q * scale - scale * zero, q in 0..15: the scheme of
+torchao's tinygemm int4 and HQQ), and stored two per byte: byte j of a row holds column j in its low nibble and
+column j + K/2 in its high one, so unpacking needs no interleave. At one row (batch-1 decoding) the
 product is written as plain tensor arithmetic, unpack, scale, multiply and sum, which torch.compile turns into a
 single Triton reduction that reads the packed bytes once; no custom kernel is involved. With more rows (prefill,
 batches) the weight is dequantized and multiplied by torch.mm.
@@ -15,6 +17,7 @@ down with the matrix; this path is there to measure what a bandwidth-bound reduc
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from typing import Any
 
 GROUP_SIZES = (128, 64, 32)
@@ -81,8 +84,36 @@ def _module():
 
 
 def group_size_for(in_features: int) -> int | None:
-    """The largest of 128, 64, 32 that splits each half of a row into whole groups; None if none does."""
+    """int4-inductor's group: the largest of 128, 64, 32 that splits each half of a row into whole groups (its
+    packing puts column j and column j + K/2 in one byte); None if none does. A row of 576 gets 32 (288 / 64 is
+    not whole)."""
     return next((g for g in GROUP_SIZES if in_features % (2 * g) == 0), None)
+
+
+def torchao_group_size(in_features: int) -> int | None:
+    """torchao int4's group: the largest of 128, 64, 32 that divides the row (torchao leaves a layer whose row its
+    group does not divide in 16 bits, saying so only at log level INFO). A row of 576 gets 64."""
+    return next((g for g in GROUP_SIZES if in_features % g == 0), None)
+
+
+def group_sizes(model) -> dict[str, int]:
+    """Projections per int4 group size, as the model holds them (int4-inductor's layers and torchao's int4
+    weights), e.g. {"32": 180, "128": 30}."""
+    sizes: Counter = Counter()
+    for m in model.modules():
+        if type(m) is _module():
+            sizes[m.group_size] += 1
+        elif hasattr(getattr(m, "weight", None), "block_size"):  # a torchao quantized weight
+            sizes[m.weight.block_size[-1]] += 1
+    return {str(g): n for g, n in sorted(sizes.items())}
+
+
+def groups_phrase(sizes: dict[str, int]) -> str:
+    """'group size 128', or 'group sizes 64 (180 projections) and 128 (30)' when the layers got different ones."""
+    if len(sizes) <= 1:
+        return f"group size {next(iter(sizes), 0)}"
+    parts = [f"{g} ({n} projections)" if i == 0 else f"{g} ({n})" for i, (g, n) in enumerate(sizes.items())]
+    return "group sizes " + ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def int4_linear(linear) -> Any:
@@ -105,14 +136,20 @@ def quantize_int4(module, skip_ids=frozenset()) -> None:
                   and group_size_for(m.in_features) is not None else None)
 
 
-def describe(model) -> str:
-    """What int4-inductor made of a model: group size, projections quantized and kept in 16 bits (the head aside)."""
+def describe(model, torchao: bool = False) -> str:
+    """What an int4 path made of a model: group sizes, projections quantized and kept in 16 bits (the head aside)."""
     from torch import nn
 
     from inferlab.backends.fuse import _block_modules
 
     head = model.get_output_embeddings()
+    sizes = group_sizes(model)
+    if torchao:
+        kept = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head
+                and not hasattr(m.weight, "block_size")]
+        return (f"torchao int4 weight-only (tinygemm), asymmetric, {groups_phrase(sizes)}; {sum(sizes.values())} "
+                f"projections quantized, {len(kept)} kept in bf16 (output head in bf16)")
     quantized = [m for m in model.modules() if type(m) is _module()]
     kept = [m for m in model.modules() if type(m) in (nn.Linear, _block_modules()[0]) and m is not head]
-    return (f"int4 weight-only, asymmetric, group size {max((m.group_size for m in quantized), default=0)}, two per "
-            f"byte; {len(quantized)} projections quantized, {len(kept)} kept in 16 bits (output head in 16 bits)")
+    return (f"int4 weight-only, asymmetric, {groups_phrase(sizes)}, two per byte; {len(quantized)} "
+            f"projections quantized, {len(kept)} kept in 16 bits (output head in 16 bits)")

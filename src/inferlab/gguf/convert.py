@@ -2,16 +2,27 @@
 
 PyPI's `gguf` is not the copy bundled in llama.cpp's tree, and llama.cpp's `convert_hf_to_gguf.py` rejects a
 locally trained BPE tokenizer; so this converter writes the file itself: metadata from config.json, the
-tokenizer from tokenizer.json (GPT-2-style byte-level BPE), and tensors renamed with gguf's TensorNameMap.
-It reads the safetensors one tensor at a time, so a 2.7B model converts in a few GB of memory.
-1-D tensors (norms, biases) stay F32 in every output type, as llama.cpp expects.
+tokenizer from tokenizer.json (byte-level BPE: vocabulary, merges, pre-tokenizer, special tokens, chat template),
+and tensors renamed with gguf's TensorNameMap. Two architectures: Phi (phi2) and Llama (llama), for which the
+query and key rows are permuted as llama.cpp's converter does (LlamaModel.permute: llama.cpp rotates interleaved
+pairs of a head's dimensions, transformers its two halves), grouped-query attention is kept, and a tied output
+head is left out (llama.cpp then uses the embedding matrix). It reads the safetensors one tensor at a time, so a
+2.7B model converts in a few GB of memory. 1-D tensors (norms, biases) stay F32 in every output type, as
+llama.cpp expects.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import math
+import mmap
+import re
+import struct
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +30,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # Hugging Face architectures this converter writes, with the llama.cpp architecture they map to.
-SUPPORTED = {"PhiForCausalLM": "phi2"}
+SUPPORTED = {"PhiForCausalLM": "phi2", "LlamaForCausalLM": "llama"}
 
 
 class ConversionError(RuntimeError):
@@ -45,13 +56,63 @@ def _rope_param(cfg: dict, key: str, default: float) -> float:
     return (cfg.get("rope_parameters") or {}).get(key, default)
 
 
-def _tokenizer_vocab(hf_dir: Path, n_vocab: int) -> tuple[list[str], list[int], list[str], dict]:
+def _pre_tokenizer(hf_dir: Path, tj: dict) -> str:
+    """llama.cpp's name for the tokenizer's split of text into words, read from tokenizer.json's structure.
+
+    GPT-2's regex alone is "gpt-2"; digits split one by one before it is "smollm" (llama.cpp gives starcoder,
+    refact, smollm and a few others that same split). Anything else would be tokenized differently by llama.cpp:
+    refused, naming what was found."""
+    pre = tj.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+
+    def byte_level(step: dict) -> bool:
+        return step.get("type") == "ByteLevel" and step.get("use_regex", True) and not step.get("add_prefix_space")
+
+    if tj.get("normalizer") is None:
+        if len(steps) == 1 and byte_level(steps[0]):
+            return "gpt-2"
+        if (len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
+                and byte_level(steps[1])):
+            return "smollm"
+    found = json.dumps({"normalizer": tj.get("normalizer"), "pre_tokenizer": pre})[:300]
+    raise ConversionError(
+        f"{hf_dir}/tokenizer.json: a pre-tokenizer this converter cannot name for llama.cpp ({found}); supported: "
+        "ByteLevel with GPT-2's regex (gpt-2), or Digits(individual_digits) then ByteLevel (smollm), no normalizer"
+    )
+
+
+def _adds_specials(hf_dir: Path, special: dict[str, int]) -> tuple[bool, bool]:
+    """Whether the tokenizer puts BOS before (EOS after) the text it encodes: llama.cpp's add_bos / add_eos."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    plain = tok.encode("a", add_special_tokens=False).ids
+    full = tok.encode("a", add_special_tokens=True).ids
+    added = len(full) > len(plain)
+    add_bos = added and "bos" in special and full[0] == special["bos"]
+    add_eos = added and "eos" in special and full[-1] == special["eos"]
+    return add_bos, add_eos
+
+
+def _chat_template(hf_dir: Path, tcfg: dict) -> str | None:
+    """transformers 5 saves the template as chat_template.jinja; earlier versions inside tokenizer_config.json."""
+    jinja = hf_dir / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text()
+    template = tcfg.get("chat_template")
+    return template if isinstance(template, str) else None
+
+
+def _write_tokenizer(writer, hf_dir: Path, n_vocab: int) -> dict:
+    """Vocabulary, merges, pre-tokenizer, special tokens, add_bos / add_eos and chat template; returns what it
+    wrote (for the log and tests)."""
     import gguf
 
     tj = json.loads((hf_dir / "tokenizer.json").read_text())
     model = tj["model"]
     if model.get("type") != "BPE":
         raise ConversionError(f"{hf_dir}/tokenizer.json: model type {model.get('type')}; only BPE is supported")
+    pre = _pre_tokenizer(hf_dir, tj)
     vocab: dict[str, int] = dict(model["vocab"])
     added = {t["content"]: t for t in tj.get("added_tokens", [])}
     for content, t in added.items():
@@ -72,16 +133,72 @@ def _tokenizer_vocab(hf_dir: Path, n_vocab: int) -> tuple[list[str], list[int], 
             tokens.append(s)
             types.append(gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    special = {}
     tcfg_path = hf_dir / "tokenizer_config.json"
     tcfg = json.loads(tcfg_path.read_text()) if tcfg_path.exists() else {}
+    special = {}
     for role in ("bos", "eos", "unk", "pad"):
         tok = tcfg.get(f"{role}_token")
         if isinstance(tok, dict):
             tok = tok.get("content")
         if tok in vocab:
             special[role] = vocab[tok]
-    return tokens, [int(t) for t in types], merges, special
+    add_bos, add_eos = _adds_specials(hf_dir, special)
+    template = _chat_template(hf_dir, tcfg)
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([int(t) for t in types])
+    writer.add_token_merges(merges)
+    for role, tid in special.items():
+        getattr(writer, f"add_{role}_token_id")(tid)
+    writer.add_add_bos_token(add_bos)  # what the HF tokenizer does, so the same text gives the same ids
+    writer.add_add_eos_token(add_eos)
+    if template:
+        writer.add_chat_template(template)
+    return {"pre": pre, "tokens": len(tokens), "merges": len(merges), "special": special, "add_bos": add_bos,
+            "add_eos": add_eos, "chat_template": template is not None}
+
+
+def _write_hparams(writer, cfg: dict, arch_name: str, file_type) -> None:
+    n_embd, n_head = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or n_embd // n_head
+    writer.add_context_length(cfg.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(n_embd)
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(cfg.get("num_key_value_heads") or n_head)
+    writer.add_rope_freq_base(float(_rope_param(cfg, "rope_theta", 10000.0)))
+    writer.add_file_type(file_type)
+    if arch_name == "phi2":
+        writer.add_layer_norm_eps(cfg.get("layer_norm_eps", 1e-5))
+        writer.add_rope_dimension_count(int(_rope_param(cfg, "partial_rotary_factor", 0.5) * head_dim))
+        return
+    rope_type = _rope_param(cfg, "rope_type", "default")
+    if cfg.get("rope_scaling") or rope_type != "default":
+        raise ConversionError(f"rope scaling ({cfg.get('rope_scaling') or rope_type}) is not supported by inferlab's "
+                              "converter; convert this model with llama.cpp's convert_hf_to_gguf.py")
+    writer.add_vocab_size(cfg["vocab_size"])
+    writer.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-6))
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != n_embd // n_head:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """A query or key projection's rows (or bias) from transformers' rotary layout to llama.cpp's: per head, the
+    two halves of the head's dimensions interleaved (llama.cpp's convert_hf_to_gguf.py, LlamaModel.permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama_tensor(key: str, data: np.ndarray, cfg: dict) -> np.ndarray:
+    if ".self_attn.q_proj." in key:
+        return permute_rows(data, cfg["num_attention_heads"])
+    if ".self_attn.k_proj." in key:
+        return permute_rows(data, cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    return data
 
 
 def convert(hf_dir: Path, out_path: Path, outtype: str = "f16") -> dict:
@@ -96,34 +213,14 @@ def convert(hf_dir: Path, out_path: Path, outtype: str = "f16") -> dict:
     arch_name = SUPPORTED[cfg["architectures"][0]]
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
     n_layers = cfg["num_hidden_layers"]
-    n_embd = cfg["hidden_size"]
-    n_head = cfg["num_attention_heads"]
-    head_dim = n_embd // n_head
-    rotary = _rope_param(cfg, "partial_rotary_factor", 0.5)
+    tied = arch_name == "llama" and cfg.get("tie_word_embeddings", False)
 
     tmp = out_path.with_name(f".{out_path.name}.partial")
     writer = gguf.GGUFWriter(str(tmp), arch_name)
     writer.add_name(hf_dir.parent.name)
-    writer.add_context_length(cfg.get("max_position_embeddings", 2048))
-    writer.add_embedding_length(n_embd)
-    writer.add_feed_forward_length(cfg["intermediate_size"])
-    writer.add_block_count(n_layers)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(cfg.get("num_key_value_heads") or n_head)
-    writer.add_layer_norm_eps(cfg.get("layer_norm_eps", 1e-5))
-    writer.add_rope_dimension_count(int(rotary * head_dim))
-    writer.add_rope_freq_base(float(_rope_param(cfg, "rope_theta", 10000.0)))
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
-
-    tokens, types, merges, special = _tokenizer_vocab(hf_dir, cfg["vocab_size"])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")  # GPT-2's regex split, as the ByteLevel pre-tokenizer with use_regex
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for role, tid in special.items():
-        getattr(writer, f"add_{role}_token_id")(tid)
-    writer.add_add_bos_token(False)  # Phi's tokenizer adds no BOS; the same text gives the same ids here
+    _write_hparams(writer, cfg, arch_name,
+                   gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    tokenizer = _write_tokenizer(writer, hf_dir, cfg["vocab_size"])
 
     tmap = gguf.get_tensor_name_map(arch, n_layers)
     n_params = 0
@@ -134,18 +231,24 @@ def convert(hf_dir: Path, out_path: Path, outtype: str = "f16") -> dict:
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             for key in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight"):
+                    continue  # recomputed by llama.cpp; a tied head is the embedding matrix
                 new = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
                 if new is None:
-                    if key.endswith("rotary_emb.inv_freq"):
-                        continue
                     raise ConversionError(f"{f.name}: tensor {key} has no GGUF name for {arch_name}")
                 data = st.get_tensor(key).float().numpy()
+                if arch_name == "llama":
+                    data = _llama_tensor(key, data, cfg)
                 wide = outtype == "f32" or data.ndim == 1  # norms and biases stay F32
-                data = data.astype(np.float32 if wide else np.float16)
+                data = np.ascontiguousarray(data, dtype=np.float32 if wide else np.float16)
                 n_params += data.size
                 writer.add_tensor(new, data)
                 names.append(new)
-    log.info("writing %s (%s, %d tensors, %.1fM parameters)", out_path.name, outtype, len(names), n_params / 1e6)
+    if arch_name == "llama" and not tied and "output.weight" not in names:
+        raise ConversionError(f"{hf_dir}: no lm_head.weight, and tie_word_embeddings is not set")
+    log.info("writing %s (%s %s, %d tensors, %.1fM parameters, pre-tokenizer %s%s)", out_path.name, arch_name,
+             outtype, len(names), n_params / 1e6, tokenizer["pre"], ", chat template" if tokenizer["chat_template"]
+             else "")
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -155,11 +258,34 @@ def convert(hf_dir: Path, out_path: Path, outtype: str = "f16") -> dict:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {"tensors": len(names), "parameters": n_params, "seconds": round(time.perf_counter() - t0, 3)}
+    return {"tensors": len(names), "parameters": n_params, "seconds": round(time.perf_counter() - t0, 3),
+            "tokenizer": tokenizer}
 
 
-def quantize(src: Path, dst: Path, ftype: int, threads: int = 0) -> float:
-    """llama.cpp's quantizer (through llama-cpp-python), into a temporary file renamed into place."""
+# llama.cpp's report of a tensor its file type's blocks do not fit (llama-quant.cpp), and of how many did not
+FALLBACK_TENSOR = re.compile(r"(\S+)\s+- ncols\s+\d+ not divisible by \d+ \(required for type\s+(\w+)\) "
+                             r"-> falling back to\s+(\w+)")
+FALLBACK_COUNT = re.compile(r"(\d+) of (\d+) tensor\(s\) required fallback quantization")
+QUANT_DONE = re.compile(r"quant size\s+=")
+
+
+def fallbacks_from_log(text: str) -> dict | None:
+    """The tensors llama.cpp's quantizer stored in another type than the one the file type asked for, because the
+    blocks of that type do not divide their rows (k-quants: 256 values). None when the log shows no finished
+    quantization (it was not captured, or its wording changed): then nothing is claimed either way."""
+    if not QUANT_DONE.search(text):
+        return None
+    tensors = {name: {"required": req.upper(), "stored": got.upper()}
+               for name, req, got in FALLBACK_TENSOR.findall(text)}
+    m = FALLBACK_COUNT.search(text)
+    if m and int(m.group(1)) != len(tensors):
+        return None  # a count without the names (another wording): nothing certain to say
+    return tensors
+
+
+def quantize(src: Path, dst: Path, ftype: int, threads: int = 0) -> dict:
+    """llama.cpp's quantizer (through llama-cpp-python), into a temporary file renamed into place. Returns its time
+    and the tensors that fell back to another type (fallbacks_from_log), read from llama.cpp's own log."""
     import llama_cpp
 
     t0 = time.perf_counter()
@@ -167,30 +293,109 @@ def quantize(src: Path, dst: Path, ftype: int, threads: int = 0) -> float:
     params.ftype = ftype
     params.nthread = threads
     tmp = dst.with_name(f".{dst.name}.partial")
+    log_text = io.StringIO()  # llama-cpp-python's log callback writes llama.cpp's log to sys.stderr
     try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        with contextlib.redirect_stderr(log_text):
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0:
-            raise ConversionError(f"llama_model_quantize returned {rc} for {dst.name}")
+            raise ConversionError(f"llama_model_quantize returned {rc} for {dst.name}; its log ends:\n"
+                                  f"{log_text.getvalue()[-800:]}")
         tmp.replace(dst)
     finally:
         tmp.unlink(missing_ok=True)
-    return time.perf_counter() - t0
+    return {"seconds": time.perf_counter() - t0, "fallbacks": fallbacks_from_log(log_text.getvalue())}
+
+
+def read_tensor_table(path: Path) -> list[tuple[str, tuple[int, ...], str, int]]:
+    """(name, shape as ggml lists it: row length first, type name, bytes) of every tensor, from the file's header.
+
+    gguf's GGUFReader parses every metadata value into numpy views: 5 s for a 49,152-token vocabulary. This reads
+    the header once with struct and skips the metadata."""
+    import gguf
+
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m[:4] != b"GGUF":
+            raise ConversionError(f"{path}: not a GGUF file")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
+        if version < 2:
+            raise ConversionError(f"{path}: GGUF version {version} (2 or later is read)")
+        pos = 24
+
+        def string() -> str:
+            nonlocal pos
+            (n,) = struct.unpack_from("<Q", m, pos)
+            pos += 8 + n
+            return m[pos - n: pos].decode("utf-8", errors="replace")
+
+        def skip(vtype: int) -> None:
+            nonlocal pos
+            if vtype == 8:
+                string()
+            elif vtype == 9:
+                item, count = struct.unpack_from("<IQ", m, pos)
+                pos += 12
+                if item in (8, 9):
+                    for _ in range(count):
+                        skip(item)
+                else:
+                    pos += count * struct.calcsize("<" + scalar[item])
+            else:
+                pos += struct.calcsize("<" + scalar[vtype])
+
+        for _ in range(n_kv):
+            string()
+            (vtype,) = struct.unpack_from("<I", m, pos)
+            pos += 4
+            skip(vtype)
+        table = []
+        for _ in range(n_tensors):
+            name = string()
+            (n_dims,) = struct.unpack_from("<I", m, pos)
+            shape = struct.unpack_from(f"<{n_dims}Q", m, pos + 4)
+            ttype, _offset = struct.unpack_from("<IQ", m, pos + 4 + 8 * n_dims)
+            pos += 4 + 8 * n_dims + 12
+            qtype = gguf.GGMLQuantizationType(ttype)
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            table.append((name, tuple(shape), qtype.name, math.prod(shape) // block * size))
+    return table
 
 
 def tensor_stats(path: Path) -> dict:
-    """Weights' bytes, parameter count and bits per weight, read from the GGUF file's tensor table."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
-    n_elems = sum(int(t.n_elements) for t in reader.tensors)
-    types: dict[str, int] = {}
-    for t in reader.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    """Weights' bytes, parameter count and bits per weight, the tensor types counted and the number of weight
+    matrices (tensors of two or more dimensions: what a quantization type applies to), from the file's header."""
+    table = read_tensor_table(path)
+    n_bytes = sum(t[3] for t in table)
+    n_elems = sum(math.prod(t[1]) for t in table)
     return {
         "file_bytes": path.stat().st_size,
         "weight_bytes": n_bytes,
         "parameters": n_elems,
         "bits_per_weight": round(8 * n_bytes / n_elems, 4),
-        "tensor_types": types,
+        "tensor_types": dict(Counter(t[2] for t in table).most_common()),
+        "matrices": sum(len(t[1]) >= 2 for t in table),
     }
+
+
+def holds(ftype: str, stats: dict, fallbacks: dict | None) -> dict:
+    """What a file really holds: its tensor types, the matrices that fell back and to what (grouped over layers:
+    blk.*.attn_q.weight), its measured bits per weight, and a label that says so, e.g.
+    'q4_k_m (180 of 211 matrices fell back: 166 to q5_0, 14 to q8_0; 6.17 bpw)'."""
+    bpw = f"{stats['bits_per_weight']:.2f} bpw"
+    out = {"tensor_types": stats["tensor_types"], "matrices": stats["matrices"]}
+    if ftype in ("f32", "f16"):
+        return {**out, "fallback_tensors": 0, "label": f"{ftype} ({bpw})"}
+    if fallbacks is None:
+        return {**out, "fallback_tensors": None, "label": f"{ftype} (fallbacks not reported by llama.cpp; {bpw})"}
+    to = Counter(f["stored"] for f in fallbacks.values())
+    groups = Counter((re.sub(r"^blk\.\d+\.", "blk.*.", name), f["required"], f["stored"])
+                     for name, f in fallbacks.items())
+    out.update(fallback_tensors=len(fallbacks), fallback_to=dict(to.most_common()),
+               fallbacks=[{"tensors": name, "count": n, "required": req, "stored": got}
+                          for (name, req, got), n in sorted(groups.items())])
+    if fallbacks:
+        to_text = ", ".join(f"{n} to {t.lower()}" for t, n in to.most_common())
+        out["label"] = f"{ftype} ({len(fallbacks)} of {stats['matrices']} matrices fell back: {to_text}; {bpw})"
+    else:
+        out["label"] = f"{ftype} (no fallback; {bpw})"
+    return out

@@ -1,8 +1,10 @@
 """Stage `convert`: HF checkpoint → GGUF F16 (and F32 on request) → the configured llama.cpp quantizations.
 
 Every file is checked: it must load in llama.cpp and generate; the unquantized files' logits are compared
-with transformers' on the same token ids. One record per file; `metrics/gguf.json` gives size and bits per
-weight of every type.
+with transformers' on the same token ids (llama.cpp with an F32 KV cache, so the file is what is measured), and
+llama.cpp must tokenize sample texts as transformers does. One record per file; `metrics/gguf.json` says what
+each file really holds: size, bits per weight measured from it, tensor types, and the tensors that fell back to
+another type because the file type's blocks do not divide their rows (llama.cpp's own report).
 """
 
 from __future__ import annotations
@@ -20,13 +22,21 @@ import numpy as np
 
 from inferlab import llama_children
 from inferlab.config import GGUF_FILE_TYPES, StudyConfig, resolve
-from inferlab.gguf.convert import convert, quantize, tensor_stats
+from inferlab.gguf.convert import convert, holds, quantize, tensor_stats
 from inferlab.records import write_json
 from inferlab.study import StageRun, relpath
 
 log = logging.getLogger(__name__)
 
 CHECK_TEXT = "The river carries sand and stones to the sea, and the baker shapes the loaf before it rises."
+# what llama.cpp must split into the same token ids as transformers: digits, code, whitespace, other scripts
+TOKENIZER_SAMPLES = (
+    "def area(r):\n    return 3.14159 * r ** 2  # circle, 2024-05-17",
+    "Numbers 1e-5, 42, 1,000,000 and 007!",
+    "  two spaces\tthen a tab\n\n\nand lines",
+    "ünïcödé, émoji 🙂, 中文 and Ελληνικά",
+    "don't, won't, I'll, they're",
+)
 
 
 def gguf_path(cfg: StudyConfig, ftype: str) -> Path:
@@ -80,34 +90,52 @@ def check_generates(path: Path, n_tokens: int) -> int:
         llm.close()
 
 
-def llama_logits(path: Path, text: str) -> tuple[list[int], np.ndarray]:
-    """llama.cpp's token ids for text and the logits at every position."""
+def llama_logits(path: Path, text: str, samples: tuple[str, ...] = ()) -> tuple[list[int], np.ndarray, list]:
+    """llama.cpp's token ids for text and the logits at every position (an F32 KV cache: llama.cpp's default F16
+    one adds about 5e-4 of relative error, which would hide the file's own), and its token ids for the samples
+    (special tokens such as <|im_start|> parsed, as transformers does)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=True, seed=0)
+    f32 = 0  # GGML_TYPE_F32
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=True, seed=0, type_k=f32,
+                          type_v=f32)
     try:
         lids = llm.tokenize(text.encode(), add_bos=False, special=False)
+        sample_ids = [llm.tokenize(t.encode(), add_bos=False, special=True) for t in samples]
         llm.eval(lids)
-        return lids, np.array(llm.scores[: len(lids)], dtype=np.float64)
+        return lids, np.array(llm.scores[: len(lids)], dtype=np.float64), sample_ids
     finally:
         llm.close()
 
 
+def tokenizer_samples(tok) -> list[str]:
+    """TOKENIZER_SAMPLES and, where the tokenizer has a chat template, a conversation rendered with it."""
+    texts = list(TOKENIZER_SAMPLES)
+    if getattr(tok, "chat_template", None):
+        chat = [{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "12 + 30 = 42."}]
+        texts.append(tok.apply_chat_template(chat, tokenize=False))
+    return texts
+
+
 def logits_error(path: Path, hf_dir: Path) -> dict:
-    """Relative L2 error of llama.cpp's logits against transformers' (float32) on the same token ids."""
+    """Relative L2 error of llama.cpp's logits against transformers' (float32) on the same token ids, and whether
+    llama.cpp tokenizes the check text and the samples as transformers does."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     ids = tok(CHECK_TEXT)["input_ids"]
-    lids, ours = isolated(llama_logits, path, CHECK_TEXT)
+    samples = tokenizer_samples(tok)
+    lids, ours, sample_ids = isolated(llama_logits, path, CHECK_TEXT, tuple(samples))
+    differs = [t for t, got in zip(samples, sample_ids) if tok(t)["input_ids"] != got]
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].double().numpy()
     del model
     same = ids == lids
     err = float(np.linalg.norm(ours - ref) / np.linalg.norm(ref)) if same else float("nan")
-    return {"same_tokenization": same, "prompt_tokens": len(ids), "logits_rel_error": err}
+    return {"same_tokenization": same and not differs, "tokenization_texts": 1 + len(samples),
+            "tokenization_differs": differs[:3], "prompt_tokens": len(ids), "logits_rel_error": err}
 
 
 def run(cfg: StudyConfig, stage: StageRun) -> bool:
@@ -127,35 +155,42 @@ def run(cfg: StudyConfig, stage: StageRun) -> bool:
     t_start = time.perf_counter()
     for i, (ftype, how) in enumerate(todo, 1):
         path = gguf_path(cfg, ftype)
+        # the logits and tokenization check runs on the most precise file (the others come from the same converter)
+        check_logits = c.check_logits and ftype == base_types[0]
         point = {"ftype": ftype, "source": base_types[0] if how == "quantize" else "hf", "threads": c.threads,
-                 "check_tokens": c.check_tokens, "check_logits": c.check_logits and how == "convert"}
+                 "check_tokens": c.check_tokens, "check_logits": check_logits}
         metrics: dict = {}
         try:
+            fallbacks = None
             if how == "convert":
                 info = convert(hf_dir, path, ftype)
                 metrics["convert_s"] = info["seconds"]
             else:
-                metrics["quantize_s"] = round(isolated(quantize, gguf_path(cfg, base_types[0]), path,
-                                                       GGUF_FILE_TYPES[ftype], c.threads), 3)
+                done = isolated(quantize, gguf_path(cfg, base_types[0]), path, GGUF_FILE_TYPES[ftype], c.threads)
+                metrics["quantize_s"], fallbacks = round(done["seconds"], 3), done["fallbacks"]
             stats = tensor_stats(path)
-            metrics.update({k: v for k, v in stats.items() if k != "tensor_types"})
+            metrics.update({k: v for k, v in stats.items() if k not in ("tensor_types", "matrices")})
+            metrics.update(holds(ftype, stats, fallbacks))
             metrics["generated_tokens"] = isolated(check_generates, path, c.check_tokens)
             if metrics["generated_tokens"] != c.check_tokens:
                 raise RuntimeError(f"generated {metrics['generated_tokens']} of {c.check_tokens} tokens")
-            if how == "convert" and c.check_logits:
+            if check_logits:
                 check = logits_error(path, hf_dir)
                 metrics.update(check)
                 if not check["same_tokenization"]:
-                    raise RuntimeError("llama.cpp tokenizes the check text differently from transformers")
+                    raise RuntimeError("llama.cpp tokenizes text differently from transformers: "
+                                       f"{(check['tokenization_differs'] or [CHECK_TEXT])[0]!r}")
                 if ftype == "f32" and not check["logits_rel_error"] < c.max_logits_rel_error:
                     raise RuntimeError(
                         f"F32 logits differ from transformers by {check['logits_rel_error']:.2e} "
                         f"(allowed {c.max_logits_rel_error:.0e})"
                     )
             stage.record(ftype, point, metrics=metrics, artifacts={"gguf": relpath(path)})
-            summary[ftype] = {"status": "ok", **{k: metrics[k] for k in ("file_bytes", "bits_per_weight")}}
-            if "logits_rel_error" in metrics:
-                summary[ftype]["logits_rel_error"] = metrics["logits_rel_error"]
+            summary[ftype] = {"status": "ok", **{k: metrics[k] for k in (
+                "label", "file_bytes", "bits_per_weight", "tensor_types", "matrices", "fallback_tensors")}}
+            for key in ("fallback_to", "fallbacks", "logits_rel_error", "same_tokenization"):
+                if key in metrics:
+                    summary[ftype][key] = metrics[key]
         except Exception as e:  # one bad type must not stop the others; it is recorded with its reason
             all_ok = False
             path.unlink(missing_ok=True)
@@ -164,7 +199,7 @@ def run(cfg: StudyConfig, stage: StageRun) -> bool:
         elapsed = time.perf_counter() - t_start
         eta = elapsed / i * (len(todo) - i)
         log.info("[%d/%d] %s %s: %s (%.1f s so far, about %.0f s left)", i, len(todo), how, ftype,
-                 summary[ftype]["status"], elapsed, eta)
+                 summary[ftype].get("label", summary[ftype]["status"]), elapsed, eta)
     write_json(resolve(cfg.paths.metrics) / "gguf.json", {
         "model": cfg.model.name, "weights": cfg.model.weights, "types": summary,
     })

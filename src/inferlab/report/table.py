@@ -14,6 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from inferlab import records as rec
 from inferlab.bench.aggregate import row as record_row
 from inferlab.bench.aggregate import stage_records, stage_records_rows
 from inferlab.quality import stage as quality
@@ -200,7 +201,7 @@ def collect(results: Path, quality_metric: str = "kl_mean", models: list[str] | 
         for record, row in stage_records_rows(results, stage, records):
             s = section(row["hardware"], row["model"], row["weights"])
             s.rows.append(_enrich(row, record.metrics, stage))
-            s.model_note = record.model.get("note") or s.model_note
+            s.model_note = rec.model_note(record.model) or s.model_note
             latest[record.point_id] = row
         for record in records:
             row = record_row(record)
