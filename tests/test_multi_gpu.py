@@ -228,14 +228,16 @@ def test_points_go_to_whichever_gpu_is_free_on_workers_pinned_to_its_cores(tiny_
 
 
 def _record(name: str, samples: list[float], busy: list[str], sweep: str, end: float, gpu: str = "gpu-0",
-            held: float = 10.0) -> rec.Record:
+            held: float = 10.0, at_once: int | None = None) -> rec.Record:
     med = sorted(samples)[len(samples) // 2]
+    metrics = {"decode_tps": {"median": med}, "total_tps": {"median": med},
+               "device_lock": {"device": gpu, "waited_s": 0.0, "others_busy": busy, "held_s": held,
+                               "released_at": end}}
+    if at_once:
+        metrics["placement"] = {"gpu": gpu[4:], "gpus_at_once": at_once}
     return rec.Record(stage="bench_gpu", name=name, point={"precision": name}, config={},
-                      model={"name": "m", "weights": "random"}, sweep_id=sweep,
+                      model={"name": "m", "weights": "random"}, sweep_id=sweep, metrics=metrics,
                       environment={"hardware": {"id": "h200x2"}, "git": {}, "libraries": {}},
-                      metrics={"decode_tps": {"median": med}, "total_tps": {"median": med},
-                               "device_lock": {"device": gpu, "waited_s": 0.0, "others_busy": busy,
-                                               "held_s": held, "released_at": end}},
                       samples={"decode_tps": samples, "total_tps": samples})
 
 
@@ -261,13 +263,14 @@ def test_parallel_check_reads_the_configured_results_folder_and_names_the_points
 
     results = tmp_path / "elsewhere"
     path = results / "bench_gpu" / "h200x2.jsonl"
-    # alone run: three points one after another (30 s); parallel run: the same on two GPUs (20 s)
-    rec.append(path, _record("steady", [99.0, 100.0, 101.0], [], "alone", 1010))
-    rec.append(path, _record("noisy", [92.0, 100.0, 108.0], [], "alone", 1020))  # 16 % spread between repetitions
-    rec.append(path, _record("disturbed", [99.5, 100.0, 100.5], [], "alone", 1030))
-    rec.append(path, _record("steady", [101.0, 102.0, 103.0], ["gpu-1"], "par", 2010))  # +2 %
-    rec.append(path, _record("noisy", [85.0, 90.0, 95.0], ["gpu-0"], "par", 2010, "gpu-1"))  # -10 %, within 16 %
-    rec.append(path, _record("disturbed", [64.0, 65.0, 66.0], ["gpu-1"], "par", 2020))  # -35 %: moved
+    # parallel run: three points on two GPUs (20 s; the last one ran after the other GPU was done); alone run: the
+    # same one after another (30 s)
+    rec.append(path, _record("steady", [101.0, 102.0, 103.0], ["gpu-1"], "par", 1010, at_once=2))  # +2 %
+    rec.append(path, _record("noisy", [85.0, 90.0, 95.0], ["gpu-0"], "par", 1010, "gpu-1", at_once=2))  # -10 %
+    rec.append(path, _record("disturbed", [64.0, 65.0, 66.0], [], "par", 1020, at_once=2))  # -35 %: moved
+    rec.append(path, _record("steady", [99.0, 100.0, 101.0], [], "alone", 2010, at_once=1))
+    rec.append(path, _record("noisy", [92.0, 100.0, 108.0], [], "alone", 2020, at_once=1))  # 16 % spread
+    rec.append(path, _record("disturbed", [99.5, 100.0, 100.5], [], "alone", 2030, at_once=1))
     assert cli.main(["parallel-check", "bench_gpu"]) == 2  # nothing in the repository's own results/
     assert "measured both alone and beside another GPU" in capsys.readouterr().err
     code = cli.main(["parallel-check", "bench_gpu", f"paths.results={results}", "--max-time-ratio", "0.6"])
@@ -281,8 +284,21 @@ def test_parallel_check_reads_the_configured_results_folder_and_names_the_points
     assert rows["noisy"].endswith("| no |") and "±16.0%" in rows["noisy"] and "0.900" in rows["noisy"]
     assert rows["steady"].endswith("| no |") and "±5.0%" in rows["steady"]
     assert rows["disturbed"].endswith("| MOVED |") and "0.650" in rows["disturbed"]
+    assert rows["disturbed"].startswith("| disturbed | gpu-0 | gpu-0 | - |")  # nothing beside it, in the parallel run
     assert ("parallel-check FAILED: 1 of 3 points moved beside another GPU: disturbed on gpu-0 (decode tok/s "
             "x0.650, allowed ±5.0%, total tok/s x0.650, allowed ±5.0%)") in err
     assert "the parallel run took 0.67 of the alone run's time, more than 0.60" in err
     assert cli.main(["parallel-check", f"paths.results={results}", "paths.nope=1"]) == 2
     assert "invalid configuration: paths.nope" in capsys.readouterr().err
+
+
+def test_a_gpu_has_the_same_cores_alone_as_beside_the_others_and_too_many_gpus_fail_clearly():
+    from inferlab.bench.gpu import gpu_slots
+
+    both = gpu_slots(0, ["0", "1"])
+    alone = gpu_slots(1, ["0", "1"])
+    assert [s.gpu for s in both] == ["0", "1"] and [s.gpu for s in alone] == ["0"]
+    assert alone[0].cpus == both[0].cpus and alone[0].host_gpus == ("0", "1")
+    assert gpu_slots(0, []) == []  # no GPU: nothing placed (every point is skipped)
+    with pytest.raises(SystemExit, match=r"bench_gpu.gpus: 3 GPUs at once asked for, but this host offers 2 \(0,1\)"):
+        gpu_slots(3, ["0", "1"])

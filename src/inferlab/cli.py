@@ -128,7 +128,7 @@ def cmd_parallel_check(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     info = runs(results, stage, rows)
-    print(f"parallel-check {stage}: {len(rows)} point(s) measured alone and beside another GPU, records in "
+    print(f"parallel-check {stage}: {len(rows)} point(s) measured alone and in a parallel run, records in "
           f"{results / stage}")
     for side in ("parallel", "alone"):
         for s in info[side]:

@@ -1,5 +1,6 @@
 """Did a parallel sweep change the figures? The same point measured while other GPUs of the host were measuring
-(records with device_lock.others_busy) against the same point measured alone, from the records only.
+(records with device_lock.others_busy, or from a sweep on several GPUs at once) against the same point measured
+alone, from the records only.
 
 A point moved when a figure's parallel/alone ratio is off 1 by more than the tolerance (5 %) or, where larger,
 by more than the point's own run-to-run spread: the range of its raw samples over their median, in the alone or
@@ -37,6 +38,13 @@ def _lock(r: rec.Record) -> dict | None:
     return lock if isinstance(lock, dict) and "others_busy" in lock else None
 
 
+def _parallel(r: rec.Record) -> bool:
+    """Measured beside another GPU, or in a sweep that measured on several GPUs at once (its last points may
+    have run with the other GPUs done already: they are that run's figures all the same)."""
+    at_once = (r.metrics.get("placement") or {}).get("gpus_at_once") or 1
+    return bool(_lock(r)["others_busy"]) or at_once > 1
+
+
 def _records(results: Path, stage: str) -> list[rec.Record]:
     return [r for r in rec.read_all(sorted((results / stage).glob("*.jsonl"))) if _lock(r)]
 
@@ -50,14 +58,14 @@ def compare(results: Path, stage: str, tolerance: float = 0.05) -> list[dict[str
         if r.status != "ok":
             continue
         key = (r.environment.get("hardware", {}).get("id"), r.model.get("name"), r.point_id)
-        side = beside if _lock(r)["others_busy"] else alone
+        side = beside if _parallel(r) else alone
         if key not in side or r.timestamp >= side[key].timestamp:
             side[key] = r
     rows = []
-    for key in sorted(set(alone) & set(beside), key=str):
+    for key in sorted(set(alone) & set(beside), key=lambda k: (str(k[:2]), beside[k].name)):
         a, b = alone[key], beside[key]
         row: dict[str, Any] = {"hardware": key[0], "model": key[1], "name": b.name, "gpu_alone": _lock(a)["device"],
-                               "gpu": _lock(b)["device"], "beside": ",".join(_lock(b)["others_busy"]),
+                               "gpu": _lock(b)["device"], "beside": ",".join(_lock(b)["others_busy"]) or "-",
                                "sweep_alone": a.sweep_id, "sweep_parallel": b.sweep_id, "moved": []}
         for f in FIGURES:
             x, y = _median(a, f), _median(b, f)
