@@ -7,7 +7,7 @@
 #   LLAMA_SRC=.whl/llama-src.tar.gz bash scripts/gpu_run.sh $OUT convert convert.quants=[q8_0,q4_k_m,q4_0]
 #   bash scripts/gpu_run.sh $OUT parallel-check [overrides]   # several GPUs: the default GPU grid on every GPU at
 #       once, then alone (bench_gpu.gpus=1), then `inferlab parallel-check`'s table; stopped at the call's time
-#       budget (CALL_BUDGET, 560 s), the same command resumes where it stopped
+#       budget (CALL_BUDGET, 560 s), the same command resumes where it stopped (rm $GPU_WORK/*.done: measure anew)
 # Installs the wheels carried in .whl/ (bash scripts/gpu_wheels.sh .whl, where pip works: hydra-core, omegaconf,
 # submitit and its Hydra launcher, bitsandbytes) into /tmp/site, builds llama-cpp-python with CUDA from $LLAMA_SRC
 # if given (scripts/build_llama_cuda.sh, beside the model build), builds $MODEL (default phi-2-random) if it is not

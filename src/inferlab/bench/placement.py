@@ -201,12 +201,13 @@ def cpu_shares(gpus: list[str], affinity: dict[str, dict[str, Any]], allowed: li
 def host_slots(gpus: list[str]) -> dict[str, Slot]:
     """Each GPU of this host with its share of the cores this process may use."""
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    if not all(g.isdigit() for g in gpus):  # UUIDs or MIG names: the topology cannot be matched to them
-        return cpu_shares(gpus, {}, allowed, "")
-    for source, affinity in (("nvidia-smi topo -m", topo_affinity), ("sysfs local_cpulist", None)):
-        found = affinity() if affinity else sysfs_affinity(_bus_ids())
-        if found and all(g in found for g in gpus):
-            return cpu_shares(gpus, found, allowed, source)
+    if all(g.isdigit() for g in gpus):  # not UUIDs or MIG names, which the topology cannot be matched to
+        topo = topo_affinity()
+        if topo and all(g in topo for g in gpus):
+            return cpu_shares(gpus, topo, allowed, "nvidia-smi topo -m")
+        pci = sysfs_affinity(_bus_ids())
+        if pci and all(g in pci for g in gpus):
+            return cpu_shares(gpus, pci, allowed, "sysfs local_cpulist")
     return cpu_shares(gpus, {}, allowed, "")
 
 
