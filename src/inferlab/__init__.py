@@ -9,6 +9,12 @@ __version__ = "0.1.0"
 # convert stage's checks): `import inferlab` then loads llama.cpp's libraries before anything else.
 LLAMA_PROCESS_ENV = "INFERLAB_LLAMA_PROCESS"
 
+# Nothing here needs NVLink multicast (NCCL's NVLS, PyTorch's symmetric memory, NVSHMEM), and on a shared multi-GPU
+# host a program that uses it can put every GPU of the host out of service. Every process that imports inferlab
+# keeps it off, whatever environment it was started with (a worker, a submitit job, a subprocess with its own env).
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+os.environ.update(NO_MULTICAST)
+
 
 def load_llama_cpp_first() -> None:
     """Load llama.cpp's shared libraries now, before numpy's and torch's; without llama-cpp-python, nothing.

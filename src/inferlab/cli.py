@@ -129,22 +129,81 @@ def cmd_study(args: argparse.Namespace) -> int:
     return rc
 
 
-def cmd_parallel_check(args: argparse.Namespace) -> int:
-    """Points measured beside other GPUs against the same points measured alone (exit 1 beyond tolerance)."""
-    from inferlab.bench.parallel import compare
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
 
-    rows = compare(project_root() / "results", args.stage, args.tolerance)
-    if not rows:
-        print(f"no point of {args.stage} was measured both alone and beside another GPU", file=sys.stderr)
+
+def _fmt_s(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+def cmd_parallel_check(args: argparse.Namespace) -> int:
+    """Points measured beside other GPUs against the same points measured alone, from the records under the
+    configured results folder (paths.results); exit 1 when a point moved or the parallel run took too long."""
+    from inferlab.bench.parallel import FIGURES, compare, runs
+    from inferlab.config import resolve
+
+    stages = [a for a in args.items if "=" not in a]
+    if len(stages) > 1:
+        print(f"parallel-check takes one stage, got {', '.join(stages)}", file=sys.stderr)
         return 2
-    print(f"| point | GPU | beside | decode tok/s alone | parallel | ratio | total tok/s alone | parallel | ratio "
-          f"| within ±{args.tolerance:.0%} |\n|" + "---|" * 10)
+    stage = stages[0] if stages else "bench_gpu"
+    try:
+        cfg = compose([a for a in args.items if "=" in a])
+    except ConfigError as e:
+        print(f"invalid configuration: {e}", file=sys.stderr)
+        return 2
+    results = resolve(cfg.paths.results)
+    rows = compare(results, stage, args.tolerance)
+    if not rows:
+        print(f"no point of {stage} under {results / stage} was measured both alone and beside another GPU",
+              file=sys.stderr)
+        return 2
+    info = runs(results, stage, rows)
+    print(f"parallel-check {stage}: {len(rows)} point(s) measured alone and in a parallel run, records in "
+          f"{results / stage}")
+    for side in ("parallel", "alone"):
+        for s in info[side]:
+            print(f"- {side} run {s['sweep_id']}: {len(s['points'])} points on {','.join(s['gpus'])}, GPUs busy "
+                  f"{_fmt_s(s['seconds'])}")
+    ratio = info["time_ratio"]
+    slow = ratio is not None and args.max_time_ratio is not None and ratio > args.max_time_ratio
+    if ratio is not None:
+        limit = f" (at most {args.max_time_ratio:.2f} asked)" if args.max_time_ratio is not None else ""
+        print(f"- parallel/alone time: {ratio:.2f}{limit}")
+    elif args.max_time_ratio is not None:
+        print("- parallel/alone time: not comparable (not one parallel and one alone run over the same points)")
+    print("\nratio: parallel/alone median; spread: (max - min) / median of a run's repetitions; a point moved when "
+          f"a ratio is off 1 by more than ±{args.tolerance:.0%} or its wider spread\n")
+    head = "| point | GPU alone | GPU parallel | beside |"
+    for label in FIGURES.values():
+        head += f" {label} alone (spread) | parallel (spread) | ratio | allowed |"
+    print(head + " moved |\n|" + "---|" * (5 + 4 * len(FIGURES)))
     for r in rows:
-        print(f"| {r['name']} | {r['gpu']} | {r['beside']} | {r.get('decode_tps_alone', 0):.1f} | "
-              f"{r.get('decode_tps_parallel', 0):.1f} | {r.get('decode_tps_ratio', 0):.3f} | "
-              f"{r.get('total_tps_alone', 0):.1f} | {r.get('total_tps_parallel', 0):.1f} | "
-              f"{r.get('total_tps_ratio', 0):.3f} | {'yes' if r['within_tolerance'] else 'NO'} |")
-    return 0 if all(r["within_tolerance"] for r in rows) else 1
+        cells = [r["name"], r["gpu_alone"], r["gpu"], r["beside"]]
+        for f in FIGURES:
+            c = r.get(f)
+            if c is None:
+                cells += ["-"] * 4
+                continue
+            cells += [f"{c['alone']:.1f} ({_pct(c['alone_spread'])})",
+                      f"{c['parallel']:.1f} ({_pct(c['parallel_spread'])})", f"{c['ratio']:.3f}",
+                      f"±{_pct(c['allowed'])}"]
+        print("| " + " | ".join(cells) + f" | {'MOVED' if r['moved'] else 'no'} |")
+    moved = [r for r in rows if r["moved"]]
+    if moved:
+        named = "; ".join(f"{r['name']} on {r['gpu']} (" + ", ".join(
+            f"{FIGURES[f]} x{r[f]['ratio']:.3f}, allowed ±{_pct(r[f]['allowed'])}" for f in r["moved"]) + ")"
+            for r in moved)
+        print(f"\nparallel-check FAILED: {len(moved)} of {len(rows)} points moved beside another GPU: {named}",
+              file=sys.stderr)
+    if slow:
+        print(f"parallel-check FAILED: the parallel run took {ratio:.2f} of the alone run's time, more than "
+              f"{args.max_time_ratio:.2f}", file=sys.stderr)
+    if not moved and not slow:
+        print(f"\nparallel-check passed: all {len(rows)} points within their tolerance")
+    return 1 if moved or slow else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -198,8 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_study)
 
     p = sub.add_parser("parallel-check", help="points measured beside other GPUs against the same points alone")
-    p.add_argument("stage", nargs="?", default="bench_gpu")
-    p.add_argument("--tolerance", type=float, default=0.05)
+    p.add_argument("items", nargs="*", metavar="STAGE|OVERRIDE",
+                   help="the stage (default bench_gpu) and Hydra overrides, e.g. paths.results=gpu-work/results")
+    p.add_argument("--tolerance", type=float, default=0.05, help="allowed deviation where a point's spread is less")
+    p.add_argument("--max-time-ratio", type=float, default=None,
+                   help="also fail when the parallel run took more than this fraction of the alone run's time")
     p.set_defaults(fn=cmd_parallel_check)
 
     p = sub.add_parser("serve", help="serve the recommended configuration: OpenAI-compatible API, demo under /ui")

@@ -491,8 +491,13 @@ class BenchGPUConfig:
     bandwidth_gib: float = 2.0  # device-to-device copy buffer
     point_timeout_s: float = 900.0
     retry_failed: bool = False
+    # GPUs measuring at once, one point each, each GPU's workers on its own share of the host's cores: 0 every GPU
+    # of the host ($INFERLAB_GPUS, else $CUDA_VISIBLE_DEVICES, else nvidia-smi), 1 one point at a time on the first
+    # (the "alone" figures `inferlab parallel-check` compares a parallel sweep with)
+    gpus: int = 0
 
     def __post_init__(self) -> None:
+        check_range("bench_gpu.gpus", self.gpus, low=0)
         self.workload.check("bench_gpu.workload")
         self.hf.check("bench_gpu.hf")
         self.llama_cpp.check("bench_gpu.llama_cpp")

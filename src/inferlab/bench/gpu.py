@@ -3,6 +3,7 @@ prompt caching with a copied KV cache, and streaming. Without CUDA every point i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 from dataclasses import replace
@@ -13,6 +14,7 @@ from inferlab.bench.aggregate import write_aggregates
 from inferlab.bench.cpu import llama_points
 from inferlab.bench.grid import hf_points, keep, usable_cores
 from inferlab.bench.lock import claim_gpu, visible_gpus
+from inferlab.bench.placement import Slot, host_slots
 from inferlab.bench.sweep import Point, run_sweep
 from inferlab.config import StudyConfig, resolve
 from inferlab.study import StageRun
@@ -141,21 +143,50 @@ def _decode_rate(metrics: dict) -> float | None:
     return v if v is not None and v == v else None
 
 
+def one_gpu_per_job() -> bool:
+    """Whether this is a job of `hydra/launcher=gpus`: several jobs at once, each taking one GPU for its points."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get("hydra/launcher") == "gpus"
+    except (ImportError, ValueError):  # not under Hydra (DVC's --params path)
+        return False
+
+
+def gpu_slots(wanted: int, host: list[str], claimed: str | None = None) -> list[Slot]:
+    """The GPUs this sweep measures on at once, each with its share of the host's cores: the one a job claimed,
+    else the first `wanted` of the host's (0: all). A GPU's share is the same however many run at once."""
+    if not host:
+        return []
+    if wanted > len(host):
+        raise SystemExit(f"bench_gpu.gpus: {wanted} GPUs at once asked for, but this host offers {len(host)} "
+                         f"({','.join(host)}); choose 0 (every GPU) or at most {len(host)}")
+    shares = host_slots(host)
+    used = [claimed] if claimed is not None else host[:wanted or len(host)]
+    return [shares[g] for g in used]
+
+
 def run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
-    # On a host with several GPUs and several sweep jobs at once (hydra/launcher=gpus), this job takes one GPU
-    # for all its points; the workers it starts see only that one. Claimed before CUDA is first asked about.
-    with claim_gpu() as gpu:
+    # Under hydra/launcher=gpus, several sweep jobs run at once on a host with several GPUs: each job takes one GPU
+    # for all its points. Otherwise the sweep itself spreads its points over the host's GPUs (bench_gpu.gpus).
+    host = visible_gpus()
+    with claim_gpu(host) if one_gpu_per_job() else contextlib.nullcontext() as gpu:
         if gpu is not None:
-            stage.env["gpu"] = {"claimed": gpu, "of": visible_gpus()}  # in every record of this job
-        _run(cfg, stage, stage_file)
+            stage.env["gpu"] = {"claimed": gpu, "of": host}  # in every record of this job
+        _run(cfg, stage, stage_file, host, gpu)
 
 
-def _run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
+def _run(cfg: StudyConfig, stage: StageRun, stage_file: Path, host: list[str], claimed: str | None) -> None:
     pins = cfg.pins()
-    cores = usable_cores()
+    problem = cuda_problem()
+    slots = [] if problem else gpu_slots(cfg.bench_gpu.gpus, host, claimed)
+    for s in slots:
+        log.info("GPU %s: its workers on cores %s (%d; %s)", s.gpu, s.describe(len(slots))["cpus"] or "all",
+                 len(s.cpus), s.source + (f", NUMA node {s.numa}" if s.numa else ""))
+    # thread counts in the grid (llama.cpp's host threads) are a GPU's share of the cores, alone or beside others
+    cores = min(len(s.cpus) for s in slots) if slots and all(s.cpus for s in slots) else usable_cores()
     points = (hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", pins, cores) + gpu_llama_points(cfg, pins, cores)
               + scenario_points(cfg, pins))
-    problem = cuda_problem()
     if problem:
         log.warning("bench_gpu: %s; every point is recorded as skipped", problem)
         for p in points:
@@ -166,5 +197,5 @@ def _run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
         log.info("device bandwidth (copy, read+write): %.0f GB/s", bandwidth["bandwidth_gbps"])
     log.info("bench_gpu: %d points", len(points))
     run_sweep(stage, points, resolve(cfg.bench_gpu.workload.prompts), bandwidth, cfg.bench_gpu.point_timeout_s,
-              cfg.bench_gpu.retry_failed, [stage_file], _decode_rate)
+              cfg.bench_gpu.retry_failed, [stage_file], _decode_rate, slots or None)
     write_aggregates(cfg, STAGE)

@@ -20,11 +20,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from inferlab import NO_MULTICAST  # noqa: F401  (set in every process that imports inferlab)
+
 log = logging.getLogger(__name__)
 
 _HELD: dict[str, object] = {}  # device keys this process holds for its whole run (a claimed GPU)
-# nothing here needs NVLink multicast (NVLS / symmetric memory): keep it off on multi-GPU hosts
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def lock_dir() -> Path:
@@ -89,20 +89,22 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
-def others_busy(key: str) -> list[str]:
-    """The other GPUs of this host whose lock another process holds (a point measured beside them)."""
+def others_busy(key: str, gpus: list[str] | None = None) -> list[str]:
+    """The other GPUs of this host (`gpus`, default visible_gpus()) whose lock someone else holds now: another
+    process, or another thread of this one (a point measured beside them). Pass the host's GPUs where this process
+    has narrowed CUDA_VISIBLE_DEVICES to one."""
     if not key.startswith("gpu-"):
         return []
-    return [f"gpu-{g}" for g in visible_gpus() if f"gpu-{g}" != key and _busy(f"gpu-{g}")]
+    return [f"gpu-{g}" for g in (visible_gpus() if gpus is None else gpus) if f"gpu-{g}" != key and _busy(f"gpu-{g}")]
 
 
 @contextmanager
-def claim_gpu() -> Iterator[str | None]:
-    """Claim one free GPU of this host for this process (and the workers it starts) until the block ends: its
-    lock is held and CUDA_VISIBLE_DEVICES names only it. With several sweep jobs at once (Hydra's submitit_local
-    launcher, `hydra/launcher=gpus`), each job takes its own GPU, so up to one point per GPU runs at a time; a
-    job that finds every GPU taken waits for one. With one GPU or none, nothing is claimed (yields None)."""
-    gpus = visible_gpus()
+def claim_gpu(gpus: list[str] | None = None) -> Iterator[str | None]:
+    """Claim one free GPU of this host (`gpus`, default visible_gpus()) for this process (and the workers it
+    starts) until the block ends: its lock is held and CUDA_VISIBLE_DEVICES names only it. With several sweep jobs
+    at once (`hydra/launcher=gpus`), each job takes its own GPU, so up to one point per GPU runs at a time; a job
+    that finds every GPU taken waits for one. With one GPU or none, nothing is claimed (yields None)."""
+    gpus = visible_gpus() if gpus is None else gpus
     if len(gpus) < 2 or os.environ.get("INFERLAB_GPU_CLAIM", "1") == "0":
         yield None
         return
@@ -116,10 +118,8 @@ def claim_gpu() -> Iterator[str | None]:
             except BlockingIOError:
                 f.close()
                 continue
-            saved = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", *NO_MULTICAST)}
+            saved = os.environ.get("CUDA_VISIBLE_DEVICES")
             os.environ["CUDA_VISIBLE_DEVICES"] = g
-            for k, v in NO_MULTICAST.items():
-                os.environ.setdefault(k, v)
             _HELD[f"gpu-{g}"] = f
             log.info("claimed GPU %s of %s%s", g, ",".join(gpus),
                      f" after waiting {time.perf_counter() - t0:.0f} s" if waited else "")
@@ -127,11 +127,10 @@ def claim_gpu() -> Iterator[str | None]:
                 yield g
             finally:
                 _HELD.pop(f"gpu-{g}", None)
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
+                if saved is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
                 fcntl.flock(f, fcntl.LOCK_UN)
                 f.close()
             return

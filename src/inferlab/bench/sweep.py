@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,8 +20,9 @@ from typing import Any
 
 import inferlab
 from inferlab import records as rec
-from inferlab.bench.lock import device_key, device_lock, others_busy
+from inferlab.bench.lock import device_lock, others_busy
 from inferlab.bench.memory import roofline
+from inferlab.bench.placement import Slot
 from inferlab.bench.worker import Worker
 from inferlab.study import StageRun
 
@@ -52,9 +54,10 @@ def _point_id(stage: StageRun, p: Point) -> str:
 
 
 class Manifest:
-    def __init__(self, folder: Path, stage: StageRun, points: list[Point], digest: str):
+    def __init__(self, folder: Path, stage: StageRun, points: list[Point], digest: str, placement: str = ""):
         ids = sorted(_point_id(stage, p) for p in points)
-        key = hashlib.sha256(json.dumps([digest, stage.env["hardware"]["id"], ids]).encode()).hexdigest()[:16]
+        parts = [digest, stage.env["hardware"]["id"], ids] + ([placement] if placement else [])
+        key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
         self.path = folder / f".sweep-{key}.json"
         self.data = json.loads(self.path.read_text()) if self.path.exists() else None
         self.ids = ids
@@ -69,10 +72,118 @@ class Manifest:
         rec.write_json(self.path, self.data)
 
 
+class PointQueue:
+    """The points still to run, handed out one at a time to whichever slot (GPU) is free: a slot keeps to the
+    model its worker has loaded; when that has no point left it starts a model no other slot holds, and when
+    every model is taken it helps with the one that has the most points left (a second load of it, rather
+    than an idle GPU)."""
+
+    def __init__(self, points: list[Point]):
+        self._groups: dict[tuple, list[Point]] = {}
+        for p in points:
+            self._groups.setdefault(p.group, []).append(p)
+        self._held: dict[int, tuple] = {}  # slot -> the group its worker holds
+        self._lock = threading.Lock()
+
+    def take(self, slot: int, loaded: tuple | None) -> Point | None:
+        with self._lock:
+            live = [g for g, ps in self._groups.items() if ps]
+            if not live:
+                self._held.pop(slot, None)
+                return None
+            if loaded not in live:
+                others = {g for s, g in self._held.items() if s != slot}
+                fresh = [g for g in live if g not in others]
+                loaded = fresh[0] if fresh else max(live, key=lambda g: len(self._groups[g]))
+            self._held[slot] = loaded
+            return self._groups[loaded].pop(0)
+
+
+class _Beside:
+    """Which other slots of this process measured while a point ran (from its start to its end)."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def start(self, key: str) -> None:
+        with self._lock:
+            for other in self._running.values():
+                other.add(key)
+            self._running[key] = set(self._running)
+
+    def stop(self, key: str) -> set[str]:
+        with self._lock:
+            return self._running.pop(key)
+
+
+class _Sweep:
+    """One sweep's shared state across its slots: the queue, progress, and the records (written one at a time)."""
+
+    def __init__(self, stage: StageRun, points: list[Point], total: int, folder: Path, bandwidth: dict,
+                 timeout: float, roofline_of: Callable[[dict], float | None], slots: list[Slot]):
+        self.stage, self.queue, self.total, self.folder = stage, PointQueue(points), total, folder
+        self.bandwidth, self.timeout, self.roofline_of, self.slots = bandwidth, timeout, roofline_of, slots
+        self.beside = _Beside()
+        self.n_done, self.t0 = 0, time.perf_counter()
+        self.lock = threading.Lock()
+
+    def record(self, p: Point, status: str, payload: dict, started: float, where: str = "",
+               started_at: str = "") -> None:
+        with self.lock:
+            _record(self.stage, p, status, payload, self.bandwidth, self.roofline_of, started_at or rec.now_ms())
+            self.n_done += 1
+            left = self.total - self.n_done
+            eta = (time.perf_counter() - self.t0) / self.n_done * left
+            why = f" ({payload['reason'].splitlines()[0][:100]})" if status != "ok" and payload.get("reason") else ""
+            log.info("[%d/%d] %s%s: %s%s in %.1f s (%d left, about %s to go)", self.n_done, self.total, p.name,
+                     where, status, why, time.perf_counter() - started, left, _fmt(eta))
+
+    def run_slot(self, i: int) -> None:
+        """Take points from the queue and measure them on slot i until none is left."""
+        slot = self.slots[i]
+        worker: Worker | None = None
+        group: tuple | None = None
+        while (p := self.queue.take(i, group)) is not None:
+            started, started_at = time.perf_counter(), rec.now_ms()
+            if worker is not None and p.group != group:
+                worker.stop()  # the model it held is done here: free its memory first
+                worker = None
+            group = p.group
+            if worker is None:
+                worker = Worker(p.runtime, p.load, slot.env(), list(slot.cpus) or None)
+            key = slot.key(_device(p))
+            gpus = list(slot.host_gpus) if slot.gpu is not None else None
+            with device_lock(key) as waited:  # one point measured per device at a time, across processes
+                held = time.perf_counter()
+                self.beside.start(key)
+                beside = set(others_busy(key, gpus))  # other GPUs measuring at the same time (a parallel sweep)
+                status, payload = worker.run(p.settings, p.name, str(self.folder), self.timeout,
+                                             {**p.load, "sweep_id": self.stage.sweep_id})
+                beside |= set(others_busy(key, gpus)) | self.beside.stop(key)
+                held = time.perf_counter() - held
+            metrics = payload.setdefault("metrics", {})
+            metrics["device_lock"] = {"device": key, "waited_s": round(waited, 3), "others_busy": sorted(beside),
+                                      "held_s": round(held, 3), "released_at": round(time.time(), 3)}
+            if slot.gpu is not None:
+                metrics["placement"] = {**slot.describe(len(self.slots)), "observed": metrics.pop("placement", None)}
+            if status == "failed":  # a clean process (and device) for what follows
+                worker.kill()
+                worker = None
+            self.record(p, status, payload, started, f" on {key}" if len(self.slots) > 1 else "", started_at)
+        if worker is not None:
+            worker.stop()
+
+
 def run_sweep(stage: StageRun, points: list[Point], folder: Path, bandwidth: dict, timeout: float,
-              retry_failed: bool, extra_code: list[Path], roofline_of: Callable[[dict], float | None]) -> None:
-    """Run every point not yet finished in this sweep; append one record per point."""
-    manifest = Manifest(stage.path.parent, stage, points, code_digest(extra_code))
+              retry_failed: bool, extra_code: list[Path], roofline_of: Callable[[dict], float | None],
+              slots: list[Slot] | None = None) -> None:
+    """Run every point not yet finished in this sweep; append one record per point. `slots`: the GPUs to run on
+    at once (one point per GPU at a time, each GPU's workers on its own cores); default: one point at a time on
+    the device each point names."""
+    slots = slots or [Slot()]
+    placement = ",".join(f"gpu-{s.gpu}" for s in slots if s.gpu is not None)
+    manifest = Manifest(stage.path.parent, stage, points, code_digest(extra_code), placement)
     resumed = manifest.resumable()
     done: set[str] = set()
     if resumed:
@@ -85,41 +196,66 @@ def run_sweep(stage: StageRun, points: list[Point], folder: Path, bandwidth: dic
     manifest.write(stage.sweep_id, "running")
 
     todo = [p for p in points if _point_id(stage, p) not in done]
-    groups: dict[tuple, list[Point]] = {}
+    to_run = [p for p in todo if not p.skip]
+    sweep = _Sweep(stage, to_run, len(todo), folder, bandwidth, timeout, roofline_of, slots)
+    log.info("sweep %s: %d points to run (%d finished earlier), in %d worker group(s)%s", stage.sweep_id, len(todo),
+             len(done), len({p.group for p in to_run}), f" on {placement} at once" if len(slots) > 1 else "")
     for p in todo:
-        groups.setdefault(p.group, []).append(p)
-    total, n_done, t0 = len(todo), 0, time.perf_counter()
-    log.info("sweep %s: %d points to run (%d finished earlier), in %d worker group(s)", stage.sweep_id, total,
-             len(done), len(groups))
-    for pts in groups.values():
-        worker: Worker | None = None
-        for p in pts:
-            started, started_at = time.perf_counter(), rec.now_ms()
-            if p.skip:
-                status, payload = "skipped", {"reason": p.skip}
-            else:
-                if worker is None:
-                    worker = Worker(p.runtime, p.load)
-                key = device_key(_device(p))
-                with device_lock(key) as waited:  # one point measured per device at a time, across processes
-                    beside = others_busy(key)  # other GPUs measuring at the same time (a parallel sweep)
-                    status, payload = worker.run(p.settings, p.name, str(folder), timeout,
-                                                 {**p.load, "sweep_id": stage.sweep_id})
-                payload.setdefault("metrics", {})["device_lock"] = {"device": key, "waited_s": round(waited, 3),
-                                                                    "others_busy": beside}
-                if status == "failed":  # a clean process (and device) for what follows
-                    worker.kill()
-                    worker = None
-            _record(stage, p, status, payload, bandwidth, roofline_of, started_at)
-            n_done += 1
-            elapsed = time.perf_counter() - t0
-            eta = elapsed / n_done * (total - n_done)
-            why = f" ({payload['reason'].splitlines()[0][:100]})" if status != "ok" and payload.get("reason") else ""
-            log.info("[%d/%d] %s: %s%s in %.1f s (%d left, about %s to go)", n_done, total, p.name, status, why,
-                     time.perf_counter() - started, total - n_done, _fmt(eta))
-        if worker is not None:
-            worker.stop()
+        if p.skip:
+            sweep.record(p, "skipped", {"reason": p.skip}, time.perf_counter())
+    if len(slots) > 1:
+        read_once(to_run)
+    _run_slots(sweep)
     manifest.write(stage.sweep_id, "complete")
+
+
+def _run_slots(sweep: _Sweep) -> None:
+    """Every slot measures in a thread of its own (one slot: in this thread); an error in one stops the sweep
+    once the others are done with their points (the manifest stays 'running': a rerun resumes)."""
+    if len(sweep.slots) == 1:
+        sweep.run_slot(0)
+        return
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            sweep.run_slot(i)
+        except BaseException as e:  # re-raised in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"slot-{i}", daemon=True)
+               for i in range(len(sweep.slots))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(1.0)
+    if errors:
+        raise errors[0]
+
+
+def read_once(points: list[Point]) -> None:
+    """Read the model files of the points into the page cache once, before GPUs load them side by side: each
+    file comes from the disk once per host, and the loads that follow read it from memory."""
+    files: set[Path] = set()
+    for p in points:
+        for key in ("model_dir", "model_path"):
+            path = Path(p.load[key]) if p.load.get(key) else None
+            if path is not None and path.is_dir():
+                files.update(f for f in path.rglob("*") if f.is_file())
+            elif path is not None and path.is_file():
+                files.add(path)
+    t0, size = time.perf_counter(), 0
+    for f in sorted(files):
+        try:
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    size += len(chunk)
+        except OSError as e:
+            log.warning("could not read %s ahead of the loads: %s", f, e)
+    if files:
+        log.info("model files read once into the page cache: %d files, %.1f GiB in %.1f s", len(files),
+                 size / 2**30, time.perf_counter() - t0)
 
 
 def _device(p: Point) -> str:

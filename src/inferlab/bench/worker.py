@@ -14,16 +14,19 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from inferlab import llama_children
+from inferlab import LLAMA_PROCESS_ENV
 
 log = logging.getLogger(__name__)
 
-FAIL_ENV = "INFERLAB_INJECT_FAILURE"  # "<substring of a point name>:<oom|crash|error|hang>", for tests
+FAIL_ENV = "INFERLAB_INJECT_FAILURE"  # "<substring of a point name>:<oom|crash|error|hang|slow=SECONDS>", for tests
+_SPAWN = threading.Lock()  # workers start one at a time: each with the environment meant for it
 
 
 def _inject(name: str) -> None:
@@ -37,6 +40,9 @@ def _inject(name: str) -> None:
         os.kill(os.getpid(), signal.SIGSEGV)
     if kind == "hang":
         time.sleep(3600)
+    if kind.startswith("slow="):  # a point that takes longer, and then runs as usual
+        time.sleep(float(kind.split("=", 1)[1]))
+        return
     if kind == "oom":
         import torch
 
@@ -71,11 +77,15 @@ def _is_oom(e: BaseException) -> bool:
     return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
 
 
-def worker_main(conn, runtime: str, load_settings: dict[str, Any]) -> None:
-    """Entry point of a worker process: receive points, send back (status, payload)."""
+def worker_main(conn, runtime: str, load_settings: dict[str, Any], cpus: list[int] | None = None) -> None:
+    """Entry point of a worker process: receive points, send back (status, payload). With `cpus`, the process
+    runs on those cores only, its thread pools sized to them, and every point records what it ran with."""
+    from inferlab.bench import placement
     from inferlab.logs import setup_logging
 
     setup_logging()
+    if cpus:
+        placement.apply(cpus, runtime)
     from inferlab.backends import BackendUnavailable, get_backend
     from inferlab.bench import hf_scenarios, scenarios
     from inferlab.bench.memory import peak_rss_mib, reset_peak_rss, rss_mib
@@ -131,6 +141,8 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any]) -> None:
             metrics["rss_before_mib"] = round(rss_before, 1)
             if gpu:
                 metrics.update({k: round(v, 4) for k, v in _gpu_peaks().items()})
+            if cpus:
+                metrics["placement"] = placement.observed()
             elif point.get("device") == "cuda":  # llama.cpp on the GPU: what the driver says this process holds
                 from inferlab.bench.memory import process_gpu_gib
 
@@ -149,14 +161,36 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any]) -> None:
                 backend = None
 
 
-class Worker:
-    """The parent's handle on one worker process."""
+@contextlib.contextmanager
+def _environment(extra: dict[str, str]) -> Iterator[None]:
+    """Processes started inside the block inherit `extra` in their environment. One block at a time: sweeps on
+    several GPUs start their workers from several threads, each with its own environment."""
+    with _SPAWN:
+        saved = {k: os.environ.get(k) for k in extra}
+        os.environ.update(extra)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
-    def __init__(self, runtime: str, load_settings: dict[str, Any]):
+
+class Worker:
+    """The parent's handle on one worker process. `env` is added to the environment it starts with (its GPU and
+    thread counts); `cpus` pins it to those cores."""
+
+    def __init__(self, runtime: str, load_settings: dict[str, Any], env: dict[str, str] | None = None,
+                 cpus: list[int] | None = None):
         ctx = mp.get_context("spawn")  # a fresh interpreter: no memory or CUDA state inherited
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=worker_main, args=(child, runtime, load_settings), daemon=True)
-        with llama_children() if runtime == "llama_cpp" else contextlib.nullcontext():
+        self.proc = ctx.Process(target=worker_main, args=(child, runtime, load_settings, cpus), daemon=True)
+        env = dict(env or {})
+        if runtime == "llama_cpp":  # `import inferlab` loads llama.cpp first in that process
+            env[LLAMA_PROCESS_ENV] = "1"
+        with _environment(env):
             self.proc.start()
         child.close()
 
