@@ -198,7 +198,8 @@ class ModelConfig:
 @dataclass
 class ConvertConfig:
     outtypes: list[str] = field(default_factory=lambda: ["f32", "f16"])  # written by the converter: f32, f16 or both
-    # from the most precise file written; q3_k_m and q2_k show where quality breaks
+    # from the most precise file written; q3_k_m and q2_k: where quality breaks (on rows k-quants do not fit,
+    # metrics/gguf.json says what llama.cpp stored instead)
     quants: list[str] = field(default_factory=lambda: ["q8_0", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m", "q2_k"])
     threads: int = 0  # quantization threads; 0 = all cores
     check_tokens: int = 8  # every file is loaded and generates this many tokens as a check

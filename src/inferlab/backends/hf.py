@@ -248,14 +248,14 @@ class HFBackend(Backend):
             import dataclasses
 
             import torch
-            from torchao.quantization import quantize_
+            from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
             from inferlab.backends.int4 import GROUP_SIZES, torchao_group_size
 
             def linear(m) -> bool:
                 return isinstance(m, torch.nn.Linear) and id(m) not in skip
 
-            if not hasattr(quant, "group_size"):  # int8: per channel
+            if not isinstance(quant, Int4WeightOnlyConfig):  # int8: per channel
                 quantize_(block, quant, filter_fn=lambda m, fqn: linear(m))
                 return
             for g in GROUP_SIZES:  # int4: each layer with the largest group its row divides
