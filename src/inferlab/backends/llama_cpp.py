@@ -73,7 +73,9 @@ class LlamaCppBackend(Backend):
             self.llm.set_cache(llama_cpp.LlamaDiskCache(cache_dir=self._cache_dir))
         from inferlab.gguf.convert import tensor_stats
 
-        return {"load_s": load_s, "weight_bytes": tensor_stats(path)["weight_bytes"], "file_bytes": path.stat().st_size,
+        stats = tensor_stats(path)  # what the file really holds (llama.cpp may store other types than its name)
+        return {"load_s": load_s, "weight_bytes": stats["weight_bytes"], "file_bytes": path.stat().st_size,
+                "bits_per_weight": stats["bits_per_weight"], "tensor_types": stats["tensor_types"],
                 "llama_system_info": llama_cpp.llama_print_system_info().decode().strip()}
 
     def tokenize(self, text: str) -> list[int]:

@@ -290,7 +290,7 @@ def _score_one(cfg: StudyConfig, g: rec.Record, ref: rec.Record | None,
 
 # The quality table's columns: what identifies a configuration, then its figures.
 QUALITY_SETTINGS = ("hardware", "model", "weights", "meaningful", "config", "status", "runtime", "device",
-                    "precision", "quant", "kv_cache", "kv_type", "reference", "sweep_id")
+                    "precision", "quant", "kv_cache", "kv_type", "holds", "bits_per_weight", "reference", "sweep_id")
 TOKEN_FIGURES = ("tokens_scored", "kl_mean", "kl_ci_low", "kl_ci_high", "kl_median", "kl_p99", "kl_max", "top1",
                  "top1_ci_low", "top1_ci_high", "perplexity", "perplexity_ci_low", "perplexity_ci_high", "ppl_ratio",
                  "ppl_ratio_ci_low", "ppl_ratio_ci_high", "vs_transformers_kl", "vs_transformers_top1")
@@ -362,6 +362,7 @@ def quality_rows(results: Path) -> list[dict[str, Any]]:
                      **{k: g.point.get(k) for k in ("runtime", "device", "precision", "quant", "kv_cache", "kv_type")},
                      "reference": "itself" if t.get("is_reference") else (t.get(VS_REFERENCE) or {}).get("reference"),
                      "sweep_id": g.sweep_id, **figures, "reason": reason[:200],
+                     "holds": g.metrics.get("quantization") or "", "bits_per_weight": g.metrics.get("bits_per_weight"),
                      "model_note": rec.model_note(g.model)})
     return rows
 

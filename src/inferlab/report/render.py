@@ -36,7 +36,8 @@ def across(r: dict[str, Any]) -> str:
 
 def _spread_notes(rows: list[dict[str, Any]]) -> list[str]:
     return [f"- ⚠ {r['config']}: {r['sensitive']}." for r in rows if r.get("sensitive")]
-QUALITY_COLUMNS = (("config", "configuration"), ("status", "status"), ("kl", "KL divergence (95% CI)"),
+QUALITY_COLUMNS = (("config", "configuration"), ("status", "status"), ("bits_per_weight", "bits/weight"),
+                   ("kl", "KL divergence (95% CI)"),
                    ("kl_p99", "KL p99"), ("kl_max", "KL max"), ("top1_ci", "top-1 agreement (95% CI)"),
                    ("perplexity", "perplexity"), ("ppl_ratio_ci", "ppl ratio (95% CI)"),
                    ("task_rougeL", "task ROUGE-L"), ("task_exact_match", "task exact match"),
@@ -232,6 +233,12 @@ def section_md(s: Section, rec: dict[str, Any], headline: list[str], caching: li
                 "Figures of different sweeps or machine instances are not compared: host-bound points move with "
                 "the machine. Each row is the point's latest record.", "", table(other, OTHER_COLUMNS), "",
                 *_spread_notes(other), ""]
+    quants = {r.get("quant") for r in s.rows + s.quality if r.get("quant")}
+    held = [label for ftype, label in sorted(s.files.items()) if ftype in quants and label != ftype]
+    if held:
+        out += ["### What the GGUF files hold", "", "llama.cpp stores a tensor in another type where the type's "
+                "blocks do not divide its rows (k-quants need rows of 256), so a file's name may promise fewer bits "
+                "than it holds; measured from each file (`metrics/gguf.json`):", "", *[f"- {h}" for h in held], ""]
     if s.quality:
         out += ["### Quality of every configuration evaluated here", "",
                 "Per token, over the same token ids of held-out text, against the full precision of the same "

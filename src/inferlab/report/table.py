@@ -60,6 +60,7 @@ class Section:
     model_note: str = ""  # what the model's records say its weights are (e.g. dequantized from a published file)
     history: list[dict[str, Any]] = field(default_factory=list)  # a row per record, every sweep (full sections)
     group: tuple | None = None  # on a view: the (sweep id, instance) its rows were measured in
+    files: dict[str, str] = field(default_factory=dict)  # GGUF type -> what the file really holds (convert stage)
 
     @property
     def title(self) -> str:
@@ -186,6 +187,20 @@ def _enrich(row: dict[str, Any], record_metrics: dict[str, Any], stage: str) -> 
     return row
 
 
+def gguf_labels(results: Path) -> dict[str, dict[str, str]]:
+    """Per model, per GGUF type: what the convert stage found the file to hold (its latest record on any machine:
+    the file's contents do not depend on where it was made), e.g. 'q4_k_m (180 of 211 matrices fell back: ...)'."""
+    latest: dict[tuple, rec.Record] = {}
+    for r in stage_records(results, "convert"):
+        key = (r.model.get("name"), r.name)
+        if r.status == "ok" and r.metrics.get("label") and (key not in latest or r.timestamp >= latest[key].timestamp):
+            latest[key] = r
+    out: dict[str, dict[str, str]] = {}
+    for (model, ftype), r in latest.items():
+        out.setdefault(model, {})[ftype] = r.metrics["label"]
+    return out
+
+
 def collect(results: Path, quality_metric: str = "kl_mean", models: list[str] | None = None) -> list[Section]:
     """Sections per (hardware, model) from every record file under results/, in a stable order."""
     sections: dict[tuple[str, str], Section] = {}
@@ -213,6 +228,9 @@ def collect(results: Path, quality_metric: str = "kl_mean", models: list[str] | 
         s = section(q["hardware"], q["model"], q["weights"])
         s.quality.append(q)
         s.model_note = q.get("model_note") or s.model_note
+    files = gguf_labels(results)
+    for s in sections.values():
+        s.files = files.get(s.model, {})
     out = [s for s in sections.values() if not models or s.model in models]
     for s in out:
         scored = s.scored
