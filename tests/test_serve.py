@@ -672,3 +672,37 @@ def test_open_loop_arrivals_goodput_and_saturation():
     assert rates.saturation(pts)["saturation_rate"] == 2.0
     assert "at least" in rates.saturation(pts[:2])["note"]
     assert rates.saturation([{"rate": 1.0, "meets_slo": False}])["saturation_rate"] is None
+
+
+@pytest.mark.slow
+def test_finding10_a_failed_generation_counts_once_and_a_failed_stream_as_500(tiny_project):
+    """In-process, with a fault injected into a real llama.cpp engine: its decode fails after one token (as
+    `llama_decode returned 1` did). One failure is one error in /metrics, and a stream that failed after its
+    200 is counted as a 500, not as a success."""
+    from fastapi.testclient import TestClient
+
+    from inferlab.config import ServeConfig
+    from inferlab.serve.app import create_app
+    from inferlab.serve.engine import LlamaCppEngine
+
+    engine = LlamaCppEngine(str(tiny_project / "models" / "tiny-phi" / "gguf" / "tiny-phi-q8_0.gguf"), 1, 512, 4)
+    real = engine.llm.generate
+
+    def failing(tokens, **kw):
+        gen = real(tokens, **kw)
+        yield next(gen)
+        gen.close()
+        raise RuntimeError("llama_decode returned 1")
+
+    engine.llm.generate = failing
+    engine.start()
+    body = {"model": "tiny-phi", "prompt": "Hi", "max_tokens": 8}
+    with TestClient(create_app(engine, "tiny-phi", ServeConfig()), base_url="http://127.0.0.1") as client:
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed", r.text
+        s = client.post("/v1/completions", json={**body, "stream": True})
+        assert s.status_code == 200 and '"code": "generation_failed"' in s.text, s.text
+        text = client.get("/metrics").text
+    assert 'inferlab_errors_total{type="generation_failed"} 2\n' in text, text  # two failures, two errors
+    assert 'inferlab_requests_total{endpoint="/v1/completions",status="500"} 2\n' in text, text
+    assert 'endpoint="/v1/completions",status="200"' not in text, text
