@@ -51,6 +51,14 @@ class GenRequest:
     submitted: float = field(default_factory=time.perf_counter)
     finished: bool = False  # its last event ("done" or "error") was sent
 
+    def settle_sampling(self) -> None:
+        """Before generation: a fresh seed when none was given (never the previous request's state), and a
+        temperature below the floor made greedy."""
+        if self.seed is None:
+            self.seed = secrets.randbelow(MAX_SEED + 1)
+        if self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
+
 
 class Engine:
     """Base: the queue, the worker thread, the bookkeeping. Subclasses load a model and implement _serve."""
@@ -116,10 +124,7 @@ class Engine:
                 continue
             batch = [r for r in self._gather(first) if not r.cancelled.is_set()]
             for r in batch:
-                if r.seed is None:
-                    r.seed = secrets.randbelow(MAX_SEED + 1)  # never the previous request's state
-                if r.temperature < MIN_TEMPERATURE:
-                    r.temperature = 0.0
+                r.settle_sampling()
             if not batch:
                 continue
             self.in_flight = len(batch)
