@@ -33,7 +33,8 @@ def repo(tmp_path, monkeypatch):
 SMALL_BENCH = ["runtime=llama_cpp", "quant=q8_0", "bench_cpu.prompt_cache.enabled=false",
                "bench_cpu.workload.new_tokens=8", "bench_cpu.workload.repetitions=2", "bench_cpu.workload.warmup=0",
                "evaluate.dataset.limit=2", "serve_bench.concurrency=[1,2]", "serve_bench.requests=4",
-               "serve_bench.max_tokens=8", "serve_bench.warmup=1"]
+               "serve_bench.max_tokens=8", "serve_bench.warmup=1", "serve_bench.rate_fractions=[1.0]",
+               "serve_bench.rate_requests=4"]
 
 
 def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
@@ -55,11 +56,16 @@ def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
     assert stages == {"download", "convert", "bench_cpu", "bench_gpu", "evaluate", "report", "serve_bench"}
     gpu = records.read_all((repo / "results" / "bench_gpu").glob("*.jsonl"))
     assert len(gpu) == 1 and gpu[0].name.startswith("gpu-q8_0-t") and gpu[0].status == "skipped"
-    # the served configuration under load: one record per concurrency level, every request answered
+    # the served configuration under load: one record per concurrency level and per rate, every request answered
     served = [r for r in records.read_all((repo / "results" / "serve_bench").glob("*.jsonl"))]
-    assert sorted(r.point["concurrency"] for r in served) == [1, 2] and all(r.status == "ok" for r in served)
+    closed = [r for r in served if r.point["scenario"] == "serving"]
+    assert sorted(r.point["concurrency"] for r in closed) == [1, 2] and all(r.status == "ok" for r in served)
     assert all(r.metrics["errors"] == 0 and r.metrics["ok"] == 4 and r.point["quant"] == "q8_0" for r in served)
-    assert json.loads((repo / "metrics" / "serve_bench.json").read_text())
+    (opened,) = [r for r in served if r.point["scenario"] == "serving-rate"]
+    assert opened.point["rate_fraction"] == 1.0 and opened.metrics["offered_rate"] > 0
+    (hw,) = json.loads((repo / "metrics" / "serve_bench.json").read_text()).values()
+    assert "q8_0" in next(iter(hw["models"]["tiny-phi"]["saturation"]))
+    assert (repo / "metrics" / "plots" / "serve_bench_rates.png").stat().st_size > 10_000
     # the study ends with its answer: the report, the recommendation, figures
     md = (repo / "metrics" / "report.md").read_text()
     assert "## The answer" in md and "## tiny-phi on " in md

@@ -720,6 +720,12 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000
     retry_after_s: int = 1
     gradio: bool = True  # the demo under /ui
+    gradio_analytics: bool = False  # let Gradio report usage to api.gradio.app (off: nothing leaves the machine)
+    # the Host header values (and Origin hosts) answered: loopback by default, so that no other web page can make a
+    # browser call this server (DNS rebinding); add this machine's names when serving others, or "*" for any
+    allowed_hosts: list[str] = field(default_factory=lambda: ["127.0.0.1", "localhost", "::1"])
+    keep_alive_s: int = 5  # an idle keep-alive connection is closed after this
+    read_timeout_s: float = 30.0  # a request's headers and body must arrive within this, else the connection closes
 
     def __post_init__(self) -> None:
         check_choice("serve.source", self.source, SERVE_SOURCES)
@@ -730,30 +736,78 @@ class ServeConfig:
                     "max_body_bytes", "n_ctx"):
             check_range(f"serve.{key}", getattr(self, key), low=1)
         check_range("serve.n_threads", self.n_threads, low=0)
+        check_range("serve.keep_alive_s", self.keep_alive_s, low=1)
+        check_range("serve.read_timeout_s", self.read_timeout_s, low=0.1)
+        if not self.allowed_hosts:
+            raise ConfigError("serve.allowed_hosts: empty; give the host names clients use (default: 127.0.0.1, "
+                              "localhost, ::1), or ['*'] for any")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ConfigError(f"serve.default_max_tokens: {self.default_max_tokens} is above serve.max_tokens_limit "
                               f"({self.max_tokens_limit})")
 
 
 @dataclass
-class ServeBenchConfig:
-    """Stage `serve_bench`: the server under load from N concurrent streaming clients."""
+class ServeSLOConfig:
+    """Latency targets a request must meet to count as good (milliseconds; null: not judged)."""
 
-    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
-    requests: int = 32  # per concurrency level (raised to the concurrency if below it)
-    prompt_tokens: int = 64
+    ttft_ms: float | None = 1000.0  # time to first token
+    itl_ms: float | None = 100.0  # the request's mean time per output token after the first (TPOT)
+    e2e_ms: float | None = 5000.0  # request to last token
+
+    def __post_init__(self) -> None:
+        for key in ("ttft_ms", "itl_ms", "e2e_ms"):
+            if getattr(self, key) is not None:
+                check_range(f"serve_bench.slo.{key}", getattr(self, key), low=0.001)
+
+
+PROMPT_LENGTH_DISTRIBUTIONS = ("fixed", "uniform", "lognormal")
+
+
+@dataclass
+class ServeBenchConfig:
+    """Stage `serve_bench`: the server under load, closed loop (N concurrent streaming clients per level) and open
+    loop (requests arriving at set rates, whether or not earlier ones finished)."""
+
+    concurrency: list[int] = field(default_factory=lambda: [1, 4])
+    requests: int = 16  # per concurrency level (raised to the concurrency if below it)
+    prompt_tokens: int = 64  # the typical prompt: every prompt when fixed, the median otherwise
+    prompt_tokens_dist: str = "lognormal"  # fixed, uniform (prompt_tokens·[1±spread]) or lognormal (sigma: spread)
+    prompt_tokens_spread: float = 0.5
+    prompt_tokens_max: int = 512  # longer draws are cut here (and to what the server's context leaves)
     max_tokens: int = 32
-    warmup: int = 2  # requests before each level, not measured
+    warmup: int = 2  # requests before each concurrency level, and the first requests of each rate: not measured
+    # open loop: request rates in requests/s; empty: rate_fractions of the highest request throughput the
+    # concurrency sweep measured (so the same config fits any model and machine)
+    rates: list[float] = field(default_factory=list)
+    rate_fractions: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5])
+    rate_requests: int = 24  # measured requests per rate (after the warm-up ones)
+    burstiness: float = 1.0  # gamma shape of the gaps between arrivals: 1 Poisson, <1 burstier, >1 more regular
+    slo: ServeSLOConfig = field(default_factory=ServeSLOConfig)
+    slo_attainment: float = 0.9  # a rate holds when this share of its requests meets every target
+    seed: int = 0  # arrivals and prompt lengths
     prompts: str = "data/prompts"
-    timeout_s: float = 900.0  # per level
+    timeout_s: float = 900.0  # per level or rate
 
     def __post_init__(self) -> None:
         if not self.concurrency:
             raise ConfigError("serve_bench.concurrency: empty; give at least one level, e.g. [1, 4]")
         for c in self.concurrency:
             check_range("serve_bench.concurrency", c, low=1)
-        for key in ("requests", "prompt_tokens", "max_tokens"):
+        for key in ("requests", "prompt_tokens", "max_tokens", "rate_requests", "prompt_tokens_max"):
             check_range(f"serve_bench.{key}", getattr(self, key), low=1)
+        check_range("serve_bench.warmup", self.warmup, low=0)
+        check_choice("serve_bench.prompt_tokens_dist", self.prompt_tokens_dist, PROMPT_LENGTH_DISTRIBUTIONS)
+        check_range("serve_bench.prompt_tokens_spread", self.prompt_tokens_spread, low=0.0,
+                    high=1.0 if self.prompt_tokens_dist == "uniform" else None)
+        for r in self.rates:
+            check_range("serve_bench.rates", r, low=1e-6)
+        for f in self.rate_fractions:
+            check_range("serve_bench.rate_fractions", f, low=1e-6)
+        check_range("serve_bench.burstiness", self.burstiness, low=1e-3)
+        check_range("serve_bench.slo_attainment", self.slo_attainment, low=0.0, high=1.0)
+        if self.prompt_tokens > self.prompt_tokens_max:
+            raise ConfigError(f"serve_bench.prompt_tokens: {self.prompt_tokens} is above serve_bench."
+                              f"prompt_tokens_max ({self.prompt_tokens_max})")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from inferlab.config import StudyConfig, resolve
 SETTING_COLUMNS = ("runtime", "scenario", "quant", "precision", "batch_size", "n_threads", "n_batch", "flash_attn",
                    "kv_type", "kv_cache", "attn", "compile", "api", "mode", "prompt_tokens", "new_tokens",
                    "concurrency", "max_tokens", "decode", "compile_mode", "inductor", "fuse_qkv", "fuse_block", "gemv",
-                   "n_gpu_layers", "lookup_tokens", "task")
+                   "n_gpu_layers", "lookup_tokens", "task", "rate", "rate_fraction", "burstiness")
 FIGURES = ("decode_tps", "total_tps", "ttft_ms", "tpot_ms", "e2e_ms", "prefill_tps", "llama_decode_tps",
            "harness_overhead_ms")
 
@@ -50,7 +50,8 @@ def row(r: rec.Record) -> dict[str, Any]:
     out["decode_tps_stdev"] = _round(m.get("decode_tps", {}).get("stdev")) if "decode_tps" in m else ""
     out["cold_ttft_ms"] = _round(m.get("cold", {}).get("ttft_ms"))
     for k in ("peak_rss_mib", "peak_allocated_gib", "peak_reserved_gib", "load_s", "weight_bytes", "cache_hits",
-              "first_ttft_ms", "harness_overhead_fraction", "request_throughput", "token_throughput", "errors"):
+              "first_ttft_ms", "harness_overhead_fraction", "request_throughput", "token_throughput", "errors",
+              "offered_rate", "goodput", "slo_attainment", "meets_slo"):
         out[k] = _round(m.get(k))
     roof = m.get("roofline", {})
     out["roofline_tps"] = _round(roof.get("roofline_tps"))
@@ -175,7 +176,8 @@ def write_aggregates(cfg: StudyConfig, stage: str) -> dict[str, Any]:
         model = hw["models"].setdefault(r["model"], {"weights": r["weights"], "points": {}})
         keep = ("status", "decode_tps", "total_tps", "ttft_ms", "itl_p50_ms", "itl_p90_ms", "peak_rss_mib",
                 "peak_allocated_gib", "roofline_fraction", "cold_ttft_ms", "cache_hits", "request_throughput",
-                "token_throughput", "errors", "e2e_ms", "sweep_id", "instance")
+                "token_throughput", "errors", "e2e_ms", "offered_rate", "goodput", "slo_attainment", "meets_slo",
+                "sweep_id", "instance")
         model["points"][r["name"]] = {k: r[k] for k in keep if r[k] != ""}
         if r["sweeps"] > 1:  # the same point in several sweeps: the spread across them
             model["points"][r["name"]]["decode_tps_across_sweeps"] = {

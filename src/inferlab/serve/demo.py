@@ -6,6 +6,7 @@ server: `inferlab demo --url http://127.0.0.1:8000 [--api-key KEY]` (it talks to
 from __future__ import annotations
 
 import json
+import os
 import queue
 import time
 from collections.abc import Callable, Iterator
@@ -15,19 +16,32 @@ from typing import Any
 StreamFn = Callable[[str, int, float], Iterator[tuple[str, Any]]]
 
 
-def engine_stream(engine) -> StreamFn:
-    from inferlab.serve.engine import GenRequest
+def quiet_gradio(analytics: bool) -> None:
+    """Gradio reports usage to api.gradio.app (and the Hub client to huggingface.co) unless told not to; the study
+    tells it not to unless serve.gradio_analytics is true. Set before gradio is imported: it reads them then."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "True" if analytics else "False"
+    if not analytics:
+        os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+        os.environ["HF_HUB_OFFLINE"] = "1"  # the server loads local files only: nothing from the Hub
+
+
+def engine_stream(engine, settings) -> StreamFn:
+    """The demo in-process: the same checks and limits as the REST API (settings: the ServeConfig)."""
+    from inferlab.serve.engine import QueueFull
+    from inferlab.serve.protocol import APIError, prepare
 
     def stream(prompt: str, max_tokens: int, temperature: float) -> Iterator[tuple[str, Any]]:
-        ids = engine.tokenize(prompt)
-        if not ids:
-            yield "error", "the prompt is empty"
-            return
-        max_tokens = max(1, min(int(max_tokens), engine.context_window - len(ids)))
         events: queue.Queue = queue.Queue()
-        req = GenRequest(prompt_ids=ids, max_tokens=max_tokens, temperature=temperature,
-                         emit=lambda kind, value: events.put((kind, value)))
-        engine.submit(req)
+        try:
+            req = prepare(engine, settings, prompt, int(max_tokens), temperature=float(temperature))
+            req.emit = lambda kind, value: events.put((kind, value))
+            engine.submit(req)
+        except APIError as e:
+            yield "error", e.message
+            return
+        except QueueFull:
+            yield "error", f"the server is busy ({engine.depth} requests waiting); retry later"
+            return
         try:
             while True:
                 kind, value = events.get(timeout=600)
@@ -117,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--api-key", default=None)
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--analytics", action="store_true", help="let Gradio report usage to api.gradio.app")
     args = p.parse_args(argv)
+    quiet_gradio(args.analytics)
     import httpx
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from inferlab.backends.base import Backend
+from inferlab.serve.text import StopMatcher, TextAssembler
+
+__all__ = ["Engine", "GenRequest", "HFEngine", "LlamaCppEngine", "QueueFull", "TextAssembler"]
 
 log = logging.getLogger(__name__)
 
@@ -25,57 +30,34 @@ class QueueFull(Exception):
     """The engine's queue is full: try again later."""
 
 
+# Seeds the engines honour: llama.cpp's sampler takes 32 bits and reads 0xFFFFFFFF as "pick one at random".
+MAX_SEED = 2**32 - 2
+# Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): dividing logits by 5e-324 gives inf and NaN.
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass
 class GenRequest:
     prompt_ids: list[int]
     max_tokens: int
-    temperature: float = 1.0
+    temperature: float = 1.0  # below MIN_TEMPERATURE: greedy
     top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
+    stop: list[str] | StopMatcher = field(default_factory=list)  # a matcher: built off the engine's thread
+    seed: int | None = None  # 0..MAX_SEED; None: a fresh random seed for this request alone
     # ("text", str) once per generated token (its text may be "": held back, or a token without text),
     # then ("done", dict) or ("error", str)
     emit: Callable[[str, Any], None] = lambda kind, value: None
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    finished: bool = False  # its last event ("done" or "error") was sent
 
-
-class TextAssembler:
-    """Turns generated token ids into text increments that are safe to send: whole UTF-8 characters only, and
-    no text that could be the start of a stop string (held back until it is known not to be one)."""
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: list[str]):
-        self.decode = decode
-        self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.sent = 0  # characters of the decoded text already sent
-        self.stopped = False
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.decode(self.ids)
-        for s in self.stop:
-            i = text.find(s, max(0, self.sent - len(s)))
-            if i >= 0:
-                self.stopped = True
-                out, self.sent = text[self.sent:i], i
-                return out
-        end = len(text)
-        while end > self.sent and text[end - 1] == "\ufffd":  # an incomplete multi-byte character
-            end -= 1
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text[:end].endswith(s[:k])), default=0)
-        end -= hold
-        if end <= self.sent:
-            return ""
-        out, self.sent = text[self.sent:end], end
-        return out
-
-    def flush(self) -> str:
-        if self.stopped:
-            return ""
-        text = self.decode(self.ids).rstrip("\ufffd")
-        out, self.sent = text[self.sent:], len(text)
-        return out
+    def settle_sampling(self) -> None:
+        """Before generation: a fresh seed when none was given (never the previous request's state), and a
+        temperature below the floor made greedy."""
+        if self.seed is None:
+            self.seed = secrets.randbelow(MAX_SEED + 1)
+        if self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
 
 
 class Engine:
@@ -140,15 +122,20 @@ class Engine:
             first = self._take(0.1)
             if first is None:
                 continue
-            batch = self._gather(first)
+            batch = [r for r in self._gather(first) if not r.cancelled.is_set()]
+            for r in batch:
+                r.settle_sampling()
+            if not batch:
+                continue
             self.in_flight = len(batch)
             self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
             try:
-                self._serve([r for r in batch if not r.cancelled.is_set()])
+                self._serve(batch)
             except Exception as e:  # one bad batch must not kill the server
                 log.exception("generation failed")
                 for r in batch:
-                    r.emit("error", f"{type(e).__name__}: {e}")
+                    if not r.finished:
+                        r.emit("error", f"{type(e).__name__}: {e}")
             finally:
                 self.in_flight = 0
 
@@ -162,8 +149,15 @@ class Engine:
 def _finish(req: GenRequest, asm: TextAssembler, n: int, reason: str) -> None:
     # text held back to the end (a possible stop-string start that was not one) rides on the final event
     tail = asm.flush() if reason != "stop" else ""
+    req.finished = True
     req.emit("done", {"finish_reason": reason, "prompt_tokens": len(req.prompt_ids), "completion_tokens": n,
                       "tail": tail})
+
+
+def _fail(req: GenRequest, e: Exception) -> None:
+    log.warning("generation failed for one request: %s: %s", type(e).__name__, e)
+    req.finished = True
+    req.emit("error", f"{type(e).__name__}: {e}")
 
 
 class LlamaCppEngine(Engine):
@@ -182,7 +176,7 @@ class LlamaCppEngine(Engine):
         self.llm = self.backend.llm
         self.eos = self.llm.token_eos()
         self.context_window = self.llm.n_ctx()
-        self.description = {"runtime": "llama_cpp", "model_path": model_path, "n_threads": n_threads,
+        self.description = {"runtime": "llama_cpp", "model_file": Path(model_path).name, "n_threads": n_threads,
                             "n_ctx": self.context_window, "n_batch": n_batch, "flash_attn": flash_attn,
                             "kv_type": kv_type}
 
@@ -190,8 +184,7 @@ class LlamaCppEngine(Engine):
         for req in batch:
             if req.cancelled.is_set():
                 continue
-            if req.seed is not None:
-                self.llm.set_seed(req.seed)
+            self.llm.set_seed(req.seed)  # every request sets its own: a seed never carries over to the next
             asm, n, reason = TextAssembler(self.decode, req.stop), 0, "length"
             gen = self.llm.generate(req.prompt_ids, temp=req.temperature, top_p=req.top_p, top_k=0, min_p=0.0,
                                     repeat_penalty=1.0, reset=True)
@@ -244,7 +237,7 @@ class HFEngine(Engine):
         if getattr(self.tok, "chat_template", None):
             self.chat_template = lambda msgs: self.tok.apply_chat_template(msgs, add_generation_prompt=True,
                                                                            tokenize=False)
-        self.description = {"runtime": "hf", "model_dir": model_dir, "precision": precision, "device": device,
+        self.description = {"runtime": "hf", "precision": precision, "device": device,
                             "max_batch": max_batch, "context_window": self.context_window}
 
     def _gather(self, first: GenRequest) -> list[GenRequest]:
@@ -260,15 +253,19 @@ class HFEngine(Engine):
             batch.append(nxt)
         return batch
 
-    def _pick(self, logits, req: GenRequest, gen):
+    @staticmethod
+    def _pick(logits, req: GenRequest, gen) -> int:
+        """One token: greedy at temperature 0 (the engine floors tiny temperatures to 0), else nucleus sampling.
+        The most likely token is always kept, so no top_p, however small, leaves nothing to sample from."""
         import torch
 
         if req.temperature <= 0:
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits / req.temperature, dim=-1)
+        probs = torch.softmax(logits.double() / req.temperature, dim=-1)
         if req.top_p < 1.0:
             sorted_p, idx = torch.sort(probs, descending=True)
             keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < req.top_p  # the smallest set reaching top_p
+            keep[0] = True
             sorted_p = sorted_p * keep
             choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)
             return int(idx[choice])
@@ -285,7 +282,7 @@ class HFEngine(Engine):
         gens = []
         for r in batch:
             g = torch.Generator(device="cpu")
-            g.manual_seed(r.seed if r.seed is not None else int(time.time_ns() % (2**31)))
+            g.manual_seed(r.seed)  # its own generator: one request's seed never touches another's sample
             gens.append(g)
         asms = [TextAssembler(self.decode, r.stop) for r in batch]
         counts = [0] * len(batch)
@@ -309,7 +306,13 @@ class HFEngine(Engine):
                         _finish(r, asms[i], counts[i], "cancelled")
                         nxt.append(self.pad)
                         continue
-                    tok = self._pick(logits[i], r, gens[i])
+                    try:
+                        tok = self._pick(logits[i], r, gens[i])
+                    except Exception as e:  # this request fails alone; the others in the batch go on
+                        active[i] = False
+                        _fail(r, e)
+                        nxt.append(self.pad)
+                        continue
                     nxt.append(tok)
                     if tok == self.eos:
                         active[i] = False

@@ -1,10 +1,14 @@
-"""The server under load: N concurrent streaming clients, a bounded number of requests, and what they saw.
+"""The server under load, and what its clients saw.
 
-Per request the client clocks TTFT (first text chunk), the gaps between chunks (ITL) and end-to-end latency,
-and takes the token counts from the server's usage chunk. Stage `serve_bench` starts the server on 127.0.0.1,
-drives it once per concurrency level and writes one record per level.
+Closed loop: N concurrent streaming clients, each sending its next request when the last is done (how fast can
+it go?). Open loop: requests arriving at a set rate whether or not earlier ones are done, Poisson or burstier
+(how many users at what latency?): goodput against latency targets and the saturation point (serve/rates.py).
+Per request the client clocks TTFT (first text chunk), the gaps between chunks (ITL) and end-to-end latency, and
+takes the token counts from the server's usage chunk. Prompt lengths are drawn from a distribution. Stage
+`serve_bench` starts the server on 127.0.0.1, runs both and writes one record per concurrency level and per rate.
 
     inferlab loadtest --url http://127.0.0.1:8000 --concurrency 1,4 --requests 16 --max-tokens 32
+    inferlab loadtest --url http://127.0.0.1:8000 --concurrency "" --rates 0.5,1,2 --burstiness 1
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -21,11 +26,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
+from inferlab import records as rec
 from inferlab.bench.aggregate import write_aggregates
 from inferlab.bench.stats import summarize
 from inferlab.config import StudyConfig, resolve, to_container
+from inferlab.serve import rates
 from inferlab.study import StageRun
 
 log = logging.getLogger(__name__)
@@ -40,13 +48,13 @@ async def _one(client, url: str, body: dict[str, Any], headers: dict[str, str]) 
         async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as r:
             if r.status_code != 200:
                 await r.aread()
-                return {"ok": False, "status": r.status_code, "error": r.text[:200]}
+                return {"ok": False, "status": r.status_code, "error": r.text[:200], "sent": t0}
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
-                    return {"ok": False, "status": 200, "error": chunk["error"].get("message", "")[:200]}
+                    return {"ok": False, "status": 200, "error": chunk["error"].get("message", "")[:200], "sent": t0}
                 if chunk.get("usage"):
                     tokens, prompt_tokens = chunk["usage"]["completion_tokens"], chunk["usage"]["prompt_tokens"]
                 if any(c.get("finish_reason") is None for c in chunk.get("choices", [])):  # one chunk per token
@@ -57,32 +65,19 @@ async def _one(client, url: str, body: dict[str, Any], headers: dict[str, str]) 
                         gaps.append(now - last)
                     last = now
     except Exception as e:  # a dropped connection is an error of the run, not a crash of the test
-        return {"ok": False, "status": 0, "error": f"{type(e).__name__}: {e}"[:200]}
+        return {"ok": False, "status": 0, "error": f"{type(e).__name__}: {e}"[:200], "sent": t0}
     end = time.perf_counter()
     return {"ok": True, "ttft_s": None if first is None else first - t0, "gaps": gaps, "e2e_s": end - t0,
-            "tokens": tokens or 0, "prompt_tokens": prompt_tokens or 0}
+            "tokens": tokens or 0, "prompt_tokens": prompt_tokens or 0, "sent": t0, "end": end}
 
 
-async def drive(url: str, model: str, prompts: list[str], concurrency: int, requests: int, max_tokens: int,
-                api_key: str | None = None, timeout_s: float = 900) -> dict[str, Any]:
-    """`requests` streamed greedy completions from `concurrency` clients at once; the figures of the run."""
-    import httpx
+def _body(model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
 
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    results: list[dict[str, Any]] = []
-    todo = iter(range(requests))
 
-    async def client_loop(client) -> None:
-        for i in todo:
-            body = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
-                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-            results.append(await _one(client, url, body, headers))
-
-    limits = httpx.Limits(max_connections=concurrency + 2)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
+def figures(results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    """What a set of requests saw, as the records keep it (milliseconds, tokens/s)."""
     ok = [r for r in results if r["ok"]]
     errors: dict[str, int] = {}
     for r in results:
@@ -93,15 +88,74 @@ async def drive(url: str, model: str, prompts: list[str], concurrency: int, requ
     return {
         "requests": len(results), "ok": len(ok), "errors": sum(errors.values()), "errors_by_status": errors,
         "error_examples": [r["error"] for r in results if not r["ok"]][:3],
-        "wall_s": wall, "request_throughput": len(ok) / wall, "token_throughput": tokens / wall,
-        "completion_tokens": tokens, "prompt_tokens_mean": sum(r["prompt_tokens"] for r in ok) / max(len(ok), 1),
+        "wall_s": wall, "request_throughput": len(ok) / wall if wall > 0 else 0.0,
+        "token_throughput": tokens / wall if wall > 0 else 0.0, "completion_tokens": tokens,
+        "prompt_tokens_mean": sum(r["prompt_tokens"] for r in ok) / max(len(ok), 1),
+        "prompt_tokens": summarize([r["prompt_tokens"] for r in ok], "tokens").to_dict(),
         "ttft_ms": summarize(ms([r["ttft_s"] for r in ok if r["ttft_s"] is not None]), "ms").to_dict(),
         "itl_ms": summarize(ms([g for r in ok for g in r["gaps"]]), "ms").to_dict(),
+        "tpot_ms": summarize(ms([t for t in map(rates.tpot_s, ok) if t is not None]), "ms").to_dict(),
         "e2e_ms": summarize(ms([r["e2e_s"] for r in ok]), "ms").to_dict(),
         "decode_tps": summarize([(r["tokens"] - 1) / (r["e2e_s"] - r["ttft_s"]) for r in ok
                                  if r["ttft_s"] is not None and r["tokens"] > 1 and r["e2e_s"] > r["ttft_s"]],
                                 "tokens/s").to_dict(),
     }
+
+
+async def drive(url: str, model: str, prompts: list[str], concurrency: int, requests: int, max_tokens: int,
+                api_key: str | None = None, timeout_s: float = 900) -> dict[str, Any]:
+    """Closed loop: `requests` streamed greedy completions from `concurrency` clients, each sending its next request
+    when its last one is done; the figures of the run."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    results: list[dict[str, Any]] = []
+    todo = iter(range(requests))
+
+    async def client_loop(client) -> None:
+        for i in todo:
+            results.append(await _one(client, url, _body(model, prompts[i % len(prompts)], max_tokens), headers))
+
+    limits = httpx.Limits(max_connections=concurrency + 2)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return figures(results, wall)
+
+
+async def drive_rate(url: str, model: str, prompts: list[str], rate: float, burstiness: float, warmup: int,
+                     max_tokens: int, slo: dict[str, float | None], attainment: float, seed: int = 0,
+                     api_key: str | None = None, timeout_s: float = 900) -> dict[str, Any]:
+    """Open loop: one request per prompt, sent at the arrival times of a gamma process at `rate` requests/s, each
+    on time whether or not earlier ones are done. The first `warmup` requests load the server but are not measured;
+    the window runs from the first measured request's send to the last measured request's end."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    times = rates.arrival_times(len(prompts), rate, burstiness, np.random.default_rng(seed))
+    late: list[float] = []
+
+    async with httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=None)) as client:
+        start = time.perf_counter()
+
+        async def send(i: int) -> dict[str, Any]:
+            await asyncio.sleep(max(0.0, start + times[i] - time.perf_counter()))
+            late.append(time.perf_counter() - start - times[i])
+            return await _one(client, url, _body(model, prompts[i], max_tokens), headers)
+
+        results = await asyncio.gather(*(send(i) for i in range(len(prompts))))
+    measured = results[warmup:]
+    if not measured:
+        raise ValueError("every request of this rate was a warm-up one")
+    begin = min(r["sent"] for r in measured)
+    end = max(r.get("end", r["sent"]) for r in measured)
+    window = max(end - begin, 1e-9)
+    out = figures(measured, window)
+    out.update(rates.goodput(measured, slo, window, attainment))
+    out.update({"offered_rate": rate, "burstiness": burstiness, "warmup_requests": warmup,
+                "send_lateness_ms": summarize([x * 1000 for x in late], "ms").to_dict()})
+    return out
 
 
 def free_port() -> int:
@@ -160,17 +214,44 @@ class ServerProcess:
         self.params.unlink(missing_ok=True)
 
 
-def prompts_text(cfg: StudyConfig, n: int) -> list[str]:
-    """n prompts of serve_bench.prompt_tokens tokens of the model's tokenizer (the server re-tokenizes them; the
-    records carry the count it reports)."""
-    from transformers import AutoTokenizer
+class PromptSource:
+    """Prompts of given token lengths, cut from distinct windows of the prompt pool with the model's tokenizer (the
+    server re-tokenizes them; the records carry the count it reports)."""
 
-    from inferlab.bench.workload import prompts
+    def __init__(self, cfg: StudyConfig):
+        from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(cfg.model_dir() / "hf"))
-    ids = prompts(lambda t: tok(t, add_special_tokens=False)["input_ids"], resolve(cfg.serve_bench.prompts),
-                  cfg.serve_bench.prompt_tokens, n)
-    return [tok.decode(x) for x in ids]
+        from inferlab.bench.workload import prompts
+
+        self.tok = AutoTokenizer.from_pretrained(str(cfg.model_dir() / "hf"))
+        sb = cfg.serve_bench
+        encode = lambda t: self.tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.pool = prompts(encode, resolve(sb.prompts), sb.prompt_tokens_max, 1)[0]  # the pool, repeated if short
+        while len(self.pool) < 4 * sb.prompt_tokens_max:
+            self.pool = self.pool + self.pool
+        self.cursor = 0
+
+    def take(self, lengths: list[int]) -> list[str]:
+        out = []
+        for n in lengths:
+            start = self.cursor % (len(self.pool) - n)
+            self.cursor += 97  # the next prompt starts elsewhere: no two alike, little prefix reuse
+            out.append(self.tok.decode(self.pool[start:start + n]))
+        return out
+
+
+def draw_lengths(cfg: StudyConfig, n: int, context: int, seed: int) -> list[int]:
+    sb = cfg.serve_bench
+    high = max(1, min(sb.prompt_tokens_max, context - sb.max_tokens - 8))
+    return rates.prompt_lengths(n, sb.prompt_tokens, sb.prompt_tokens_dist, sb.prompt_tokens_spread, 1, high,
+                                np.random.default_rng(seed))
+
+
+def server_context(server: ServerProcess, cfg: StudyConfig) -> int:
+    import httpx
+
+    desc = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0].get("inferlab", {})
+    return int(desc.get("n_ctx") or desc.get("context_window") or cfg.serve.n_ctx)
 
 
 def run(cfg: StudyConfig, stage: StageRun) -> None:
@@ -186,20 +267,34 @@ def run(cfg: StudyConfig, stage: StageRun) -> None:
     overrides.update(pins)  # a pin on the command line wins, as in every sweep
     runtime = overrides["runtime"]
     what = overrides.get("quant") if runtime == "llama_cpp" else overrides.get("precision")
-    log.info("serve_bench: %s %s (%s%s), concurrency %s, %d requests each", runtime, what, source,
-             f"; pinned {pins}" if pins else "", sb.concurrency, sb.requests)
-    base = {"scenario": "serving", "runtime": runtime, "quant" if runtime == "llama_cpp" else "precision": what,
-            "max_tokens": sb.max_tokens, "prompt_tokens": sb.prompt_tokens, "served_from": source}
+    log.info("serve_bench: %s %s (%s%s), concurrency %s, %d requests each; then rates %s", runtime, what, source,
+             f"; pinned {pins}" if pins else "", sb.concurrency, sb.requests,
+             sb.rates or f"{sb.rate_fractions} of the peak throughput")
+    base = {"runtime": runtime, "quant" if runtime == "llama_cpp" else "precision": what,
+            "max_tokens": sb.max_tokens, "prompt_tokens": sb.prompt_tokens,
+            "prompt_tokens_dist": sb.prompt_tokens_dist, "prompt_tokens_spread": sb.prompt_tokens_spread,
+            "served_from": source}
+    closed = [(f"{runtime}-{what}-c{c}", {**base, "scenario": "serving", "concurrency": c,
+                                          "requests": max(sb.requests, c)}) for c in sb.concurrency]
+    slo = {"ttft_ms": sb.slo.ttft_ms, "itl_ms": sb.slo.itl_ms, "e2e_ms": sb.slo.e2e_ms}
+    steps = [("rate", r) for r in sb.rates] or [("rate_fraction", f) for f in sb.rate_fractions]
+    opened = [(f"{runtime}-{what}-" + (f"r{v:g}" if k == "rate" else f"r{v:g}x"),
+               {**base, "scenario": "serving-rate", k: v, "burstiness": sb.burstiness, "requests": sb.rate_requests,
+                "warmup": sb.warmup, "slo": slo, "slo_attainment": sb.slo_attainment, "seed": sb.seed})
+              for k, v in steps]
+    name = cfg.serve.served_model_name or cfg.model.name
     try:
         with ServerProcess(cfg, overrides, resolve("outputs") / f"{STAGE}-server.log") as server:
-            prompts = prompts_text(cfg, max(sb.requests, max(sb.concurrency)))
-            name = cfg.serve.served_model_name or cfg.model.name
-            for i, c in enumerate(sb.concurrency, 1):
-                point = {**base, "concurrency": c, "requests": max(sb.requests, c)}
-                label = f"{runtime}-{what}-c{c}"
+            source_prompts = PromptSource(cfg)
+            context = server_context(server, cfg)
+            peak = 0.0
+            n = max(sb.requests, max(sb.concurrency))
+            prompts = source_prompts.take(draw_lengths(cfg, n, context, sb.seed))
+            for i, (label, point) in enumerate(closed, 1):
+                c = point["concurrency"]
                 if sb.warmup:
                     asyncio.run(drive(server.url, name, prompts, 1, sb.warmup, sb.max_tokens))
-                log.info("serve_bench: level %d/%d: concurrency %d, %d requests", i, len(sb.concurrency), c,
+                log.info("serve_bench: level %d/%d: concurrency %d, %d requests", i, len(closed), c,
                          point["requests"])
                 try:
                     m = asyncio.run(drive(server.url, name, prompts, c, point["requests"], sb.max_tokens,
@@ -213,14 +308,77 @@ def run(cfg: StudyConfig, stage: StageRun) -> None:
                                  reason=f"every request failed: {m['error_examples'][:1]}")
                     continue
                 stage.record(label, point, metrics=m)
-                log.info("serve_bench: c=%d: %.1f req/s, %.1f tokens/s, TTFT p50 %.0f ms, ITL p50 %.1f ms, "
+                peak = max(peak, m["request_throughput"])
+                log.info("serve_bench: c=%d: %.2f req/s, %.1f tokens/s, TTFT p50 %.0f ms, ITL p50 %.1f ms, "
                          "%d errors", c, m["request_throughput"], m["token_throughput"], m["ttft_ms"]["median"],
                          m["itl_ms"]["median"], m["errors"])
-    except Exception as e:  # the server could not start (a missing GGUF, no CUDA): every level failed, said why
-        for c in sb.concurrency:
-            stage.record(f"{runtime}-{what}-c{c}", {**base, "concurrency": c, "requests": max(sb.requests, c)},
-                         status="failed", reason=f"{type(e).__name__}: {e}"[:2000])
-    write_aggregates(cfg, STAGE)
+            for i, (label, point) in enumerate(opened, 1):
+                rate = point.get("rate") or point["rate_fraction"] * peak
+                if not rate:
+                    stage.record(label, point, status="skipped", reason="no rate: the concurrency sweep measured no "
+                                 "throughput to take a fraction of (set serve_bench.rates)")
+                    continue
+                log.info("serve_bench: rate %d/%d: %.2f requests/s (burstiness %g), %d + %d warm-up requests", i,
+                         len(opened), rate, sb.burstiness, sb.rate_requests, sb.warmup)
+                count = sb.warmup + sb.rate_requests
+                prompts = source_prompts.take(draw_lengths(cfg, count, context, sb.seed + i))
+                try:
+                    m = asyncio.run(drive_rate(server.url, name, prompts, rate, sb.burstiness, sb.warmup,
+                                               sb.max_tokens, slo, sb.slo_attainment, seed=sb.seed + i,
+                                               timeout_s=sb.timeout_s))
+                except Exception as e:
+                    stage.record(label, point, status="failed", reason=f"{type(e).__name__}: {e}"[:2000])
+                    continue
+                m["server"], m["peak_request_throughput"] = server.health, peak
+                stage.record(label, point, metrics=m)
+                log.info("serve_bench: %.2f req/s offered: goodput %.2f req/s, %.0f%% within targets%s, TTFT p90 "
+                         "%.0f ms, TPOT p90 %.1f ms, e2e p90 %.0f ms, %d errors", rate, m["goodput"],
+                         100 * m["slo_attainment"], "" if m["meets_slo"] else " (below the attainment target)",
+                         m["ttft_ms"]["p90"], m["tpot_ms"]["p90"], m["e2e_ms"]["p90"], m["errors"])
+    except Exception as e:  # the server could not start (a missing GGUF, no CUDA): every point failed, said why
+        for label, point in closed + opened:
+            stage.record(label, point, status="failed", reason=f"{type(e).__name__}: {e}"[:2000])
+    summarize_stage(cfg, stage.env["hardware"]["id"])
+
+
+def summarize_stage(cfg: StudyConfig, hardware_id: str) -> dict[str, Any]:
+    """The stage's aggregates (metrics/serve_bench.json, the plot table) with each served configuration's
+    saturation point added, and the figure of latency against request rate for this machine and model. All of it
+    from the records (the latest of each point)."""
+    from inferlab.bench.aggregate import latest
+
+    summary = write_aggregates(cfg, STAGE)
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in latest(rec.read_all(sorted((resolve(cfg.paths.results) / STAGE).glob("*.jsonl")))):
+        if r.point.get("scenario") != "serving-rate" or r.status != "ok":
+            continue
+        served = f"{r.point['runtime']} {r.point.get('quant') or r.point.get('precision')}"
+        burst = float(r.point.get("burstiness", 1.0))
+        if burst != 1.0:
+            served += f" burstiness {burst:g}"
+        m = r.metrics
+        groups.setdefault((r.environment["hardware"]["id"], r.model["name"], served), []).append(
+            {"rate": m["offered_rate"], "meets_slo": m["meets_slo"], "goodput": m["goodput"],
+             "slo_attainment": m["slo_attainment"], "ttft_ms": _p(m["ttft_ms"]), "itl_ms": _p(m["tpot_ms"]),
+             "e2e_ms": _p(m["e2e_ms"])})
+    series: dict[str, list[dict[str, Any]]] = {}
+    for (hw, model, served), pts in groups.items():
+        sat = rates.saturation(pts)
+        entry = summary.setdefault(hw, {"models": {}})["models"].setdefault(model, {})
+        entry.setdefault("saturation", {})[served] = sat
+        if hw == hardware_id and model == cfg.model.name:
+            series[served] = pts
+            log.info("serve_bench: %s saturates at %s req/s (%s)", served, sat["saturation_rate"], sat["note"])
+    rec.write_json(resolve(cfg.paths.metrics) / f"{STAGE}.json", summary)
+    sb = cfg.serve_bench
+    rates.latency_figure(series, {"ttft_ms": sb.slo.ttft_ms, "itl_ms": sb.slo.itl_ms, "e2e_ms": sb.slo.e2e_ms},
+                         resolve(cfg.paths.metrics) / "plots" / f"{STAGE}_rates.png")
+    return summary
+
+
+def _p(summary: dict[str, Any] | None) -> dict[str, float]:
+    summary = summary or {}
+    return {"p50": summary.get("median", math.nan), "p90": summary.get("p90", math.nan)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,8 +387,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="inferlab loadtest", description="drive a running server")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--api-key", default=os.environ.get("INFERLAB_API_KEY"))
-    p.add_argument("--concurrency", default="1,4")
+    p.add_argument("--concurrency", default="1,4", help="closed loop: concurrent clients per level")
     p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--rates", default="", help="open loop: request rates (requests/s), e.g. 0.5,1,2")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrival gaps (1: Poisson)")
+    p.add_argument("--warmup", type=int, default=2, help="first requests of each rate, not measured")
+    p.add_argument("--ttft-ms", type=float, default=1000.0)
+    p.add_argument("--itl-ms", type=float, default=100.0, help="target for a request's mean inter-token latency")
+    p.add_argument("--e2e-ms", type=float, default=5000.0)
+    p.add_argument("--attainment", type=float, default=0.9)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt", default="Explain in one paragraph why batching raises throughput.")
     args = p.parse_args(argv)
@@ -238,13 +403,28 @@ def main(argv: list[str] | None = None) -> int:
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     model = httpx.get(f"{args.url}/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
-    print("| concurrency | requests | errors | req/s | tokens/s | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | "
-          "ITL p90 ms | e2e p50 ms | e2e p90 ms |\n|" + "---|" * 11)
-    for c in (int(x) for x in args.concurrency.split(",")):
-        m = asyncio.run(drive(args.url, model, [args.prompt], c, max(args.requests, c), args.max_tokens,
-                              args.api_key))
-        print(f"| {c} | {m['requests']} | {m['errors']} | {m['request_throughput']:.2f} | "
-              f"{m['token_throughput']:.1f} | {m['ttft_ms']['median']:.0f} | {m['ttft_ms']['p90']:.0f} | "
-              f"{m['itl_ms']['median']:.1f} | {m['itl_ms']['p90']:.1f} | {m['e2e_ms']['median']:.0f} | "
-              f"{m['e2e_ms']['p90']:.0f} |", flush=True)
+    if args.concurrency:
+        print("| concurrency | requests | errors | req/s | tokens/s | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | "
+              "ITL p90 ms | e2e p50 ms | e2e p90 ms |\n|" + "---|" * 11)
+        for c in (int(x) for x in args.concurrency.split(",")):
+            m = asyncio.run(drive(args.url, model, [args.prompt], c, max(args.requests, c), args.max_tokens,
+                                  args.api_key))
+            print(f"| {c} | {m['requests']} | {m['errors']} | {m['request_throughput']:.2f} | "
+                  f"{m['token_throughput']:.1f} | {m['ttft_ms']['median']:.0f} | {m['ttft_ms']['p90']:.0f} | "
+                  f"{m['itl_ms']['median']:.1f} | {m['itl_ms']['p90']:.1f} | {m['e2e_ms']['median']:.0f} | "
+                  f"{m['e2e_ms']['p90']:.0f} |", flush=True)
+    if args.rates:
+        slo = {"ttft_ms": args.ttft_ms, "itl_ms": args.itl_ms, "e2e_ms": args.e2e_ms}
+        print(f"\ntargets: {slo}, {args.attainment:.0%} of requests\n| rate req/s | requests | errors | goodput req/s "
+              "| within targets | TTFT p90 ms | TPOT p90 ms | e2e p90 ms |\n|" + "---|" * 8)
+        points = []
+        for rate in (float(x) for x in args.rates.split(",")):
+            m = asyncio.run(drive_rate(args.url, model, [args.prompt] * (args.requests + args.warmup), rate,
+                                       args.burstiness, args.warmup, args.max_tokens, slo, args.attainment,
+                                       api_key=args.api_key))
+            points.append({"rate": rate, **m})
+            print(f"| {rate:g} | {m['requests']} | {m['errors']} | {m['goodput']:.2f} | {m['slo_attainment']:.0%} | "
+                  f"{m['ttft_ms']['p90']:.0f} | {m['tpot_ms']['p90']:.1f} | {m['e2e_ms']['p90']:.0f} |", flush=True)
+        sat = rates.saturation(points)
+        print(f"\nsaturation point: {sat['saturation_rate']} requests/s ({sat['note']})")
     return 0

@@ -6,6 +6,12 @@ import bisect
 import threading
 from collections.abc import Callable
 
+
+def label(value: object) -> str:
+    """A label value escaped as the Prometheus text format requires (backslash, double quote, newline)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -33,7 +39,8 @@ class Histogram:
 
 
 class Metrics:
-    """What the server counts; thread-safe (the engine thread and the event loop both record)."""
+    """What the server counts; thread-safe (the engine thread and the event loop both record). Label values come
+    from bounded sets (the server's endpoints, its error codes, HTTP statuses) and are escaped all the same."""
 
     def __init__(self, queue_depth: Callable[[], int], in_flight: Callable[[], int],
                  batch_sizes: Callable[[], dict[int, int]] = dict):
@@ -70,11 +77,11 @@ class Metrics:
         with self.lock:
             out = ["# HELP inferlab_requests_total Requests by endpoint and HTTP status",
                    "# TYPE inferlab_requests_total counter"]
-            out += [f'inferlab_requests_total{{endpoint="{e}",status="{s}"}} {n}'
+            out += [f'inferlab_requests_total{{endpoint="{label(e)}",status="{label(s)}"}} {n}'
                     for (e, s), n in sorted(self.requests.items())]
             out += ["# HELP inferlab_errors_total Failed requests by error type",
                     "# TYPE inferlab_errors_total counter"]
-            out += [f'inferlab_errors_total{{type="{k}"}} {n}' for k, n in sorted(self.errors.items())]
+            out += [f'inferlab_errors_total{{type="{label(k)}"}} {n}' for k, n in sorted(self.errors.items())]
             out += ["# HELP inferlab_generated_tokens_total Tokens generated",
                     "# TYPE inferlab_generated_tokens_total counter", f"inferlab_generated_tokens_total {self.tokens}"]
             for h in (self.ttft, self.itl, self.e2e):

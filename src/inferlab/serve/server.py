@@ -7,6 +7,7 @@ overrides) and serve it with uvicorn on 127.0.0.1 unless told otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -70,6 +71,10 @@ def make_app(cfg: StudyConfig, hardware_id: str | None = None):
     """The ASGI app with its engine started (and the Gradio demo mounted under /ui when enabled)."""
     settings, source = choose(cfg, hardware_id)
     log.info("serving %s with %s; from %s", cfg.model.name, settings, source)
+    if cfg.serve.gradio:
+        from inferlab.serve.demo import quiet_gradio
+
+        quiet_gradio(cfg.serve.gradio_analytics)  # before anything imports gradio or huggingface_hub
     engine = build_engine(cfg, settings)
     engine.start()
     from inferlab.serve.app import create_app
@@ -83,22 +88,72 @@ def make_app(cfg: StudyConfig, hardware_id: str | None = None):
 
         from inferlab.serve.demo import build_demo, engine_stream
 
-        demo = build_demo(engine_stream(engine), name)
+        demo = build_demo(engine_stream(engine, cfg.serve), name)
         app = gr.mount_gradio_app(app, demo, path="/ui")
     return app
+
+
+def timed_protocol(read_timeout_s: float):
+    """uvicorn's h11 protocol with a read timeout: a request's headers and body must arrive within read_timeout_s
+    of its first byte (or of the connection's opening), else the connection is closed. uvicorn's own
+    timeout_keep_alive only covers the idle time between two requests, so a client that opens a connection and
+    sends nothing, or half a request, would hold it forever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class ReadTimeoutH11Protocol(H11Protocol):
+        read_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self.read_timer is None and self.conn.their_state is h11.IDLE:  # the next request begins
+                self._arm()
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE and self.conn.their_state is not h11.SEND_BODY:
+                self._disarm()  # the whole request is in (or the connection is done)
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self.read_timer = self.loop.call_later(read_timeout_s, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self.read_timer is not None:
+                self.read_timer.cancel()
+                self.read_timer = None
+
+        def _too_slow(self) -> None:
+            self.read_timer = None
+            if not self.transport.is_closing():
+                log.info("closing a connection that sent no complete request within %.0f s (serve.read_timeout_s)",
+                         read_timeout_s)
+                self.transport.close()
+
+    return ReadTimeoutH11Protocol
 
 
 def serve(cfg: StudyConfig) -> None:
     import uvicorn
 
+    s = cfg.serve
     app = make_app(cfg)
-    host, port = cfg.serve.host, cfg.serve.port
+    host, port = s.host, s.port
     if host not in ("127.0.0.1", "localhost", "::1"):
-        key = cfg.serve.api_key or os.environ.get("INFERLAB_API_KEY")
+        key = s.api_key or os.environ.get("INFERLAB_API_KEY")
         log.warning("listening on %s: reachable from other machines%s", host,
                     "" if key else " and without an API key (set serve.api_key or INFERLAB_API_KEY)")
+        if "*" not in s.allowed_hosts and host not in s.allowed_hosts:
+            log.warning("serve.allowed_hosts is %s: requests naming this machine by another name or address are "
+                        "refused (400 invalid_host); add them, or '*'", list(s.allowed_hosts))
     log.info("OpenAI-compatible API on http://%s:%d/v1 (docs /docs, demo /ui, metrics /metrics)", host, port)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
+                timeout_keep_alive=s.keep_alive_s, http=timed_protocol(s.read_timeout_s))
 
 
 def main(argv: list[str] | None = None) -> int:
