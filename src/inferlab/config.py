@@ -586,6 +586,8 @@ class EvalLlamaCpp:
     quants: list[str] = field(default_factory=lambda: ["f32", "f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m",
                                                        "q2_k"])
     kv_type: list[str] = field(default_factory=lambda: ["f16", "q8_0"])  # a quantized KV cache uses flash attention
+    # the quants evaluated with the KV types after the first (empty: every quant with every KV type)
+    kv_quants: list[str] = field(default_factory=list)
     reference: str = "f32"  # the full-precision file every other file is compared with
     n_threads: int = 0  # 0: all usable cores
     n_ctx: int = 2048
@@ -593,6 +595,7 @@ class EvalLlamaCpp:
     def check(self, key: str) -> None:
         _check_all(f"{key}.quants", self.quants, ("f32", "f16", *QUANT_TYPES))
         _check_all(f"{key}.kv_type", self.kv_type, KV_TYPES)
+        _check_all(f"{key}.kv_quants", self.kv_quants, self.quants)
         check_choice(f"{key}.reference", self.reference, ("f32", "f16", *QUANT_TYPES))
 
 

@@ -13,12 +13,14 @@ if TYPE_CHECKING:
 
 
 def log_softmax(logits) -> np.ndarray:
-    """Row-wise log-softmax of a (positions, vocabulary) array, computed in float64, returned as float32."""
+    """Row-wise log-softmax of a (positions, vocabulary) array, as float32 (each row's sum of exponentials taken in
+    float64)."""
     import numpy as np
 
-    x = np.asarray(logits, dtype=np.float64)
-    top = x.max(axis=1, keepdims=True)
-    return (x - top - np.log(np.exp(x - top).sum(axis=1, keepdims=True))).astype(np.float32)
+    x = np.array(logits, dtype=np.float32)
+    x -= x.max(axis=1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)
+    return x
 
 
 class BackendUnavailable(RuntimeError):

@@ -153,6 +153,8 @@ def generation_points(cfg: StudyConfig, items: list[dict[str, Any]], token_ids: 
         family = []
         for quant in dict.fromkeys([L.reference, *L.quants]):
             for kv in L.kv_type:
+                if kv != L.kv_type[0] and L.kv_quants and quant not in L.kv_quants:
+                    continue
                 name = f"llama-{quant}-kv{kv}"
                 is_ref = name == ref_name
                 settings = {**common, "quant": quant, "kv_type": kv, "flash_attn": kv != "f16",
