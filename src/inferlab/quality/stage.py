@@ -23,9 +23,8 @@ from typing import Any
 
 from inferlab import records as rec
 from inferlab.backends import hf
-from inferlab.bench.grid import usable_cores
 from inferlab.bench.sweep import Point, run_sweep
-from inferlab.config import StudyConfig, resolve
+from inferlab.config import StudyConfig, resolve, usable_cores
 from inferlab.quality import dataset
 from inferlab.quality.scores import BertScorer, compare, mean_of, token_fidelity
 from inferlab.study import StageRun
@@ -83,7 +82,7 @@ def generation_points(cfg: StudyConfig, items: list[dataset.Item], passage: str,
                                         {**load, "model_dir": str(cfg.model_dir() / "hf")}, skip))
     L = e.llama_cpp
     if runtime in (None, "llama_cpp") and L.enabled:
-        from inferlab.gguf.pipeline import gguf_path
+        from inferlab.gguf.pipeline import gguf_path, missing_gguf
 
         for quant in L.quants:
             for kv in L.kv_type:
@@ -92,9 +91,7 @@ def generation_points(cfg: StudyConfig, items: list[dataset.Item], passage: str,
                             "batch_size": 1}
                 if not _keep(settings, pins):
                     continue
-                path = gguf_path(cfg, quant)
-                skip = None if path.exists() else (f"no GGUF file {path.name}: add {quant} to convert.quants "
-                                                   "(or convert.outtypes)")
+                path, skip = gguf_path(cfg, quant), missing_gguf(cfg, quant)
                 points.append(Point(f"llama-{quant}-kv{kv}", "llama_cpp", ("llama_cpp", quant), settings,
                                     {**load, "model_path": str(path)}, skip))
     return points
