@@ -27,9 +27,13 @@ from .conftest import ROOT
 H100 = ROOT / "results" / "bench_gpu" / "h100-80gb-hbm3.jsonl"
 
 
-def _log_records(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "inferlab.cli", "log-records", *args], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **(env or {})}, cwd=cwd)
+def _log_records_here(capsys, *args: str) -> tuple[int, str, str]:
+    """`inferlab log-records` in this process (after the fault, which happened in a process of its own)."""
+    from inferlab.cli import main
+
+    code = main(["log-records", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def _start_log_records(*args: str, env: dict | None = None) -> subprocess.Popen:
@@ -64,7 +68,7 @@ def _triton_lines() -> list[str]:
     return [line for line in H100.read_text().splitlines() if "(Triton)" in line]
 
 
-def test_real_records_with_names_mlflow_rejects_and_one_bad_record(project, fresh_store):
+def test_real_records_with_names_mlflow_rejects_and_one_bad_record(project, fresh_store, capsys, caplog):
     """The committed H100 records whose metric names MLflow rejects are logged under rewritten names; a malformed
     record among them is reported and the others are still logged; the command exits non-zero; only record files
     are read (not the evaluate stage's per-sample outputs, not results/experiments/ unless asked)."""
@@ -82,21 +86,20 @@ def test_real_records_with_names_mlflow_rejects_and_one_bad_record(project, fres
     shutil.copytree(ROOT / "results" / "experiments", results / "experiments")
     good = [rec.Record.from_dict(json.loads(line)) for line in lines]
 
-    r = _log_records("--uri", fresh_store, cwd=project)
-    assert r.returncode == 1, r.stdout + r.stderr
-    assert f"{n + 1} record(s) read from 1 file(s); {n} new MLflow run(s)" in r.stdout
-    assert "rejected: hand-edited (00000000000000000000000000000000): AttributeError" in r.stderr
-    assert f"1 of {n + 1} record(s) not logged" in r.stderr
-    assert "cannot be reached" not in r.stdout + r.stderr and "unreadable record" not in r.stderr
+    code, out, err = _log_records_here(capsys, "--uri", fresh_store)
+    assert code == 1, out + err
+    assert f"{n + 1} record(s) read from 1 file(s); {n} new MLflow run(s)" in out
+    assert "rejected: hand-edited (00000000000000000000000000000000): AttributeError" in err
+    assert f"1 of {n + 1} record(s) not logged" in err
+    assert "cannot be reached" not in out + err + caplog.text and "unreadable record" not in caplog.text
     _each_logged_once(fresh_store, good)
     names = {k for run in _points(fresh_store) for k in run.data.metrics}
     assert "ms_per_step_by_kind.fused _Triton_" in names and not any("(" in n for n in names)
     # again, with results/experiments/ asked for: its records are new, the rest is there under the same names
-    again = _log_records("--uri", fresh_store, "--experiments", cwd=project)
+    code, out, _ = _log_records_here(capsys, "--uri", fresh_store, "--experiments")
     moved = [rec.Record.from_dict(json.loads(line)) for f in sorted((results / "experiments").glob("*.jsonl"))
              for line in f.read_text().splitlines() if line.strip()]
-    assert again.returncode == 1 and f"read from 2 file(s); {len(moved)} new MLflow run(s)" in again.stdout
-    assert f"{n} already there" in again.stdout
+    assert code == 1 and f"read from 2 file(s); {len(moved)} new MLflow run(s)" in out and f"{n} already there" in out
     _each_logged_once(fresh_store, good + moved)
 
 
@@ -110,7 +113,7 @@ def _running_point(db: Path) -> bool:
         return False
 
 
-def test_a_logger_killed_mid_run_leaves_nothing_a_rerun_skips(tmp_path, fresh_store):
+def test_a_logger_killed_mid_run_leaves_nothing_a_rerun_skips(tmp_path, fresh_store, capsys):
     from .test_records import make_record
 
     path = tmp_path / "records.jsonl"
@@ -127,8 +130,8 @@ def test_a_logger_killed_mid_run_leaves_nothing_a_rerun_skips(tmp_path, fresh_st
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 0 < len(_points(fresh_store)) < 15
-    r = _log_records(str(path), "--uri", fresh_store)
-    assert r.returncode == 0, r.stdout + r.stderr
+    code, out, err = _log_records_here(capsys, str(path), "--uri", fresh_store)
+    assert code == 0 and "unfinished run(s) of an earlier logger replaced" in out, out + err
     _each_logged_once(fresh_store, recs)
 
 
@@ -153,7 +156,7 @@ def _kill_mid_migration(proc: subprocess.Popen, folder: Path) -> None:
     proc.wait()
 
 
-def test_a_kill_while_the_sqlite_store_is_made_breaks_nothing(tmp_path):
+def test_a_kill_while_the_sqlite_store_is_made_breaks_nothing(tmp_path, capsys, caplog):
     from .test_records import make_record
 
     path = tmp_path / "records.jsonl"
@@ -165,8 +168,8 @@ def test_a_kill_while_the_sqlite_store_is_made_breaks_nothing(tmp_path):
     first.mkdir()
     uri = f"sqlite:///{first / 'mlflow.db'}"
     _kill_mid_migration(_start_log_records(str(path), "--uri", uri), first)
-    r = _log_records(str(path), "--uri", uri)
-    assert r.returncode == 0 and "3 new MLflow run(s)" in r.stdout, r.stdout + r.stderr
+    code, out, err = _log_records_here(capsys, str(path), "--uri", uri)
+    assert code == 0 and "3 new MLflow run(s)" in out, out + err
     _each_logged_once(uri, recs)
     assert sorted(p.name for p in first.iterdir()) == ["mlartifacts", "mlflow.db", "mlflow.db.lock"]
     # a store left half-made by MLflow itself killed mid-migration (what loggers before this fix left): set aside
@@ -175,16 +178,17 @@ def test_a_kill_while_the_sqlite_store_is_made_breaks_nothing(tmp_path):
     uri = f"sqlite:///{second / 'mlflow.db'}"
     code = f"from mlflow import MlflowClient; MlflowClient(tracking_uri={uri!r}).search_experiments()"
     _kill_mid_migration(subprocess.Popen([sys.executable, "-c", code], start_new_session=True), second)
-    r = _log_records(str(path), "--uri", uri)
-    assert r.returncode == 0 and "3 new MLflow run(s)" in r.stdout, r.stdout + r.stderr
-    assert "probably left half-made" in r.stderr and "held no runs and was moved to mlflow.db.broken-" in r.stderr
+    code, out, err = _log_records_here(capsys, str(path), "--uri", uri)
+    assert code == 0 and "3 new MLflow run(s)" in out, out + err
+    assert "probably left half-made" in caplog.text and "held no runs and was moved to mlflow.db.broken-" in caplog.text
     _each_logged_once(uri, recs)
 
 
 @pytest.mark.slow
 def test_two_loggers_at_once_through_one_server_log_each_record_once(tmp_path, mlflow_template):
-    """Two `inferlab log-records` started together against one `mlflow server`: on one host they take turns (a
-    lock per server); with separate lock folders (as on two hosts) the duplicate runs are found and deleted."""
+    """Two `inferlab log-records` started together against one `mlflow server`, each with a lock folder of its own
+    (as on two hosts; on one host they would take turns): the duplicate runs are found and deleted, each record
+    has one run, and between them they say 12 new runs."""
     from .test_records import make_record
 
     path = tmp_path / "records.jsonl"
@@ -207,15 +211,15 @@ def test_two_loggers_at_once_through_one_server_log_each_record_once(tmp_path, m
             except httpx.HTTPError:
                 assert time.time() < deadline, "mlflow server did not start"
                 time.sleep(0.3)
-        for experiment, dirs in (("same-host", ("locks", "locks")), ("two-hosts", ("host-a", "host-b"))):
-            procs = [_start_log_records(str(path), "--uri", uri, "--experiment", experiment,
-                                        env={"INFERLAB_LOCK_DIR": str(tmp_path / d)}) for d in dirs]
-            outs = [p.communicate(timeout=300) for p in procs]
-            for p, (out, err) in zip(procs, outs):
-                assert p.returncode == 0, out + err
-            _each_logged_once(uri, recs, experiment)
-            created = sum(int(out.split("; ")[1].split(" new")[0]) for out, _ in outs)
-            assert created == 12, outs  # together they say what is there: 12 runs, once
+        # each with a lock folder of its own, as on two hosts: the lock one host's loggers share cannot help
+        procs = [_start_log_records(str(path), "--uri", uri, env={"INFERLAB_LOCK_DIR": str(tmp_path / host)})
+                 for host in ("host-a", "host-b")]
+        outs = [p.communicate(timeout=300) for p in procs]
+        for p, (out, err) in zip(procs, outs):
+            assert p.returncode == 0, out + err
+        _each_logged_once(uri, recs)
+        created = sum(int(out.split("; ")[1].split(" new")[0]) for out, _ in outs)
+        assert created == 12, outs  # together they say what is there: 12 runs, once
     finally:
         server.terminate()
         server.wait(timeout=30)
