@@ -10,7 +10,7 @@ from inferlab.study import StageRun, model_info
 
 
 def main(cfg: StudyConfig) -> None:
-    stage = StageRun(cfg, "download", sections=("model",))
+    stage = StageRun(cfg, "download", sections=("model",), needs_model=False)
     point = {"source": cfg.model.source, "path": cfg.model.path}
     try:
         prov = acquire(cfg.model, cfg.model_dir() / "hf")

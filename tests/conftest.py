@@ -71,3 +71,23 @@ def tiny_project(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_hf(tiny_project) -> Path:
     return tiny_project / "models" / "tiny-phi" / "hf"
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, made once: its schema migrations take seconds. Copy it for a fresh store."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    client.search_experiments()
+    client._tracking_client.store.engine.dispose()
+    return db
+
+
+@pytest.fixture
+def fresh_store(mlflow_template, tmp_path) -> str:
+    """The URI of a new, empty SQLite store of this test's own."""
+    db = tmp_path / "mlflow.db"
+    shutil.copy(mlflow_template, db)
+    return f"sqlite:///{db}"

@@ -3,6 +3,7 @@ DVC's Hydra composition and the stage scripts' Hydra composition give the same r
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -128,3 +129,93 @@ def test_environment_override_of_tracking_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert tracking_uri(TrackingConfig()).endswith(os.sep + "mlflow.db")
     assert Path(tracking_uri(TrackingConfig())[len("sqlite:///"):]).is_absolute()
+
+
+CORES = len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(
+    "overrides, must_say",
+    [
+        (["bench_cpu.llama_cpp.n_ctx=32"],  # the 512-token prompt bucket is the longest
+         ["bench_cpu.llama_cpp.extra_points[7].prompt_tokens: prompt 512 + new 128 = 640 tokens do not fit",
+          "context of 32 (bench_cpu.llama_cpp.n_ctx)"]),
+        (["bench_cpu.prompt_cache.prefix_tokens=4000"],
+         ["bench_cpu.prompt_cache.prefix_tokens: prefix 4000 + suffix 16 + new 8", "context of 2048"]),
+        (["model=tiny-phi", "bench_gpu.prefix_cache.prefix_tokens=3000"],
+         ["bench_gpu.prefix_cache.prefix_tokens", "model.architecture.max_position_embeddings"]),
+        (["evaluate.llama_cpp.n_ctx=128"], ["evaluate.tokens.window: window 512", "(evaluate.llama_cpp.n_ctx)"]),
+        (["bench_cpu.llama_cpp.quants=[]"],
+         ["bench_cpu.llama_cpp.quants: empty", "or set bench_cpu.llama_cpp.enabled=false"]),
+        (["bench_cpu.hf.batch_sizes=[]"], ["bench_cpu.hf.batch_sizes: empty"]),
+        (["evaluate.cpu.precisions=[]"], ["evaluate.cpu.precisions: empty"]),
+        (["bench_cpu.point_timeout_s=-5"], ["bench_cpu.point_timeout_s: -5", "allowed: above 0"]),
+        (["evaluate.point_timeout_s=0"], ["evaluate.point_timeout_s: 0", "allowed: above 0"]),
+        (["bench_cpu.bandwidth_gib=-1"], ["bench_cpu.bandwidth_gib: -1", "allowed: above 0"]),
+        (["bench_cpu.prompt_cache.n_threads=-2"], ["bench_cpu.prompt_cache.n_threads: -2 is out of range"]),
+        ([f"bench_cpu.llama_cpp.n_threads=[1,{CORES + 1}]"],
+         [f"bench_cpu.llama_cpp.n_threads: {CORES + 1} is above the {CORES} usable cores", f"allowed 1 to {CORES}"]),
+        ([f"bench_cpu.prompt_cache.n_threads={CORES + 3}"], ["bench_cpu.prompt_cache.n_threads", "0 (all) or 1 to"]),
+        ([f"n_threads={CORES + 1}"], [f"n_threads: {CORES + 1} is above the {CORES} usable cores"]),
+        (["bench_cpu.workload.prompts=data/promts"],
+         ["bench_cpu.workload.prompts: 'data/promts' is not a folder", "does not exist"]),
+        (["serve_bench.prompts=nowhere"], ["serve_bench.prompts: 'nowhere' is not a folder"]),
+        (["evaluate.tokens.text=data/eval/missing.txt"], ["evaluate.tokens.text", "is not a file"]),
+        (["tracking.timeout_s=-1"], ["tracking.timeout_s: -1", "above 0"]),
+    ],
+)
+def test_values_that_would_fail_later_fail_at_load(overrides, must_say):
+    """Finding 8 of issue 24: each of these passed validation and failed halfway through a stage (or never). The
+    schema's checks run in load(), which every entry point calls (the composition is done once per model here)."""
+    with pytest.raises(ConfigError) as e:
+        load(_composed_with(overrides))
+    for text in must_say:
+        assert text in str(e.value)
+
+
+@functools.cache
+def _composed(model: str) -> str:
+    return yaml.safe_dump(to_container(compose([f"model={model}"])))
+
+
+def _composed_with(overrides: list[str]) -> dict:
+    """What compose(overrides) would hand to load(): the composition of the model, with the other overrides set."""
+    model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "phi-2")
+    data = yaml.safe_load(_composed(model))
+    for o in overrides:
+        key, value = o.split("=", 1)
+        if key != "model":
+            *parents, last = key.split(".")
+            node = data
+            for k in parents:
+                node = node[k]
+            node[last] = yaml.safe_load(value)
+    return data
+
+
+def test_a_wrong_models_folder_stops_a_stage_that_needs_the_model(project):
+    from inferlab.gguf.pipeline import missing_gguf
+    from inferlab.study import CannotStart, StageRun
+
+    cfg = compose(["model=tiny-phi", "paths.models=modls"])
+    with pytest.raises(CannotStart, match=r"paths.models: .*modls/tiny-phi does not exist .*Run the download stage"):
+        StageRun(cfg, "bench_cpu", sections=())
+    (project / "modls" / "tiny-phi" / "hf").mkdir(parents=True)  # downloaded, never converted
+    assert "run the convert stage first" in missing_gguf(cfg, "q8_0")
+    (project / "modls" / "tiny-phi" / "gguf").mkdir()
+    assert missing_gguf(cfg, "q8_0").startswith("no GGUF file tiny-phi-q8_0.gguf: add q8_0 to convert.quants")
+
+
+def test_inferlab_study_checks_the_config_before_dvc_runs(project):
+    """An unknown key or a bad value through `inferlab study`: the schema's message, and DVC never starts (so it
+    never removes the previous metrics)."""
+    metrics = project / "metrics" / "bench_cpu.json"
+    metrics.parent.mkdir()
+    metrics.write_text('{"previous": true}\n')
+    r = run([sys.executable, "-m", "inferlab.cli", "study", "model=tiny-phi", "bench_cpu.point_timeout=5"],
+            cwd=project, check=False)
+    assert r.returncode == 2 and "+ " not in r.stdout  # dvc exp run was never started
+    assert "bench_cpu.point_timeout: unknown key" in r.stderr and "did you mean 'point_timeout_s'" in r.stderr
+    r = run([sys.executable, "-m", "inferlab.cli", "study", "bench_cpu.point_timeout_s=-1"], cwd=project, check=False)
+    assert r.returncode == 2 and "bench_cpu.point_timeout_s: -1" in r.stderr
+    assert metrics.read_text() == '{"previous": true}\n'

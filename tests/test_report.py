@@ -222,7 +222,7 @@ def test_child_runs_carry_the_params_the_ui_groups_by(tmp_path):
                    environment=_env("gpu-a"), sweep_id="s1", metrics={"total_tps": {"median": 1.0}})
     from inferlab.config import TrackingConfig
 
-    assert Tracker(TrackingConfig(uri=uri, experiment="t")).log([r]) == 1
+    assert Tracker(TrackingConfig(uri=uri, experiment="t")).log([r]).created == 1
     client = MlflowClient(tracking_uri=uri)
     (child,) = client.search_runs([client.get_experiment_by_name("t").experiment_id],
                                   filter_string=f"tags.`{TAG_KIND}` = 'point'")

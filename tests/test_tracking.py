@@ -29,9 +29,10 @@ def test_records_become_parent_and_child_runs_without_duplicates(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(TrackingConfig(uri=uri, experiment="t"))
     recs = make_records()
-    assert tracker.log(recs) == 3
-    assert tracker.log(recs) == 0  # the same records again: nothing new
-    assert tracker.log(make_records()[:0]) == 0
+    assert tracker.log(recs).created == 3
+    again = tracker.log(recs)  # the same records again: nothing new
+    assert again.created == 0 and again.present == 3 and again.ok
+    assert tracker.log(make_records()[:0]).created == 0
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("t")
     runs = client.search_runs([exp.experiment_id])

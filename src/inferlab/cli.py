@@ -10,11 +10,24 @@ from pathlib import Path
 from inferlab.config import ConfigError, TrackingConfig, compose, project_root, to_container
 
 
+def record_paths(given: list[str], experiments: bool) -> list[Path]:
+    """The record files to log: every results/<stage>/*.jsonl by default; a folder given: its own *.jsonl and
+    its stages' record files; a file given: that file. Never the evaluate stage's per-sample outputs."""
+    from inferlab.records import record_files
+
+    if not given:
+        return record_files(project_root() / "results", experiments)
+    out: list[Path] = []
+    for p in map(Path, given):
+        out += [*sorted(p.glob("*.jsonl")), *record_files(p, experiments)] if p.is_dir() else [p]
+    return list(dict.fromkeys(out))
+
+
 def cmd_log_records(args: argparse.Namespace) -> int:
     from inferlab.records import read_all
     from inferlab.tracking import Tracker, check_reachable
 
-    paths = [Path(p) for p in args.paths] or sorted((project_root() / "results").rglob("*.jsonl"))
+    paths = record_paths(args.paths, args.experiments)
     records = read_all(paths)
     if not records:
         print(f"no records in {', '.join(map(str, paths)) or 'results/'}", file=sys.stderr)
@@ -24,9 +37,28 @@ def cmd_log_records(args: argparse.Namespace) -> int:
     if problem:
         print(f"MLflow tracking store {tracker.uri} cannot be reached: {problem}", file=sys.stderr)
         return 2
-    created = tracker.log(records)
-    print(f"{len(records)} record(s) read from {len(paths)} file(s); {created} new MLflow run(s) at {tracker.uri}")
-    return 0
+    res = tracker.log(records)
+    line = (f"{len(records)} record(s) read from {len(paths)} file(s); {res.created} new MLflow run(s) at "
+            f"{tracker.uri}, {res.present} already there")
+    if res.replaced or res.duplicates:
+        line += (f" ({res.replaced} unfinished run(s) of an earlier logger replaced, {res.duplicates} duplicate "
+                 "run(s) of a logger at the same time deleted)")
+    print(line + ("; nothing new to log" if res.ok and not res.created else ""))
+    if res.ok:
+        return 0
+    for name, why in res.rejected[:20]:
+        print(f"rejected: {name}: {why}", file=sys.stderr)
+    if len(res.rejected) > 20:
+        print(f"... and {len(res.rejected) - 20} more rejected", file=sys.stderr)
+    if res.pending:
+        print(f"{len(res.pending)} record(s) were still being logged by another process: rerun to check",
+              file=sys.stderr)
+    if res.unreachable:
+        print(f"MLflow tracking store {tracker.uri} cannot be reached: {res.unreachable}", file=sys.stderr)
+    if res.failed:
+        print(f"MLflow tracking store {tracker.uri} failed: {res.failed}", file=sys.stderr)
+    print(f"{res.not_logged} of {res.records} record(s) not logged", file=sys.stderr)
+    return 2 if res.unreachable else 1
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -91,6 +123,13 @@ def cmd_study(args: argparse.Namespace) -> int:
     import datetime as dt
     import os
     import subprocess
+
+    hydra_overrides = [o for o in args.overrides if ":" not in o.split("=", 1)[0]]  # not DVC's file:key=value
+    try:  # the config DVC would compose, checked first: a bad key or value fails now, before DVC runs anything
+        compose(hydra_overrides)
+    except ConfigError as e:
+        print(f"invalid configuration: {e}", file=sys.stderr)
+        return 2
 
     import yaml
 
@@ -230,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("log-records", help="log records (JSONL) to MLflow; runs already there are skipped")
-    p.add_argument("paths", nargs="*", help="record files (default: every results/**/*.jsonl)")
+    p.add_argument("paths", nargs="*", help="record files or folders (default: every results/<stage>/*.jsonl)")
+    p.add_argument("--experiments", action="store_true", help="also results/experiments/ (records moved out)")
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI, else mlflow.db)")
     p.add_argument("--experiment", default="inferlab")
     p.set_defaults(fn=cmd_log_records)

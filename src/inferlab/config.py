@@ -59,6 +59,55 @@ def check_range(key: str, value: float, low: float | None = None, high: float | 
         raise ConfigError(f"{key}: {value!r} is out of range; allowed {bounds}")
 
 
+def check_positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key}: {value!r} is out of range; allowed: above 0")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), which is what thread counts are checked against."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_threads(key: str, value: int, zero: bool = True) -> None:
+    """A thread count: at most this machine's usable cores (more would measure the cores fighting each other);
+    0 means all of them where `zero`."""
+    check_range(key, value, low=0 if zero else 1)
+    cores = usable_cores()
+    if value > cores:
+        allowed = f"{'0 (all) or ' if zero else ''}1 to {cores}"
+        raise ConfigError(f"{key}: {value} is above the {cores} usable cores of this machine; allowed {allowed}")
+
+
+def check_non_empty(key: str, values: Sequence[Any], switch: str | None = None) -> None:
+    if not values:
+        off = f", or set {switch}=false" if switch else ""
+        raise ConfigError(f"{key}: empty; give at least one value{off}")
+
+
+def check_fits(key: str, parts: dict[str, int], limit_key: str, limit: int) -> None:
+    """Tokens that must fit one context window (a prompt, a shared prefix, what is generated after them)."""
+    total = sum(parts.values())
+    if total > limit:
+        what = " + ".join(f"{k} {v}" for k, v in parts.items())
+        raise ConfigError(f"{key}: {what} = {total} tokens do not fit the context of {limit} ({limit_key}); "
+                          f"allowed: at most {limit} tokens in all; shorten them or raise {limit_key}")
+
+
+def check_folder(key: str, value: str) -> None:
+    path = resolve(value)
+    if not path.is_dir():
+        raise ConfigError(f"{key}: {value!r} is not a folder ({path} does not exist); give an existing folder, "
+                          "relative to the repository or absolute")
+
+
+def check_file(key: str, value: str) -> None:
+    path = resolve(value)
+    if not path.is_file():
+        raise ConfigError(f"{key}: {value!r} is not a file ({path} does not exist); give an existing file, "
+                          "relative to the repository or absolute")
+
+
 # llama.cpp file types (enum llama_ftype) by the names users know them by. F32 and F16 are written by the
 # converter; the others come from llama_model_quantize.
 GGUF_FILE_TYPES = {
@@ -183,6 +232,8 @@ class ModelConfig:
             raise ConfigError(f"model.repo_id: a Hub model ({self.name}) needs repo_id or model.path")
         if self.source == "wheel":
             self.wheel.check("model.wheel")
+        if self.source in ("tiny", "random"):  # built here: the tokenizer is trained on this corpus
+            check_folder("model.tokenizer.corpus", self.tokenizer.corpus)
         if self.path is not None and not Path(self.path).expanduser().is_dir():
             raise ConfigError(
                 f"model.path: {self.path!r} does not exist or is not a folder; give a folder holding "
@@ -213,7 +264,7 @@ class ConvertConfig:
             check_choice("convert.outtypes", t, BASE_TYPES)
         for q in self.quants:
             check_choice("convert.quants", q, QUANT_TYPES)
-        check_range("convert.threads", self.threads, low=0)
+        check_threads("convert.threads", self.threads)
         check_range("convert.check_tokens", self.check_tokens, low=1)
 
 
@@ -253,6 +304,7 @@ class WorkloadConfig:
         for name in ("prompt_tokens", "new_tokens", "repetitions"):
             check_range(f"{key}.{name}", getattr(self, name), low=1)
         check_range(f"{key}.warmup", self.warmup, low=0)
+        check_folder(f"{key}.prompts", self.prompts)
 
 
 @dataclass
@@ -281,16 +333,33 @@ class LlamaCppSweep:
     n_gpu_layers: int = 0  # layers offloaded to a GPU (a CUDA build of llama-cpp-python); 0 on CPU
     extra_points: list[LlamaCppPoint] = field(default_factory=list)  # one-axis-at-a-time variations
 
-    def check(self, key: str) -> None:
+    def check(self, key: str, workload: WorkloadConfig) -> None:
         _check_all(f"{key}.quants", self.quants, ("f32", "f16", *QUANT_TYPES))
         _check_all(f"{key}.kv_type", self.kv_type, KV_TYPES)
         _check_all(f"{key}.api", self.api, LLAMA_APIS)
         for t in self.n_threads:
-            check_range(f"{key}.n_threads", t, low=0)
+            check_threads(f"{key}.n_threads", t, zero=True)
         for b in self.n_batch:
             check_range(f"{key}.n_batch", b, low=1)
+        check_range(f"{key}.n_ctx", self.n_ctx, low=1)
         _check_extras(key, self.extra_points,
                       {"quant": ("f32", "f16", *QUANT_TYPES), "kv_type": KV_TYPES, "api": LLAMA_APIS})
+        for i, p in enumerate(self.extra_points):
+            if p.n_threads is not None:
+                check_threads(f"{key}.extra_points[{i}].n_threads", p.n_threads, zero=False)
+            for name in ("n_batch", "prompt_tokens"):
+                if getattr(p, name) is not None:
+                    check_range(f"{key}.extra_points[{i}].{name}", getattr(p, name), low=1)
+        if not self.enabled:
+            return
+        for name in ("quants", "n_batch", "flash_attn", "kv_type", "api"):
+            check_non_empty(f"{key}.{name}", getattr(self, name), f"{key}.enabled")
+        wkey = key.rsplit(".", 1)[0] + ".workload"
+        prompts = {(wkey, workload.prompt_tokens)} | {(f"{key}.extra_points[{i}]", p.prompt_tokens)
+                                                      for i, p in enumerate(self.extra_points) if p.prompt_tokens}
+        for where, n in sorted(prompts, key=lambda x: -x[1])[:1]:  # the longest prompt decides
+            check_fits(f"{where}.prompt_tokens", {"prompt": n, "new": workload.new_tokens}, f"{key}.n_ctx",
+                       self.n_ctx)
 
 
 @dataclass
@@ -306,10 +375,16 @@ class PromptCacheConfig:
     requests: int = 4  # requests after the first (which fills the cache)
     new_tokens: int = 8
 
-    def check(self, key: str) -> None:
+    def check(self, key: str, n_ctx_key: str, n_ctx: int) -> None:
         _check_all(f"{key}.modes", self.modes, PROMPT_CACHE_MODES)
         check_choice(f"{key}.quant", self.quant, ("f32", "f16", *QUANT_TYPES))
-        check_range(f"{key}.requests", self.requests, low=1)
+        for name in ("requests", "prefix_tokens", "suffix_tokens", "new_tokens"):
+            check_range(f"{key}.{name}", getattr(self, name), low=1)
+        check_threads(f"{key}.n_threads", self.n_threads)
+        if self.enabled:
+            check_non_empty(f"{key}.modes", self.modes, f"{key}.enabled")
+            check_fits(f"{key}.prefix_tokens", {"prefix": self.prefix_tokens, "suffix": self.suffix_tokens,
+                                                "new": self.new_tokens}, n_ctx_key, n_ctx)
 
 
 @dataclass
@@ -373,6 +448,12 @@ class HFSweep:
         check_choice(f"{key}.compute_dtype", self.compute_dtype, ("fp16", "bf16", "fp32"))
         for b in self.batch_sizes:
             check_range(f"{key}.batch_sizes", b, low=1)
+        check_threads(f"{key}.threads", self.threads)
+        if self.new_tokens is not None:
+            check_range(f"{key}.new_tokens", self.new_tokens, low=1)
+        if self.enabled:
+            for name in ("precisions", "batch_sizes", "kv_cache", "attn", "compile"):
+                check_non_empty(f"{key}.{name}", getattr(self, name), f"{key}.enabled")
         _check_extras(key, self.extra_points,
                       {"precision": HF_PRECISIONS, "kv_cache": HF_KV_CACHES, "attn": HF_ATTENTION,
                        "compile_mode": COMPILE_MODES, "decode": HF_DECODE, "gemv": HF_GEMV})
@@ -392,9 +473,11 @@ class BenchCPUConfig:
 
     def __post_init__(self) -> None:
         self.workload.check("bench_cpu.workload")
-        self.llama_cpp.check("bench_cpu.llama_cpp")
-        self.prompt_cache.check("bench_cpu.prompt_cache")
+        self.llama_cpp.check("bench_cpu.llama_cpp", self.workload)
+        self.prompt_cache.check("bench_cpu.prompt_cache", "bench_cpu.llama_cpp.n_ctx", self.llama_cpp.n_ctx)
         self.hf.check("bench_cpu.hf")
+        check_positive("bench_cpu.bandwidth_gib", self.bandwidth_gib)
+        check_positive("bench_cpu.point_timeout_s", self.point_timeout_s)
 
 
 @dataclass
@@ -413,7 +496,10 @@ class HFPrefixCacheConfig:
     def check(self, key: str) -> None:
         _check_all(f"{key}.modes", self.modes, ("recompute", "reuse"))
         check_choice(f"{key}.precision", self.precision, HF_PRECISIONS)
-        check_range(f"{key}.requests", self.requests, low=1)
+        for name in ("requests", "prefix_tokens", "suffix_tokens", "new_tokens"):
+            check_range(f"{key}.{name}", getattr(self, name), low=1)
+        if self.enabled:
+            check_non_empty(f"{key}.modes", self.modes, f"{key}.enabled")
 
 
 @dataclass
@@ -426,6 +512,7 @@ class StreamingConfig:
 
     def check(self, key: str) -> None:
         check_choice(f"{key}.precision", self.precision, HF_PRECISIONS)
+        check_range(f"{key}.batch_size", self.batch_size, low=1)
 
 
 @dataclass
@@ -452,6 +539,8 @@ class AssistedConfig:
         check_choice(f"{key}.task", self.task, EVAL_TASKS)
         for name in ("requests", "max_prompt_tokens", "new_tokens"):
             check_range(f"{key}.{name}", getattr(self, name), low=1)
+        if self.enabled:
+            check_non_empty(f"{key}.lookup_tokens", self.lookup_tokens, f"{key}.enabled")
 
 
 @dataclass
@@ -501,7 +590,7 @@ class BenchGPUConfig:
         check_range("bench_gpu.gpus", self.gpus, low=0)
         self.workload.check("bench_gpu.workload")
         self.hf.check("bench_gpu.hf")
-        self.llama_cpp.check("bench_gpu.llama_cpp")
+        self.llama_cpp.check("bench_gpu.llama_cpp", self.workload)
         if self.llama_cpp.n_gpu_layers == 0:
             raise ConfigError("bench_gpu.llama_cpp.n_gpu_layers: 0 is not allowed on the GPU; "
                               "choose -1 (every layer) or a number of layers to offload")
@@ -509,6 +598,8 @@ class BenchGPUConfig:
         self.streaming.check("bench_gpu.streaming")
         self.assisted.check("bench_gpu.assisted")
         self.profile.check("bench_gpu.profile")
+        check_positive("bench_gpu.bandwidth_gib", self.bandwidth_gib)
+        check_positive("bench_gpu.point_timeout_s", self.point_timeout_s)
 
 
 EVAL_TASKS = ("summarization", "qa", "code")
@@ -540,7 +631,10 @@ class EvalDatasetConfig:
     def check(self, key: str) -> None:
         check_choice(f"{key}.source", self.source, ("local", "hub"))
         _check_all(f"{key}.tasks", self.tasks, EVAL_TASKS)
+        check_non_empty(f"{key}.tasks", self.tasks)
         check_choice(f"{key}.hub.task", self.hub.task, EVAL_TASKS)
+        if self.source == "local":
+            check_folder(f"{key}.path", self.path)
         if self.limit is not None:
             check_range(f"{key}.limit", self.limit, low=1)
 
@@ -559,6 +653,7 @@ class TokensConfig:
         check_range(f"{key}.window", self.window, low=2)
         check_range(f"{key}.stride", self.stride, low=1, high=self.window - 1)
         check_range(f"{key}.min_tokens", self.min_tokens, low=1)
+        check_file(f"{key}.text", self.text)
 
 
 @dataclass
@@ -578,6 +673,9 @@ class EvalHF:
         check_choice(f"{key}.reference", self.reference, HF_PRECISIONS)
         check_choice(f"{key}.compute_dtype", self.compute_dtype, ("fp16", "bf16", "fp32"))
         check_range(f"{key}.batch_size", self.batch_size, low=1)
+        if self.enabled:
+            check_non_empty(f"{key}.precisions", self.precisions, f"{key}.enabled")
+            check_non_empty(f"{key}.kv_cache", self.kv_cache, f"{key}.enabled")
 
 
 @dataclass
@@ -597,6 +695,11 @@ class EvalLlamaCpp:
         _check_all(f"{key}.kv_type", self.kv_type, KV_TYPES)
         _check_all(f"{key}.kv_quants", self.kv_quants, self.quants)
         check_choice(f"{key}.reference", self.reference, ("f32", "f16", *QUANT_TYPES))
+        check_threads(f"{key}.n_threads", self.n_threads)
+        check_range(f"{key}.n_ctx", self.n_ctx, low=1)
+        if self.enabled:
+            check_non_empty(f"{key}.quants", self.quants, f"{key}.enabled")
+            check_non_empty(f"{key}.kv_type", self.kv_type, f"{key}.enabled")
 
 
 @dataclass
@@ -650,6 +753,13 @@ class EvaluateConfig:
             check_choice("evaluate.max_new_tokens", key, EVAL_TASKS)
         for key in self.chat:
             check_choice("evaluate.chat", key, EVAL_TASKS)
+        check_positive("evaluate.point_timeout_s", self.point_timeout_s)
+        if self.llama_cpp.enabled:  # llama.cpp scores a token window and generates within one context
+            check_fits("evaluate.tokens.window", {"window": self.tokens.window}, "evaluate.llama_cpp.n_ctx",
+                       self.llama_cpp.n_ctx)
+            for task, n in self.max_new_tokens.items():
+                check_fits(f"evaluate.max_new_tokens.{task}", {"new": n}, "evaluate.llama_cpp.n_ctx",
+                           self.llama_cpp.n_ctx)
 
 
 REPORT_OBJECTIVES = ("total_tps", "decode_tps")
@@ -738,7 +848,7 @@ class ServeConfig:
         for key in ("max_queue", "max_batch", "default_max_tokens", "max_tokens_limit", "max_prompt_chars",
                     "max_body_bytes", "n_ctx"):
             check_range(f"serve.{key}", getattr(self, key), low=1)
-        check_range("serve.n_threads", self.n_threads, low=0)
+        check_threads("serve.n_threads", self.n_threads)
         check_range("serve.keep_alive_s", self.keep_alive_s, low=1)
         check_range("serve.read_timeout_s", self.read_timeout_s, low=0.1)
         if not self.allowed_hosts:
@@ -811,6 +921,8 @@ class ServeBenchConfig:
         if self.prompt_tokens > self.prompt_tokens_max:
             raise ConfigError(f"serve_bench.prompt_tokens: {self.prompt_tokens} is above serve_bench."
                               f"prompt_tokens_max ({self.prompt_tokens_max})")
+        check_positive("serve_bench.timeout_s", self.timeout_s)
+        check_folder("serve_bench.prompts", self.prompts)
 
 
 @dataclass
@@ -820,6 +932,9 @@ class TrackingConfig:
     experiment: str = "inferlab"
     timeout_s: float = 5.0  # how long to wait for a remote tracking server before giving up
 
+    def __post_init__(self) -> None:
+        check_positive("tracking.timeout_s", self.timeout_s)
+
 
 @dataclass
 class PathsConfig:
@@ -827,6 +942,9 @@ class PathsConfig:
     results: str = "results"
     metrics: str = "metrics"
     min_free_mb: int = 200  # a stage refuses to start with less free disk than this where it writes results
+
+    def __post_init__(self) -> None:
+        check_range("paths.min_free_mb", self.min_free_mb, low=0)
 
 
 @dataclass
@@ -863,7 +981,7 @@ class StudyConfig:
         for key, allowed in pins.items():
             if getattr(self, key) is not None:
                 check_choice(key, getattr(self, key), allowed)
-        for key in ("n_threads", "n_batch", "batch_size"):
+        for key in ("n_batch", "batch_size"):
             if getattr(self, key) is not None:
                 check_range(key, getattr(self, key), low=1)
         ref = self.evaluate.llama_cpp.reference
@@ -871,6 +989,28 @@ class StudyConfig:
             raise ConfigError(f"evaluate.llama_cpp.reference: {ref!r} is compared with every other GGUF file, and "
                               f"convert.outtypes {self.convert.outtypes} does not write it: add {ref} to "
                               "convert.outtypes (or set evaluate.llama_cpp.enabled=false)")
+        if self.n_threads is not None:
+            check_threads("n_threads", self.n_threads, zero=False)
+        self._check_contexts()
+
+    def _check_contexts(self) -> None:
+        """Prompts that must fit a context window set in another section than theirs."""
+        if self.model.source in ("tiny", "random"):  # built here: its position limit is known before it is built
+            limit, lkey = self.model.architecture.max_position_embeddings, "model.architecture.max_position_embeddings"
+            for name, section in (("bench_cpu", self.bench_cpu), ("bench_gpu", self.bench_gpu)):
+                if section.hf.enabled:
+                    new = section.hf.new_tokens or section.workload.new_tokens
+                    check_fits(f"{name}.workload.prompt_tokens", {"prompt": section.workload.prompt_tokens,
+                                                                  "new": new}, lkey, limit)
+            pc = self.bench_gpu.prefix_cache
+            if pc.enabled:
+                check_fits("bench_gpu.prefix_cache.prefix_tokens", {"prefix": pc.prefix_tokens,
+                                                                    "suffix": pc.suffix_tokens,
+                                                                    "new": pc.new_tokens}, lkey, limit)
+        if self.serve.runtime == "llama_cpp":
+            check_fits("serve_bench.prompt_tokens", {"prompt": self.serve_bench.prompt_tokens,
+                                                     "new": self.serve_bench.max_tokens}, "serve.n_ctx",
+                       self.serve.n_ctx)
 
     def pins(self) -> dict[str, Any]:
         keys = ("runtime", "quant", "n_threads", "n_batch", "flash_attn", "kv_type", "api", "precision",

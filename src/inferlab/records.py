@@ -4,11 +4,16 @@ A record is self-describing: the stage and the point it measured, the resolved c
 (id, revision, weights kind), where it ran (libraries, hardware, git commit), when, its status (ok, failed or
 skipped, with the reason), its metrics and its raw samples. Its `point_id` is a hash of the stage and the
 resolved point config, so a rerun can tell which points are finished and MLflow logging can skip duplicates.
+
+Record files are `results/<stage>/<hardware>.jsonl`: one whole record per line, never rewritten, only appended
+to (see `append`), so a line is either a whole record or the torn end of a writer that died mid-write.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -104,16 +109,76 @@ def instance_of(r: Record) -> str:
     return hw.get("instance") or f"host-{hw.get('host', '?')}"
 
 
+class WriteError(OSError):
+    """A record could not be written whole (a full disk, a file-size limit, a read-only file); nothing of it
+    stays in the file."""
+
+
 def append(path: Path, record: Record) -> None:
-    """Append one record as one line. O_APPEND with a single write keeps concurrent writers' lines whole."""
+    """Append one record as one whole line, or raise WriteError and leave the file as it was.
+
+    Writers take turns through an exclusive flock on the file (other processes of this host, and hosts that
+    share the folder where the filesystem supports it). Holding it, a torn last line (a writer killed
+    mid-write, or cut short by a full disk before this check existed) is repaired first, so this record starts
+    on a line of its own. The line is written with as many writes as the disk accepts; when it accepts no more,
+    the bytes written are truncated away and the error is raised: a record is never left half-written.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record.to_dict(), sort_keys=True, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
-        os.fsync(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by close, or by the kernel if this process dies
+        start = _repair_tail(fd, path)
+        try:
+            _write_all(fd, line)
+            os.fsync(fd)
+        except OSError as e:
+            os.ftruncate(fd, start)  # under the lock nobody appended after us: drop exactly our bytes
+            os.fsync(fd)
+            raise WriteError(e.errno, f"the record of {record.stage} {record.name} could not be written to "
+                                      f"{path} ({e.strerror or e}); nothing of it stays in the file. Free "
+                                      "space and rerun: an interrupted sweep resumes where it stopped") from e
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)  # a full disk or a file-size limit writes less than asked, then raises
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[n:]
+
+
+def _repair_tail(fd: int, path: Path) -> int:
+    """Make the file end with a newline; returns its size after the repair. A last line without its newline is
+    kept (terminated) when it is a whole JSON record, and truncated away, with a warning, when it is torn."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    start, tail = size, b""
+    while start > 0:  # back to the newline before the last line (lines can be hundreds of KB)
+        n = min(1 << 16, start)
+        block = os.pread(fd, n, start - n)
+        cut = block.rfind(b"\n")
+        if cut >= 0:
+            tail = block[cut + 1:] + tail
+            start = start - n + cut + 1
+            break
+        tail, start = block + tail, start - n
+    try:
+        Record.from_dict(json.loads(tail))
+    except (ValueError, TypeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        os.ftruncate(fd, start)
+        os.fsync(fd)
+        log.warning("%s: removed a torn last line (%d bytes, starting %r): its writer died or ran out of disk "
+                    "mid-write, and that record was lost; the next record starts on a line of its own", path,
+                    len(tail), tail[:60])
+        return start
+    _write_all(fd, b"\n")  # a whole record that only lacked its newline
+    log.warning("%s: the last record had no newline; added one", path)
+    return size + 1
 
 
 def read(path: Path) -> Iterator[Record]:
@@ -132,6 +197,13 @@ def read(path: Path) -> Iterator[Record]:
 
 def read_all(paths: Iterable[Path]) -> list[Record]:
     return [r for p in paths for r in read(p)]
+
+
+def record_files(results: Path, experiments: bool = False) -> list[Path]:
+    """The record files under a results folder: results/<stage>/<hardware>.jsonl. Never the evaluate stage's
+    per-sample outputs (results/evaluate/outputs/**, which are not records); results/experiments/ (records
+    moved out of the study) only when asked."""
+    return [p for p in sorted(results.glob("*/*.jsonl")) if experiments or p.parent.name != "experiments"]
 
 
 def write_atomic(path: Path, text: str) -> None:

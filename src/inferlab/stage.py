@@ -25,13 +25,17 @@ StageFn = Callable[..., object]
 
 
 def _call(fn: StageFn, cfg) -> None:
-    from inferlab.study import StorageError
+    from inferlab.records import WriteError
+    from inferlab.study import CannotStart, Stopped
 
     try:
         fn(cfg)
-    except StorageError as e:
+    except CannotStart as e:
         log.error("cannot start: %s", e)
         raise SystemExit(f"cannot start: {e}") from None
+    except (Stopped, WriteError) as e:  # the records written before it are kept; a rerun resumes the sweep
+        log.error("stopped: %s", e)
+        raise SystemExit(f"stopped: {e}") from None
 
 
 def run_stage(fn: StageFn, argv: list[str] | None = None) -> None:

@@ -7,7 +7,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,28 +48,70 @@ def relpath(path: Path) -> str:
 
 def multirun_sweep_id(stage: str) -> str | None:
     """Jobs of one Hydra multirun share its sweep folder: they share one sweep id (one MLflow parent run)."""
+    run = multirun()
+    return f"{stage}-multirun-{run.name}" if run else None
+
+
+@dataclass
+class Multirun:
+    """The Hydra multirun this process runs a job of."""
+
+    name: str  # its sweep folder's name and a digest of its path: one per multirun started
+    overrides: list[str]  # the multirun's own overrides (before the sweep is expanded): the same on a rerun
+    jobs: int | None  # how many jobs it has; None when its sweeper is not Hydra's basic one
+
+
+def multirun() -> Multirun | None:
+    """The multirun of this Hydra job, or None outside a multirun (a single run, DVC's --params path)."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         hc = HydraConfig.get()
-    except (ImportError, ValueError):  # not running under Hydra (DVC's --params path)
+    except (ImportError, ValueError):  # not running under Hydra
         return None
     if hc.mode != RunMode.MULTIRUN:
         return None
-    digest = hashlib.sha256(str(Path(hc.sweep.dir).resolve()).encode()).hexdigest()[:8]
-    return f"{stage}-multirun-{Path(hc.sweep.dir).name}-{digest}"
+    folder = Path(hc.sweep.dir).resolve()
+    name = f"{folder.name}-{hashlib.sha256(str(folder).encode()).hexdigest()[:8]}"
+    overrides, jobs = list(hc.overrides.task), None
+    try:  # Hydra saves the multirun's own config (its unexpanded overrides) before it launches the first job
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from omegaconf import OmegaConf
+
+        saved = OmegaConf.load(folder / "multirun.yaml").hydra
+        overrides = [*saved.overrides.task, *(f"{k}={v}" for k, v in (saved.sweeper.get("params") or {}).items())]
+        if str(saved.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            parsed = OverridesParser.create().parse_overrides(overrides)
+            jobs = sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
+    except Exception as e:  # noqa: BLE001 - without it the multirun still runs, only not resumable across reruns
+        log.warning("cannot read the multirun's overrides from %s (%s): an interrupted multirun will not be "
+                    "resumed by a rerun", folder / "multirun.yaml", e)
+    return Multirun(name, overrides, jobs)
 
 
-class StorageError(RuntimeError):
-    """Results cannot be written (a folder not writable, a full disk): found before any work starts."""
+class CannotStart(RuntimeError):
+    """A stage that must not start (its storage, another process running the same sweep): found before any
+    work, said in one line."""
 
 
-def check_storage(cfg: StudyConfig) -> None:
-    """Every folder a stage writes is writable and has paths.min_free_mb free; else a clear error, now."""
+class Stopped(RuntimeError):
+    """A stage that stopped part way for a reason said in one line; the records written before it are kept."""
+
+
+class StorageError(CannotStart):
+    """Results cannot be written (a folder or file not writable, a full disk): found before any work starts."""
+
+
+def check_storage(cfg: StudyConfig, folders: Sequence[tuple[str, Path]] = (),
+                  files: Sequence[tuple[str, Path]] = ()) -> None:
+    """Every folder a stage writes (paths.results, paths.metrics and the stage's own `folders`) is writable and
+    has paths.min_free_mb free, and every file it appends to or replaces (`files`: a records file, a report)
+    can be written: not read-only, not immutable. Else a clear error, now, before any point is measured."""
     need = cfg.paths.min_free_mb * 2**20
-    for key in ("results", "metrics"):
-        folder = resolve(getattr(cfg.paths, key))
+    checks = [(f"paths.{key}", resolve(getattr(cfg.paths, key))) for key in ("results", "metrics")]
+    for key, folder in [*checks, *folders]:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-") as f:
@@ -76,30 +119,46 @@ def check_storage(cfg: StudyConfig) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
-            raise StorageError(f"paths.{key}: {folder} is not writable ({e.strerror or e}); nothing was run. "
-                               f"Fix its permissions or point paths.{key} elsewhere") from None
+            raise StorageError(f"{key}: {folder} is not writable ({e.strerror or e}); nothing was run. "
+                               f"Fix its permissions or point {key.split(' ')[0]} elsewhere") from None
         free = shutil.disk_usage(folder).free
         if free < need:
-            raise StorageError(f"paths.{key}: only {free / 2**20:,.0f} MiB free on the disk of {folder}; a stage "
+            raise StorageError(f"{key}: only {free / 2**20:,.0f} MiB free on the disk of {folder}; a stage "
                                f"needs at least {cfg.paths.min_free_mb:,} MiB (paths.min_free_mb); nothing was run")
+    for what, path in files:
+        if not path.exists():
+            continue  # its folder was checked above
+        try:  # opening for writing changes nothing, and fails as the write would: read-only, immutable
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        except OSError as e:
+            raise StorageError(f"{what} {path} cannot be written ({e.strerror or e}); nothing was run. Make it "
+                               "writable again (chmod u+w, or chattr -i where it was made immutable)") from None
 
 
 class StageRun:
     """One execution of a stage: records appended as they are made, logged to MLflow at the end."""
 
-    def __init__(self, cfg: StudyConfig, stage: str, sections: Sequence[str]):
-        check_storage(cfg)
+    def __init__(self, cfg: StudyConfig, stage: str, sections: Sequence[str], needs_model: bool = True):
         self.cfg = cfg
         self.stage = stage
-        self.sweep_id = multirun_sweep_id(stage) or rec.new_sweep_id(stage)
         self.env = environment()
+        self.path = records_path(cfg, stage, self.env["hardware"]["id"])
+        check_storage(cfg, folders=[(f"paths.results ({stage} records)", self.path.parent)],
+                      files=[("the records file", self.path)])
+        if needs_model and not cfg.model_dir().is_dir():
+            raise CannotStart(f"paths.models: {cfg.model_dir()} does not exist (paths.models={cfg.paths.models!r}); "
+                              f"nothing was run. Run the download stage first (python stages/download.py "
+                              f"model={cfg.model.name}), or point paths.models at the folder that holds "
+                              f"{cfg.model.name}/")
+        self.sweep_id = multirun_sweep_id(stage) or rec.new_sweep_id(stage)
         full = to_container(cfg)
         self.config = {s: full[s] for s in sections}
         self.model = model_info(cfg)
-        self.path = records_path(cfg, stage, self.env["hardware"]["id"])
         self.records: list[rec.Record] = []  # this run's records (and a resumed sweep's earlier ones)
         self.written = 0
         self._since = rec.now_ms()  # the start of the work the next record describes, unless it says otherwise
+        self._when_finished: list[Callable[[], None]] = []  # after a stage that finished, its records logged
+        self._on_close: list[Callable[[], None]] = []  # always, at the end
 
     def record(self, name: str, point: dict[str, Any], **fields: Any) -> rec.Record:
         """Append one record. `started` (when its measurement began, ms) defaults to the end of the previous
@@ -119,14 +178,35 @@ class StageRun:
             log.debug("%s %s: skipped (%s)", self.stage, name, r.reason)
         return r
 
+    def resume(self, sweep_id: str, earlier: list[rec.Record]) -> None:
+        """Continue an interrupted sweep: its id, and its records already written (logged with the new ones)."""
+        self.sweep_id = sweep_id
+        self.records.extend(earlier)
+
+    def when_finished(self, fn: Callable[[], None]) -> None:
+        """Call fn once the stage has finished without an error and its records are logged (not otherwise)."""
+        self._when_finished.append(fn)
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Call fn at the end of the stage, however it ended."""
+        self._on_close.append(fn)
+
     def __enter__(self) -> StageRun:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.finish()  # records already written are logged even if the stage was interrupted
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.finish(ok=exc_type is None)  # records already written are logged even if the stage was interrupted
 
-    def finish(self) -> None:
+    def finish(self, ok: bool = True) -> None:
         earlier = len(self.records) - self.written
         log.info("%d record(s) appended to %s%s", self.written, relpath(self.path),
                  f" ({earlier} of this sweep were written before the interruption)" if earlier else "")
-        Tracker(self.cfg.tracking).log(self.records)
+        try:
+            Tracker(self.cfg.tracking).log(self.records)
+            for fn in self._when_finished if ok else ():
+                fn()
+        finally:
+            self._when_finished.clear()
+            for fn in self._on_close:
+                fn()
+            self._on_close.clear()

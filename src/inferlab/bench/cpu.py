@@ -4,15 +4,16 @@ and transformers on the same CPU as the baseline (precision, batch, KV cache, bi
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from inferlab.bench.aggregate import write_aggregates
-from inferlab.bench.grid import default_threads, grid, hf_points, keep, usable_cores
+from inferlab.bench.grid import default_threads, grid, hf_points, keep
 from inferlab.bench.memory import cpu_bandwidth
 from inferlab.bench.sweep import Point, run_sweep
-from inferlab.config import StudyConfig, resolve
-from inferlab.gguf.pipeline import gguf_path
+from inferlab.config import StudyConfig, resolve, usable_cores
+from inferlab.gguf.pipeline import gguf_path, missing_gguf
 from inferlab.study import StageRun
 
 log = logging.getLogger(__name__)
@@ -67,11 +68,10 @@ def llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int, L: Any = No
 
 def _llama_point(cfg: StudyConfig, name: str, settings: dict[str, Any]) -> Point:
     path = gguf_path(cfg, settings["quant"])
-    skip = None
     if settings["kv_type"] not in ("f16", "f32") and not settings["flash_attn"]:
         skip = "llama.cpp quantizes the V cache only with flash attention (flash_attn=true)"
-    elif not path.exists():
-        skip = f"no GGUF file {path.name}: add {settings['quant']} to convert.quants (or convert.outtypes)"
+    else:
+        skip = missing_gguf(cfg, settings["quant"])
     load = {"model_path": str(path)}
     return Point(name, "llama_cpp", ("llama_cpp", settings["quant"]), settings, load, skip)
 
@@ -94,8 +94,8 @@ def run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
     points += hf_points(cfg.bench_cpu, cfg.model_dir() / "hf", pins, cores)
     if not points:
         log.warning("no points to run: the pins %s match nothing in the grid", pins)
-    bandwidth = cpu_bandwidth(cfg.bench_cpu.bandwidth_gib)
     log.info("bench_cpu on %s (%d cores): %d points", stage.env["hardware"]["cpu"], cores, len(points))
+    bandwidth = partial(cpu_bandwidth, cfg.bench_cpu.bandwidth_gib)  # measured once the sweep is claimed
     run_sweep(stage, points, resolve(cfg.bench_cpu.workload.prompts), bandwidth, cfg.bench_cpu.point_timeout_s,
               cfg.bench_cpu.retry_failed, [stage_file], _decode_rate)
     write_aggregates(cfg, STAGE)

@@ -12,11 +12,11 @@ from typing import Any
 
 from inferlab.bench.aggregate import write_aggregates
 from inferlab.bench.cpu import llama_points
-from inferlab.bench.grid import hf_points, keep, usable_cores
+from inferlab.bench.grid import hf_points, keep
 from inferlab.bench.lock import claim_gpu, visible_gpus
 from inferlab.bench.placement import Slot, host_slots
 from inferlab.bench.sweep import Point, run_sweep
-from inferlab.config import StudyConfig, resolve
+from inferlab.config import StudyConfig, resolve, usable_cores
 from inferlab.study import StageRun
 
 log = logging.getLogger(__name__)
@@ -191,10 +191,14 @@ def _run(cfg: StudyConfig, stage: StageRun, stage_file: Path, host: list[str], c
         log.warning("bench_gpu: %s; every point is recorded as skipped", problem)
         for p in points:
             p.skip = problem
-        bandwidth: dict = {}
-    else:
-        bandwidth = _bandwidth_in_child(cfg.bench_gpu.bandwidth_gib)
-        log.info("device bandwidth (copy, read+write): %.0f GB/s", bandwidth["bandwidth_gbps"])
+
+    def bandwidth() -> dict:  # measured once the sweep is claimed (a refused second start measures nothing)
+        if problem:
+            return {}
+        b = _bandwidth_in_child(cfg.bench_gpu.bandwidth_gib)
+        log.info("device bandwidth (copy, read+write): %.0f GB/s", b["bandwidth_gbps"])
+        return b
+
     log.info("bench_gpu: %d points", len(points))
     run_sweep(stage, points, resolve(cfg.bench_gpu.workload.prompts), bandwidth, cfg.bench_gpu.point_timeout_s,
               cfg.bench_gpu.retry_failed, [stage_file], _decode_rate, slots or None)

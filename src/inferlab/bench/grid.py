@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +12,6 @@ from inferlab.bench.sweep import Point
 
 INDUCTOR_SHORT = {"coordinate_descent_tuning": "cdt", "epilogue_fusion": "epilogue", "aggressive_fusion": "aggressive",
                   "freezing": "frozen", "max_autotune_gemm": "gemm-autotune", "shape_padding": "padded"}
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def default_threads(cores: int) -> list[int]:

@@ -4,7 +4,8 @@ Hydra's process launchers (submitit_local, joblib) and `dvc queue start -j N` ru
 one host. Each job keeps its own process (memory isolation), but two points measured at the same time on the
 same device would disturb each other's timings. So a point is measured while holding an exclusive lock for its
 device: the host's CPU for CPU points, the GPU (as CUDA_VISIBLE_DEVICES names it) for GPU points, so one point
-per GPU runs at a time. The lock is a flock on a file: released by the kernel if the holder dies.
+per GPU runs at a time. The lock is a flock on a file every user of the host can open (inferlab.hostlock):
+released by the kernel if the holder dies.
 """
 
 from __future__ import annotations
@@ -14,21 +15,17 @@ import logging
 import os
 import re
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from inferlab import NO_MULTICAST  # noqa: F401  (set in every process that imports inferlab)
+from inferlab.hostlock import lock_dir, open_lock
 
 log = logging.getLogger(__name__)
 
 _HELD: dict[str, object] = {}  # device keys this process holds for its whole run (a claimed GPU)
-
-
-def lock_dir() -> Path:
-    return Path(os.environ.get("INFERLAB_LOCK_DIR") or tempfile.gettempdir())
 
 
 def device_key(runtime_device: str) -> str:
@@ -39,40 +36,42 @@ def device_key(runtime_device: str) -> str:
     return "gpu-" + re.sub(r"[^A-Za-z0-9_.-]", "_", visible)
 
 
+def lock_path(key: str) -> Path:
+    return lock_dir() / f"inferlab-{key}.lock"
+
+
 @contextmanager
 def device_lock(key: str) -> Iterator[float]:
     """Hold the device's lock; yields how long it waited for it (seconds). INFERLAB_DEVICE_LOCK=0 turns it off."""
     if os.environ.get("INFERLAB_DEVICE_LOCK", "1") == "0" or key in _HELD:  # a claimed GPU is ours already
         yield 0.0
         return
-    path = lock_dir() / f"inferlab-{key}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
+    fd = open_lock(lock_path(key))
+    try:
         t0 = time.perf_counter()
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("waiting for %s: another sweep point is being measured on it", key)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        waited = time.perf_counter() - t0
-        try:
-            yield waited
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield time.perf_counter() - t0
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _busy(key: str) -> bool:
     """Whether another process holds this device's lock right now (a non-blocking probe)."""
-    path = lock_dir() / f"inferlab-{key}.lock"
+    path = lock_path(key)
     if key in _HELD or not path.exists():
         return False
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
+    fd = open_lock(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def visible_gpus() -> list[str]:
@@ -112,11 +111,11 @@ def claim_gpu(gpus: list[str] | None = None) -> Iterator[str | None]:
     waited, t0 = False, time.perf_counter()
     while True:
         for g in gpus:
-            f = open(lock_dir() / f"inferlab-gpu-{g}.lock", "a+")  # noqa: SIM115 - held for the whole block
+            f = open_lock(lock_dir() / f"inferlab-gpu-{g}.lock")  # held for the whole block
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                f.close()
+                os.close(f)
                 continue
             saved = os.environ.get("CUDA_VISIBLE_DEVICES")
             os.environ["CUDA_VISIBLE_DEVICES"] = g
@@ -131,8 +130,7 @@ def claim_gpu(gpus: list[str] | None = None) -> Iterator[str | None]:
                     os.environ.pop("CUDA_VISIBLE_DEVICES", None)
                 else:
                     os.environ["CUDA_VISIBLE_DEVICES"] = saved
-                fcntl.flock(f, fcntl.LOCK_UN)
-                f.close()
+                os.close(f)  # releases the lock
             return
         if not waited:
             log.info("every GPU (%s) is taken by another sweep job; waiting for one", ",".join(gpus))

@@ -1,30 +1,46 @@
 """Running a sweep: points in worker processes, one record per point, progress with ETA, resume.
 
-Resume: a sweep writes a manifest (its point ids and a digest of the code) before the first point. If it is
-interrupted, rerunning the same sweep (same points, same code) finds the manifest still marked running and
-runs only the points that have no record yet. A finished sweep is never resumed: when DVC reruns the stage
-(its params or code changed), every point is measured anew.
+Resume: a sweep writes a manifest (its id and a digest of the code) before the first point. If the stage is
+interrupted at any moment until it has finished (its points measured, its records logged to MLflow, its
+aggregates written), rerunning the same sweep (same points, same code, same hardware) continues it: the points
+that have a record of it in the records file are not measured again. A finished sweep is never resumed: when
+DVC reruns the stage (its params or code changed), every point is measured anew.
+
+A Hydra multirun (`-m`) is one sweep of many jobs: its manifest is keyed by the multirun's own overrides, every
+job adds itself when it has finished, and the multirun is finished when all its jobs are.
+
+Only one process runs a sweep (or a job of a multirun) at a time: it holds an exclusive flock on a lock file
+for its whole life, and the file names it (pid, host, boot, start). A second start of the same sweep refuses at
+once, naming the live one, and measures nothing; a holder that died released its lock with its process.
+
+With several GPUs (`slots`), one thread per GPU takes points from a shared queue as its GPU frees up, each GPU's
+workers pinned to its own cores; records are still written one at a time.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import os
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import inferlab
 from inferlab import records as rec
-from inferlab.bench.lock import device_lock, others_busy
+from inferlab.bench.lock import device_lock, lock_path, others_busy
 from inferlab.bench.memory import roofline
 from inferlab.bench.placement import Slot
 from inferlab.bench.worker import Worker
-from inferlab.study import StageRun
+from inferlab.hostlock import boot_id, open_lock
+from inferlab.study import CannotStart, StageRun, Stopped, StorageError, multirun
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +69,139 @@ def _point_id(stage: StageRun, p: Point) -> str:
     return rec.point_id(stage.stage, {"model": stage.model["name"], **p.identity()})
 
 
-class Manifest:
-    def __init__(self, folder: Path, stage: StageRun, points: list[Point], digest: str, placement: str = ""):
-        ids = sorted(_point_id(stage, p) for p in points)
-        parts = [digest, stage.env["hardware"]["id"], ids] + ([placement] if placement else [])
-        key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
-        self.path = folder / f".sweep-{key}.json"
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else None
-        self.ids = ids
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
+
+
+class SweepBusy(CannotStart):
+    """The same sweep is being run by another process right now."""
+
+
+def _take(path: Path, wait: bool) -> int | None:
+    """An exclusive flock on `path` (created if missing); its descriptor, or None when another process holds it
+    and `wait` is false. A holder removes the file when it is done: a lock taken on a file that is no longer
+    the one at `path` is dropped and taken again on the new one."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _release(fd: int, path: Path) -> None:
+    path.unlink(missing_ok=True)  # while still holding it: whoever waits on the old file takes the new one
+    os.close(fd)
+
+
+class SweepState:
+    """The manifest of one sweep (its id; for a multirun, its jobs done) and this process's claim on running it.
+
+    Files beside the records: `.sweep-<key>.json` (the manifest), `.sweep-<key>.lock` (held while the manifest is
+    read and changed: jobs of a multirun may start together) and `.sweep-<key>-<job>.lock` (held by the process
+    that runs these points, for its whole life). <key> names the sweep: a digest of the code, the hardware and its
+    points (a multirun: its overrides); <job> names this run's points.
+    """
+
+    def __init__(self, folder: Path, stage: StageRun, points: list[Point], digest: str):
+        self.ids = sorted(_point_id(stage, p) for p in points)
+        self.stage = stage
+        hw = stage.env["hardware"]["id"]
+        self.multirun = multirun()
+        if self.multirun is None:
+            key = _digest([digest, hw, self.ids])
+        elif self.multirun.jobs:
+            key = _digest([digest, hw, stage.stage, "multirun", sorted(self.multirun.overrides)])
+        else:  # jobs unknown: this multirun only, not resumed by a rerun
+            key = _digest([digest, hw, stage.stage, self.multirun.name, self.ids])
+        self.job = _digest(self.ids)
         self.digest = digest
+        self.path = folder / f".sweep-{key}.json"
+        self.mutex = folder / f".sweep-{key}.lock"
+        self.live = folder / f".sweep-{key}-{self.job}.lock"
+        self.sweep_id = ""
+        self._live_fd: int | None = None
 
-    def resumable(self) -> str | None:
-        return self.data["sweep_id"] if self.data and self.data.get("status") == "running" else None
+    @contextmanager
+    def _manifest(self) -> Iterator[dict[str, Any] | None]:
+        fd = _take(self.mutex, wait=True)
+        assert fd is not None
+        try:
+            yield json.loads(self.path.read_text()) if self.path.exists() else None
+        finally:
+            os.close(fd)
 
-    def write(self, sweep_id: str, status: str) -> None:
-        self.data = {"sweep_id": sweep_id, "status": status, "code_digest": self.digest, "points": self.ids,
-                     "updated": rec.now()}
-        rec.write_json(self.path, self.data)
+    def _write(self, data: dict[str, Any]) -> None:
+        rec.write_json(self.path, {**data, "code_digest": self.digest, "updated": rec.now()})
+
+    def start(self, retry_failed: bool) -> set[str]:
+        """Claim these points (SweepBusy if a live process runs them), join or resume the sweep they belong to,
+        and return the ids of the points that already have a finished record of it."""
+        fd = _take(self.live, wait=False)
+        if fd is None:
+            raise SweepBusy(self._busy_message())
+        self._live_fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "boot_id": boot_id(),
+                                 "started": rec.now(), "sweep": self.stage.stage}).encode())
+        self.stage.on_close(self.close)
+        with self._manifest() as data:
+            if data is None or data.get("status") != "running":
+                data = {"sweep_id": self.stage.sweep_id, "status": "running", "points": [], "jobs_done": []}
+            data["points"] = sorted(set(data.get("points", [])) | set(self.ids))
+            if self.multirun is not None:
+                data["jobs"] = self.multirun.jobs
+            self._write(data)
+        self.sweep_id = data["sweep_id"]
+        if self.sweep_id == self.stage.sweep_id:  # a new sweep (or a job of the multirun that started it)
+            return set()
+        finished = ("ok", "skipped") if retry_failed else ("ok", "skipped", "failed")
+        mine = set(self.ids)
+        earlier = [r for r in rec.read(self.stage.path) if r.sweep_id == self.sweep_id and r.point_id in mine]
+        done = {r.point_id for r in earlier if r.status in finished}
+        self.stage.resume(self.sweep_id, [r for r in earlier if r.point_id in done])
+        log.info("resuming interrupted sweep %s: %d of %d points already finished", self.sweep_id, len(done),
+                 len(self.ids))
+        return done
+
+    def _busy_message(self) -> str:
+        try:
+            who = json.loads(self.live.read_text())
+            holder = f"pid {who['pid']} on {who['host']}, started {who['started']}"
+        except (OSError, ValueError, KeyError):
+            holder = "another process"
+        return (f"the same {self.stage.stage} sweep ({len(self.ids)} points, same code and settings) is running "
+                f"now ({holder}); nothing was run. Wait for it to finish, or stop it and rerun this command to "
+                "resume it")
+
+    def complete(self) -> None:
+        """The stage finished: every point of this run must have a record of the sweep in the file (else the
+        sweep stays open, so a rerun measures what is missing). Then this job is done, and the sweep complete
+        once all its jobs are."""
+        present = {r.point_id for r in rec.read(self.stage.path) if r.sweep_id == self.sweep_id}
+        missing = [i for i in self.ids if i not in present]
+        if missing:
+            raise Stopped(f"{len(missing)} of {len(self.ids)} points of sweep {self.sweep_id} have no readable "
+                          f"record in {self.stage.path}; the sweep stays open: rerun to measure them")
+        with self._manifest() as data:
+            data = data or {"sweep_id": self.sweep_id, "points": self.ids}
+            jobs_done = sorted(set(data.get("jobs_done", [])) | {self.job})
+            whole = self.multirun is None or len(jobs_done) >= (data.get("jobs") or 1)
+            self._write({**data, "jobs_done": jobs_done, "status": "complete" if whole else "running"})
+            if whole:
+                self.mutex.unlink(missing_ok=True)  # held: a process waiting for it takes a new one
+
+    def close(self) -> None:
+        if self._live_fd is not None:
+            _release(self._live_fd, self.live)
+            self._live_fd = None
 
 
 class PointQueue:
@@ -175,27 +307,30 @@ class _Sweep:
             worker.stop()
 
 
-def run_sweep(stage: StageRun, points: list[Point], folder: Path, bandwidth: dict, timeout: float,
-              retry_failed: bool, extra_code: list[Path], roofline_of: Callable[[dict], float | None],
+def run_sweep(stage: StageRun, points: list[Point], folder: Path, bandwidth: dict | Callable[[], dict],
+              timeout: float, retry_failed: bool, extra_code: list[Path], roofline_of: Callable[[dict], float | None],
               slots: list[Slot] | None = None) -> None:
-    """Run every point not yet finished in this sweep; append one record per point. `slots`: the GPUs to run on
-    at once (one point per GPU at a time, each GPU's workers on its own cores); default: one point at a time on
-    the device each point names."""
+    """Run every point not yet finished in this sweep; append one record per point. `bandwidth` may be the
+    function that measures it: called once the sweep is claimed and has points to run (a refused second start,
+    or a resumed sweep with nothing left, measures nothing). `slots`: the GPUs to run on at once (one point per
+    GPU at a time, each GPU's workers on its own cores); default: one point at a time on the device each point
+    names."""
     slots = slots or [Slot()]
     placement = ",".join(f"gpu-{s.gpu}" for s in slots if s.gpu is not None)
-    manifest = Manifest(stage.path.parent, stage, points, code_digest(extra_code), placement)
-    resumed = manifest.resumable()
-    done: set[str] = set()
-    if resumed:
-        stage.sweep_id = resumed
-        finished = ("ok", "skipped") if retry_failed else ("ok", "skipped", "failed")
-        earlier = [r for r in rec.read(stage.path) if r.sweep_id == resumed]
-        done = {r.point_id for r in earlier if r.status in finished}
-        stage.records.extend(r for r in earlier if r.point_id in done)  # logged to MLflow with the rest
-        log.info("resuming interrupted sweep %s: %d of %d points already finished", resumed, len(done), len(points))
-    manifest.write(stage.sweep_id, "running")
+    for key in sorted({s.key(_device(p)) for s in slots for p in points if not p.skip}):
+        try:  # a lock file this user cannot open fails the sweep now, not at its first point
+            os.close(open_lock(lock_path(key)))
+        except OSError as e:
+            raise StorageError(f"the {key} lock {lock_path(key)} cannot be opened ({e.strerror or e}); nothing was "
+                               "run. Set INFERLAB_LOCK_DIR to a folder every user of this host can write") from None
+    digest = code_digest(extra_code)
+    state = SweepState(stage.path.parent, stage, points, _digest([digest, placement]) if placement else digest)
+    done = state.start(retry_failed)
+    stage.when_finished(state.complete)  # after the stage's own work and MLflow logging, not before
 
     todo = [p for p in points if _point_id(stage, p) not in done]
+    if callable(bandwidth):
+        bandwidth = bandwidth() if any(not p.skip for p in todo) else {}
     to_run = [p for p in todo if not p.skip]
     sweep = _Sweep(stage, to_run, len(todo), folder, bandwidth, timeout, roofline_of, slots)
     log.info("sweep %s: %d points to run (%d finished earlier), in %d worker group(s)%s", stage.sweep_id, len(todo),
@@ -206,7 +341,6 @@ def run_sweep(stage: StageRun, points: list[Point], folder: Path, bandwidth: dic
     if len(slots) > 1:
         read_once(to_run)
     _run_slots(sweep)
-    manifest.write(stage.sweep_id, "complete")
 
 
 def _run_slots(sweep: _Sweep) -> None:

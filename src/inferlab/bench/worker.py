@@ -196,18 +196,27 @@ class Worker:
 
     def run(self, point: dict, name: str, folder: str, timeout: float,
             load: dict | None = None) -> tuple[str, dict]:
-        """Run one point; `load` holds its settings outside the identity (paths, texts) for a reused backend."""
-        self.conn.send({"point": point, "name": name, "folder": folder, "load": load or {}})
+        """Run one point; `load` holds its settings outside the identity (paths, texts) for a reused backend.
+        A worker found dead (killed while it waited for the device lock, say) fails this point, not the sweep."""
+        if not self.proc.is_alive():
+            return "failed", {"reason": f"{self._death()} before the point started; the point was not run"}
+        try:
+            self.conn.send({"point": point, "name": name, "folder": folder, "load": load or {}})
+        except (BrokenPipeError, ConnectionError, OSError):
+            return "failed", {"reason": f"{self._death()} before the point started; the point was not run"}
         if not self.conn.poll(timeout):
             self.kill()
             return "failed", {"reason": f"timed out after {timeout:.0f} s; the worker was stopped"}
         try:
             return self.conn.recv()
         except (EOFError, ConnectionError):
-            self.proc.join(5)
-            code = self.proc.exitcode
-            sig = f" ({signal.Signals(-code).name})" if code is not None and code < 0 else ""
-            return "failed", {"reason": f"the worker process died with exit code {code}{sig}"}
+            return "failed", {"reason": self._death()}
+
+    def _death(self) -> str:
+        self.proc.join(5)
+        code = self.proc.exitcode
+        sig = f" ({signal.Signals(-code).name})" if code is not None and code < 0 else ""
+        return f"the worker process died with exit code {code}{sig}"
 
     def alive(self) -> bool:
         return self.proc.is_alive()

@@ -43,6 +43,17 @@ def gguf_path(cfg: StudyConfig, ftype: str) -> Path:
     return cfg.model_dir() / "gguf" / f"{cfg.model.name}-{ftype}.gguf"
 
 
+def missing_gguf(cfg: StudyConfig, ftype: str) -> str | None:
+    """Why the GGUF file of `ftype` is not there (a point that needs it is skipped with this reason); None if it is."""
+    path = gguf_path(cfg, ftype)
+    if path.exists():
+        return None
+    if not path.parent.is_dir():
+        return (f"no GGUF folder {path.parent} (paths.models={cfg.paths.models!r}): run the convert stage first, or "
+                "point paths.models at the folder that holds the model")
+    return f"no GGUF file {path.name}: add {ftype} to convert.quants (or convert.outtypes)"
+
+
 def _quiet_child(log_path: str) -> None:
     """In the child: llama.cpp's output (stdout and stderr) goes to a file, read back if the child dies."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

@@ -29,9 +29,8 @@ from typing import Any
 
 from inferlab import records as rec
 from inferlab.backends import hf
-from inferlab.bench.grid import usable_cores
 from inferlab.bench.sweep import Point, run_sweep
-from inferlab.config import ConfigError, StudyConfig, resolve
+from inferlab.config import ConfigError, StudyConfig, resolve, usable_cores
 from inferlab.quality import dataset, tokens
 from inferlab.quality.scores import BertScorer, compare, exact_match, mean_of, token_fidelity
 from inferlab.study import StageRun
@@ -146,7 +145,7 @@ def generation_points(cfg: StudyConfig, items: list[dict[str, Any]], token_ids: 
                     hf_cpu_ref = ref_ident
     L = e.llama_cpp
     if runtime in (None, "llama_cpp") and L.enabled:
-        from inferlab.gguf.pipeline import gguf_path
+        from inferlab.gguf.pipeline import gguf_path, missing_gguf
 
         ref_name = f"llama-{L.reference}-kv{L.kv_type[0]}"
         ref_ident = _ref_identity(cfg, hardware, ref_name, token_ids)
@@ -162,9 +161,7 @@ def generation_points(cfg: StudyConfig, items: list[dict[str, Any]], token_ids: 
                             "batch_size": 1}
                 if not is_ref and not _keep(settings, pins):
                     continue
-                path = gguf_path(cfg, quant)
-                skip = None if path.exists() else (f"no GGUF file {path.name}: add {quant} to convert.quants "
-                                                   "(or convert.outtypes)")
+                path, skip = gguf_path(cfg, quant), missing_gguf(cfg, quant)
                 if is_ref:
                     roles = {"writes_reference": ref_ident,
                              "against": {VS_TRANSFORMERS: {"identity": hf_cpu_ref}} if hf_cpu_ref else {}}

@@ -1,9 +1,10 @@
 """Stage `report`: the study's answer, from the records only.
 
-Writes metrics/report.md (+ report.html with the figures embedded), metrics/figures/*.png,
-metrics/recommendation.json (what `inferlab serve` loads), metrics/report.json (DVC metrics) and
-metrics/plots/frontier.csv (DVC plots), and logs them as the artifacts of one MLflow report run.
-Missing or partial inputs make a report that says what is missing, never an error.
+Writes metrics/report.md (+ report.html with the figures embedded, or a placeholder that says HTML is off),
+metrics/figures/*.png, metrics/recommendation.json (what `inferlab serve` loads: the same inputs give the same
+file), metrics/report.json (DVC metrics) and metrics/plots/frontier.csv (DVC plots), and logs them as the artifacts
+of one MLflow report run. Missing or partial inputs make a report that says what is missing, never an error; a
+metrics folder or output file that cannot be written stops it before any work.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from inferlab.config import StudyConfig, resolve, to_container
 from inferlab.environment import environment
 from inferlab.report import comparisons, figures, frontier, render
 from inferlab.report.table import Section, collect, num
+from inferlab.study import check_storage
 from inferlab.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 STAGE = "report"
+OUTPUTS = ("report.md", "report.html", "recommendation.json", "report.json", "plots/frontier.csv")
+HTML_OFF = ("<!doctype html>\n<html><body><p>HTML output is off (<code>report.html: false</code>); the report is "
+            "<code>metrics/report.md</code>.</p></body></html>\n")
 FRONTIER_COLUMNS = ("hardware", "model", "config", "stage", "runtime", "precision", "quant", "batch_size",
                     "n_threads", "kv_cache", "kv_type", "compile", "decode_tps", "total_tps", "ttft_ms",
                     "itl_p90_ms", "memory_gib", "kl_mean", "top1", "ppl_ratio", "quality", "on_frontier",
@@ -59,6 +64,8 @@ def build(cfg: StudyConfig) -> dict[str, Any]:
     """Everything the report says, written to metrics/; returns the recommendation document."""
     rc = cfg.report
     results_dir, metrics_dir = resolve(cfg.paths.results), resolve(cfg.paths.metrics)
+    check_storage(cfg, folders=[(f"paths.metrics ({sub})", metrics_dir / sub) for sub in ("figures", "plots")],
+                  files=[("the report output", metrics_dir / name) for name in OUTPUTS])
     sections = collect(results_dir, rc.quality_metric, rc.models)
     n_records = sum(len(s.rows) + len(s.quality) for s in sections)
     log.info("report: %d hardware/model section(s) from %d records", len(sections), n_records)
@@ -90,11 +97,11 @@ def build(cfg: StudyConfig) -> dict[str, Any]:
     md = render.report_md(parts, render.answer_table(results) if results else "No records yet: run the study.",
                           render.missing_inputs(sections), header)
     rec.write_atomic(metrics_dir / "report.md", md)
-    if rc.html:
-        rec.write_atomic(metrics_dir / "report.html", render.to_html(md, metrics_dir))
-    document = {
+    # an output DVC declares exists either way: with html off, a placeholder that says so
+    rec.write_atomic(metrics_dir / "report.html", render.to_html(md, metrics_dir) if rc.html else HTML_OFF)
+    document = {  # no time of its own: a rerun on the same records writes the same file (serve_bench depends on it)
         "objective": rc.objective, "quality_metric": rc.quality_metric, "constraints": header["constraints"],
-        "generated": rec.now(), "git_commit": env["git"].get("commit"),
+        "git_commit": env["git"].get("commit"),
         "recommendations": [{"hardware": s.hardware, "model": s.model, "weights": s.weights, **r}
                             for s, r in results],
     }

@@ -42,7 +42,7 @@ def choose(cfg: StudyConfig, hardware_id: str | None = None) -> tuple[dict[str, 
 
 
 def build_engine(cfg: StudyConfig, settings: dict[str, Any]):
-    from inferlab.bench.grid import usable_cores
+    from inferlab.config import usable_cores
     from inferlab.serve.engine import HFEngine, LlamaCppEngine
 
     s = cfg.serve
