@@ -156,6 +156,7 @@ def test_failed_points_are_recorded_and_the_sweep_goes_on(tiny_project):
 def test_interrupted_sweep_resumes_without_redoing_finished_points(tiny_project):
     args = [sys.executable, "stages/bench_cpu.py", "model=tiny-phi", "runtime=llama_cpp",
             "bench_cpu.prompt_cache.enabled=false", "bench_cpu.llama_cpp.extra_points=[]",
+            "bench_cpu.llama_cpp.quants=[f16,q8_0,q5_k_m,q4_k_m,q4_0]",
             "bench_cpu.workload.new_tokens=48", "bench_cpu.workload.repetitions=3", "bench_cpu.workload.warmup=1"]
     path = tiny_project / "results" / "bench_cpu"
     before = {r.record_id for r in read_records(tiny_project)}
