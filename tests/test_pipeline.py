@@ -44,9 +44,9 @@ def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["model"]["name"] == "tiny-phi" and params["convert"]["quants"] == ["q8_0"]
     gguf = repo / "models" / "tiny-phi" / "gguf"
-    assert sorted(p.name for p in gguf.iterdir()) == ["tiny-phi-f16.gguf", "tiny-phi-q8_0.gguf"]
+    assert sorted(p.name for p in gguf.iterdir()) == ["tiny-phi-f16.gguf", "tiny-phi-f32.gguf", "tiny-phi-q8_0.gguf"]
     metrics = json.loads((repo / "metrics" / "gguf.json").read_text())
-    assert set(metrics["types"]) == {"f16", "q8_0"}
+    assert set(metrics["types"]) == {"f32", "f16", "q8_0"}  # F32: llama.cpp's reference in the evaluate stage
 
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("inferlab")
@@ -74,8 +74,10 @@ def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
     assert list((repo / "metrics" / "figures").glob("*--tiny-phi--throughput.png"))
     quality = json.loads((repo / "metrics" / "quality.json").read_text())
     configs = next(iter(quality.values()))["tiny-phi"]["configs"]
-    assert configs["llama-q8_0-kvf16"]["status"] == "ok"  # scored; its F16 reference was pinned away:
-    assert "no f16-f16 outputs" in configs["llama-q8_0-kvf16"]["reason"]
+    # the pins left q8_0, and its reference (llama.cpp's F32 file) ran first in the same sweep all the same
+    assert configs["llama-f32-kvf16"]["status"] == "ok" and configs["llama-f32-kvf16"]["reference"] == "itself"
+    q8 = configs["llama-q8_0-kvf16"]
+    assert q8["status"] == "ok" and q8["reference"] == "llama-f32-kvf16" and q8["kl_ci_low"] <= q8["kl_mean"]
     assert {r.info.run_name for r in runs if r.data.tags["inferlab.kind"] == "point"} >= {"tiny-phi", "f16", "q8_0"}
 
     lock = (repo / "dvc.lock").read_text()
