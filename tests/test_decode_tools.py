@@ -175,7 +175,8 @@ def test_report_shows_peer_lookup_and_profiles(project):
     assert "### Faster decoding" in md
     assert ("**Fastest batch-1 decoding (transformers)**: 16-bit hf-fp16-b1-static-sdpa-compiled-fast 314 tokens/s"
             in md and "4-bit hf-int4-ao-b1-static-sdpa-compiled-graph 437 tokens/s" in md and "1.39×" in md)
-    assert "**llama.cpp on this GPU**: 1 of 1 points did not run: the worker process died with exit code -11" in md
+    assert ("**llama.cpp on this GPU (every layer offloaded, same GGUF files)**: none of its 1 points ran: the worker "
+            "process died with exit code -11") in md
     assert ("**Prompt lookup (fp16, summarization, 10 candidates)**: 75.4 tokens/s per request (median of 8), "
             "acceptance 0.58, 6.1 tokens per forward pass; plain decoding of the same requests 39 tokens/s "
             "(1.93× faster); the same tokens as plain decoding in 1 of 2 requests.") in md

@@ -476,9 +476,12 @@ def test_finding4_an_abandoned_non_streaming_request_stops_generating(server, re
     headers = H if server == "llama_server" else {}
     name = 'inferlab_errors_total{type="client_disconnected"}'
     gone, tokens = metric(url, name, headers), metric(url, "inferlab_generated_tokens_total", headers)
+    # the client gives up while tokens are being made: tiny-phi makes 900 tokens in about 0.9 s on llama.cpp and
+    # about 9 s on transformers here
+    patience = 0.3 if server == "llama_server" else 1.5
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/completions", json={"model": "tiny-phi", "prompt": "Tell a story:", "max_tokens": 900,
-                                                  "temperature": 0}, headers=headers, timeout=1.5)
+                                                  "temperature": 0}, headers=headers, timeout=patience)
     deadline = time.time() + 8
     while time.time() < deadline and httpx.get(f"{url}/health").json()["in_flight"]:
         time.sleep(0.1)

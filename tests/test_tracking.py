@@ -106,7 +106,7 @@ def test_runs_carry_the_measurement_times_dataset_input_and_outputs_table(tmp_pa
                    artifacts={"outputs": "results/evaluate/outputs/hw/m/hf-cpu-fp32-dynamic.jsonl"})
             for i in range(2)]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert Tracker(TrackingConfig(uri=uri, experiment="t")).log(recs) == 2
+    assert Tracker(TrackingConfig(uri=uri, experiment="t")).log(recs).created == 2
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
     by_name = {r.info.run_name: r for r in runs}
