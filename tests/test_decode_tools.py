@@ -180,7 +180,7 @@ def test_report_shows_peer_lookup_and_profiles(project):
     assert ("**Prompt lookup (fp16, summarization, 10 candidates)**: 75.4 tokens/s per request (median of 8), "
             "acceptance 0.58, 6.1 tokens per forward pass; plain decoding of the same requests 39 tokens/s "
             "(1.93× faster); the same tokens as plain decoding in 1 of 2 requests.") in md
-    assert "| hf-fp16-b1-static-sdpa-compiled-fast | decode steps | 3.31 | 2.95 | 0.24 | 0.12 | 456 | 2.47 |" in md
+    assert "| hf-fp16-b1-static-sdpa-compiled-fast | s | decode steps | 3.31 | 2.95 | 0.24 | 0.12 | 456 | 2.47 |" in md
 
 
 def test_llama_processes_load_llama_cpp_first_and_others_never():
