@@ -12,8 +12,10 @@ import yaml
 from mlflow import MlflowClient
 
 from inferlab import records
+from inferlab.stage import READS_ENV
 
 from .conftest import copy_project, run
+from .test_dependencies import check_config_reads
 
 pytestmark = pytest.mark.slow
 
@@ -38,9 +40,11 @@ SMALL_BENCH = ["runtime=llama_cpp", "quant=q8_0", "bench_cpu.prompt_cache.enable
 
 
 def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
+    reads = repo.parent / "config-reads"
     r = run([sys.executable, "-m", "inferlab.cli", "study", "model=tiny-phi", "convert.quants=[q8_0]", *SMALL_BENCH],
-            cwd=repo)
+            cwd=repo, env={READS_ENV: str(reads)})
     assert "Ran experiment" in r.stdout + r.stderr
+    check_config_reads(reads)  # every stage read only config keys that dvc.yaml lists as its params
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["model"]["name"] == "tiny-phi" and params["convert"]["quants"] == ["q8_0"]
     gguf = repo / "models" / "tiny-phi" / "gguf"

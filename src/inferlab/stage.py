@@ -9,14 +9,17 @@ Both paths validate the same way (inferlab.config.load) and hand the stage the s
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
-from inferlab.config import ConfigError, compose, conf_dir, load, register_configs
+from inferlab.config import ConfigError, compose, conf_dir, load, recording, register_configs
 from inferlab.logs import quiet_libraries, setup_logging
 
 log = logging.getLogger(__name__)
@@ -24,7 +27,24 @@ log = logging.getLogger(__name__)
 StageFn = Callable[..., object]
 
 
+READS_ENV = "INFERLAB_CONFIG_READS"  # a folder: each stage writes the config keys it read to <stage>.json there
+
+
 def _call(fn: StageFn, cfg) -> None:
+    folder = os.environ.get(READS_ENV)
+    if not folder:
+        _run(fn, cfg)
+        return
+    with recording() as reads:  # what dvc.yaml must list as the stage's params (tests/test_dependencies.py)
+        try:
+            _run(fn, cfg)
+        finally:
+            path = Path(folder) / f"{Path(inspect.getfile(fn)).stem}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(sorted(reads), indent=1) + "\n")
+
+
+def _run(fn: StageFn, cfg) -> None:
     from inferlab.records import WriteError
     from inferlab.study import CannotStart, Stopped
 

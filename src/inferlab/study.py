@@ -151,8 +151,7 @@ class StageRun:
                               f"model={cfg.model.name}), or point paths.models at the folder that holds "
                               f"{cfg.model.name}/")
         self.sweep_id = multirun_sweep_id(stage) or rec.new_sweep_id(stage)
-        full = to_container(cfg)
-        self.config = {s: full[s] for s in sections}
+        self.config = {s: to_container(getattr(cfg, s)) for s in sections}  # the sections it reads, resolved
         self.model = model_info(cfg)
         self.records: list[rec.Record] = []  # this run's records (and a resumed sweep's earlier ones)
         self.written = 0

@@ -99,7 +99,7 @@ def generation_points(cfg: StudyConfig, items: list[dict[str, Any]], token_ids: 
     """Every configuration to evaluate, each runtime's reference first (it runs even where pins leave it out: the
     others are compared with it)."""
     e = cfg.evaluate
-    pins = {k: v for k, v in cfg.pins().items() if k in PINS}
+    pins = cfg.pins(PINS)
     runtime = pins.pop("runtime", None)
     common = {"scenario": "quality", "items_digest": items_digest, "n_items": len(items),
               "max_new_tokens": dict(e.max_new_tokens), "tokens_digest": tokens.ids_digest(token_ids),
@@ -397,7 +397,7 @@ def run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
     payload, token_ids = tokenize(cfg, items, text)
     from inferlab.bench.gpu import cuda_problem
 
-    need_cuda = e.gpu.enabled and cfg.pins().get("runtime") in (None, "hf")
+    need_cuda = e.gpu.enabled and cfg.runtime in (None, "hf")
     problem = cuda_problem() if need_cuda else None
     if problem:
         log.warning("evaluate: %s; the CUDA configurations are recorded as skipped", problem)

@@ -175,7 +175,8 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         import httpx
 
-        data = to_container(self.cfg)
+        # the sections the server reads (the others take their defaults there)
+        data = {k: to_container(getattr(self.cfg, k)) for k in ("model", "serve", "serve_bench", "paths")}
         data["serve"].update({**self.overrides, "host": "127.0.0.1", "port": self.port, "gradio": False})
         fd, path = tempfile.mkstemp(prefix="inferlab-serve-", suffix=".yaml")
         with os.fdopen(fd, "w") as f:
@@ -259,7 +260,7 @@ def run(cfg: StudyConfig, stage: StageRun) -> None:
 
     sb = cfg.serve_bench
     settings, source = choose(cfg)
-    pins = {k: v for k, v in cfg.pins().items() if k in ("runtime", "quant", "precision", "n_threads")}
+    pins = cfg.pins(("runtime", "quant", "precision", "n_threads"))
     overrides: dict[str, Any] = {"source": "config"}
     for k in ("runtime", "quant", "precision", "n_threads", "device"):
         if settings.get(k) is not None:
