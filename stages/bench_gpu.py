@@ -4,8 +4,7 @@ from pathlib import Path
 
 from inferlab.bench import gpu
 from inferlab.config import StudyConfig
-from inferlab.stage import run_stage
-from inferlab.study import StageRun
+from inferlab.stage import StageRun, run_stage
 
 
 def main(cfg: StudyConfig) -> None:

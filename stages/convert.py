@@ -4,8 +4,7 @@ import sys
 
 from inferlab.config import StudyConfig
 from inferlab.gguf import pipeline
-from inferlab.stage import run_stage
-from inferlab.study import StageRun
+from inferlab.stage import StageRun, run_stage
 
 
 def main(cfg: StudyConfig) -> None:

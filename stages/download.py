@@ -5,8 +5,7 @@ import sys
 
 from inferlab.config import StudyConfig
 from inferlab.models.acquire import ModelUnavailable, acquire
-from inferlab.stage import run_stage
-from inferlab.study import StageRun, model_info
+from inferlab.stage import StageRun, model_info, run_stage
 
 
 def main(cfg: StudyConfig) -> None:

@@ -4,9 +4,8 @@ passage, and their scores (ROUGE, BERTScore, token fidelity) against the referen
 from pathlib import Path
 
 from inferlab.config import StudyConfig
-from inferlab.quality import stage as quality
-from inferlab.stage import run_stage
-from inferlab.study import StageRun
+from inferlab.quality import evaluate as quality
+from inferlab.stage import StageRun, run_stage
 
 
 def main(cfg: StudyConfig) -> None:

@@ -2,7 +2,7 @@
 and quality, the recommended configuration under the constraints in config, figures, and an MLflow report run."""
 
 from inferlab.config import StudyConfig
-from inferlab.report import stage as report
+from inferlab.report import build as report
 from inferlab.stage import run_stage
 
 

@@ -3,8 +3,7 @@ N concurrent streaming clients per level and records TTFT, ITL, end-to-end perce
 
 from inferlab.config import StudyConfig
 from inferlab.serve import loadtest
-from inferlab.stage import run_stage
-from inferlab.study import StageRun
+from inferlab.stage import StageRun, run_stage
 
 
 def main(cfg: StudyConfig) -> None:

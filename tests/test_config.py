@@ -195,16 +195,15 @@ def _composed_with(overrides: list[str]) -> dict:
 
 
 def test_a_wrong_models_folder_stops_a_stage_that_needs_the_model(project):
-    from inferlab.gguf.pipeline import missing_gguf
-    from inferlab.study import CannotStart, StageRun
+    from inferlab.stage import CannotStart, StageRun
 
     cfg = compose(["model=tiny-phi", "paths.models=modls"])
     with pytest.raises(CannotStart, match=r"paths.models: .*modls/tiny-phi does not exist .*Run the download stage"):
         StageRun(cfg, "bench_cpu", sections=())
     (project / "modls" / "tiny-phi" / "hf").mkdir(parents=True)  # downloaded, never converted
-    assert "run the convert stage first" in missing_gguf(cfg, "q8_0")
+    assert "run the convert stage first" in cfg.missing_gguf("q8_0")
     (project / "modls" / "tiny-phi" / "gguf").mkdir()
-    assert missing_gguf(cfg, "q8_0").startswith("no GGUF file tiny-phi-q8_0.gguf: add q8_0 to convert.quants")
+    assert cfg.missing_gguf("q8_0").startswith("no GGUF file tiny-phi-q8_0.gguf: add q8_0 to convert.quants")
 
 
 def test_inferlab_study_checks_the_config_before_dvc_runs(project):

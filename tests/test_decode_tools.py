@@ -17,7 +17,7 @@ from inferlab.backends import BackendUnavailable, get_backend
 from inferlab.bench import hf_scenarios, profile
 from inferlab.config import ConfigError, compose
 from inferlab.gguf.pipeline import isolated
-from inferlab.report.stage import build
+from inferlab.report.build import build
 
 from .conftest import ROOT
 from .test_report import bench

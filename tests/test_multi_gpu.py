@@ -174,12 +174,11 @@ def test_a_process_started_with_its_own_environment_keeps_multicast_off(tmp_path
 
 def _llama_point(cfg, name: str, quant: str, new_tokens: int):
     from inferlab.bench.sweep import Point
-    from inferlab.gguf.pipeline import gguf_path
 
     settings = {"quant": quant, "n_threads": 1, "n_batch": 64, "flash_attn": False, "kv_type": "f16",
                 "api": "generate", "prompt_tokens": 16, "scenario": "latency", "new_tokens": new_tokens,
                 "warmup": 0, "repetitions": 3, "n_ctx": 128, "n_gpu_layers": 0}
-    return Point(name, "llama_cpp", ("llama_cpp", quant), settings, {"model_path": str(gguf_path(cfg, quant))})
+    return Point(name, "llama_cpp", ("llama_cpp", quant), settings, {"model_path": str(cfg.gguf_path(quant))})
 
 
 def test_points_go_to_whichever_gpu_is_free_on_workers_pinned_to_its_cores(tiny_project, tmp_path, monkeypatch):
@@ -189,7 +188,7 @@ def test_points_go_to_whichever_gpu_is_free_on_workers_pinned_to_its_cores(tiny_
     from inferlab.bench.sweep import run_sweep
     from inferlab.bench.worker import FAIL_ENV
     from inferlab.config import compose, resolve
-    from inferlab.study import StageRun
+    from inferlab.stage import StageRun
 
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two usable cores: one for each fake GPU")

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from inferlab import records as rec
 from inferlab.config import ConfigError, ConstraintsConfig, ReportConfig, compose
 from inferlab.report import frontier
-from inferlab.report.stage import build
+from inferlab.report.build import build
 from inferlab.report.table import collect
 from inferlab.tracking import TAG_KIND, Tracker
 

@@ -224,7 +224,7 @@ def _writable(path: Path) -> None:
 
 
 def test_an_unwritable_records_file_or_stage_folder_stops_the_sweep_before_its_first_point(project, tmp_path):
-    from inferlab.study import StageRun, StorageError
+    from inferlab.stage import StageRun, StorageError
 
     records = project / "results" / "bench_cpu" / "some-hw.jsonl"
     records.parent.mkdir(parents=True)
@@ -255,8 +255,8 @@ def test_an_unwritable_records_file_or_stage_folder_stops_the_sweep_before_its_f
 
 
 def test_the_report_checks_its_storage_before_any_work(project):
-    from inferlab.report.stage import build
-    from inferlab.study import StorageError
+    from inferlab.report.build import build
+    from inferlab.stage import StorageError
 
     with pytest.raises(StorageError, match=r"paths.results: only .* MiB free .* nothing was run"):
         build(compose(["paths.min_free_mb=100000000"]))

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
+from inferlab.backends.timing import RequestTiming
 from inferlab.bench.memory import roofline
 from inferlab.bench.stats import percentile, summarize
-from inferlab.bench.timing import RequestTiming
 
 
 def test_summary_of_hand_computed_samples():

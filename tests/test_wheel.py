@@ -15,7 +15,7 @@ import pytest
 from inferlab.config import GGUF_FILE_TYPES, compose
 from inferlab.gguf.convert import convert, quantize
 from inferlab.models.acquire import PROVENANCE, ModelUnavailable, acquire
-from inferlab.study import model_info
+from inferlab.stage import model_info
 
 PACKAGE, VERSION, MODULE = "inferlab-fake-model", "0.0.1", "inferlab_fake_model"
 MEMBER = f"{MODULE}/tiny-llama.Q4_1.gguf"

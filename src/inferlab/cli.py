@@ -7,7 +7,12 @@ import logging
 import sys
 from pathlib import Path
 
-from inferlab.config import ConfigError, TrackingConfig, compose, project_root, to_container
+from inferlab.config import ConfigError, TrackingConfig, compose, project_root, resolve, to_container
+
+
+def results_dir() -> Path:
+    """The configured results folder (paths.results)."""
+    return resolve(compose([]).paths.results)
 
 
 def record_paths(given: list[str], experiments: bool) -> list[Path]:
@@ -16,7 +21,7 @@ def record_paths(given: list[str], experiments: bool) -> list[Path]:
     from inferlab.records import record_files
 
     if not given:
-        return record_files(project_root() / "results", experiments)
+        return record_files(results_dir(), experiments)
     out: list[Path] = []
     for p in map(Path, given):
         out += [*sorted(p.glob("*.jsonl")), *record_files(p, experiments)] if p.is_dir() else [p]
@@ -78,12 +83,12 @@ def cmd_results(args: argparse.Namespace) -> int:
     import csv
 
     from inferlab.bench.aggregate import MARKDOWN_COLUMNS, markdown, stage_rows
-    from inferlab.quality import stage as quality
+    from inferlab.quality import evaluate as quality
 
     if args.stage == quality.STAGE:  # one row per configuration: its scores (figures of its own shape)
-        rows, columns = quality.quality_rows(project_root() / "results"), quality.QUALITY_COLUMNS
+        rows, columns = quality.quality_rows(results_dir()), quality.QUALITY_COLUMNS
     else:
-        rows, columns = stage_rows(project_root() / "results", args.stage), MARKDOWN_COLUMNS
+        rows, columns = stage_rows(results_dir(), args.stage), MARKDOWN_COLUMNS
     if args.model:
         rows = [r for r in rows if r["model"] == args.model]
     if not rows:
@@ -102,7 +107,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     """Rewrite metrics/<stage>.json and metrics/plots/<stage>.csv from the records (e.g. after copying records
     from another machine)."""
     from inferlab.bench.aggregate import write_aggregates
-    from inferlab.quality import stage as quality
+    from inferlab.quality import evaluate as quality
 
     cfg = compose([])
     for stage in args.stages:

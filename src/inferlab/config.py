@@ -314,11 +314,30 @@ class ConvertConfig(Section):
 KV_TYPES = ("f16", "q8_0", "q4_0")
 LLAMA_APIS = ("generate", "completion", "completion_stream")
 PROMPT_CACHE_MODES = ("none", "context", "ram", "disk")
-# bitsandbytes: int8, nf4, fp4, nf4-dq; torchao weight-only (bf16 activations): int8-ao, int4-ao
+# The vocabularies of transformers points: this is their one home (backends, grids, the report import them).
 HF_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4", "nf4-dq", "int8-ao", "int4-ao", "int4-inductor")
+BNB_PRECISIONS = ("int8", "nf4", "fp4", "nf4-dq")  # bitsandbytes: quantized while the weights load
+TORCHAO_PRECISIONS = ("int8-ao", "int4-ao")  # torchao weight-only quantization, bf16 activations
+INT4_INDUCTOR = "int4-inductor"  # int4 weight-only whose batch-1 kernel inductor writes (backends/int4.py)
+FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # unquantized precisions: torch dtypes
+# what stands for 16 and for 4 bits in the report's comparisons, per runtime, in the order they are looked for
+SIXTEEN_BIT = {"hf": ("fp16", "bf16"), "llama_cpp": ("f16",)}
+FOUR_BIT = {"hf": ("nf4", "fp4", "nf4-dq"), "llama_cpp": ("q4_k_m", "q4_0")}
+INT4_KERNELS = ("int4-ao", "int4-inductor")  # 4-bit weights with a kernel of their own (not bitsandbytes)
 HF_KV_CACHES = ("none", "dynamic", "static")
 HF_ATTENTION = ("sdpa", "eager")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# The graph decode loop captures its own CUDA graph, so inductor must not wrap one around the step: each compile
+# mode runs as its counterpart without CUDA graphs (reduce-overhead is the default mode plus CUDA graphs).
+GRAPH_MODES = {"default": "default", "reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs",
+               "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs"}
+
+
+def fuse_problem(fuse: str | None, precision: str) -> str | None:
+    """Why a fusion (fuse_qkv, fuse_block) cannot apply to a precision, or None."""
+    if fuse and precision in BNB_PRECISIONS:
+        return f"fuse_{fuse}: bitsandbytes quantizes the weights while loading, before they can be fused"
+    return None
 
 
 def _check_all(key: str, values: Iterable[Any], allowed: Iterable[Any]) -> None:
@@ -1065,6 +1084,20 @@ class StudyConfig(Section):
 
     def model_dir(self) -> Path:
         return resolve(self.paths.models) / self.model.name
+
+    def gguf_path(self, ftype: str) -> Path:
+        """The model's GGUF file of one type (f32, f16, a quant type): where convert writes it and all read it."""
+        return self.model_dir() / "gguf" / f"{self.model.name}-{ftype}.gguf"
+
+    def missing_gguf(self, ftype: str) -> str | None:
+        """Why the GGUF file of `ftype` is not there (a point that needs it is skipped with this reason), or None."""
+        path = self.gguf_path(ftype)
+        if path.exists():
+            return None
+        if not path.parent.is_dir():
+            return (f"no GGUF folder {path.parent} (paths.models={self.paths.models!r}): run the convert stage first, "
+                    "or point paths.models at the folder that holds the model")
+        return f"no GGUF file {path.name}: add {ftype} to convert.quants (or convert.outtypes)"
 
 
 def resolve(path: str | Path) -> Path:

@@ -10,7 +10,7 @@ import socket
 import subprocess
 from importlib import metadata
 
-from inferlab.config import project_root
+from inferlab.config import BNB_PRECISIONS, TORCHAO_PRECISIONS, project_root
 
 LIBRARIES = (
     "inferlab", "torch", "transformers", "tokenizers", "accelerate", "bitsandbytes", "llama-cpp-python",
@@ -144,6 +144,28 @@ def hardware_id(cpu: str, gpus: list[dict]) -> str:
         base = f"cpu-{n}c-{cpu}"
     slug = re.sub(r"[^A-Za-z0-9]+", "-", base).strip("-").lower()
     return slug[:60]
+
+
+def cuda_problem() -> str | None:
+    """None where a CUDA device can run transformers points; otherwise why not."""
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return f"no CUDA device on this machine (torch {torch.__version__}, torch.cuda.is_available() is False)"
+    return None
+
+
+def missing_package(precision: str) -> str | None:
+    """Why a transformers precision cannot load here (its quantization package is not installed), or None."""
+    from importlib.util import find_spec
+
+    if precision in BNB_PRECISIONS and find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (pip install 'inferlab[gpu]')"
+    if precision in TORCHAO_PRECISIONS and find_spec("torchao") is None:
+        return "torchao is not installed (pip install torchao)"
+    return None
 
 
 def environment() -> dict:

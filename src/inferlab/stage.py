@@ -1,28 +1,241 @@
-"""How a stage script runs: from params.yaml (DVC) or by composing conf/ with Hydra (command line, multirun).
+"""A stage execution: how a stage script runs, and what every stage execution shares.
+
+How a stage script runs: from params.yaml (DVC) or by composing conf/ with Hydra (command line, multirun).
 
     python stages/convert.py --params params.yaml          # what dvc.yaml runs; params.yaml is DVC's composition
     python stages/convert.py model=tiny-phi convert.quants=[q8_0]
     python stages/convert.py -m convert.quants=[q8_0],[q4_0]
 
-Both paths validate the same way (inferlab.config.load) and hand the stage the same StudyConfig.
+Both paths validate the same way (inferlab.config.load) and hand the stage the same StudyConfig. A stage runs in
+a `StageRun`: its sweep id, where its records go, and logging them to MLflow at the end.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
 import os
+import shutil
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from inferlab.config import ConfigError, compose, conf_dir, load, recording, register_configs
+from inferlab import records as rec
+from inferlab.config import (
+    ConfigError,
+    StudyConfig,
+    compose,
+    conf_dir,
+    load,
+    project_root,
+    recording,
+    register_configs,
+    resolve,
+    to_container,
+)
+from inferlab.environment import environment
 from inferlab.logs import quiet_libraries, setup_logging
+from inferlab.models.acquire import read_provenance
+from inferlab.tracking import Tracker
 
 log = logging.getLogger(__name__)
+
+
+def records_path(cfg: StudyConfig, stage: str, hardware_id: str) -> Path:
+    """Records of one stage on one machine: results of different hardware never overwrite each other."""
+    return resolve(cfg.paths.results) / stage / f"{hardware_id}.jsonl"
+
+
+def model_info(cfg: StudyConfig) -> dict[str, Any]:
+    prov = read_provenance(cfg.model_dir() / "hf")
+    return {
+        "name": cfg.model.name,
+        "id": cfg.model.repo_id or cfg.model.name,
+        "revision": prov.get("revision", cfg.model.revision),
+        "weights": cfg.model.weights,
+        "source": cfg.model.source,
+        **({"note": cfg.model.note} if cfg.model.note else {}),
+        **({"derived_from": prov["derived_from"]} if prov.get("derived_from") else {}),  # e.g. a dequantized GGUF
+    }
+
+
+def relpath(path: Path) -> str:
+    try:
+        return path.resolve().relative_to(project_root()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def multirun_sweep_id(stage: str) -> str | None:
+    """Jobs of one Hydra multirun share its sweep folder: they share one sweep id (one MLflow parent run)."""
+    run = multirun()
+    return f"{stage}-multirun-{run.name}" if run else None
+
+
+@dataclass
+class Multirun:
+    """The Hydra multirun this process runs a job of."""
+
+    name: str  # its sweep folder's name and a digest of its path: one per multirun started
+    overrides: list[str]  # the multirun's own overrides (before the sweep is expanded): the same on a rerun
+    jobs: int | None  # how many jobs it has; None when its sweeper is not Hydra's basic one
+
+
+def multirun() -> Multirun | None:
+    """The multirun of this Hydra job, or None outside a multirun (a single run, DVC's --params path)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):  # not running under Hydra
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    folder = Path(hc.sweep.dir).resolve()
+    name = f"{folder.name}-{hashlib.sha256(str(folder).encode()).hexdigest()[:8]}"
+    overrides, jobs = list(hc.overrides.task), None
+    try:  # Hydra saves the multirun's own config (its unexpanded overrides) before it launches the first job
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from omegaconf import OmegaConf
+
+        saved = OmegaConf.load(folder / "multirun.yaml").hydra
+        overrides = [*saved.overrides.task, *(f"{k}={v}" for k, v in (saved.sweeper.get("params") or {}).items())]
+        if str(saved.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            parsed = OverridesParser.create().parse_overrides(overrides)
+            jobs = sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
+    except Exception as e:  # noqa: BLE001 - without it the multirun still runs, only not resumable across reruns
+        log.warning("cannot read the multirun's overrides from %s (%s): an interrupted multirun will not be "
+                    "resumed by a rerun", folder / "multirun.yaml", e)
+    return Multirun(name, overrides, jobs)
+
+
+class CannotStart(RuntimeError):
+    """A stage that must not start (its storage, another process running the same sweep): found before any
+    work, said in one line."""
+
+
+class Stopped(RuntimeError):
+    """A stage that stopped part way for a reason said in one line; the records written before it are kept."""
+
+
+class StorageError(CannotStart):
+    """Results cannot be written (a folder or file not writable, a full disk): found before any work starts."""
+
+
+def check_storage(cfg: StudyConfig, folders: Sequence[tuple[str, Path]] = (),
+                  files: Sequence[tuple[str, Path]] = ()) -> None:
+    """Every folder a stage writes (paths.results, paths.metrics and the stage's own `folders`) is writable and
+    has paths.min_free_mb free, and every file it appends to or replaces (`files`: a records file, a report)
+    can be written: not read-only, not immutable. Else a clear error, now, before any point is measured."""
+    need = cfg.paths.min_free_mb * 2**20
+    checks = [(f"paths.{key}", resolve(getattr(cfg.paths, key))) for key in ("results", "metrics")]
+    for key, folder in [*checks, *folders]:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-") as f:
+                f.write(b"x")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise StorageError(f"{key}: {folder} is not writable ({e.strerror or e}); nothing was run. "
+                               f"Fix its permissions or point {key.split(' ')[0]} elsewhere") from None
+        free = shutil.disk_usage(folder).free
+        if free < need:
+            raise StorageError(f"{key}: only {free / 2**20:,.0f} MiB free on the disk of {folder}; a stage "
+                               f"needs at least {cfg.paths.min_free_mb:,} MiB (paths.min_free_mb); nothing was run")
+    for what, path in files:
+        if not path.exists():
+            continue  # its folder was checked above
+        try:  # opening for writing changes nothing, and fails as the write would: read-only, immutable
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        except OSError as e:
+            raise StorageError(f"{what} {path} cannot be written ({e.strerror or e}); nothing was run. Make it "
+                               "writable again (chmod u+w, or chattr -i where it was made immutable)") from None
+
+
+class StageRun:
+    """One execution of a stage: records appended as they are made, logged to MLflow at the end."""
+
+    def __init__(self, cfg: StudyConfig, stage: str, sections: Sequence[str], needs_model: bool = True):
+        self.cfg = cfg
+        self.stage = stage
+        self.env = environment()
+        self.path = records_path(cfg, stage, self.env["hardware"]["id"])
+        check_storage(cfg, folders=[(f"paths.results ({stage} records)", self.path.parent)],
+                      files=[("the records file", self.path)])
+        if needs_model and not cfg.model_dir().is_dir():
+            raise CannotStart(f"paths.models: {cfg.model_dir()} does not exist (paths.models={cfg.paths.models!r}); "
+                              f"nothing was run. Run the download stage first (python stages/download.py "
+                              f"model={cfg.model.name}), or point paths.models at the folder that holds "
+                              f"{cfg.model.name}/")
+        self.sweep_id = multirun_sweep_id(stage) or rec.new_sweep_id(stage)
+        self.config = {s: to_container(getattr(cfg, s)) for s in sections}  # the sections it reads, resolved
+        self.model = model_info(cfg)
+        self.records: list[rec.Record] = []  # this run's records (and a resumed sweep's earlier ones)
+        self.written = 0
+        self._since = rec.now_ms()  # the start of the work the next record describes, unless it says otherwise
+        self._when_finished: list[Callable[[], None]] = []  # after a stage that finished, its records logged
+        self._on_close: list[Callable[[], None]] = []  # always, at the end
+
+    def record(self, name: str, point: dict[str, Any], **fields: Any) -> rec.Record:
+        """Append one record. `started` (when its measurement began, ms) defaults to the end of the previous
+        record of this run, or the run's start: the work between two records is the later one's."""
+        fields.setdefault("started", self._since)
+        r = rec.Record(
+            stage=self.stage, name=name, point=point, config=self.config, model=self.model,
+            environment=self.env, sweep_id=self.sweep_id, **fields,
+        )
+        self._since = r.ended
+        rec.append(self.path, r)
+        self.records.append(r)
+        self.written += 1
+        if r.status == "failed":
+            log.warning("%s %s: failed (%s)", self.stage, name, r.reason)
+        elif r.status == "skipped":  # an expected limitation of this machine, said once by the stage
+            log.debug("%s %s: skipped (%s)", self.stage, name, r.reason)
+        return r
+
+    def resume(self, sweep_id: str, earlier: list[rec.Record]) -> None:
+        """Continue an interrupted sweep: its id, and its records already written (logged with the new ones)."""
+        self.sweep_id = sweep_id
+        self.records.extend(earlier)
+
+    def when_finished(self, fn: Callable[[], None]) -> None:
+        """Call fn once the stage has finished without an error and its records are logged (not otherwise)."""
+        self._when_finished.append(fn)
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Call fn at the end of the stage, however it ended."""
+        self._on_close.append(fn)
+
+    def __enter__(self) -> StageRun:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.finish(ok=exc_type is None)  # records already written are logged even if the stage was interrupted
+
+    def finish(self, ok: bool = True) -> None:
+        earlier = len(self.records) - self.written
+        log.info("%d record(s) appended to %s%s", self.written, relpath(self.path),
+                 f" ({earlier} of this sweep were written before the interruption)" if earlier else "")
+        try:
+            Tracker(self.cfg.tracking).log(self.records)
+            for fn in self._when_finished if ok else ():
+                fn()
+        finally:
+            self._when_finished.clear()
+            for fn in self._on_close:
+                fn()
+            self._on_close.clear()
 
 StageFn = Callable[..., object]
 
@@ -45,15 +258,12 @@ def _call(fn: StageFn, cfg) -> None:
 
 
 def _run(fn: StageFn, cfg) -> None:
-    from inferlab.records import WriteError
-    from inferlab.study import CannotStart, Stopped
-
     try:
         fn(cfg)
     except CannotStart as e:
         log.error("cannot start: %s", e)
         raise SystemExit(f"cannot start: {e}") from None
-    except (Stopped, WriteError) as e:  # the records written before it are kept; a rerun resumes the sweep
+    except (Stopped, rec.WriteError) as e:  # the records written before it are kept; a rerun resumes the sweep
         log.error("stopped: %s", e)
         raise SystemExit(f"stopped: {e}") from None
 

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from inferlab.bench.timing import RequestTiming
+from inferlab.backends.timing import RequestTiming
 
 if TYPE_CHECKING:
     import numpy as np

@@ -12,21 +12,13 @@ import time
 from typing import Any
 
 from inferlab.backends.base import Backend, BackendUnavailable
-from inferlab.bench.timing import RequestTiming
+from inferlab.backends.timing import RequestTiming
+from inferlab.config import BNB_PRECISIONS as BNB
+from inferlab.config import FLOAT_DTYPES as DTYPES
+from inferlab.config import GRAPH_MODES, INT4_INDUCTOR, INT4_KERNELS, fuse_problem
+from inferlab.config import TORCHAO_PRECISIONS as TORCHAO
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4", "nf4-dq", "int8-ao", "int4-ao", "int4-inductor")
-BNB = {"int8", "nf4", "fp4", "nf4-dq"}
-TORCHAO = {"int8-ao", "int4-ao"}  # torchao weight-only quantization, bf16 activations
-INT4_INDUCTOR = "int4-inductor"  # int4 weight-only whose batch-1 kernel inductor writes (backends/int4.py)
-KV_CACHES = ("none", "dynamic", "static")
-ATTENTION = ("sdpa", "eager")
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-# The graph loop captures its own CUDA graph, so inductor must not wrap one around the step: each compile mode
-# runs as its counterpart without CUDA graphs (reduce-overhead is the default mode plus CUDA graphs).
-GRAPH_MODES = {"default": "default", "reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs",
-               "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs"}
 
 
 def _tensor_bytes(t) -> int:
@@ -111,9 +103,9 @@ class HFBackend(Backend):
             raise BackendUnavailable("CUDA is not available on this machine")
         precision = s["precision"]
         fuse = "block" if s.get("fuse_block") else "qkv" if s.get("fuse_qkv") else None
-        if fuse and precision in BNB:  # before any loading
-            raise ValueError(f"fuse_{fuse}: bitsandbytes quantizes the weights while loading, before they can be "
-                             "fused; fusing applies to fp32, fp16, bf16, int8-ao, int4-ao and int4-inductor")
+        if fuse_problem(fuse, precision):  # before any loading
+            raise ValueError(f"{fuse_problem(fuse, precision)}; fusing applies to fp32, fp16, bf16, int8-ao, int4-ao "
+                             "and int4-inductor")
         if s.get("threads"):
             torch.set_num_threads(int(s["threads"]))
         kwargs: dict[str, Any] = {"attn_implementation": s.get("attn", "sdpa")}
@@ -152,7 +144,7 @@ class HFBackend(Backend):
             fused = fuse_qkv(self.model)
         if quantize is not None:
             self._quantize_on_device(quantize)
-        if precision in (INT4_INDUCTOR, "int4-ao"):  # what the model really got: group sizes, layers kept
+        if precision in INT4_KERNELS:  # what the model really got: group sizes, layers kept
             from inferlab.backends.int4 import describe, group_sizes
 
             self.quant_detail = describe(self.model, torchao=precision == "int4-ao")
@@ -166,7 +158,7 @@ class HFBackend(Backend):
         out = {"load_s": load_s, "weight_bytes": stored_bytes(self.model), "weight_bytes_method": "storage"}
         if self.quant_detail:
             out["quantization"] = self.quant_detail
-        if precision in (INT4_INDUCTOR, "int4-ao"):
+        if precision in INT4_KERNELS:
             out["int4_group_sizes"] = int4_groups  # projections per group size the model really got
         if fused:
             out[f"fused_{fuse}_layers"] = fused

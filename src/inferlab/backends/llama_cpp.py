@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from inferlab.backends.base import Backend, BackendUnavailable, log_softmax
-from inferlab.bench.timing import RequestTiming
+from inferlab.backends.timing import RequestTiming
 
 log = logging.getLogger(__name__)
 

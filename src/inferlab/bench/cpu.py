@@ -13,8 +13,7 @@ from inferlab.bench.grid import default_threads, grid, hf_points, keep
 from inferlab.bench.memory import cpu_bandwidth
 from inferlab.bench.sweep import Point, run_sweep
 from inferlab.config import StudyConfig, resolve, usable_cores
-from inferlab.gguf.pipeline import gguf_path, missing_gguf
-from inferlab.study import StageRun
+from inferlab.stage import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +66,11 @@ def llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int, L: Any = No
 
 
 def _llama_point(cfg: StudyConfig, name: str, settings: dict[str, Any]) -> Point:
-    path = gguf_path(cfg, settings["quant"])
+    path = cfg.gguf_path(settings["quant"])
     if settings["kv_type"] not in ("f16", "f32") and not settings["flash_attn"]:
         skip = "llama.cpp quantizes the V cache only with flash attention (flash_attn=true)"
     else:
-        skip = missing_gguf(cfg, settings["quant"])
+        skip = cfg.missing_gguf(settings["quant"])
     load = {"model_path": str(path)}
     return Point(name, "llama_cpp", ("llama_cpp", settings["quant"]), settings, load, skip)
 

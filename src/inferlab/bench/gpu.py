@@ -17,22 +17,12 @@ from inferlab.bench.lock import claim_gpu, visible_gpus
 from inferlab.bench.placement import Slot, host_slots
 from inferlab.bench.sweep import Point, run_sweep
 from inferlab.config import StudyConfig, resolve, usable_cores
-from inferlab.study import StageRun
+from inferlab.environment import cuda_problem
+from inferlab.stage import StageRun
 
 log = logging.getLogger(__name__)
 
 STAGE = "bench_gpu"
-
-
-def cuda_problem() -> str | None:
-    """None where a CUDA device can run the sweep; otherwise why not."""
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed"
-    if not torch.cuda.is_available():
-        return f"no CUDA device on this machine (torch {torch.__version__}, torch.cuda.is_available() is False)"
-    return None
 
 
 def scenario_points(cfg: StudyConfig, pins: dict[str, Any]) -> list[Point]:

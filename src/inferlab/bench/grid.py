@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 from pathlib import Path
 from typing import Any
 
-from inferlab.backends.hf import BNB, TORCHAO
 from inferlab.bench.sweep import Point
+from inferlab.config import fuse_problem
+from inferlab.environment import missing_package
 
 INDUCTOR_SHORT = {"coordinate_descent_tuning": "cdt", "epilogue_fusion": "epilogue", "aggressive_fusion": "aggressive",
                   "freezing": "frozen", "max_autotune_gemm": "gemm-autotune", "shape_padding": "padded"}
@@ -46,7 +46,6 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
     for extra in H.extra_points:
         combos.append(first | {k: v for k, v in vars(extra).items() if v is not None})
     new_tokens = H.new_tokens or w.new_tokens
-    bnb_missing = importlib.util.find_spec("bitsandbytes") is None
     points, seen = [], set()
     for c in combos:
         decode = c.pop("decode", None) or "generate"
@@ -72,7 +71,6 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
         if key in seen or not keep(settings, pins):
             continue
         seen.add(key)
-        skip = None
         if inductor and not (c["compile"] and fast):
             skip = "inductor options apply to the compiled step of the fast and graph loops (compile=true, decode)"
         elif c["compile"] and c["kv_cache"] != "static":
@@ -81,12 +79,8 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
             skip = f"the {decode} decode loop runs on a static KV cache (kv_cache=static)"
         elif gemv == "triton" and H.device != "cuda":
             skip = "gemv: triton runs Triton kernels, which need CUDA (device: cuda)"
-        elif fuse and c["precision"] in BNB:
-            skip = f"fuse_{fuse}: bitsandbytes quantizes the weights while loading, before they can be fused"
-        elif c["precision"] in BNB and bnb_missing:
-            skip = "bitsandbytes is not installed (pip install 'inferlab[gpu]')"
-        elif c["precision"] in TORCHAO and importlib.util.find_spec("torchao") is None:
-            skip = "torchao is not installed (pip install torchao)"
+        else:
+            skip = fuse_problem(fuse, c["precision"]) or missing_package(c["precision"])
         name = f"hf-{c['precision']}-b{c['batch_size']}-{c['kv_cache']}-{c['attn']}"
         if c["compile"]:
             name += "-compiled" + ("" if mode == "reduce-overhead" else f"-{mode}")

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from inferlab.backends.hf import StepTimer
+from inferlab.backends.timing import RequestTiming
 from inferlab.bench.scenarios import prefix_summary
 from inferlab.bench.stats import summarize
-from inferlab.bench.timing import RequestTiming
 from inferlab.bench.workload import prompts, shared_prefix_requests
 
 

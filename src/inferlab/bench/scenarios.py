@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from inferlab.backends.base import Backend
+from inferlab.backends.timing import RequestTiming
 from inferlab.bench.stats import summarize
-from inferlab.bench.timing import RequestTiming
 from inferlab.bench.workload import prompts, shared_prefix_requests
 
 log = logging.getLogger(__name__)

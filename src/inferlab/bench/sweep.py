@@ -40,7 +40,7 @@ from inferlab.bench.memory import roofline
 from inferlab.bench.placement import Slot
 from inferlab.bench.worker import Worker
 from inferlab.hostlock import boot_id, open_lock
-from inferlab.study import CannotStart, StageRun, Stopped, StorageError, multirun
+from inferlab.stage import CannotStart, StageRun, Stopped, StorageError, multirun
 
 log = logging.getLogger(__name__)
 

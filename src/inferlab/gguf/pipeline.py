@@ -24,7 +24,7 @@ from inferlab import llama_children
 from inferlab.config import GGUF_FILE_TYPES, StudyConfig, resolve
 from inferlab.gguf.convert import convert, holds, quantize, tensor_stats
 from inferlab.records import write_json
-from inferlab.study import StageRun, relpath
+from inferlab.stage import StageRun, relpath
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +37,6 @@ TOKENIZER_SAMPLES = (
     "ünïcödé, émoji 🙂, 中文 and Ελληνικά",
     "don't, won't, I'll, they're",
 )
-
-
-def gguf_path(cfg: StudyConfig, ftype: str) -> Path:
-    return cfg.model_dir() / "gguf" / f"{cfg.model.name}-{ftype}.gguf"
-
-
-def missing_gguf(cfg: StudyConfig, ftype: str) -> str | None:
-    """Why the GGUF file of `ftype` is not there (a point that needs it is skipped with this reason); None if it is."""
-    path = gguf_path(cfg, ftype)
-    if path.exists():
-        return None
-    if not path.parent.is_dir():
-        return (f"no GGUF folder {path.parent} (paths.models={cfg.paths.models!r}): run the convert stage first, or "
-                "point paths.models at the folder that holds the model")
-    return f"no GGUF file {path.name}: add {ftype} to convert.quants (or convert.outtypes)"
 
 
 def _quiet_child(log_path: str) -> None:
@@ -165,7 +150,7 @@ def run(cfg: StudyConfig, stage: StageRun) -> bool:
     log.info("convert %s: %d files to make (%s)", cfg.model.name, len(todo), ", ".join(t for t, _ in todo))
     t_start = time.perf_counter()
     for i, (ftype, how) in enumerate(todo, 1):
-        path = gguf_path(cfg, ftype)
+        path = cfg.gguf_path(ftype)
         # the logits and tokenization check runs on the most precise file (the others come from the same converter)
         check_logits = c.check_logits and ftype == base_types[0]
         point = {"ftype": ftype, "source": base_types[0] if how == "quantize" else "hf", "threads": c.threads,
@@ -177,7 +162,7 @@ def run(cfg: StudyConfig, stage: StageRun) -> bool:
                 info = convert(hf_dir, path, ftype)
                 metrics["convert_s"] = info["seconds"]
             else:
-                done = isolated(quantize, gguf_path(cfg, base_types[0]), path, GGUF_FILE_TYPES[ftype], c.threads)
+                done = isolated(quantize, cfg.gguf_path(base_types[0]), path, GGUF_FILE_TYPES[ftype], c.threads)
                 metrics["quantize_s"], fallbacks = round(done["seconds"], 3), done["fallbacks"]
             stats = tensor_stats(path)
             metrics.update({k: v for k, v in stats.items() if k not in ("tensor_types", "matrices")})

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from inferlab.backends.hf import GRAPH_MODES
 from inferlab.bench.profile import kind
+from inferlab.config import FOUR_BIT, GRAPH_MODES, INT4_KERNELS, SIXTEEN_BIT, TORCHAO_PRECISIONS
 from inferlab.report.table import Section, fmt, num
-
-SIXTEEN_BIT = {"hf": ("fp16", "bf16"), "llama_cpp": ("f16",)}
-FOUR_BIT = {"hf": ("nf4", "fp4", "nf4-dq"), "llama_cpp": ("q4_k_m", "q4_0")}
 
 
 class Missing(str):
@@ -275,7 +272,7 @@ def faster_decoding(section: Section) -> list[str]:
                  and r["scenario"] == "latency"]
     hf_b1 = [r for r in section.candidates if r["runtime"] == "hf" and num(r.get("batch_size")) == 1]
     fp16 = _best([r for r in hf_b1 if r["precision"] in SIXTEEN_BIT["hf"]])
-    q4 = _best([r for r in hf_b1 if r["precision"] in (*FOUR_BIT["hf"], "int4-ao", "int4-inductor")])
+    q4 = _best([r for r in hf_b1 if r["precision"] in (*FOUR_BIT["hf"], *INT4_KERNELS)])
     if fp16 is not None and q4 is not None and not _generate(fp16):
         out.append(f"**Fastest batch-1 decoding (transformers)**: 16-bit {fp16['name']} "
                    f"{_f(fp16['decode_tps'], 'tokens/s')} (ITL p50 {_f(fp16['itl_p50_ms'], 'ms')}); 4-bit "
@@ -368,7 +365,7 @@ def profiles(section: Section) -> list[dict[str, Any]]:
                                               "host_wait_ms_per_step", "kernels_per_step")},
                      "matmul_ms": matmul,
                      "weight_gbps_over_matmul": gbps
-                     if m.get("weight_bytes_method") == "storage" or r.get("precision") not in ("int8-ao", "int4-ao")
+                     if m.get("weight_bytes_method") == "storage" or r.get("precision") not in TORCHAO_PRECISIONS
                      else None,
                      "top_kernel": f"{top.get('name', '')[:48]} ({top.get('ms_per_step', '')})" if top else ""})
     return rows

@@ -17,14 +17,14 @@ from typing import Any
 from inferlab import records as rec
 from inferlab.bench.aggregate import row as record_row
 from inferlab.bench.aggregate import stage_records, stage_records_rows
-from inferlab.quality import stage as quality
-from inferlab.quality.stage import TEXT_FIGURES, TOKEN_FIGURES
+from inferlab.config import TORCHAO_PRECISIONS
+from inferlab.quality import evaluate as quality
+from inferlab.quality.evaluate import TEXT_FIGURES, TOKEN_FIGURES
 
 log = logging.getLogger(__name__)
 
 BENCH_STAGES = ("bench_gpu", "bench_cpu")
 DEVICE_OF_STAGE = {"bench_gpu": "cuda", "bench_cpu": "cpu"}
-TORCHAO = ("int8-ao", "int4-ao")
 QUALITY_KEYS = TOKEN_FIGURES + TEXT_FIGURES  # joined from the evaluate stage onto each benchmark point
 SPREAD_KEYS = ("sweeps", "decode_tps_sweeps_median", "decode_tps_sweeps_min", "decode_tps_sweeps_max", "sensitive")
 
@@ -180,7 +180,7 @@ def _enrich(row: dict[str, Any], record_metrics: dict[str, Any], stage: str) -> 
         row["memory_gib"], row["memory_kind"] = (None if rss is None else rss / 1024), "process RSS"
     row["workload"] = (f"{row['prompt_tokens']}+{row['new_tokens']}" if row.get("prompt_tokens") not in ("", None)
                        else "")
-    if row.get("precision") in TORCHAO and record_metrics.get("weight_bytes_method") != "storage":
+    if row.get("precision") in TORCHAO_PRECISIONS and record_metrics.get("weight_bytes_method") != "storage":
         # records before the weights were counted by storage took torchao's packed weights at 16-bit size
         row["roofline_fraction"] = None
     row["_metrics"] = record_metrics

@@ -34,7 +34,7 @@ from inferlab.bench.aggregate import write_aggregates
 from inferlab.bench.stats import summarize
 from inferlab.config import StudyConfig, resolve, to_container
 from inferlab.serve import rates
-from inferlab.study import StageRun
+from inferlab.stage import StageRun
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ def build_engine(cfg: StudyConfig, settings: dict[str, Any]):
 
         load_llama_cpp_first()  # before the engine's imports load numpy (a CUDA build crashes after it)
         quant = settings.get("quant") or s.quant
-        path = cfg.model_dir() / "gguf" / f"{cfg.model.name}-{quant}.gguf"
+        path = cfg.gguf_path(quant)
         if not path.is_file():
             raise ConfigError(f"serve.quant: {path} does not exist; run the convert stage with {quant} "
                               f"(available: {', '.join(sorted(p.stem for p in path.parent.glob('*.gguf'))) or 'none'})")
@@ -158,7 +158,7 @@ def serve(cfg: StudyConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from inferlab.config import compose
-    from inferlab.stage import setup_logging
+    from inferlab.logs import setup_logging
 
     setup_logging()
     argv = list(argv or [])

@@ -20,7 +20,6 @@ meaningful.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 from dataclasses import asdict
@@ -28,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from inferlab import records as rec
-from inferlab.backends import hf
 from inferlab.bench.sweep import Point, run_sweep
 from inferlab.config import ConfigError, StudyConfig, resolve, usable_cores
+from inferlab.environment import cuda_problem, missing_package
 from inferlab.quality import dataset, tokens
 from inferlab.quality.scores import BertScorer, compare, exact_match, mean_of, token_fidelity
-from inferlab.study import StageRun
+from inferlab.stage import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +107,6 @@ def generation_points(cfg: StudyConfig, items: list[dict[str, Any]], token_ids: 
             "tokens_window": e.tokens.window, "tokens_stride": e.tokens.stride,
             "reference_dir": str(reference_dir(cfg, hardware))}
     cores = usable_cores()
-    bnb_missing = importlib.util.find_spec("bitsandbytes") is None
     families: list[list[Point]] = []
     hf_cpu_ref: dict[str, Any] | None = None
     if runtime in (None, "hf"):
@@ -128,13 +126,7 @@ def generation_points(cfg: StudyConfig, items: list[dict[str, Any]], token_ids: 
                                 "batch_size": section.batch_size, "threads": cores if device == "cpu" else 0}
                     if not is_ref and not _keep(settings, pins):
                         continue
-                    skip = None
-                    if device == "cuda" and cuda_problem:
-                        skip = cuda_problem
-                    elif precision in hf.BNB and bnb_missing:
-                        skip = "bitsandbytes is not installed (pip install 'inferlab[gpu]')"
-                    elif precision in hf.TORCHAO and importlib.util.find_spec("torchao") is None:
-                        skip = "torchao is not installed (pip install torchao)"
+                    skip = (cuda_problem if device == "cuda" else None) or missing_package(precision)
                     roles = ({"writes_reference": ref_ident, "against": {}} if is_ref else
                              {"writes_reference": None, "against": {VS_REFERENCE: {"identity": ref_ident}}})
                     family.append(Point(name, "hf", ("hf", device, precision), settings,
@@ -145,8 +137,6 @@ def generation_points(cfg: StudyConfig, items: list[dict[str, Any]], token_ids: 
                     hf_cpu_ref = ref_ident
     L = e.llama_cpp
     if runtime in (None, "llama_cpp") and L.enabled:
-        from inferlab.gguf.pipeline import gguf_path, missing_gguf
-
         ref_name = f"llama-{L.reference}-kv{L.kv_type[0]}"
         ref_ident = _ref_identity(cfg, hardware, ref_name, token_ids)
         family = []
@@ -161,7 +151,7 @@ def generation_points(cfg: StudyConfig, items: list[dict[str, Any]], token_ids: 
                             "batch_size": 1}
                 if not is_ref and not _keep(settings, pins):
                     continue
-                path, skip = gguf_path(cfg, quant), missing_gguf(cfg, quant)
+                path, skip = cfg.gguf_path(quant), cfg.missing_gguf(quant)
                 if is_ref:
                     roles = {"writes_reference": ref_ident,
                              "against": {VS_TRANSFORMERS: {"identity": hf_cpu_ref}} if hf_cpu_ref else {}}
@@ -395,8 +385,6 @@ def run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
     text = dataset.passage(cfg.evaluate)
     bert = BertScorer(e.bertscore) if e.score else None  # a bad scorer setting fails before generation
     payload, token_ids = tokenize(cfg, items, text)
-    from inferlab.bench.gpu import cuda_problem
-
     need_cuda = e.gpu.enabled and cfg.runtime in (None, "hf")
     problem = cuda_problem() if need_cuda else None
     if problem:

@@ -21,7 +21,7 @@ from inferlab.config import StudyConfig, resolve, to_container
 from inferlab.environment import environment
 from inferlab.report import comparisons, figures, frontier, render
 from inferlab.report.table import Section, collect, num
-from inferlab.study import check_storage
+from inferlab.stage import check_storage
 from inferlab.tracking import Tracker
 
 log = logging.getLogger(__name__)
