@@ -5,7 +5,7 @@ import sys
 
 from inferlab.config import StudyConfig
 from inferlab.models.acquire import ModelUnavailable, acquire
-from inferlab.stage import StageRun, model_info, run_stage
+from inferlab.stage import StageRun, run_stage
 
 
 def main(cfg: StudyConfig) -> None:
@@ -17,7 +17,7 @@ def main(cfg: StudyConfig) -> None:
         stage.record(cfg.model.name, point, status="failed", reason=str(e))
         stage.finish()
         sys.exit(str(e))
-    stage.model = model_info(cfg)  # now with the revision the download resolved
+    stage.reread_model()  # now with the revision the download resolved
     verified = {k: prov[k] for k in ("wheel_sha256", "gguf_sha256", "gguf_file_type", "gguf_tensor_types") if k in prov}
     stage.record(cfg.model.name, point, metrics={
         "seconds": prov["seconds"], "files": len(prov["files"]), "bytes": sum(prov["files"].values()), **verified,

@@ -36,7 +36,7 @@ sys.argv = [{script!r}]
 runpy.run_path({script!r}, run_name="imported")
 print(json.dumps(sorted(m for m in sys.modules if m == "inferlab" or m.startswith("inferlab."))))
 """
-NAMED = re.compile(r"^(inferlab(?:\.\w+)+)(?::\w+)?$")  # "inferlab.backends.hf:HFBackend" in a registry
+NAMED = re.compile(r"^(inferlab(?:\.\w+)+):\w+$")  # "inferlab.backends.hf:HFBackend" in a registry
 
 
 def stages(dvc_yaml: Path = ROOT / "dvc.yaml") -> dict[str, dict]:

@@ -42,7 +42,7 @@ from inferlab.config import (
 )
 from inferlab.environment import environment
 from inferlab.logs import quiet_libraries, setup_logging
-from inferlab.models.acquire import read_provenance
+from inferlab.models.provenance import read_provenance
 from inferlab.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,14 @@ class StageRun:
         elif r.status == "skipped":  # an expected limitation of this machine, said once by the stage
             log.debug("%s %s: skipped (%s)", self.stage, name, r.reason)
         return r
+
+    def add_environment(self, key: str, value: Any) -> None:
+        """Say something more about where this run measures (e.g. the GPU a job claimed), in every later record."""
+        self.env = {**self.env, key: value}
+
+    def reread_model(self) -> None:
+        """Read the model's description again (after the download stage resolved its revision)."""
+        self.model = model_info(self.cfg)
 
     def resume(self, sweep_id: str, earlier: list[rec.Record]) -> None:
         """Continue an interrupted sweep: its id, and its records already written (logged with the new ones)."""

@@ -162,7 +162,7 @@ def run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
     host = visible_gpus()
     with claim_gpu(host) if one_gpu_per_job() else contextlib.nullcontext() as gpu:
         if gpu is not None:
-            stage.env["gpu"] = {"claimed": gpu, "of": host}  # in every record of this job
+            stage.add_environment("gpu", {"claimed": gpu, "of": host})  # in every record of this job
         _run(cfg, stage, stage_file, host, gpu)
 
 

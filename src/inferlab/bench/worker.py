@@ -87,7 +87,7 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any], cpus: list[in
     if cpus:
         placement.apply(cpus, runtime)
     from inferlab.backends import BackendUnavailable, get_backend
-    from inferlab.bench import hf_scenarios, scenarios
+    from inferlab.bench import registry
     from inferlab.bench.memory import peak_rss_mib, reset_peak_rss, rss_mib
 
     backend = None
@@ -111,31 +111,7 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any], cpus: list[in
             else:
                 backend.settings.update({**msg.get("load", {}), **point})
             rss_before = rss_mib()
-            artifacts: dict[str, str] = {}  # files the point wrote, repo-relative
-            if point.get("scenario") == "prefix_cache":
-                fn = hf_scenarios.prefix_cache if runtime == "hf" else scenarios.prefix_cache
-                metrics, samples = fn(backend, folder, point["mode"], point["prefix_tokens"], point["suffix_tokens"],
-                                      point["requests"], point["new_tokens"])
-            elif point.get("scenario") == "quality":
-                from inferlab.quality import generate
-
-                metrics, samples, artifacts = generate.run(backend, name, point)
-            elif point.get("scenario") == "assisted":
-                metrics, samples = hf_scenarios.assisted(
-                    backend, backend.settings["texts"], point["lookup_tokens"], point["max_ngram"],
-                    point["max_prompt_tokens"], point["new_tokens"])
-            elif point.get("scenario") == "profile":
-                from inferlab.bench import profile
-
-                metrics, samples = profile.decode_profile(backend, folder, point, name)
-            elif point.get("scenario") == "streaming":
-                metrics, samples = hf_scenarios.streaming(
-                    backend, folder, point["prompt_tokens"], point["new_tokens"], point.get("batch_size", 1),
-                    point["warmup"], point["repetitions"])
-            else:
-                metrics, samples = scenarios.latency(
-                    backend, folder, point["prompt_tokens"], point["new_tokens"], point.get("batch_size", 1),
-                    point["warmup"], point["repetitions"], api=point.get("api", "generate"))
+            metrics, samples, artifacts = registry.run(backend, point, folder, name)
             metrics.update({k: round(v, 4) if isinstance(v, float) else v for k, v in load_info.items()})
             metrics["peak_rss_mib"] = round(peak_rss_mib(), 1)
             metrics["rss_before_mib"] = round(rss_before, 1)

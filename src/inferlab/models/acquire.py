@@ -19,10 +19,10 @@ import urllib.request
 from pathlib import Path
 
 from inferlab.config import ModelConfig
+from inferlab.models.provenance import PROVENANCE
 
 log = logging.getLogger(__name__)
 
-PROVENANCE = "inferlab-model.json"
 
 
 class ModelUnavailable(RuntimeError):
@@ -183,7 +183,3 @@ def acquire(model: ModelConfig, out_dir: Path) -> dict:
     provenance["seconds"] = round(time.perf_counter() - t0, 3)
     return provenance
 
-
-def read_provenance(hf_dir: Path) -> dict:
-    path = hf_dir / PROVENANCE
-    return json.loads(path.read_text()) if path.exists() else {}
