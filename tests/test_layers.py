@@ -9,8 +9,8 @@ from .test_dependencies import SRC, imports_of
 
 # module (or package: every module under it) -> layer; the longest matching name decides
 LAYERS = (
-    ("config and records", ("inferlab", "inferlab.config", "inferlab.records", "inferlab.fields", "inferlab.logs",
-                            "inferlab.hostlock")),
+    ("config and records", ("inferlab", "inferlab.config", "inferlab.records", "inferlab.fields",
+                            "inferlab.aggregate", "inferlab.logs", "inferlab.hostlock")),
     ("environment, tracking, models and data", ("inferlab.environment", "inferlab.tracking", "inferlab.models",
                                                 "inferlab.gguf", "inferlab.gguf.convert", "inferlab.quality",
                                                 "inferlab.quality.dataset")),

@@ -270,7 +270,7 @@ def test_comparisons_pair_points_of_one_sweep_and_show_the_spread_across_sweeps(
     assert "Ranked together: the 4 configurations measured in sweep `sweep-b` on instance `host-2`" in md
     assert "### Measured in other sweeps" in md and "nf4-b1" in md.split("### Measured in other sweeps")[1]
     # the DVC metrics carry the same spread
-    from inferlab.bench.aggregate import write_aggregates
+    from inferlab.aggregate import write_aggregates
 
     summary = write_aggregates(compose([]), "bench_gpu")
     point = summary["gpu-a"]["models"]["m"]["points"]["fp16-b1"]

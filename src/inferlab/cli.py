@@ -82,13 +82,12 @@ def cmd_results(args: argparse.Namespace) -> int:
     """Print a stage's results (latest record per point; for evaluate, per configuration) as markdown or CSV."""
     import csv
 
-    from inferlab.bench.aggregate import MARKDOWN_COLUMNS, markdown, stage_rows
-    from inferlab.quality import evaluate as quality
+    from inferlab.aggregate import QUALITY_STAGE, markdown, stage_rows
+    from inferlab.fields import MARKDOWN_COLUMNS, QUALITY_COLUMNS
 
-    if args.stage == quality.STAGE:  # one row per configuration: its scores (figures of its own shape)
-        rows, columns = quality.quality_rows(results_dir()), quality.QUALITY_COLUMNS
-    else:
-        rows, columns = stage_rows(results_dir(), args.stage), MARKDOWN_COLUMNS
+    # evaluate: one row per configuration, its scores (figures of its own shape)
+    columns = QUALITY_COLUMNS if args.stage == QUALITY_STAGE else MARKDOWN_COLUMNS
+    rows = stage_rows(results_dir(), args.stage)
     if args.model:
         rows = [r for r in rows if r["model"] == args.model]
     if not rows:
@@ -106,17 +105,13 @@ def cmd_results(args: argparse.Namespace) -> int:
 def cmd_aggregate(args: argparse.Namespace) -> int:
     """Rewrite metrics/<stage>.json and metrics/plots/<stage>.csv from the records (e.g. after copying records
     from another machine)."""
-    from inferlab.bench.aggregate import write_aggregates
-    from inferlab.quality import evaluate as quality
+    from inferlab.aggregate import METRICS_NAMES, write_aggregates
 
     cfg = compose([])
     for stage in args.stages:
-        if stage == quality.STAGE:
-            quality.write_aggregates(cfg)
-            print("metrics/quality.json and metrics/plots/quality.csv written from results/evaluate/")
-            continue
         write_aggregates(cfg, stage)
-        print(f"metrics/{stage}.json and metrics/plots/{stage}.csv written from results/{stage}/")
+        name = METRICS_NAMES.get(stage, stage)
+        print(f"metrics/{name}.json and metrics/plots/{name}.csv written from results/{stage}/")
     return 0
 
 

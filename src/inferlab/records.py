@@ -20,14 +20,14 @@ import logging
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: started / ended (when the measurement ran, to the millisecond)
+SCHEMA_VERSION = 3  # 2: started / ended (when the measurement ran, to the millisecond); 3: see upgrade()
 STATUSES = ("ok", "failed", "skipped")
 
 
@@ -94,7 +94,35 @@ class Record:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Record:
         known = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: v for k, v in upgrade(d).items() if k in known})
+
+
+def upgrade(d: dict[str, Any]) -> dict[str, Any]:
+    """A record read from a file, in today's schema: the one place where records of earlier schema versions are
+    brought up to date (in memory; record files are never rewritten). Version 3: score records hold output drift
+    under `drift` (before: `fidelity`); evaluate records hold their perplexity under `tokens.own` (before per-token
+    quality: `perplexity` only). Records before version 2 have no start and end (see Record.span_ms)."""
+    if d.get("schema_version", 1) >= 3:
+        return d
+    m = d.get("metrics") or {}
+    if "fidelity" in m and "drift" not in m:
+        m["drift"] = m.pop("fidelity")
+    generation = d.get("stage") == "evaluate" and (d.get("point") or {}).get("scenario") != "scores"
+    if generation and "perplexity" in m and "tokens" not in m:
+        m["tokens"] = {"own": {"perplexity": m["perplexity"]}}
+    return d
+
+
+def latest(items: Iterable[Any], key: Callable[[Any], Any],
+           when: Callable[[Any], str] = lambda r: r.timestamp) -> list[Any]:
+    """The latest item (record, or row) of each key: the one with the latest `when`, the later one among equals.
+    In the order their keys were first met."""
+    best: dict[Any, Any] = {}
+    for item in items:
+        k = key(item)
+        if k not in best or when(item) >= when(best[k]):
+            best[k] = item
+    return list(best.values())
 
 
 def model_note(model: dict[str, Any]) -> str:

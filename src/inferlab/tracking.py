@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from inferlab.config import TrackingConfig, project_root
+from inferlab.fields import GROUP_PARAMS  # settings the MLflow UI groups and compares runs by (also under point.*)
 from inferlab.hostlock import boot_id, lock_dir, open_lock
 from inferlab.records import Record
 
@@ -88,10 +89,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out[key] = v
     return out
 
-
-# settings the MLflow UI groups and compares runs by, as top-level params (also kept under point.*)
-GROUP_PARAMS = ("runtime", "scenario", "precision", "batch_size", "kv_cache", "attn", "compile", "quant", "n_threads",
-                "n_batch", "flash_attn", "kv_type", "api", "mode", "device", "prompt_tokens", "new_tokens")
 
 
 _NOT_ALLOWED = re.compile(r"[^A-Za-z0-9_\-. /:]")  # MLflow's names: alphanumerics, _ - . space : /

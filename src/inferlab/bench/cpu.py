@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from inferlab.bench.aggregate import write_aggregates
+from inferlab.aggregate import write_aggregates
 from inferlab.bench.grid import default_threads, grid, hf_points, keep
 from inferlab.bench.memory import cpu_bandwidth
 from inferlab.bench.sweep import Point, run_sweep

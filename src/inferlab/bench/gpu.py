@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from inferlab.bench.aggregate import write_aggregates
+from inferlab.aggregate import write_aggregates
 from inferlab.bench.cpu import llama_points
 from inferlab.bench.grid import hf_points, keep
 from inferlab.bench.lock import claim_gpu, visible_gpus

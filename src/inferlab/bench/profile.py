@@ -21,37 +21,19 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from inferlab.bench.kernel_kinds import kind
 from inferlab.bench.workload import prompts
 
 log = logging.getLogger(__name__)
 
 GAP_HOST_US = 10.0  # an idle stretch this long or longer is counted as waiting for the host
 DEVICE_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
-# first match wins; names of cuBLAS / CUTLASS / Triton / torchao / bitsandbytes kernels, and this project's Triton
-# GEMVs (backends/kernels.py; the fp16 one was named fp16_kernel in the records of 770803e)
-KINDS = (
-    ("attention", re.compile(r"flash|fmha|attention|sdpa|efficient_attention|softmax", re.I)),
-    ("matmul", re.compile(r"gemm|gemv|cutlass|xmma|sm\d+_|cublas|matmul|_mm_|mm_kernel|addmm|linear|tinygemm|"
-                          r"int4|int8|kgemm|kdequant|splitk|dot|^fp16_kernel$", re.I)),
-    ("fused (Triton)", re.compile(r"^triton_", re.I)),
-    ("copy", re.compile(r"memcpy|memset|copy|cat|index|scatter|gather", re.I)),
-)
-
-
-def kind(name: str) -> str:
-    for label, pattern in KINDS:
-        if pattern.search(name):
-            return label
-    return "other"
-
-
 def device_intervals(trace: dict[str, Any], cuda: bool) -> list[tuple[float, float, str]]:
     """(start_us, end_us, name) of what the device ran: kernels, copies and memsets on CUDA; on the CPU the
     top-level operators (those that no other operator of their thread contains): the gaps between them are the

@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from inferlab import records as rec
+from inferlab.aggregate import NOT_MEANINGFUL, hardware_of, stage_records, write_aggregates
 from inferlab.bench.sweep import Point, run_sweep
 from inferlab.config import ConfigError, StudyConfig, resolve, usable_cores
 from inferlab.environment import cuda_problem, missing_package
+from inferlab.fields import VS_REFERENCE, VS_TRANSFORMERS
 from inferlab.quality import dataset, tokens
 from inferlab.quality.scores import BertScorer, compare, exact_match, mean_of, token_fidelity
 from inferlab.stage import StageRun
@@ -38,11 +40,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
 PINS = ("runtime", "precision", "quant", "kv_cache", "kv_type")  # the pins that select evaluation configurations
-NOT_MEANINGFUL = ("random weights: these scores and this perplexity measure nothing about language quality; "
-                  "they show that the pipeline runs and how far a configuration's outputs drift from its "
-                  "reference, no more")
-VS_REFERENCE = "vs_reference"  # against the runtime's own full precision
-VS_TRANSFORMERS = "vs_transformers"  # llama.cpp's reference against transformers' fp32 on the same machine
 
 
 def outputs_dir(cfg: StudyConfig, hardware: str, model: str | None = None) -> Path:
@@ -182,32 +179,18 @@ def reference_config(cfg: StudyConfig, point: dict[str, Any]) -> tuple:
     return (e.llama_cpp.reference, e.llama_cpp.kv_type[0])
 
 
-def _hardware(r: rec.Record) -> str:
-    return r.environment.get("hardware", {}).get("id", "?")
-
-
-def _records(results: Path) -> list[rec.Record]:
-    return rec.read_all(sorted((results / STAGE).glob("*.jsonl")))
-
-
 def _generations(cfg: StudyConfig, recs: list[rec.Record]) -> list[rec.Record]:
     """The latest generation record of each configuration per hardware, for this model. A configuration's outputs
     file is named after it, so a newer generation (new items, new settings: another point id) replaces the file of
     an older one, which is then superseded: only the latest generation of a name can be scored."""
-    best: dict[tuple, rec.Record] = {}
-    for r in recs:
-        if r.point.get("scenario") != "quality" or r.model.get("name") != cfg.model.name:
-            continue
-        key = (_hardware(r), r.name)
-        if key not in best or r.timestamp >= best[key].timestamp:
-            best[key] = r
-    return sorted(best.values(), key=lambda r: (_hardware(r), r.name))
+    mine = [r for r in recs if r.point.get("scenario") == "quality" and r.model.get("name") == cfg.model.name]
+    return sorted(rec.latest(mine, lambda r: (hardware_of(r), r.name)), key=lambda r: (hardware_of(r), r.name))
 
 
 def _outputs(cfg: StudyConfig, r: rec.Record) -> list[dict[str, Any]]:
-    path = outputs_dir(cfg, _hardware(r), r.model.get("name")) / r.metrics["outputs_file"]
+    path = outputs_dir(cfg, hardware_of(r), r.model.get("name")) / r.metrics["outputs_file"]
     if not path.exists():
-        raise FileNotFoundError(f"the outputs file {path} of {r.name} on {_hardware(r)} is missing")
+        raise FileNotFoundError(f"the outputs file {path} of {r.name} on {hardware_of(r)} is missing")
     blob = path.read_bytes()
     if hashlib.sha256(blob).hexdigest() != r.metrics.get("outputs_sha256"):
         raise ValueError(f"{path} does not match the checksum its generation record holds (rewritten since?)")
@@ -216,12 +199,12 @@ def _outputs(cfg: StudyConfig, r: rec.Record) -> list[dict[str, Any]]:
 
 def score(cfg: StudyConfig, stage: StageRun, bert: BertScorer) -> int:
     """Score every generation of this model not scored yet with the same reference and scorer."""
-    recs = _records(resolve(cfg.paths.results))
+    recs = stage_records(resolve(cfg.paths.results), STAGE)
     done = {r.point_id for r in recs if r.point.get("scenario") == "scores" and r.status == "ok"}
     made = 0
     ok = [g for g in _generations(cfg, recs) if g.status == "ok"]
     for n, g in enumerate(ok, 1):
-        hw = _hardware(g)
+        hw = hardware_of(g)
         wanted = reference_config(cfg, g.point)
         # output drift compares outputs made together: the reference configuration of the same sweep
         ref = next((r for r in ok if r.sweep_id == g.sweep_id and _family(r.point) == _family(g.point)
@@ -277,108 +260,6 @@ def _score_one(cfg: StudyConfig, g: rec.Record, ref: rec.Record | None,
     return metrics, samples
 
 
-# The quality table's columns: what identifies a configuration, then its figures.
-QUALITY_SETTINGS = ("hardware", "model", "weights", "meaningful", "config", "status", "runtime", "device",
-                    "precision", "quant", "kv_cache", "kv_type", "holds", "bits_per_weight", "reference", "sweep_id")
-TOKEN_FIGURES = ("tokens_scored", "kl_mean", "kl_ci_low", "kl_ci_high", "kl_median", "kl_p99", "kl_max", "top1",
-                 "top1_ci_low", "top1_ci_high", "perplexity", "perplexity_ci_low", "perplexity_ci_high", "ppl_ratio",
-                 "ppl_ratio_ci_low", "ppl_ratio_ci_high", "vs_transformers_kl", "vs_transformers_top1")
-TEXT_FIGURES = ("task_rougeL", "task_bertscore_f1", "task_exact_match", "drift_rougeL", "drift_bertscore_f1",
-                "drift_exact_match", "drift_first_diff")
-QUALITY_FIGURES = TOKEN_FIGURES + TEXT_FIGURES + ("reason",)
-QUALITY_COLUMNS = QUALITY_SETTINGS + QUALITY_FIGURES
-
-
-def token_figures(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The per-token figures of a generation record (None where not measured). A reference agrees with itself by
-    construction: KL 0, top-1 agreement 1, perplexity ratio 1."""
-    t = metrics.get("tokens") or {}
-    own, vs, cross = t.get("own") or {}, t.get(VS_REFERENCE) or {}, t.get(VS_TRANSFORMERS) or {}
-    out: dict[str, Any] = dict.fromkeys(TOKEN_FIGURES)
-    if own:
-        out.update(tokens_scored=own["tokens"], perplexity=own["perplexity"],
-                   perplexity_ci_low=own["perplexity_ci95"][0], perplexity_ci_high=own["perplexity_ci95"][1])
-    if t.get("is_reference"):
-        out.update(kl_mean=0.0, kl_ci_low=0.0, kl_ci_high=0.0, kl_median=0.0, kl_p99=0.0, kl_max=0.0, top1=1.0,
-                   top1_ci_low=1.0, top1_ci_high=1.0, ppl_ratio=1.0, ppl_ratio_ci_low=1.0, ppl_ratio_ci_high=1.0)
-    elif "kl_mean" in vs:
-        out.update(kl_mean=vs["kl_mean"], kl_ci_low=vs["kl_ci95"][0], kl_ci_high=vs["kl_ci95"][1],
-                   kl_median=vs["kl_median"], kl_p99=vs["kl_p99"], kl_max=vs["kl_max"], top1=vs["top1"],
-                   top1_ci_low=vs["top1_ci95"][0], top1_ci_high=vs["top1_ci95"][1], ppl_ratio=vs["ppl_ratio"],
-                   ppl_ratio_ci_low=vs["ppl_ratio_ci95"][0], ppl_ratio_ci_high=vs["ppl_ratio_ci95"][1])
-    if "kl_mean" in cross:
-        out.update(vs_transformers_kl=cross["kl_mean"], vs_transformers_top1=cross["top1"])
-    return out
-
-
-def _text_figures(m: dict[str, Any]) -> dict[str, Any]:
-    # score records before scoring version 3 called output drift "fidelity"
-    drift, task = m.get("drift") or m.get("fidelity") or {}, m.get("task") or {}
-    return {"task_rougeL": task.get("rougeL"), "task_bertscore_f1": task.get("bertscore_f1"),
-            "task_exact_match": task.get("exact_match"), "drift_rougeL": drift.get("rougeL"),
-            "drift_bertscore_f1": drift.get("bertscore_f1"), "drift_exact_match": drift.get("exact_match"),
-            "drift_first_diff": drift.get("first_diff")}
-
-
-def quality_rows(results: Path) -> list[dict[str, Any]]:
-    """One row per configuration (hardware of generation, model, config): the per-token figures of its latest
-    generation record and the text scores of that generation, or why it has none."""
-    recs = _records(results)
-    latest: dict[tuple, rec.Record] = {}
-    scores: dict[str, rec.Record] = {}  # generation record id -> its latest ok score
-    for r in recs:
-        if r.point.get("scenario") == "scores":
-            gid = r.point.get("generation_record")
-            if r.status == "ok" and (gid not in scores or r.timestamp >= scores[gid].timestamp):
-                scores[gid] = r
-            continue
-        key = (_hardware(r), r.model.get("name"), r.name)
-        if key not in latest or r.timestamp >= latest[key].timestamp:
-            latest[key] = r
-    rows = []
-    for (hw, model, name), g in sorted(latest.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        sc = scores.get(g.record_id)
-        m = sc.metrics if sc else {}
-        status = g.status if g.status != "ok" else ("ok" if sc else "not scored")
-        figures = {**token_figures(g.metrics if g.status == "ok" else {}), **_text_figures(m)}
-        if g.status == "ok" and figures["perplexity"] is None and "perplexity" in g.metrics:
-            figures["perplexity"] = g.metrics["perplexity"]  # generation records before per-token quality
-            figures["ppl_ratio"] = m.get("perplexity_ratio")
-        t = g.metrics.get("tokens") or {}
-        reason = g.reason or (t.get(VS_REFERENCE) or {}).get("missing") or m.get("drift_missing") or ""
-        rows.append({"hardware": hw, "model": model, "weights": g.model.get("weights"),
-                     "meaningful": g.model.get("weights") == "real", "config": name, "status": status,
-                     **{k: g.point.get(k) for k in ("runtime", "device", "precision", "quant", "kv_cache", "kv_type")},
-                     "reference": "itself" if t.get("is_reference") else (t.get(VS_REFERENCE) or {}).get("reference"),
-                     "sweep_id": g.sweep_id, **figures, "reason": reason[:200],
-                     "holds": g.metrics.get("quantization") or "", "bits_per_weight": g.metrics.get("bits_per_weight"),
-                     "model_note": rec.model_note(g.model)})
-    return rows
-
-
-def write_aggregates(cfg: StudyConfig) -> dict[str, Any]:
-    import csv
-    import io
-
-    rows = quality_rows(resolve(cfg.paths.results))
-    summary: dict[str, Any] = {}
-    for r in rows:
-        model = summary.setdefault(r["hardware"], {}).setdefault(r["model"], {
-            "weights": r["weights"], "meaningful": r["meaningful"], "configs": {}})
-        if not r["meaningful"]:
-            model["note"] = NOT_MEANINGFUL
-        model["configs"][r["config"]] = {k: r[k] for k in QUALITY_FIGURES if r[k] not in ("", None)} | {
-            "status": r["status"], "reference": r["reference"]}
-    metrics = resolve(cfg.paths.metrics)
-    rec.write_json(metrics / "quality.json", summary)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(QUALITY_COLUMNS), extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows([{k: "" if v is None else v for k, v in r.items()} for r in rows])
-    rec.write_atomic(metrics / "plots" / "quality.csv", buf.getvalue())
-    return summary
-
-
 def run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
     e = cfg.evaluate
     items = dataset.load_items(e.dataset)  # fails before any model loads
@@ -399,4 +280,4 @@ def run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
     if bert is not None:
         made = score(cfg, stage, bert)
         log.info("evaluate: %d configuration(s) scored", made)
-    write_aggregates(cfg)
+    write_aggregates(cfg, STAGE)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from inferlab.bench.profile import kind
+from inferlab.bench.kernel_kinds import kind
 from inferlab.config import FOUR_BIT, GRAPH_MODES, INT4_KERNELS, SIXTEEN_BIT, TORCHAO_PRECISIONS
 from inferlab.report.table import Section, fmt, num
 
@@ -72,7 +72,7 @@ def _generate(r: dict[str, Any]) -> bool:
 
 def plain_hf(r: dict[str, Any]) -> bool:
     return (r["runtime"] == "hf" and r.get("kv_cache") == "dynamic" and r.get("attn") == "sdpa"
-            and str(r.get("compile")) == "False" and _generate(r))
+            and r.get("compile") is False and _generate(r))
 
 
 def plain_llama(r: dict[str, Any], threads: float | None, base: dict[str, Any] | None = None) -> bool:
@@ -80,7 +80,7 @@ def plain_llama(r: dict[str, Any], threads: float | None, base: dict[str, Any] |
     attention (those of `base`, the section's most common ones, where given; else no flash attention)."""
     base = base or {}
     return (r["runtime"] == "llama_cpp" and r.get("api") == "generate"
-            and ("flash_attn" in base or str(r.get("flash_attn")) == "False")
+            and ("flash_attn" in base or r.get("flash_attn") is False)
             and r.get("kv_type") == "f16" and (threads is None or num(r.get("n_threads")) == threads)
             and all(r.get(k) == v for k, v in base.items()))
 
@@ -173,11 +173,11 @@ def cache_and_streaming(section: Section) -> list[str]:
     hf = [r for r in section.candidates if r["runtime"] == "hf" and num(r.get("batch_size")) == 1
           and r.get("attn") == "sdpa" and _generate(r) and r.get("compile_mode") in ("", None, "reduce-overhead")]
     for precision in sorted({r["precision"] for r in hf}):
-        same = {(r["kv_cache"], str(r["compile"])): r for r in hf if r["precision"] == precision}
-        dyn = same.get(("dynamic", "False"))
-        others = [(label, same.get(key)) for label, key in (("no KV cache", ("none", "False")),
-                                                            ("static cache", ("static", "False")),
-                                                            ("static cache + torch.compile", ("static", "True")))]
+        same = {(r["kv_cache"], r["compile"]): r for r in hf if r["precision"] == precision}
+        dyn = same.get(("dynamic", False))
+        others = [(label, same.get(key)) for label, key in (("no KV cache", ("none", False)),
+                                                            ("static cache", ("static", False)),
+                                                            ("static cache + torch.compile", ("static", True)))]
         others = [(label, r) for label, r in others if r is not None]
         if dyn is None or not others:
             continue
@@ -239,17 +239,17 @@ def decode_loops(section: Section) -> list[str]:
         parts = []
         for label, pick in (("generate, dynamic cache", lambda r: _generate(r) and r["kv_cache"] == "dynamic"),
                             ("generate, static cache + compile",
-                             lambda r: _generate(r) and str(r.get("compile")) == "True"),
+                             lambda r: _generate(r) and r.get("compile") is True),
                             ("fast loop", lambda r: r.get("decode") == "fast"),
                             ("CUDA-graph loop", lambda r: r.get("decode") == "graph")):
             rows = [r for r in same if pick(r)]
             if rows:
                 best = max(rows, key=lambda r: num(r["decode_tps"]) or 0)
-                mode = (best.get("compile_mode") or "") if str(best.get("compile")) == "True" else ""
+                mode = (best.get("compile_mode") or "") if best.get("compile") is True else ""
                 if best.get("decode") == "graph" and mode:  # the loop captures its own graph
                     mode = GRAPH_MODES.get(mode, mode).removesuffix("-no-cudagraphs") + " kernels"
-                fused = ("fused block" if str(best.get("fuse_block")) == "True"
-                         else "fused q/k/v" if str(best.get("fuse_qkv")) == "True" else "")
+                fused = ("fused block" if best.get("fuse_block") is True
+                         else "fused q/k/v" if best.get("fuse_qkv") is True else "")
                 notes = [n for n in (mode, best.get("inductor"), fused,
                                      "Triton GEMV" if best.get("gemv") == "triton" else "") if n]
                 mode = f" ({', '.join(notes)})" if notes else ""
@@ -285,7 +285,7 @@ def faster_decoding(section: Section) -> list[str]:
     if gpu_llama:
         ok = [r for r in gpu_llama if r["status"] == "ok"]
         if ok:
-            parts = [f"{r['quant']}{' (flash attention)' if str(r.get('flash_attn')) == 'True' else ''} "
+            parts = [f"{r['quant']}{' (flash attention)' if r.get('flash_attn') is True else ''} "
                      f"{_f(r['decode_tps'], 'tokens/s')}, TTFT {_f(r['ttft_ms'], 'ms')}, {_f(r['memory_gib'], 'GiB')}"
                      for r in sorted(ok, key=lambda r: str(r["quant"]))]
             out.append("**llama.cpp on this GPU (every layer offloaded, same GGUF files)**: " + "; ".join(parts) + ".")

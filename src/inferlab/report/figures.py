@@ -44,7 +44,7 @@ def throughput(section: Section, path: Path) -> bool:
     """Total tokens/s against batch size per precision (transformers); decode tokens/s against threads per
     quant (llama.cpp)."""
     cands = section.candidates
-    hf = [r for r in cands if r["runtime"] == "hf" and (plain_hf(r) or str(r.get("compile")) == "True")]
+    hf = [r for r in cands if r["runtime"] == "hf" and (plain_hf(r) or r.get("compile") is True)]
     grid = llama_grid(cands)
     llama = [r for r in cands if plain_llama(r, None, grid)]
     panels = [p for p in (("hf", hf), ("llama", llama)) if p[1]]
@@ -56,10 +56,10 @@ def throughput(section: Section, path: Path) -> bool:
         series: dict[str, list[tuple[float, float]]] = {}
         for r in rows:
             if kind == "hf":
-                label = _kind(r) + (" static+compile" if str(r.get("compile")) == "True" else "")
+                label = _kind(r) + (" static+compile" if r.get("compile") is True else "")
                 if r.get("decode") not in ("", None, "generate"):
                     label += f" {r['decode']} loop"
-                if r.get("compile_mode") not in ("", None, "reduce-overhead") and str(r.get("compile")) == "True":
+                if r.get("compile_mode") not in ("", None, "reduce-overhead") and r.get("compile") is True:
                     label += f" {r['compile_mode']}"
                 series.setdefault(label, []).append((num(r["batch_size"]), num(r["total_tps"])))  # type: ignore[arg-type]
             else:

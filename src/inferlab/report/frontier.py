@@ -82,9 +82,6 @@ def settings(c: dict[str, Any]) -> dict[str, Any]:
     for k in ("n_threads", "n_batch", "batch_size"):
         if k in out and num(out[k]) is not None:
             out[k] = int(num(out[k]))  # type: ignore[arg-type]
-    for k in ("flash_attn", "compile"):
-        if k in out and isinstance(out[k], str):
-            out[k] = out[k] == "True"
     return out
 
 

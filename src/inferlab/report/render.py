@@ -114,8 +114,8 @@ def pivot(cands: list[dict[str, Any]]) -> str:
         return ""
     rows: dict[str, dict[int, dict[str, Any]]] = {}
     for c in hf:
-        label = f"{c['precision']} {c['kv_cache']}" + (" compiled" if str(c.get("compile")) == "True" else "")
-        if c.get("compile_mode") not in ("", None, "reduce-overhead") and str(c.get("compile")) == "True":
+        label = f"{c['precision']} {c['kv_cache']}" + (" compiled" if c.get("compile") is True else "")
+        if c.get("compile_mode") not in ("", None, "reduce-overhead") and c.get("compile") is True:
             label += f" ({c['compile_mode']})"
         if c.get("decode") not in ("", None, "generate"):
             label += f", {c['decode']} loop"

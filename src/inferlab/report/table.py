@@ -15,17 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from inferlab import records as rec
-from inferlab.bench.aggregate import row as record_row
-from inferlab.bench.aggregate import stage_records, stage_records_rows
+from inferlab.aggregate import quality_rows, stage_records, stage_records_rows, workload_suffix
+from inferlab.aggregate import row as record_row
 from inferlab.config import TORCHAO_PRECISIONS
-from inferlab.quality import evaluate as quality
-from inferlab.quality.evaluate import TEXT_FIGURES, TOKEN_FIGURES
+from inferlab.fields import QUALITY_FIGURES
 
 log = logging.getLogger(__name__)
 
 BENCH_STAGES = ("bench_gpu", "bench_cpu")
 DEVICE_OF_STAGE = {"bench_gpu": "cuda", "bench_cpu": "cpu"}
-QUALITY_KEYS = TOKEN_FIGURES + TEXT_FIGURES  # joined from the evaluate stage onto each benchmark point
+QUALITY_KEYS = QUALITY_FIGURES  # joined from the evaluate stage onto each benchmark point
 SPREAD_KEYS = ("sweeps", "decode_tps_sweeps_median", "decode_tps_sweeps_min", "decode_tps_sweeps_max", "sensitive")
 
 
@@ -98,12 +97,9 @@ class Section:
 
     def view(self, group: tuple) -> Section:
         """The section as measured in one group: the latest row of each point within it."""
-        latest: dict[str, dict[str, Any]] = {}
-        for r in self.history:
-            if (r["sweep_id"], r["instance"]) == group and (
-                    r["point_id"] not in latest or r["timestamp"] >= latest[r["point_id"]]["timestamp"]):
-                latest[r["point_id"]] = r
-        return Section(self.hardware, self.model, self.weights, list(latest.values()), self.quality,
+        mine = [r for r in self.history if (r["sweep_id"], r["instance"]) == group]
+        latest = rec.latest(mine, lambda r: r["point_id"], when=lambda r: r["timestamp"])
+        return Section(self.hardware, self.model, self.weights, latest, self.quality,
                        self.quality_metric, self.model_note, group=group)
 
     def merged(self) -> Section:
@@ -168,12 +164,12 @@ def _enrich(row: dict[str, Any], record_metrics: dict[str, Any], stage: str) -> 
     row = dict(row)
     row["stage"] = stage
     row["device"] = DEVICE_OF_STAGE[stage]
-    suffix = f"-n{row['new_tokens']}"
+    suffix = workload_suffix(row)
     row["config"] = row["name"][: -len(suffix)] if row["name"].endswith(suffix) else row["name"]
     if row["device"] == "cuda" and row["runtime"] == "llama_cpp":  # allocates outside torch: the driver's figure
         row["memory_gib"], row["memory_kind"] = num(record_metrics.get("gpu_process_gib")), "GPU used by the process"
     elif row["device"] == "cuda":
-        row["n_threads"] = ""  # the GPU sweep does not set threads
+        row["n_threads"] = None  # the GPU sweep does not set threads
         row["memory_gib"], row["memory_kind"] = num(row.get("peak_allocated_gib")), "GPU allocated"
     else:
         rss = num(row.get("peak_rss_mib"))
@@ -190,14 +186,10 @@ def _enrich(row: dict[str, Any], record_metrics: dict[str, Any], stage: str) -> 
 def gguf_labels(results: Path) -> dict[str, dict[str, str]]:
     """Per model, per GGUF type: what the convert stage found the file to hold (its latest record on any machine:
     the file's contents do not depend on where it was made), e.g. 'q4_k_m (180 of 211 matrices fell back: ...)'."""
-    latest: dict[tuple, rec.Record] = {}
-    for r in stage_records(results, "convert"):
-        key = (r.model.get("name"), r.name)
-        if r.status == "ok" and r.metrics.get("label") and (key not in latest or r.timestamp >= latest[key].timestamp):
-            latest[key] = r
+    labelled = [r for r in stage_records(results, "convert") if r.status == "ok" and r.metrics.get("label")]
     out: dict[str, dict[str, str]] = {}
-    for (model, ftype), r in latest.items():
-        out.setdefault(model, {})[ftype] = r.metrics["label"]
+    for r in rec.latest(labelled, lambda r: (r.model.get("name"), r.name)):
+        out.setdefault(r.model.get("name"), {})[r.name] = r.metrics["label"]
     return out
 
 
@@ -224,7 +216,7 @@ def collect(results: Path, quality_metric: str = "kl_mean", models: list[str] | 
                 row.update({k: latest[record.point_id][k] for k in SPREAD_KEYS}, name=latest[record.point_id]["name"])
             section(row["hardware"], row["model"], row["weights"]).history.append(
                 _enrich(row, record.metrics, stage))
-    for q in quality.quality_rows(results):
+    for q in quality_rows(results):
         s = section(q["hardware"], q["model"], q["weights"])
         s.quality.append(q)
         s.model_note = q.get("model_note") or s.model_note

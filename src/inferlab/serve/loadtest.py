@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from inferlab import records as rec
-from inferlab.bench.aggregate import write_aggregates
+from inferlab.aggregate import latest_points, stage_records, write_aggregates
 from inferlab.bench.stats import summarize
 from inferlab.config import StudyConfig, resolve, to_container
 from inferlab.serve import rates
@@ -346,11 +346,9 @@ def summarize_stage(cfg: StudyConfig, hardware_id: str) -> dict[str, Any]:
     """The stage's aggregates (metrics/serve_bench.json, the plot table) with each served configuration's
     saturation point added, and the figure of latency against request rate for this machine and model. All of it
     from the records (the latest of each point)."""
-    from inferlab.bench.aggregate import latest
-
     summary = write_aggregates(cfg, STAGE)
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in latest(rec.read_all(sorted((resolve(cfg.paths.results) / STAGE).glob("*.jsonl")))):
+    for r in latest_points(stage_records(resolve(cfg.paths.results), STAGE)):
         if r.point.get("scenario") != "serving-rate" or r.status != "ok":
             continue
         served = f"{r.point['runtime']} {r.point.get('quant') or r.point.get('precision')}"

@@ -1,0 +1,239 @@
+"""The field table: every column of every table the study writes, in one place (llama-bench's one field list).
+
+A field has a name, a kind (about: which record; setting: what was measured; figure: what came out), a type, a unit
+and how it is read from a record (a dotted path: `metrics.decode_tps.median`, `point.quant`; a list index is a
+number: `metrics.tokens.own.perplexity_ci95.0`). The CSV plot tables, the DVC metrics JSON, the markdown of
+`inferlab results` and the MLflow params that group runs all derive from these tables, so a new figure is one line
+here. Rows are typed: a value that was not measured is None (an empty cell in CSV), booleans are booleans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from inferlab.records import instance_of
+
+ABOUT, SETTING, FIGURE = "about", "setting", "figure"
+VS_REFERENCE = "vs_reference"  # per-token quality against the runtime's own full precision
+VS_TRANSFORMERS = "vs_transformers"  # llama.cpp's reference against transformers' fp32 on the same machine
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    kind: str  # about / setting / figure
+    type: type = float
+    unit: str = ""
+    # how it is read: dotted path(s) into the record (the first found wins), a function of the record, or None:
+    # computed by the table's builder (inferlab.aggregate)
+    read: str | tuple[str, ...] | Callable[[Any], Any] | None = None
+    summary: bool = False  # in the stage's DVC metrics JSON
+    markdown: bool = False  # a default column of `inferlab results`
+    group: bool = False  # a top-level MLflow param: the settings runs are grouped and compared by
+    column: bool = True  # a column of the tables (False: an MLflow group param only)
+    itself: float | None = None  # quality figures: the value of a reference against itself (by construction)
+    digits: int | None = None  # rounded to this many decimals (NaN: not measured); None: as recorded
+
+
+def setting(name: str, typ: type = str, **kw: Any) -> Field:
+    return Field(name, SETTING, typ, read=f"point.{name}", **kw)
+
+
+def median(name: str, unit: str, **kw: Any) -> Field:
+    """A benchmark figure's median over the repetitions."""
+    return Field(name, FIGURE, float, unit, f"metrics.{name}.median", digits=4, **kw)
+
+
+def figure(name: str, unit: str = "", path: str | None = None, typ: type = float, **kw: Any) -> Field:
+    """A benchmark figure (rounded to four decimals in the tables)."""
+    return Field(name, FIGURE, typ, unit, path or f"metrics.{name}", digits=4, **kw)
+
+
+# The benchmark stages (bench_cpu, bench_gpu, serve_bench): one row per point, its latest record per hardware/model.
+BENCH: tuple[Field, ...] = (
+    Field("hardware", ABOUT, str, read="environment.hardware.id"),
+    Field("model", ABOUT, str, read="model.name"),
+    Field("weights", ABOUT, str, read="model.weights"),
+    Field("name", ABOUT, str, read="name", markdown=True),
+    Field("status", ABOUT, str, read="status", summary=True, markdown=True),
+    Field("sweep_id", ABOUT, str, read="sweep_id", summary=True),
+    Field("instance", ABOUT, str, read=instance_of, summary=True),
+    Field("timestamp", ABOUT, str, read="timestamp"),
+    Field("point_id", ABOUT, str, read="point_id"),
+    setting("runtime", group=True),
+    setting("scenario", group=True),
+    setting("quant", group=True),
+    setting("precision", group=True),
+    setting("batch_size", int, markdown=True, group=True),
+    setting("n_threads", int, group=True),
+    setting("n_batch", int, group=True),
+    setting("flash_attn", bool, group=True),
+    setting("kv_type", group=True),
+    setting("kv_cache", group=True),
+    setting("attn", group=True),
+    setting("compile", bool, group=True),
+    setting("api", group=True),
+    setting("mode", group=True),
+    setting("prompt_tokens", int, group=True),
+    setting("new_tokens", int, group=True),
+    setting("concurrency", int),
+    setting("max_tokens", int),
+    setting("decode"),
+    setting("compile_mode"),
+    setting("inductor"),
+    setting("fuse_qkv", bool),
+    setting("fuse_block", bool),
+    setting("gemv"),
+    setting("n_gpu_layers", int),
+    setting("lookup_tokens", int),
+    setting("task"),
+    setting("rate", float),
+    setting("rate_fraction", float),
+    setting("burstiness", float),
+    setting("device", group=True, column=False),
+    median("decode_tps", "tokens/s", summary=True, markdown=True),  # per sequence
+    median("total_tps", "tokens/s", summary=True, markdown=True),  # every sequence of the batch
+    median("ttft_ms", "ms", summary=True, markdown=True),
+    median("tpot_ms", "ms"),
+    median("e2e_ms", "ms", summary=True),
+    median("prefill_tps", "tokens/s"),
+    median("llama_decode_tps", "tokens/s"),  # llama.cpp's own counters
+    median("harness_overhead_ms", "ms"),
+    figure("itl_p50_ms", "ms", "metrics.itl_ms.median", summary=True, markdown=True),
+    figure("itl_p90_ms", "ms", "metrics.itl_ms.p90", summary=True, markdown=True),
+    figure("itl_p99_ms", "ms", "metrics.itl_ms.p99"),
+    figure("decode_tps_stdev", "tokens/s", "metrics.decode_tps.stdev"),
+    figure("cold_ttft_ms", "ms", "metrics.cold.ttft_ms", summary=True),
+    figure("peak_rss_mib", "MiB", summary=True, markdown=True),
+    figure("peak_allocated_gib", "GiB", summary=True, markdown=True),
+    figure("peak_reserved_gib", "GiB"),
+    figure("load_s", "s"),
+    figure("weight_bytes", "bytes", typ=int),
+    figure("cache_hits", typ=int, summary=True),
+    figure("first_ttft_ms", "ms"),
+    figure("harness_overhead_fraction"),
+    figure("request_throughput", "requests/s", summary=True),
+    figure("token_throughput", "tokens/s", summary=True),
+    figure("errors", typ=int, summary=True),
+    figure("offered_rate", "requests/s", summary=True),
+    figure("goodput", "requests/s", summary=True),
+    figure("slo_attainment", summary=True),
+    figure("meets_slo", typ=bool, summary=True),
+    figure("roofline_tps", "tokens/s", "metrics.roofline.roofline_tps"),
+    figure("roofline_fraction", "", "metrics.roofline.roofline_fraction", summary=True, markdown=True),
+    figure("bandwidth_gbps", "GB/s", "metrics.bandwidth.bandwidth_gbps"),
+    Field("reason", ABOUT, str, read="reason", markdown=True),
+    # the same point in several sweeps (computed across its records: aggregate.across_sweeps)
+    Field("sweeps", FIGURE, int),
+    Field("decode_tps_sweeps_median", FIGURE, float, "tokens/s"),
+    Field("decode_tps_sweeps_min", FIGURE, float, "tokens/s"),
+    Field("decode_tps_sweeps_max", FIGURE, float, "tokens/s"),
+    Field("sensitive", ABOUT, str),
+)
+
+
+def token(name: str, path: str, itself: float | None = None, unit: str = "") -> Field:
+    """A per-token quality figure of a generation record (vs its runtime's reference, or its own)."""
+    return Field(name, FIGURE, float, unit, f"metrics.tokens.{path}", summary=True, itself=itself)
+
+
+def text(name: str, path: str) -> Field:
+    """A text score of a generation, from its score record."""
+    return Field(name, FIGURE, float, "", f"score.metrics.{path}", summary=True)
+
+
+# The evaluate stage: one row per configuration (hardware, model, config), its latest generation and that
+# generation's score record.
+QUALITY: tuple[Field, ...] = (
+    Field("hardware", ABOUT, str, read="environment.hardware.id"),
+    Field("model", ABOUT, str, read="model.name"),
+    Field("weights", ABOUT, str, read="model.weights"),
+    Field("meaningful", ABOUT, bool),  # real weights: the scores say something about language quality
+    Field("config", ABOUT, str, read="name"),
+    Field("status", ABOUT, str),  # the generation's, or "not scored"
+    setting("runtime"),
+    setting("device"),
+    setting("precision"),
+    setting("quant"),
+    setting("kv_cache"),
+    setting("kv_type"),
+    Field("holds", SETTING, str, read="metrics.quantization"),  # what the model really got (group sizes, ...)
+    Field("bits_per_weight", SETTING, float, "bits", read="metrics.bits_per_weight"),
+    Field("reference", ABOUT, str),  # "itself", or the configuration it is compared with
+    Field("sweep_id", ABOUT, str, read="sweep_id"),
+    token("tokens_scored", "own.tokens", unit="tokens"),
+    token("kl_mean", f"{VS_REFERENCE}.kl_mean", 0.0, "nats/token"),
+    token("kl_ci_low", f"{VS_REFERENCE}.kl_ci95.0", 0.0, "nats/token"),
+    token("kl_ci_high", f"{VS_REFERENCE}.kl_ci95.1", 0.0, "nats/token"),
+    token("kl_median", f"{VS_REFERENCE}.kl_median", 0.0, "nats/token"),
+    token("kl_p99", f"{VS_REFERENCE}.kl_p99", 0.0, "nats/token"),
+    token("kl_max", f"{VS_REFERENCE}.kl_max", 0.0, "nats/token"),
+    token("top1", f"{VS_REFERENCE}.top1", 1.0),
+    token("top1_ci_low", f"{VS_REFERENCE}.top1_ci95.0", 1.0),
+    token("top1_ci_high", f"{VS_REFERENCE}.top1_ci95.1", 1.0),
+    token("perplexity", "own.perplexity"),
+    token("perplexity_ci_low", "own.perplexity_ci95.0"),
+    token("perplexity_ci_high", "own.perplexity_ci95.1"),
+    # score records before per-token quality carried the ratio themselves
+    Field("ppl_ratio", FIGURE, float, "", summary=True, itself=1.0,
+          read=(f"metrics.tokens.{VS_REFERENCE}.ppl_ratio", "score.metrics.perplexity_ratio")),
+    token("ppl_ratio_ci_low", f"{VS_REFERENCE}.ppl_ratio_ci95.0", 1.0),
+    token("ppl_ratio_ci_high", f"{VS_REFERENCE}.ppl_ratio_ci95.1", 1.0),
+    token("vs_transformers_kl", f"{VS_TRANSFORMERS}.kl_mean", unit="nats/token"),
+    token("vs_transformers_top1", f"{VS_TRANSFORMERS}.top1"),
+    text("task_rougeL", "task.rougeL"),
+    text("task_bertscore_f1", "task.bertscore_f1"),
+    text("task_exact_match", "task.exact_match"),
+    text("drift_rougeL", "drift.rougeL"),
+    text("drift_bertscore_f1", "drift.bertscore_f1"),
+    text("drift_exact_match", "drift.exact_match"),
+    text("drift_first_diff", "drift.first_diff"),
+    Field("reason", ABOUT, str, summary=True),
+)
+
+
+def names(table: tuple[Field, ...], keep: Callable[[Field], bool] = lambda f: f.column) -> tuple[str, ...]:
+    return tuple(f.name for f in table if keep(f))
+
+
+COLUMNS = names(BENCH)  # the benchmark tables' columns, in order
+QUALITY_COLUMNS = names(QUALITY)
+QUALITY_FIGURES = names(QUALITY, lambda f: f.kind == FIGURE)  # joined onto each benchmark point by the report
+MARKDOWN_COLUMNS = names(BENCH, lambda f: f.markdown)
+GROUP_PARAMS = names(BENCH, lambda f: f.group)  # top-level MLflow params of a point's run
+
+
+def dig(obj: Any, path: str) -> Any:
+    """The value at a dotted path (attributes, keys, list indices), or None where any step is missing."""
+    for part in path.split("."):
+        if obj is None:
+            return None
+        if isinstance(obj, dict):
+            obj = obj.get(part)
+        elif isinstance(obj, (list, tuple)):
+            obj = obj[int(part)] if part.isdigit() and int(part) < len(obj) else None
+        else:
+            obj = getattr(obj, part, None)
+    return obj
+
+
+def value(v: Any, digits: int | None = 4) -> Any:
+    """A figure as the tables hold it: floats rounded (NaN: not measured, None); digits None: as it is."""
+    if isinstance(v, float) and digits is not None:
+        return None if v != v else round(v, digits)
+    return v
+
+
+def read(f: Field, source: Any) -> Any:
+    """A field's value from a record (or a dict of records the table reads, e.g. a generation and its score)."""
+    if f.read is None:
+        return None
+    if callable(f.read):
+        return value(f.read(source), f.digits)
+    for path in (f.read,) if isinstance(f.read, str) else f.read:
+        v = value(dig(source, path), f.digits)
+        if v is not None:
+            return v
+    return None
