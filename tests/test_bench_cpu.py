@@ -190,8 +190,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_points(tiny_project)
 
 
 def test_grid_pins_and_skips(tiny_project, monkeypatch):
-    from inferlab.bench.cpu import llama_points
-    from inferlab.bench.grid import default_threads, hf_points
+    from inferlab.bench.grid import default_threads, hf_points, llama_points
     from inferlab.config import compose
 
     monkeypatch.setenv("INFERLAB_ROOT", str(tiny_project))

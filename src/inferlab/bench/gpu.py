@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from inferlab.aggregate import write_aggregates
-from inferlab.bench.cpu import llama_points
-from inferlab.bench.grid import hf_points, keep
+from inferlab.bench.grid import hf_points, keep, llama_points
 from inferlab.bench.lock import claim_gpu, visible_gpus
 from inferlab.bench.placement import Slot, host_slots
 from inferlab.bench.sweep import Point, run_sweep

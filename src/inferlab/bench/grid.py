@@ -1,4 +1,5 @@
-"""Sweep grids: the cartesian product of a config's axes, extra points, pins from the command line."""
+"""Sweep grids: the cartesian product of a config's axes, extra points, pins from the command line; the points of
+the transformers and the llama.cpp grids (both benchmark stages use them)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from inferlab.bench.sweep import Point
-from inferlab.config import fuse_problem
+from inferlab.config import StudyConfig, fuse_problem
 from inferlab.environment import missing_package
 
 INDUCTOR_SHORT = {"coordinate_descent_tuning": "cdt", "epilogue_fusion": "epilogue", "aggressive_fusion": "aggressive",
@@ -100,3 +101,58 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
                  + ((gemv,) if gemv != "default" else ()) + ((name,) if decode == "graph" else ()))
         points.append(Point(name, "hf", group, settings, load, skip))
     return points
+
+
+def llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int, L: Any = None, w: Any = None,
+                 threads: list[int] | None = None) -> list[Point]:
+    """The llama.cpp grid of `L` (default: bench_cpu.llama_cpp) and, for the CPU sweep, its prompt-cache
+    scenario."""
+    runtime = pins.get("runtime")
+    pins = {k: v for k, v in pins.items() if k != "runtime"}
+    b = cfg.bench_cpu
+    L, w = L or b.llama_cpp, w or b.workload
+    n_threads = [t or cores for t in (threads or L.n_threads or default_threads(cores))]  # 0: every usable core
+    axes = {"quant": L.quants, "n_threads": list(dict.fromkeys(n_threads)), "n_batch": L.n_batch,
+            "flash_attn": L.flash_attn, "kv_type": L.kv_type, "api": L.api, "prompt_tokens": [w.prompt_tokens]}
+    combos = grid(axes, pins)
+    first = {k: v[0] for k, v in axes.items()} | {"n_threads": cores}
+    for extra in L.extra_points:
+        combos.append(first | {k: v for k, v in vars(extra).items() if v is not None})
+    points, seen = [], set()
+    for c in combos:
+        settings = {**c, "scenario": "latency", "new_tokens": w.new_tokens, "warmup": w.warmup,
+                    "repetitions": w.repetitions, "n_ctx": L.n_ctx, "n_gpu_layers": L.n_gpu_layers}
+        key = tuple(sorted(settings.items()))
+        if key in seen or not keep(settings, pins):
+            continue
+        seen.add(key)
+        name = (f"{c['quant']}-t{c['n_threads']}-b{c['n_batch']}-fa{int(c['flash_attn'])}-kv{c['kv_type']}"
+                f"-{c['api']}-p{c['prompt_tokens']}")
+        points.append(_llama_point(cfg, name, settings))
+    if L is b.llama_cpp and b.prompt_cache.enabled and runtime in (None, "prompt_cache"):
+        pc = b.prompt_cache
+        for mode in pc.modes:
+            settings = {"scenario": "prefix_cache", "mode": mode, "quant": pc.quant,
+                        "n_threads": pc.n_threads or cores, "n_batch": L.n_batch[0], "flash_attn": L.flash_attn[0],
+                        "kv_type": L.kv_type[0], "api": "completion_stream", "prefix_tokens": pc.prefix_tokens,
+                        "suffix_tokens": pc.suffix_tokens, "requests": pc.requests, "new_tokens": pc.new_tokens,
+                        "n_ctx": L.n_ctx, "n_gpu_layers": L.n_gpu_layers}
+            if keep(settings, pins):
+                points.append(_llama_point(cfg, f"prefix-{mode}-{pc.quant}-t{settings['n_threads']}", settings))
+    if runtime == "hf":
+        return []
+    if runtime == "prompt_cache":
+        return [p for p in points if p.settings["scenario"] == "prefix_cache"]
+    if runtime == "llama_cpp":
+        return [p for p in points if p.settings["scenario"] == "latency"]
+    return points
+
+
+def _llama_point(cfg: StudyConfig, name: str, settings: dict[str, Any]) -> Point:
+    path = cfg.gguf_path(settings["quant"])
+    if settings["kv_type"] not in ("f16", "f32") and not settings["flash_attn"]:
+        skip = "llama.cpp quantizes the V cache only with flash attention (flash_attn=true)"
+    else:
+        skip = cfg.missing_gguf(settings["quant"])
+    load = {"model_path": str(path)}
+    return Point(name, "llama_cpp", ("llama_cpp", settings["quant"]), settings, load, skip)
