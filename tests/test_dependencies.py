@@ -1,14 +1,16 @@
-"""dvc.yaml tells the truth: every stage lists as deps the inferlab code it runs, and as params the config keys
-it reads, so `dvc repro` reruns a stage whenever something it depends on changed.
+"""dvc.yaml tells the truth: every stage lists as deps the inferlab code it runs, and as params the
+config keys it reads, so `dvc repro` reruns a stage whenever something it depends on changed.
 
-Code: each stage script is imported in a fresh interpreter and the `inferlab` modules it loaded are collected
-(sys.modules); to those are added the modules its code imports later, inside functions or by name (a backend of
-the registry, the scenario a worker runs): the imports of every module reached, followed to the end. Each must lie
-under one of the stage's deps (a folder covers every module under it).
+Code: each stage script is imported in a fresh interpreter and the `inferlab` modules it loaded are
+collected (sys.modules); to those are added the modules its code imports later, inside functions or
+by name (a backend of the registry, the scenario a worker runs): the imports of every module
+reached, followed to the end. Each must lie under one of the stage's deps (a folder covers every
+module under it).
 
 Config: every stage of the real pipeline run (tests/test_pipeline.py) notes the keys it read
-(INFERLAB_CONFIG_READS, see inferlab.stage); each must be covered by the stage's params, except the keys that say
-where outputs go or are logged, which dvc.yaml's outs fix or which change no result (NOT_PARAMS).
+(INFERLAB_CONFIG_READS, see inferlab.stage); each must be covered by the stage's params, except the
+keys that say where outputs go or are logged, which dvc.yaml's outs fix or which change no result
+(NOT_PARAMS).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def module_file(name: str) -> Path | None:
 
 
 def imports_of(name: str, path: Path) -> set[str]:
-    """The inferlab modules a file imports anywhere (top level, inside functions) or names in a string."""
+    """The inferlab modules a file imports anywhere (top level, inside functions) or names in a
+    string."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -84,7 +87,8 @@ def reachable(start: set[str]) -> set[str]:
 
 
 def loaded_by(script: str) -> set[str]:
-    """The inferlab modules a stage script loads when imported, and those its code can import later."""
+    """The inferlab modules a stage script loads when imported, and those its code can import
+    later."""
     r = subprocess.run([sys.executable, "-c", IMPORTED.format(script=script)], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -130,7 +134,8 @@ def test_a_key_read_outside_the_params_is_found():
 
 
 def check_config_reads(folder: Path) -> None:
-    """Called by the pipeline test with the keys each stage of its run read: every stage covered by its params."""
+    """Called by the pipeline test with the keys each stage of its run read: every stage covered by
+    its params."""
     all_stages = stages()
     found = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
     assert set(found) == set(all_stages), f"stages that noted their reads: {sorted(found)}"

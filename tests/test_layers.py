@@ -1,5 +1,5 @@
-"""Layers point down only: no module of src/inferlab imports (at the top, inside a function, or by name in a
-registry) from a layer above its own. The layers, lowest first, are README's Layout."""
+"""Layers point down only: no module of src/inferlab imports (at the top, inside a function, or by
+name in a registry) from a layer above its own. The layers, lowest first, are README's Layout."""
 
 from __future__ import annotations
 

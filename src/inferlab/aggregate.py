@@ -1,14 +1,15 @@
-"""Aggregates derived from the records only: the rows of each stage's table (inferlab.fields), the DVC metrics JSON
-and the plot table, written by one writer.
+"""Aggregates derived from the records only: the rows of each stage's table (inferlab.fields), the
+DVC metrics JSON and the plot table, written by one writer.
 
-Records of every machine are read (results/<stage>/<hardware>.jsonl), and the latest record of each point per
-hardware and model is kept, so each hardware shows apart and a laptop's run never hides a GPU's. Where several
-sweeps measured the same point on the same hardware kind, its spread across them sits beside it: the median of the
-sweeps' figures, their range and count, and whether that spread exceeds the spread within a run (a point that
-moves with the machine instance or the run, usually because the host CPU bounds it).
+Records of every machine are read (results/<stage>/<hardware>.jsonl), and the latest record of each
+point per hardware and model is kept, so each hardware shows apart and a laptop's run never hides a
+GPU's. Where several sweeps measured the same point on the same hardware kind, its spread across
+them sits beside it: the median of the sweeps' figures, their range and count, and whether that
+spread exceeds the spread within a run (a point that moves with the machine instance or the run,
+usually because the host CPU bounds it).
 
-The evaluate stage's table has a row per configuration: its latest generation record and that generation's
-latest score record.
+The evaluate stage's table has a row per configuration: its latest generation record and that
+generation's latest score record.
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ def _median_of(r: rec.Record, figure: str) -> float | None:
 
 
 def across_sweeps(records: list[rec.Record], figure: str = "decode_tps") -> dict[tuple, dict[str, Any]]:
-    """Per (hardware, model, point id): the point's figure in every sweep that measured it (the last record of
-    each sweep and instance), their median, range and count, and whether they spread more than a run does."""
+    """Per (hardware, model, point id): the point's figure in every sweep that measured it (the
+    last record of each sweep and instance), their median, range and count, and whether they spread
+    more than a run does."""
     by: dict[tuple, list[rec.Record]] = {}
     measured = [r for r in records if r.status == "ok" and _median_of(r, figure) is not None]
     for r in rec.latest(measured, lambda r: (*point_key(r), r.sweep_id, rec.instance_of(r))):
@@ -99,9 +101,9 @@ def across_sweeps(records: list[rec.Record], figure: str = "decode_tps") -> dict
 
 def stage_records_rows(results_dir: Path, stage: str,
                        all_records: list[rec.Record] | None = None) -> list[tuple[rec.Record, dict[str, Any]]]:
-    """The latest record of each point per hardware and model, with its row and its spread across sweeps. Points
-    that share a name but differ in a setting (e.g. the workload) get the differing generated-token count appended
-    to their name."""
+    """The latest record of each point per hardware and model, with its row and its spread across
+    sweeps. Points that share a name but differ in a setting (e.g. the workload) get the differing
+    generated-token count appended to their name."""
     records = all_records if all_records is not None else stage_records(results_dir, stage)
     spread = across_sweeps(records)
     pairs = [(r, row(r)) for r in latest_points(records)]
@@ -127,15 +129,16 @@ def workload_suffix(r: dict[str, Any]) -> str:
 
 
 def stage_rows(results_dir: Path, stage: str) -> list[dict[str, Any]]:
-    """One row per point (its latest record) per hardware and model; for the evaluate stage, per configuration."""
+    """One row per point (its latest record) per hardware and model; for the evaluate stage, per
+    configuration."""
     if stage == QUALITY_STAGE:
         return quality_rows(results_dir)
     return [r for _, r in stage_records_rows(results_dir, stage)]
 
 
 def quality_rows(results: Path) -> list[dict[str, Any]]:
-    """One row per configuration (hardware of generation, model, config): the per-token figures of its latest
-    generation record and the text scores of that generation, or why it has none."""
+    """One row per configuration (hardware of generation, model, config): the per-token figures of
+    its latest generation record and the text scores of that generation, or why it has none."""
     recs = stage_records(results, QUALITY_STAGE)
     scored = [r for r in recs if r.point.get("scenario") == "scores"]
     scores = {r.point.get("generation_record"): r
@@ -195,8 +198,8 @@ def quality_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_aggregates(cfg: StudyConfig, stage: str) -> dict[str, Any]:
-    """metrics/<name>.json and metrics/plots/<name>.csv from the stage's records (the one writer of every stage's
-    aggregates); returns the JSON's content."""
+    """metrics/<name>.json and metrics/plots/<name>.csv from the stage's records (the one writer of
+    every stage's aggregates); returns the JSON's content."""
     rows = stage_rows(resolve(cfg.paths.results), stage)
     if stage == QUALITY_STAGE:
         summary, columns = quality_summary(rows), list(F.QUALITY_COLUMNS)

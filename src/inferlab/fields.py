@@ -1,10 +1,12 @@
-"""The field table: every column of every table the study writes, in one place (llama-bench's one field list).
+"""The field table: every column of every table the study writes, in one place (llama-bench's one
+field list).
 
-A field has a name, a kind (about: which record; setting: what was measured; figure: what came out), a type, a unit
-and how it is read from a record (a dotted path: `metrics.decode_tps.median`, `point.quant`; a list index is a
-number: `metrics.tokens.own.perplexity_ci95.0`). The CSV plot tables, the DVC metrics JSON, the markdown of
-`inferlab results` and the MLflow params that group runs all derive from these tables, so a new figure is one line
-here. Rows are typed: a value that was not measured is None (an empty cell in CSV), booleans are booleans.
+A field has a name, a kind (about: which record; setting: what was measured; figure: what came
+out), a type, a unit and how it is read from a record (a dotted path: `metrics.decode_tps.median`,
+`point.quant`; a list index is a number: `metrics.tokens.own.perplexity_ci95.0`). The CSV plot
+tables, the DVC metrics JSON, the markdown of `inferlab results` and the MLflow params that group
+runs all derive from these tables, so a new figure is one line here. Rows are typed: a value that
+was not measured is None (an empty cell in CSV), booleans are booleans.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ class Field:
     kind: str  # about / setting / figure
     type: type = float
     unit: str = ""
-    # how it is read: dotted path(s) into the record (the first found wins), a function of the record, or None:
-    # computed by the table's builder (inferlab.aggregate)
+    # how it is read: dotted path(s) into the record (the first found wins), a function of the
+    # record, or None: computed by the table's builder (inferlab.aggregate)
     read: str | tuple[str, ...] | Callable[[Any], Any] | None = None
     summary: bool = False  # in the stage's DVC metrics JSON
     markdown: bool = False  # a default column of `inferlab results`
@@ -51,7 +53,8 @@ def figure(name: str, unit: str = "", path: str | None = None, typ: type = float
     return Field(name, FIGURE, typ, unit, path or f"metrics.{name}", digits=4, **kw)
 
 
-# The benchmark stages (bench_cpu, bench_gpu, serve_bench): one row per point, its latest record per hardware/model.
+# The benchmark stages (bench_cpu, bench_gpu, serve_bench): one row per point, its latest record
+# per hardware/model.
 BENCH: tuple[Field, ...] = (
     Field("hardware", ABOUT, str, read="environment.hardware.id"),
     Field("model", ABOUT, str, read="model.name"),
@@ -144,8 +147,8 @@ def text(name: str, path: str) -> Field:
     return Field(name, FIGURE, float, "", f"score.metrics.{path}", summary=True)
 
 
-# The evaluate stage: one row per configuration (hardware, model, config), its latest generation and that
-# generation's score record.
+# The evaluate stage: one row per configuration (hardware, model, config), its latest generation
+# and that generation's score record.
 QUALITY: tuple[Field, ...] = (
     Field("hardware", ABOUT, str, read="environment.hardware.id"),
     Field("model", ABOUT, str, read="model.name"),
@@ -206,7 +209,8 @@ GROUP_PARAMS = names(BENCH, lambda f: f.group)  # top-level MLflow params of a p
 
 
 def dig(obj: Any, path: str) -> Any:
-    """The value at a dotted path (attributes, keys, list indices), or None where any step is missing."""
+    """The value at a dotted path (attributes, keys, list indices), or None where any step is
+    missing."""
     for part in path.split("."):
         if obj is None:
             return None
@@ -220,14 +224,16 @@ def dig(obj: Any, path: str) -> Any:
 
 
 def value(v: Any, digits: int | None = 4) -> Any:
-    """A figure as the tables hold it: floats rounded (NaN: not measured, None); digits None: as it is."""
+    """A figure as the tables hold it: floats rounded (NaN: not measured, None); digits None: as it
+    is."""
     if isinstance(v, float) and digits is not None:
         return None if v != v else round(v, digits)
     return v
 
 
 def read(f: Field, source: Any) -> Any:
-    """A field's value from a record (or a dict of records the table reads, e.g. a generation and its score)."""
+    """A field's value from a record (or a dict of records the table reads, e.g. a generation and
+    its score)."""
     if f.read is None:
         return None
     if callable(f.read):

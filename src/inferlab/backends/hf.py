@@ -1,9 +1,9 @@
-"""transformers (+ bitsandbytes, torchao) on CPU or CUDA: precision, batch, KV cache (none / dynamic / static),
-attention implementation, torch.compile, and the fast and graph decode loops.
+"""transformers (+ bitsandbytes, torchao) on CPU or CUDA: precision, batch, KV cache (none /
+dynamic / static), attention implementation, torch.compile, and the fast and graph decode loops.
 
-Loading and the quantization recipes are in hf_load.py, the timed decode paths in hf_decode.py; this is the
-backend interface over them. Each generation step is timed as its tokens become available; on CUDA the device is
-synchronised (or its events read) before the clock is.
+Loading and the quantization recipes are in hf_load.py, the timed decode paths in hf_decode.py;
+this is the backend interface over them. Each generation step is timed as its tokens become
+available; on CUDA the device is synchronised (or its events read) before the clock is.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ __all__ = ["HFBackend", "StepTimer", "stored_bytes"]
 
 
 class HFBackend(Backend):
-    """settings: model_dir, precision, compute_dtype, device (cpu/cuda), attn, kv_cache, compile, compile_mode,
-    threads, decode (generate / fast / graph), inductor, fuse_qkv / fuse_block, gemv."""
+    """settings: model_dir, precision, compute_dtype, device (cpu/cuda), attn, kv_cache, compile,
+    compile_mode, threads, decode (generate / fast / graph), inductor, fuse_qkv / fuse_block, gemv."""
 
     name = "hf"
 

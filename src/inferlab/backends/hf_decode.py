@@ -1,15 +1,17 @@
-"""transformers' decode paths, timed: generate() with a step timer, and two loops of this project over one static
-KV cache (gpt-fast style: prefill, one step, n steps).
+"""transformers' decode paths, timed: generate() with a step timer, and two loops of this project
+over one static KV cache (gpt-fast style: prefill, one step, n steps).
 
-- the fast loop: generate() does host work and a device-to-host sync every step (stopping criteria, streamer), so
-  at batch 1 the GPU waits for Python. This loop keeps the whole decode on the device: a static KV cache, one
-  compiled step (forward + argmax; mode reduce-overhead captures it as a CUDA graph) fed by the previous step's
-  output tensor, no sync until the end. Step times come from CUDA events recorded after each step and read once at
-  the end (device timestamps, not a host clock racing the GPU).
-- the graph loop: one decode step (compiled forward + argmax, then the step's bookkeeping: next input, output
-  column, position) captured once as a CUDA graph over static buffers; a request is the prefill and then one
-  graph.replay() per token. The host does nothing else per token, so Python and dynamo guards leave the critical
-  path. Without CUDA the same step runs eagerly (the correctness path the tests take).
+- the fast loop: generate() does host work and a device-to-host sync every step (stopping criteria,
+  streamer), so at batch 1 the GPU waits for Python. This loop keeps the whole decode on the
+  device: a static KV cache, one compiled step (forward + argmax; mode reduce-overhead captures it
+  as a CUDA graph) fed by the previous step's output tensor, no sync until the end. Step times come
+  from CUDA events recorded after each step and read once at the end (device timestamps, not a host
+  clock racing the GPU).
+- the graph loop: one decode step (compiled forward + argmax, then the step's bookkeeping: next
+  input, output column, position) captured once as a CUDA graph over static buffers; a request is
+  the prefill and then one graph.replay() per token. The host does nothing else per token, so
+  Python and dynamo guards leave the critical path. Without CUDA the same step runs eagerly (the
+  correctness path the tests take).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from inferlab.config import GRAPH_MODES
 
 
 class StepTimer:
-    """A transformers streamer that timestamps every generation step (the first put() is the prompt)."""
+    """A transformers streamer that timestamps every generation step (the first put() is the
+    prompt)."""
 
     def __init__(self, sync):
         self.sync = sync
@@ -43,8 +46,9 @@ class StepTimer:
 
 
 class StepClock:
-    """When each token of a decode loop became available: CUDA events recorded on the stream (read once at the
-    end, no host sync per token) or, on the CPU, where ops are synchronous, the host clock."""
+    """When each token of a decode loop became available: CUDA events recorded on the stream (read
+    once at the end, no host sync per token) or, on the CPU, where ops are synchronous, the host
+    clock."""
 
     def __init__(self, cuda: bool, n: int):
         import torch
@@ -98,9 +102,9 @@ def equal_lengths(prompts: list[list[int]], loop: str) -> tuple[int, int]:
 
 
 class StaticDecoder:
-    """The fast and the graph decode loops over the one static KV cache they share. All their state is made here,
-    empty, and filled for a request's shape: a new shape makes a new cache, and what was compiled or captured over
-    the old one is built again."""
+    """The fast and the graph decode loops over the one static KV cache they share. All their state
+    is made here, empty, and filled for a request's shape: a new shape makes a new cache, and what
+    was compiled or captured over the old one is built again."""
 
     def __init__(self, model, device, sync: Callable[[], None], settings: dict[str, Any],
                  prefilled: Callable[[], None]):
@@ -117,7 +121,8 @@ class StaticDecoder:
         self.tok = self.pos = self.idx = self.out = None  # the graph's static buffers
 
     def next_token(self, ids, pos):
-        """Greedy next token of each sequence after ids (positions pos, shape [1, n]) on the static cache."""
+        """Greedy next token of each sequence after ids (positions pos, shape [1, n]) on the static
+        cache."""
         logits = self.model(input_ids=ids, position_ids=pos.expand(ids.shape[0], -1), cache_position=pos[0],
                             past_key_values=self.cache, use_cache=True).logits
         return logits[:, -1].argmax(-1, keepdim=True)
@@ -136,8 +141,8 @@ class StaticDecoder:
             self.step_key = self.graph_key = None
 
     def compiled(self, mode: str):
-        """next_token under torch.compile in `mode`, with the point's inductor options (settings "inductor",
-        comma-separated) switched on over the mode's own."""
+        """next_token under torch.compile in `mode`, with the point's inductor options (settings
+        "inductor", comma-separated) switched on over the mode's own."""
         import torch
 
         flags = [f.strip() for f in (self.settings.get("inductor") or "").split(",") if f.strip()]

@@ -1,5 +1,6 @@
-"""Loading a transformers model at a precision: the bitsandbytes and torchao recipes, int4-inductor, fused
-projections and the Triton GEMV. `load(settings)` returns everything the decode paths need, made in one place."""
+"""Loading a transformers model at a precision: the bitsandbytes and torchao recipes,
+int4-inductor, fused projections and the Triton GEMV. `load(settings)` returns everything the
+decode paths need, made in one place."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ class Loaded:
 
 
 def tensor_bytes(t) -> int:
-    """Bytes a tensor holds in memory: for tensor subclasses that pack their data (torchao's quantized weights),
-    the sum over the inner tensors they are made of, not their logical (unpacked) size."""
+    """Bytes a tensor holds in memory: for tensor subclasses that pack their data (torchao's
+    quantized weights), the sum over the inner tensors they are made of, not their logical
+    (unpacked) size."""
     if hasattr(t, "__tensor_flatten__") and type(t).__name__ not in ("Tensor", "Parameter"):
         names, _ = t.__tensor_flatten__()
         inner = [getattr(t, n) for n in names]
@@ -36,14 +38,15 @@ def tensor_bytes(t) -> int:
 
 
 def stored_bytes(model) -> int:
-    """Bytes of a model's parameters and buffers as stored (bitsandbytes' and torchao's packed weights with their
-    scales); transformers' get_memory_footprint() counts a torchao weight at its unpacked size."""
+    """Bytes of a model's parameters and buffers as stored (bitsandbytes' and torchao's packed
+    weights with their scales); transformers' get_memory_footprint() counts a torchao weight at its
+    unpacked size."""
     return sum(tensor_bytes(t) for t in (*model.parameters(), *model.buffers()))
 
 
 def load(s: dict[str, Any]) -> Loaded:
-    """The model and tokenizer of settings `s` (model_dir, precision, compute_dtype, device, attn, threads,
-    fuse_qkv / fuse_block, gemv), with the load figures."""
+    """The model and tokenizer of settings `s` (model_dir, precision, compute_dtype, device, attn,
+    threads, fuse_qkv / fuse_block, gemv), with the load figures."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -93,17 +96,17 @@ def load(s: dict[str, Any]) -> Loaded:
 
 def load_kwargs(precision: str, compute_dtype: str, device: str,
                 fuse: str | None) -> tuple[dict[str, Any], Callable | None, str | None]:
-    """from_pretrained's arguments for a precision, the quantizer to apply after loading (and fusing), block by
-    block on the device (None: none), and what torchao was asked for."""
+    """from_pretrained's arguments for a precision, the quantizer to apply after loading (and
+    fusing), block by block on the device (None: none), and what torchao was asked for."""
     import torch
 
     if precision in BNB:
         return bnb_kwargs(precision, compute_dtype, device), None, None
     if precision in TORCHAO:
         kwargs, detail = torchao_kwargs(precision, device)
-        # loaded in bf16 on the CPU (and fused), then quantized layer by layer on the device; int4 always, so that
-        # each layer gets the largest group its row divides (one group size for all would leave in 16 bits every
-        # layer it does not divide: SmolLM2's 576-wide rows and 128)
+        # loaded in bf16 on the CPU (and fused), then quantized layer by layer on the device; int4
+        # always, so that each layer gets the largest group its row divides (one group size for all
+        # would leave in 16 bits every layer it does not divide: SmolLM2's 576-wide rows and 128)
         if fuse or precision == "int4-ao":
             quantize = torchao_quantizer(kwargs.pop("quantization_config").quant_type)
             return {**kwargs, "device_map": "cpu"}, quantize, detail
@@ -119,7 +122,8 @@ def load_kwargs(precision: str, compute_dtype: str, device: str,
 
 
 def fuse_projections(model, fuse: str | None, precision: str) -> int:
-    """fuse_block: Phi's parallel block as two matmuls; fuse_qkv: q, k and v as one. Returns the layers fused."""
+    """fuse_block: Phi's parallel block as two matmuls; fuse_qkv: q, k and v as one. Returns the
+    layers fused."""
     if fuse == "block":
         from inferlab.backends.fuse import fuse_parallel_block
 
@@ -132,9 +136,9 @@ def fuse_projections(model, fuse: str | None, precision: str) -> int:
 
 
 def use_triton_gemv(model, device) -> int:
-    """gemv: triton. Every projection still in 16 bits becomes a MatVecLinear and it and every int4-inductor layer
-    run backends/kernels.py's Triton GEMV at one row; returns how many layers do. torchao's and bitsandbytes'
-    quantized layers keep their own kernels."""
+    """gemv: triton. Every projection still in 16 bits becomes a MatVecLinear and it and every
+    int4-inductor layer run backends/kernels.py's Triton GEMV at one row; returns how many layers
+    do. torchao's and bitsandbytes' quantized layers keep their own kernels."""
     import torch
 
     from inferlab.backends import kernels
@@ -178,8 +182,9 @@ def bnb_kwargs(precision: str, compute_dtype: str, device: str) -> dict[str, Any
 
 
 def torchao_kwargs(precision: str, device: str) -> tuple[dict[str, Any], str]:
-    """torchao weight-only: int8 (per channel) or int4 (the tinygemm kernel on CUDA; group size 128, or the
-    largest of 64 and 32 a layer's row divides: torchao_quantizer), and what torchao was asked for."""
+    """torchao weight-only: int8 (per channel) or int4 (the tinygemm kernel on CUDA; group size
+    128, or the largest of 64 and 32 a layer's row divides: torchao_quantizer), and what torchao
+    was asked for."""
     import torch
 
     try:
@@ -224,10 +229,10 @@ def torchao_quantizer(quant):
 
 
 def quantize_on_device(model, device, apply) -> None:
-    """Weight-only quantization of a model loaded on the CPU: each block of its layer lists moves to the device and
-    is quantized there (`apply(block, skip_ids)`), then the rest follows, so the device never holds more than one
-    block in 16 bits (the peak a quantizing load has). The output head stays in 16 bits, as TorchAoConfig keeps
-    it."""
+    """Weight-only quantization of a model loaded on the CPU: each block of its layer lists moves
+    to the device and is quantized there (`apply(block, skip_ids)`), then the rest follows, so the
+    device never holds more than one block in 16 bits (the peak a quantizing load has). The output
+    head stays in 16 bits, as TorchAoConfig keeps it."""
     import torch
 
     head = model.get_output_embeddings()

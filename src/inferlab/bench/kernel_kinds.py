@@ -1,12 +1,14 @@
-"""What kind of work a GPU kernel does, from its name (attention, matmul, fused Triton, copy, other): how a decode
-profile splits its time (bench/profile.py), and how the report reads profiles recorded by older classifiers."""
+"""What kind of work a GPU kernel does, from its name (attention, matmul, fused Triton, copy,
+other): how a decode profile splits its time (bench/profile.py), and how the report reads profiles
+recorded by older classifiers."""
 
 from __future__ import annotations
 
 import re
 
-# first match wins; names of cuBLAS / CUTLASS / Triton / torchao / bitsandbytes kernels, and this project's Triton
-# GEMVs (backends/kernels.py; the fp16 one was named fp16_kernel in the records of 770803e)
+# first match wins; names of cuBLAS / CUTLASS / Triton / torchao / bitsandbytes kernels, and this
+# project's Triton GEMVs (backends/kernels.py; the fp16 one was named fp16_kernel in the records of
+# 770803e)
 KINDS = (
     ("attention", re.compile(r"flash|fmha|attention|sdpa|efficient_attention|softmax", re.I)),
     ("matmul", re.compile(r"gemm|gemv|cutlass|xmma|sm\d+_|cublas|matmul|_mm_|mm_kernel|addmm|linear|tinygemm|"

@@ -1,7 +1,8 @@
-"""Scenarios by name: what a worker measures on the backend it loaded (backends run the model; scenarios say what
-is measured). A scenario is a function (backend, point, folder, name) -> (metrics, samples, artifacts): the point's
-settings, the prompts folder, the point's name. Adding one is one function and one line in SCENARIOS; each imports
-its module when it runs, so a worker loads only what it measures."""
+"""Scenarios by name: what a worker measures on the backend it loaded (backends run the model;
+scenarios say what is measured). A scenario is a function (backend, point, folder, name) ->
+(metrics, samples, artifacts): the point's settings, the prompts folder, the point's name. Adding
+one is one function and one line in SCENARIOS; each imports its module when it runs, so a worker
+loads only what it measures."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Where a model's checkpoint came from: the file the download stage writes beside it and every stage reads."""
+"""Where a model's checkpoint came from: the file the download stage writes beside it and every
+stage reads."""
 
 from __future__ import annotations
 

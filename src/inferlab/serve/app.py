@@ -1,10 +1,11 @@
-"""The OpenAI-compatible REST API (FastAPI): completions and chat completions, streamed as server-sent events
-ending in [DONE], model list, health and Prometheus metrics.
+"""The OpenAI-compatible REST API (FastAPI): completions and chat completions, streamed as
+server-sent events ending in [DONE], model list, health and Prometheus metrics.
 
-Every request first passes the Guard (an ASGI middleware): the Host allow-list, the Origin check, the API key,
-JSON-only bodies, no uploads to the demo; it answers every error with OpenAI's body, never lets an exception reach
-the HTTP server (which would answer plain text and drop the connection), and counts each request once in /metrics
-under a bounded set of endpoint labels. Work stops when its client is gone, streaming or not.
+Every request first passes the Guard (an ASGI middleware): the Host allow-list, the Origin check,
+the API key, JSON-only bodies, no uploads to the demo; it answers every error with OpenAI's body,
+never lets an exception reach the HTTP server (which would answer plain text and drop the
+connection), and counts each request once in /metrics under a bounded set of endpoint labels. Work
+stops when its client is gone, streaming or not.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def error_response(e: APIError) -> JSONResponse:
 
 
 def endpoint_label(path: str) -> str:
-    """A bounded set of /metrics labels: the API's own paths, "/ui" for the demo, "other" for anything else."""
+    """A bounded set of /metrics labels: the API's own paths, "/ui" for the demo, "other" for
+    anything else."""
     if path in API_PATHS:
         return path
     if path == "/ui" or path.startswith("/ui/"):
@@ -59,7 +61,8 @@ def endpoint_label(path: str) -> str:
 
 
 def host_name(value: str) -> str:
-    """The host of a Host header value ("127.0.0.1:8000", "[::1]:8000") or of an Origin URL's netloc."""
+    """The host of a Host header value ("127.0.0.1:8000", "[::1]:8000") or of an Origin URL's
+    netloc."""
     value = value.strip().lower()
     if value.startswith("["):
         return value[1:value.find("]")] if "]" in value else value
@@ -130,7 +133,8 @@ class Guard:
 
 
 async def until_disconnected(request: Request) -> None:
-    """Returns when the client has gone (its body was read already: the next ASGI message is the disconnect)."""
+    """Returns when the client has gone (its body was read already: the next ASGI message is the
+    disconnect)."""
     while True:
         if (await request.receive())["type"] == "http.disconnect":
             return
@@ -161,8 +165,9 @@ def stream_response_doc(kind: str) -> dict[int | str, dict[str, Any]]:
 
 @dataclass
 class Service:
-    """What the API's functions work with: the engine, the name it is served under, the ServeConfig (limits, queue,
-    retry_after_s, allowed_hosts) and the metrics. One per app, in app.state.service."""
+    """What the API's functions work with: the engine, the name it is served under, the ServeConfig
+    (limits, queue, retry_after_s, allowed_hosts) and the metrics. One per app, in
+    app.state.service."""
 
     engine: Engine
     served_name: str
@@ -208,7 +213,8 @@ def submit(service: Service, req: GenRequest, emit) -> None:
 
 
 async def run(service: Service, req: GenRequest, path: str) -> AsyncIterator[tuple[str, Any]]:
-    """Submit to the engine and yield its events; the request is cancelled if the consumer goes away."""
+    """Submit to the engine and yield its events; the request is cancelled if the consumer goes
+    away."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     metrics = service.metrics
@@ -434,8 +440,8 @@ async def prometheus(request: Request) -> PlainTextResponse:
 
 
 def openapi_doc(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document, with the request and error models (and what they refer to) as components, so that every
-    $ref resolves."""
+    """FastAPI's document, with the request and error models (and what they refer to) as
+    components, so that every $ref resolves."""
     if app.openapi_schema:
         return app.openapi_schema
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
@@ -455,7 +461,8 @@ async def lifespan(app: FastAPI):
 
 
 def create_app(engine: Engine, served_name: str, settings: Any, api_key: str | None = None) -> FastAPI:
-    """The API for one engine. settings: the ServeConfig (limits, queue, retry_after_s, allowed_hosts)."""
+    """The API for one engine. settings: the ServeConfig (limits, queue, retry_after_s,
+    allowed_hosts)."""
     app = FastAPI(title="inferlab", version="1", description=f"OpenAI-compatible API serving {served_name}",
                   lifespan=lifespan)
     metrics = Metrics(lambda: engine.depth, lambda: engine.in_flight, lambda: dict(engine.batch_sizes))
