@@ -245,9 +245,10 @@ class StageRun:
                 fn()
             self._on_close.clear()
 
+
+# -- how a stage script runs ----------------------------------------------------------------------------------
+
 StageFn = Callable[..., object]
-
-
 READS_ENV = "INFERLAB_CONFIG_READS"  # a folder: each stage writes the config keys it read to <stage>.json there
 
 
