@@ -107,3 +107,43 @@ def test_record_files_are_the_stage_files_only(tmp_path):
     assert rel == ["bench_cpu/hw.jsonl", "evaluate/hw.jsonl"]
     assert "experiments/bench_gpu-old.jsonl" in [p.relative_to(results).as_posix()
                                                   for p in rec.record_files(results, experiments=True)]
+
+
+def test_old_records_are_upgraded_when_read_and_rows_are_typed(tmp_path):
+    """Records of schema 1 and 2 read in today's shape (records.upgrade), the file left as it was; table rows hold
+    None where nothing was measured and real booleans."""
+    from inferlab import aggregate
+    from inferlab import fields as F
+
+    env = {"hardware": {"id": "hw", "host": "h1"}}
+    old = [{"stage": "evaluate", "name": "scores-a", "point": {"scenario": "scores"}, "config": {}, "model": {},
+            "environment": env, "metrics": {"fidelity": {"rougeL": 0.5}}, "schema_version": 1},
+           {"stage": "evaluate", "name": "a", "point": {"scenario": "quality"}, "config": {}, "model": {},
+            "environment": env, "metrics": {"perplexity": 12.5}, "schema_version": 2}]
+    path = tmp_path / "evaluate" / "hw.jsonl"
+    path.parent.mkdir()
+    text = "".join(json.dumps(d) + "\n" for d in old)
+    path.write_text(text)
+    score, gen = rec.read(path)
+    assert score.metrics["drift"] == {"rougeL": 0.5} and "fidelity" not in score.metrics
+    assert gen.metrics["tokens"] == {"own": {"perplexity": 12.5}}
+    assert path.read_text() == text  # never rewritten
+    new = make_record("s", "q8_0")
+    assert new.schema_version == rec.SCHEMA_VERSION == 3 and rec.upgrade(new.to_dict()) == new.to_dict()
+    assert aggregate.quality_rows(tmp_path)[0]["perplexity"] == 12.5
+
+    r = rec.Record(stage="bench_cpu", name="p", point={"flash_attn": False, "n_threads": 2}, config={},
+                   model={"name": "m"}, environment=env, metrics={"decode_tps": {"median": 10.123456}})
+    row = aggregate.row(r)
+    assert row["flash_attn"] is False and row["n_threads"] == 2 and row["decode_tps"] == 10.1235
+    assert row["ttft_ms"] is None and row["quant"] is None and row["reason"] is None
+    assert row["instance"] == "host-h1"  # records before instance ids: the host
+    assert list(row) == [f.name for f in F.BENCH if f.column and f.read is not None]
+    assert F.dig({"a": [{"b": 1}]}, "a.0.b") == 1 and F.dig({"a": 1}, "a.b.c") is None
+
+
+def test_latest_keeps_the_newest_of_each_key_in_first_seen_order():
+    a1, b1 = make_record("s", "a"), make_record("s", "b")
+    a2 = make_record("s", "a")
+    a1.timestamp, b1.timestamp, a2.timestamp = "2026-01-02", "2026-01-01", "2026-01-03"
+    assert rec.latest([a1, b1, a2], lambda r: r.name) == [a2, b1]
