@@ -556,6 +556,14 @@ class Tracker:
         deadline = time.monotonic() + PENDING_WAIT_S
         while True:
             runs = self._sweep_runs(client, exp_id, sweep_id)
+            # a record this logger logged that a live logger elsewhere is logging too: decide once both runs are
+            # complete, so both loggers keep the same one (deciding earlier, each could keep its own and say so)
+            mine_records = {r.data.tags.get(TAG_RECORD) for r in runs if r.info.run_id in mine}
+            racing = [r for r in runs if r.data.tags.get(TAG_KIND) == "point" and r.info.run_id not in mine
+                      and r.data.tags.get(TAG_RECORD) in mine_records and _in_progress(r)]
+            if racing and time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
             parents = sorted((r for r in runs if r.data.tags.get(TAG_KIND) == "sweep" and _complete(r)), key=_order)
             if parents:
                 keep = parents[0].info.run_id
