@@ -367,7 +367,9 @@ def summarize_stage(cfg: StudyConfig, hardware_id: str) -> dict[str, Any]:
         entry.setdefault("saturation", {})[served] = sat
         if hw == hardware_id and model == cfg.model.name:
             series[served] = pts
-            log.info("serve_bench: %s saturates at %s req/s (%s)", served, sat["saturation_rate"], sat["note"])
+            rate = sat["saturation_rate"]
+            log.info("serve_bench: %s saturates at %s req/s (%s)", served,
+                     "no" if rate is None else f"{rate:.3g}", sat["note"])
     rec.write_json(resolve(cfg.paths.metrics) / f"{STAGE}.json", summary)
     sb = cfg.serve_bench
     rates.latency_figure(series, {"ttft_ms": sb.slo.ttft_ms, "itl_ms": sb.slo.itl_ms, "e2e_ms": sb.slo.e2e_ms},

@@ -88,10 +88,10 @@ def saturation(points: list[dict[str, Any]]) -> dict[str, Any]:
     if not pts:
         return {"saturation_rate": None, "note": "no rate was measured"}
     if not held:
-        return {"saturation_rate": None, "note": f"no rate held the targets (lowest tried: {pts[0]['rate']} req/s)"}
+        return {"saturation_rate": None, "note": f"no rate held the targets (lowest tried: {pts[0]['rate']:.3g} req/s)"}
     best = held[-1]
     note = "the highest rate tried still held: saturation is at least this" if best is pts[-1] else \
-        f"the next rate tried ({pts[pts.index(best) + 1]['rate']} req/s) missed the targets"
+        f"the next rate tried ({pts[pts.index(best) + 1]['rate']:.3g} req/s) missed the targets"
     if any(not p.get("meets_slo") for p in pts[:pts.index(best)]):
         note += "; a lower rate missed them (noisy: more requests per rate would settle it)"
     return {"saturation_rate": float(best["rate"]), "goodput": best.get("goodput"), "note": note}
