@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from inferlab.bench.kernel_kinds import kind
-from inferlab.config import FOUR_BIT, GRAPH_MODES, INT4_KERNELS, SIXTEEN_BIT, TORCHAO_PRECISIONS
+from inferlab.config import FOUR_BIT, GRAPH_MODES, INT4_KERNELS, SIXTEEN_BIT
 from inferlab.report.table import Section, fmt, num
 
 
@@ -350,13 +349,6 @@ def profiles(section: Section) -> list[dict[str, Any]]:
         m = r["_metrics"]
         top = (m.get("top_kernels") or [{}])[0]
         matmul, gbps = (m.get("ms_per_step_by_kind") or {}).get("matmul"), m.get("weight_gbps_over_matmul")
-        # matrix kernels the classifier of the record's time missed (the fp16 Triton GEMV of 770803e, recorded as
-        # fp16_kernel under "other"), moved to matmul by today's classifier
-        missed = sum(k.get("ms_per_step") or 0 for k in m.get("top_kernels") or []
-                     if k.get("kind") != "matmul" and kind(k.get("name", "")) == "matmul")
-        if missed and m.get("weight_bytes"):
-            matmul = round((matmul or 0) + missed, 4)
-            gbps = round(m["weight_bytes"] / (matmul * 1e-3) / 1e9, 1)
         device_gbps = (m.get("bandwidth") or {}).get("bandwidth_gbps")
         if gbps and device_gbps and gbps > 1.1 * device_gbps:  # the weights were read by kernels not classed as
             gbps = None  # matrix kernels (inductor's fused reductions): no rate to give
@@ -364,8 +356,6 @@ def profiles(section: Section) -> list[dict[str, Any]]:
                      **{k: m.get(k) for k in ("profiled_step_ms", "kernel_ms_per_step", "launch_gap_ms_per_step",
                                               "host_wait_ms_per_step", "kernels_per_step")},
                      "matmul_ms": matmul,
-                     "weight_gbps_over_matmul": gbps
-                     if m.get("weight_bytes_method") == "storage" or r.get("precision") not in TORCHAO_PRECISIONS
-                     else None,
+                     "weight_gbps_over_matmul": gbps,
                      "top_kernel": f"{top.get('name', '')[:48]} ({top.get('ms_per_step', '')})" if top else ""})
     return rows

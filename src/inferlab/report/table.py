@@ -17,7 +17,6 @@ from typing import Any
 from inferlab import records as rec
 from inferlab.aggregate import quality_rows, stage_records, stage_records_rows, workload_suffix
 from inferlab.aggregate import row as record_row
-from inferlab.config import TORCHAO_PRECISIONS
 from inferlab.fields import QUALITY_FIGURES
 
 log = logging.getLogger(__name__)
@@ -176,9 +175,6 @@ def _enrich(row: dict[str, Any], record_metrics: dict[str, Any], stage: str) -> 
         row["memory_gib"], row["memory_kind"] = (None if rss is None else rss / 1024), "process RSS"
     row["workload"] = (f"{row['prompt_tokens']}+{row['new_tokens']}" if row.get("prompt_tokens") not in ("", None)
                        else "")
-    if row.get("precision") in TORCHAO_PRECISIONS and record_metrics.get("weight_bytes_method") != "storage":
-        # records before the weights were counted by storage took torchao's packed weights at 16-bit size
-        row["roofline_fraction"] = None
     row["_metrics"] = record_metrics
     return row
 
