@@ -36,7 +36,7 @@ class Field:
     summary: bool = False  # in the stage's DVC metrics JSON
     markdown: bool = False  # a default column of `inferlab results`
     group: bool = False  # a top-level MLflow param: the settings runs are grouped and compared by
-    column: bool = True  # a column of the tables (False: an MLflow group param only)
+    column: bool = True  # a column of the tables (False: an MLflow group param, or a figure only MLflow logs)
     itself: float | None = None  # quality figures: the value of a reference against itself (by construction)
     digits: int | None = None  # rounded to this many decimals; None: as recorded (NaN: not measured, either way)
     recommended: bool = False  # a figure of the report's recommendation (recommendation.json, report.json)
@@ -151,6 +151,14 @@ BENCH: tuple[Field, ...] = (
     figure("roofline_fraction", "", "metrics.roofline.roofline_fraction", summary=True, markdown=True,
            recommended=True, label="roofline"),
     figure("bandwidth_gbps", "GB/s", "metrics.bandwidth.bandwidth_gbps"),
+    # kernel-level profiles of decode steps (the profile scenario), logged to MLflow only
+    Field("profiled_step_ms", FIGURE, float, "ms", "metrics.profiled_step_ms", column=False),
+    Field("kernel_ms_per_step", FIGURE, float, "ms", "metrics.kernel_ms_per_step", column=False),
+    Field("launch_gap_ms_per_step", FIGURE, float, "ms", "metrics.launch_gap_ms_per_step", column=False),
+    Field("host_wait_ms_per_step", FIGURE, float, "ms", "metrics.host_wait_ms_per_step", column=False),
+    Field("kernels_per_step", FIGURE, float, "", "metrics.kernels_per_step", column=False),
+    Field("weight_gbps_over_matmul", FIGURE, float, "GB/s", "metrics.weight_gbps_over_matmul", column=False),
+    Field("ms_per_step_by_kind", FIGURE, dict, "ms", "metrics.ms_per_step_by_kind", column=False),
     Field("reason", ABOUT, str, read="reason", markdown=True),
     # the same point in several sweeps (computed across its records: aggregate.across_sweeps)
     Field("sweeps", FIGURE, int),
@@ -226,6 +234,28 @@ QUALITY: tuple[Field, ...] = (
 )
 
 
+def logged(name: str, unit: str = "", typ: type = float) -> Field:
+    """A figure as recorded (not rounded), that only its MLflow run shows."""
+    return Field(name, FIGURE, typ, unit, f"metrics.{name}", column=False)
+
+
+# The figures of a convert record (one GGUF file) and of a download record.
+CONVERT: tuple[Field, ...] = (
+    logged("file_bytes", "bytes", int),
+    logged("bits_per_weight", "bits"),
+    logged("weight_bytes", "bytes", int),
+    logged("parameters", "", int),
+    logged("matrices", "", int),
+    logged("fallback_tensors", "", int),  # tensors llama.cpp stored in another type than the file's name says
+    logged("fallback_to", "tensors", dict),
+    logged("tensor_types", "tensors", dict),
+    logged("logits_rel_error"),  # against transformers on the same prompt
+    logged("same_tokenization", "", bool),
+    logged("convert_s", "s"),
+    logged("quantize_s", "s"),
+)
+DOWNLOAD: tuple[Field, ...] = (logged("bytes", "bytes", int), logged("files", "", int), logged("seconds", "s"))
+
 # What the report derives per benchmark point (inferlab.report.table): the memory that bounds it, by
 # runtime and device (torch's peak allocation, the driver's figure for llama.cpp on a GPU, or the
 # process RSS).
@@ -248,9 +278,24 @@ RECOMMENDED = names(BENCH + REPORT + QUALITY, lambda f: f.recommended)  # the re
 BY_NAME = {f.name: f for f in QUALITY + REPORT + BENCH}  # a figure's field (the benchmark's where both have it)
 
 
+STAGE_TABLES = {"bench_cpu": BENCH, "bench_gpu": BENCH, "serve_bench": BENCH, "evaluate": QUALITY,
+                "convert": CONVERT, "download": DOWNLOAD}
+
+
 def field(name: str) -> Field:
     """The field of a figure or setting of any table, by name."""
     return BY_NAME[name]
+
+
+def figures(r: Any) -> dict[str, Any]:
+    """A record's figures, as the field table of its stage reads them (the metrics of its MLflow run); a figure
+    of several values (per kernel kind, per tensor type) is a dict."""
+    table = STAGE_TABLES.get(r.stage, ())
+    source = r
+    if table is QUALITY:  # a generation's figures, or its score record's text scores
+        source = {"metrics": r.metrics, "score": r if r.point.get("scenario") == "scores" else None}
+    return {f.name: v for f in table if f.kind == FIGURE and f.read is not None
+            and (v := read(f, source)) is not None}
 
 
 def dig(obj: Any, path: str) -> Any:
