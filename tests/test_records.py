@@ -142,6 +142,26 @@ def test_old_records_are_upgraded_when_read_and_rows_are_typed(tmp_path):
     assert F.dig({"a": [{"b": 1}]}, "a.0.b") == 1 and F.dig({"a": 1}, "a.b.c") is None
 
 
+
+def test_old_figures_recorded_wrong_are_corrected_when_read():
+    """Records before schema 3: the fp16 GEMV profiled as "other" counts as matmul time; torchao points whose weights
+    were counted at 16-bit size have no roofline and no rate over kernels. Today's records are left alone."""
+    profile = {"ms_per_step_by_kind": {"matmul": 1.0, "other": 0.6}, "weight_bytes": 2_000_000_000,
+               "top_kernels": [{"name": "fp16_kernel", "kind": "other", "ms_per_step": 0.5}],
+               "weight_gbps_over_matmul": 2000.0}
+    old = rec.upgrade({"schema_version": 1, "point": {"precision": "fp16"}, "metrics": profile})["metrics"]
+    assert old["ms_per_step_by_kind"] == {"matmul": 1.5, "other": 0.1} and old["top_kernels"][0]["kind"] == "matmul"
+    assert old["weight_gbps_over_matmul"] == 1333.3
+    def torchao(**kw):
+        return {"roofline": {"roofline_fraction": 0.9, "roofline_tps": 10.0, "bandwidth_gbps": 3000.0},
+                "weight_gbps_over_matmul": 900.0, "weight_bytes": 10, **kw}
+
+    old = rec.upgrade({"schema_version": 2, "point": {"precision": "int4-ao"}, "metrics": torchao()})["metrics"]
+    assert old["roofline"] == {"bandwidth_gbps": 3000.0} and "weight_gbps_over_matmul" not in old
+    counted = torchao(weight_bytes_method="storage")
+    kept = rec.upgrade({"schema_version": 2, "point": {"precision": "int4-ao"}, "metrics": counted})["metrics"]
+    assert kept["roofline"]["roofline_fraction"] == 0.9 and kept["weight_gbps_over_matmul"] == 900.0
+
 def test_latest_keeps_the_newest_of_each_key_in_first_seen_order():
     a1, b1 = make_record("s", "a"), make_record("s", "b")
     a2 = make_record("s", "a")

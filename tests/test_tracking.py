@@ -120,3 +120,18 @@ def test_runs_carry_the_measurement_times_dataset_input_and_outputs_table(tmp_pa
     local = client.download_artifacts(by_name["p0"].info.run_id, "outputs.json", str(tmp_path))
     table = json.loads(Path(local).read_text())
     assert table["columns"][:2] == ["item_id", "task"] and len(table["data"]) == 3
+
+
+def test_a_point_run_logs_the_figures_of_its_stage_table():
+    """A run's metrics are the field table's figures of the record's stage (record.json keeps the rest); a figure
+    of several values is logged per value, a boolean as 0/1."""
+    from inferlab.tracking import _metrics
+
+    env = {"hardware": {"id": "hw"}}
+    bench = Record(stage="bench_gpu", name="p", point={"scenario": "profile"}, config={}, model={"name": "m"},
+                   environment=env, metrics={"decode_tps": {"median": 12.0, "p99": 9.0}, "meets_slo": True,
+                                             "ms_per_step_by_kind": {"matmul": 1.5}, "not_a_field": 3.0})
+    assert _metrics(bench) == {"decode_tps": 12.0, "meets_slo": 1.0, "ms_per_step_by_kind.matmul": 1.5}
+    score = Record(stage="evaluate", name="scores-a", point={"scenario": "scores"}, config={}, model={},
+                   environment=env, metrics={"task": {"rougeL": 0.25}, "drift": {"exact_match": 1.0}})
+    assert _metrics(score) == {"task_rougeL": 0.25, "drift_exact_match": 1.0}

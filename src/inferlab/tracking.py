@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from inferlab.config import TrackingConfig, project_root
-from inferlab.fields import GROUP_PARAMS  # settings the MLflow UI groups and compares runs by (also under point.*)
+from inferlab.fields import GROUP_PARAMS, figures  # GROUP_PARAMS: the settings runs are grouped and compared by
 from inferlab.hostlock import boot_id, lock_dir, open_lock
 from inferlab.records import Record
 
@@ -133,8 +133,9 @@ def _params(record: Record) -> dict[str, str]:
 
 
 def _metrics(record: Record) -> dict[str, float]:
+    """The record's figures by the field table of its stage (record.json keeps all it measured)."""
     out = {}
-    for k, v in flatten(record.metrics).items():
+    for k, v in flatten(figures(record)).items():
         if isinstance(v, bool):
             v = float(v)
         if isinstance(v, (int, float)) and v == v:  # drop NaN

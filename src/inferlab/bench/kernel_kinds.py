@@ -1,6 +1,6 @@
 """What kind of work a GPU kernel does, from its name (attention, matmul, fused Triton, copy,
-other): how a decode profile splits its time (bench/profile.py), and how the report reads profiles
-recorded by older classifiers."""
+other): how a decode profile splits its time (bench/profile.py). Profiles recorded before the fp16
+GEMV below was classed are corrected when read (records.upgrade)."""
 
 from __future__ import annotations
 

@@ -13,10 +13,11 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
+from inferlab import fields as F
 from inferlab import records as rec
 from inferlab.bench.stats import percentile
 
-FIGURES = {"decode_tps": "decode tok/s", "total_tps": "total tok/s"}
+FIGURES = {name: F.field(name).title for name in ("decode_tps", "total_tps")}  # figure -> column title
 
 
 def _median(r: rec.Record, key: str) -> float | None:

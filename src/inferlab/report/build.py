@@ -20,7 +20,7 @@ from inferlab import records as rec
 from inferlab.config import StudyConfig, resolve, to_container
 from inferlab.environment import environment
 from inferlab.report import comparisons, figures, frontier, render
-from inferlab.report.table import Section, collect, num
+from inferlab.report.table import Section, collect
 from inferlab.stage import check_storage
 from inferlab.tracking import Tracker
 
@@ -130,7 +130,7 @@ def _log_mlflow(cfg: StudyConfig, document: dict[str, Any], figs: list[Path], me
         key = f"{r['hardware']}.{r['model']}"
         params[f"recommended.{key}"] = r.get("name", "none")
         for k, v in (r.get("figures") or {}).items():
-            if num(v) is not None:
+            if v is not None:
                 metrics[f"{key}.{k}"] = float(v)
     files = [metrics_dir / n for n in ("report.md", "report.html", "recommendation.json", "report.json")]
     Tracker(cfg.tracking).log_report(run_name(document), params, metrics,

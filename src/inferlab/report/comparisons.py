@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from inferlab.bench.kernel_kinds import kind
-from inferlab.config import FOUR_BIT, GRAPH_MODES, INT4_KERNELS, SIXTEEN_BIT, TORCHAO_PRECISIONS
-from inferlab.report.table import Section, fmt, num
+from inferlab.config import FOUR_BIT, GRAPH_MODES, INT4_KERNELS, SIXTEEN_BIT
+from inferlab.report.table import Section, fmt
 
 
 class Missing(str):
@@ -56,13 +55,11 @@ def together(section: Section, compare) -> list[str]:
 
 
 def _f(v: Any, unit: str = "") -> str:
-    x = num(v)
-    return "not measured" if x is None else f"{fmt(x)} {unit}".rstrip()
+    return "not measured" if v is None or v != v else f"{fmt(v)} {unit}".rstrip()
 
 
 def _ratio(a: Any, b: Any) -> str:
-    x, y = num(a), num(b)
-    return f"{x / y:.2f}×" if x is not None and y else "n/a"
+    return f"{a / b:.2f}×" if a is not None and a == a and b else "n/a"
 
 
 def _generate(r: dict[str, Any]) -> bool:
@@ -81,7 +78,7 @@ def plain_llama(r: dict[str, Any], threads: float | None, base: dict[str, Any] |
     base = base or {}
     return (r["runtime"] == "llama_cpp" and r.get("api") == "generate"
             and ("flash_attn" in base or r.get("flash_attn") is False)
-            and r.get("kv_type") == "f16" and (threads is None or num(r.get("n_threads")) == threads)
+            and r.get("kv_type") == "f16" and (threads is None or r.get("n_threads") == threads)
             and all(r.get(k) == v for k, v in base.items()))
 
 
@@ -112,7 +109,7 @@ def headline(section: Section) -> list[str]:
     """The seed study's three comparisons, per runtime that ran here, as sentences with this run's figures."""
     out: list[str] = []
     cands = section.candidates
-    llama_threads = max((num(r.get("n_threads")) or 0 for r in cands if r["runtime"] == "llama_cpp"), default=None)
+    llama_threads = max((r.get("n_threads") or 0 for r in cands if r["runtime"] == "llama_cpp"), default=None)
     grid = llama_grid(cands)
     families = {
         "transformers": [r for r in cands if plain_hf(r)],
@@ -122,7 +119,7 @@ def headline(section: Section) -> list[str]:
         if not rows:
             continue
         runtime = rows[0]["runtime"]
-        b1 = [r for r in rows if num(r.get("batch_size")) in (1, None)]
+        b1 = [r for r in rows if r.get("batch_size") in (1, None)]
         base, q4 = _first(b1, SIXTEEN_BIT[runtime]), _first(b1, FOUR_BIT[runtime])
         where = " at batch 1"
         if runtime == "llama_cpp":
@@ -142,14 +139,14 @@ def headline(section: Section) -> list[str]:
             f"**{family}, 16-bit vs 4-bit memory**: {_kind(q4)} peaks at {_f(q4['memory_gib'], 'GiB')} "
             f"({q4['memory_kind']}) against {_f(base['memory_gib'], 'GiB')} for {_kind(base)} "
             f"({_ratio(q4['memory_gib'], base['memory_gib'])}).")
-        batched = [r for r in rows if _kind(r) == _kind(q4) and (num(r.get("batch_size")) or 1) > 1]
+        batched = [r for r in rows if _kind(r) == _kind(q4) and (r.get("batch_size") or 1) > 1]
         if runtime == "llama_cpp":
             continue  # llama.cpp's sweep runs one sequence at a time: batching is a transformers comparison
         if not batched:
             out.append(Missing(f"**{family}, 4-bit with and without batching**: {_kind(q4)} ran at batch 1 only "
                                "here."))
             continue
-        big = max(batched, key=lambda r: num(r["batch_size"]) or 0)
+        big = max(batched, key=lambda r: r["batch_size"] or 0)
         base_big = next((r for r in rows if _kind(r) == _kind(base) and r["batch_size"] == big["batch_size"]), None)
         sentence = (f"**{family}, 4-bit with and without batching**: {_kind(q4)} at batch {big['batch_size']} "
                     f"delivers {_f(big['total_tps'], 'tokens/s')} in total against {_f(q4['total_tps'], 'tokens/s')} "
@@ -170,7 +167,7 @@ def _by_name(section: Section, predicate) -> list[dict[str, Any]]:
 def cache_and_streaming(section: Section) -> list[str]:
     """What the KV cache, the prompt (prefix) cache and streaming changed, from the points that vary them."""
     out: list[str] = []
-    hf = [r for r in section.candidates if r["runtime"] == "hf" and num(r.get("batch_size")) == 1
+    hf = [r for r in section.candidates if r["runtime"] == "hf" and r.get("batch_size") == 1
           and r.get("attn") == "sdpa" and _generate(r) and r.get("compile_mode") in ("", None, "reduce-overhead")]
     for precision in sorted({r["precision"] for r in hf}):
         same = {(r["kv_cache"], r["compile"]): r for r in hf if r["precision"] == precision}
@@ -201,7 +198,7 @@ def cache_and_streaming(section: Section) -> list[str]:
         rows = [r for r in prefix if r["runtime"] == runtime]
         ok = [r for r in rows if r["status"] == "ok"]
         parts = [f"{r['mode']}: TTFT {_f(r['ttft_ms'], 'ms')}"
-                 + (f" ({_f(r['cache_hits'])} cache hits)" if num(r.get("cache_hits")) is not None else "")
+                 + (f" ({_f(r['cache_hits'])} cache hits)" if r.get("cache_hits") is not None else "")
                  for r in ok]
         parts += [f"{r['mode']}: {r['status']} ({r['reason'][:120]})" for r in rows if r["status"] != "ok"]
         name = "transformers" if runtime == "hf" else "llama.cpp"
@@ -234,8 +231,8 @@ def decode_loops(section: Section) -> list[str]:
     out = []
     hf = [r for r in section.candidates if r["runtime"] == "hf" and r.get("attn") == "sdpa"]
     loops = [r for r in hf if not _generate(r)]
-    for precision, batch in sorted({(r["precision"], num(r["batch_size"])) for r in loops}, key=str):
-        same = [r for r in hf if r["precision"] == precision and num(r["batch_size"]) == batch]
+    for precision, batch in sorted({(r["precision"], r["batch_size"]) for r in loops}, key=str):
+        same = [r for r in hf if r["precision"] == precision and r["batch_size"] == batch]
         parts = []
         for label, pick in (("generate, dynamic cache", lambda r: _generate(r) and r["kv_cache"] == "dynamic"),
                             ("generate, static cache + compile",
@@ -244,7 +241,7 @@ def decode_loops(section: Section) -> list[str]:
                             ("CUDA-graph loop", lambda r: r.get("decode") == "graph")):
             rows = [r for r in same if pick(r)]
             if rows:
-                best = max(rows, key=lambda r: num(r["decode_tps"]) or 0)
+                best = max(rows, key=lambda r: r["decode_tps"] or 0)
                 mode = (best.get("compile_mode") or "") if best.get("compile") is True else ""
                 if best.get("decode") == "graph" and mode:  # the loop captures its own graph
                     mode = GRAPH_MODES.get(mode, mode).removesuffix("-no-cudagraphs") + " kernels"
@@ -260,8 +257,8 @@ def decode_loops(section: Section) -> list[str]:
 
 
 def _best(rows: list[dict[str, Any]], key: str = "decode_tps") -> dict[str, Any] | None:
-    rows = [r for r in rows if num(r.get(key)) is not None]
-    return max(rows, key=lambda r: num(r[key]) or 0) if rows else None
+    rows = [r for r in rows if r.get(key) is not None]
+    return max(rows, key=lambda r: r[key] or 0) if rows else None
 
 
 def faster_decoding(section: Section) -> list[str]:
@@ -270,7 +267,7 @@ def faster_decoding(section: Section) -> list[str]:
     out: list[str] = []
     gpu_llama = [r for r in section.rows if r["runtime"] == "llama_cpp" and r["device"] == "cuda"
                  and r["scenario"] == "latency"]
-    hf_b1 = [r for r in section.candidates if r["runtime"] == "hf" and num(r.get("batch_size")) == 1]
+    hf_b1 = [r for r in section.candidates if r["runtime"] == "hf" and r.get("batch_size") == 1]
     fp16 = _best([r for r in hf_b1 if r["precision"] in SIXTEEN_BIT["hf"]])
     q4 = _best([r for r in hf_b1 if r["precision"] in (*FOUR_BIT["hf"], *INT4_KERNELS)])
     if fp16 is not None and q4 is not None and not _generate(fp16):
@@ -309,12 +306,12 @@ def faster_decoding(section: Section) -> list[str]:
                 out.append(Missing(f"**llama.cpp on this GPU (every layer offloaded, same GGUF files)**: none of "
                                    f"its {len(gpu_llama)} points ran: {reasons}."))
     lookup = [r for r in section.rows if r["scenario"] == "assisted" and r["status"] == "ok"]
-    plain = {(r.get("precision"), r.get("task")): r for r in lookup if num(r.get("lookup_tokens")) == 0}
+    plain = {(r.get("precision"), r.get("task")): r for r in lookup if r.get("lookup_tokens") == 0}
     for r in lookup:
-        if not num(r.get("lookup_tokens")):
+        if not r.get("lookup_tokens"):
             continue
         m, base = r["_metrics"], plain.get((r.get("precision"), r.get("task")))
-        n = int(num(r["lookup_tokens"]) or 0)
+        n = int(r["lookup_tokens"] or 0)
         text = (f"**Prompt lookup ({r.get('precision')}, {r.get('task')}, {n} candidates)**: "
                 f"{_f(r['total_tps'], 'tokens/s')} per request (median of {m.get('requests')}), acceptance "
                 f"{_f(m.get('acceptance_rate'))}, {_f(m.get('tokens_per_forward', {}).get('median'))} tokens per "
@@ -350,13 +347,6 @@ def profiles(section: Section) -> list[dict[str, Any]]:
         m = r["_metrics"]
         top = (m.get("top_kernels") or [{}])[0]
         matmul, gbps = (m.get("ms_per_step_by_kind") or {}).get("matmul"), m.get("weight_gbps_over_matmul")
-        # matrix kernels the classifier of the record's time missed (the fp16 Triton GEMV of 770803e, recorded as
-        # fp16_kernel under "other"), moved to matmul by today's classifier
-        missed = sum(k.get("ms_per_step") or 0 for k in m.get("top_kernels") or []
-                     if k.get("kind") != "matmul" and kind(k.get("name", "")) == "matmul")
-        if missed and m.get("weight_bytes"):
-            matmul = round((matmul or 0) + missed, 4)
-            gbps = round(m["weight_bytes"] / (matmul * 1e-3) / 1e9, 1)
         device_gbps = (m.get("bandwidth") or {}).get("bandwidth_gbps")
         if gbps and device_gbps and gbps > 1.1 * device_gbps:  # the weights were read by kernels not classed as
             gbps = None  # matrix kernels (inductor's fused reductions): no rate to give
@@ -364,8 +354,6 @@ def profiles(section: Section) -> list[dict[str, Any]]:
                      **{k: m.get(k) for k in ("profiled_step_ms", "kernel_ms_per_step", "launch_gap_ms_per_step",
                                               "host_wait_ms_per_step", "kernels_per_step")},
                      "matmul_ms": matmul,
-                     "weight_gbps_over_matmul": gbps
-                     if m.get("weight_bytes_method") == "storage" or r.get("precision") not in TORCHAO_PRECISIONS
-                     else None,
+                     "weight_gbps_over_matmul": gbps,
                      "top_kernel": f"{top.get('name', '')[:48]} ({top.get('ms_per_step', '')})" if top else ""})
     return rows

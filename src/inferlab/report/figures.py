@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from inferlab.report.comparisons import llama_grid, plain_hf, plain_llama
-from inferlab.report.frontier import OBJECTIVE_LABELS, QUALITY_LABELS
-from inferlab.report.table import Section, num
+from inferlab.report.frontier import axis_label
+from inferlab.report.table import Section
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,9 @@ def throughput(section: Section, path: Path) -> bool:
                     label += f" {r['decode']} loop"
                 if r.get("compile_mode") not in ("", None, "reduce-overhead") and r.get("compile") is True:
                     label += f" {r['compile_mode']}"
-                series.setdefault(label, []).append((num(r["batch_size"]), num(r["total_tps"])))  # type: ignore[arg-type]
+                series.setdefault(label, []).append((r["batch_size"], r["total_tps"]))
             else:
-                series.setdefault(_kind(r), []).append((num(r["n_threads"]), num(r["decode_tps"])))  # type: ignore[arg-type]
+                series.setdefault(_kind(r), []).append((r["n_threads"], r["decode_tps"]))
         for label, pts in sorted(series.items()):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
@@ -106,15 +106,15 @@ def _bars(path: Path, labels: list[str], values: list[float], colors: Any, text:
 def memory(section: Section, path: Path) -> bool:
     """Peak memory per precision / quant, one sequence."""
     cands = section.candidates
-    threads = max((num(r.get("n_threads")) or 0 for r in cands if r["runtime"] == "llama_cpp"), default=None)
+    threads = max((r.get("n_threads") or 0 for r in cands if r["runtime"] == "llama_cpp"), default=None)
     grid = llama_grid(cands)
-    bars = [r for r in cands if num(r.get("memory_gib")) is not None
-            and ((plain_hf(r) and num(r.get("batch_size")) == 1) or plain_llama(r, threads, grid))]
+    bars = [r for r in cands if r.get("memory_gib") is not None
+            and ((plain_hf(r) and r.get("batch_size") == 1) or plain_llama(r, threads, grid))]
     if not bars:
         return False
     kinds = ", ".join(sorted({r["memory_kind"] for r in bars}))
     _bars(path, [f"{'transformers' if r['runtime'] == 'hf' else 'llama.cpp'} {_kind(r)}" for r in bars],
-          [num(r["memory_gib"]) for r in bars], "tab:blue", "{:.2f}",  # type: ignore[misc]
+          [r["memory_gib"] for r in bars], "tab:blue", "{:.2f}",  # type: ignore[misc]
           f"peak memory, GiB ({kinds}), batch 1", f"Peak memory per precision — {section.title}")
     return True
 
@@ -124,35 +124,35 @@ def quality_vs_speed(section: Section, front: list[dict[str, Any]], with_quality
     """Quality (or memory, where quality was not measured) against speed: one colour per precision / quant,
     marker area by memory, the Pareto frontier ringed, the recommendation starred."""
     y_key = "quality" if with_quality else "memory_gib"
-    pts = [r for r in section.candidates if num(r.get(objective)) is not None and num(r.get(y_key)) is not None]
+    pts = [r for r in section.candidates if r.get(objective) is not None and r.get(y_key) is not None]
     if not pts:
         return False
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     kinds = sorted({f"{'llama.cpp ' if r['runtime'] == 'llama_cpp' else ''}{_kind(r)}" for r in pts})
     cmap = plt.get_cmap("tab10" if len(kinds) <= 10 else "tab20")
-    mem_max = max(num(r.get("memory_gib")) or 0 for r in pts) or 1
+    mem_max = max(r.get("memory_gib") or 0 for r in pts) or 1
     for i, k in enumerate(kinds):
         rows = [r for r in pts if f"{'llama.cpp ' if r['runtime'] == 'llama_cpp' else ''}{_kind(r)}" == k]
-        ax.scatter([num(r[objective]) for r in rows], [num(r[y_key]) for r in rows], color=cmap(i % cmap.N),
-                   s=[20 + 140 * (num(r.get("memory_gib")) or 0) / mem_max for r in rows], alpha=0.8, label=k,
+        ax.scatter([r[objective] for r in rows], [r[y_key] for r in rows], color=cmap(i % cmap.N),
+                   s=[20 + 140 * (r.get("memory_gib") or 0) / mem_max for r in rows], alpha=0.8, label=k,
                    zorder=2)
     names = {r["name"] for r in front}
     fr = [r for r in pts if r["name"] in names]
     if fr:
-        ax.scatter([num(r[objective]) for r in fr], [num(r[y_key]) for r in fr], s=170, facecolors="none",
+        ax.scatter([r[objective] for r in fr], [r[y_key] for r in fr], s=170, facecolors="none",
                    edgecolors="tab:red", linewidths=1.3, zorder=3, label="Pareto frontier")
     rec = next((r for r in pts if r["name"] == recommended), None)
     if rec is not None:
-        ax.scatter([num(rec[objective])], [num(rec[y_key])], marker="*", s=260, color="black", zorder=4,
+        ax.scatter([rec[objective]], [rec[y_key]], marker="*", s=260, color="black", zorder=4,
                    label="recommended")
-        ax.annotate(rec["config"], (num(rec[objective]), num(rec[y_key])), fontsize=8, xytext=(-10, -16),
+        ax.annotate(rec["config"], (rec[objective], rec[y_key]), fontsize=8, xytext=(-10, -16),
                     textcoords="offset points", ha="right")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib_ticker().NullFormatter())
-    ax.set_xlabel(OBJECTIVE_LABELS[objective] + " (marker area: peak memory)")
-    ax.set_ylabel(QUALITY_LABELS[section.quality_metric] if with_quality else "peak memory, GiB")
+    ax.set_xlabel(axis_label(objective) + " (marker area: peak memory)")
+    ax.set_ylabel(axis_label(section.quality_metric) if with_quality else "peak memory, GiB")
     if with_quality and section.quality_metric == "kl_mean":
         ax.set_yscale("symlog", linthresh=1e-4)  # KL spans decades; the reference itself sits at 0
         ax.invert_yaxis()  # better quality up
@@ -168,11 +168,11 @@ def quality_vs_speed(section: Section, front: list[dict[str, Any]], with_quality
 
 def prompt_cache(section: Section, path: Path) -> bool:
     """TTFT of requests sharing a long prefix, with and without reusing its KV cache."""
-    rows = [r for r in section.ok("prefix_cache") if num(r.get("ttft_ms")) is not None]
+    rows = [r for r in section.ok("prefix_cache") if r.get("ttft_ms") is not None]
     if not rows:
         return False
     _bars(path, [f"{'transformers' if r['runtime'] == 'hf' else 'llama.cpp'} {r['mode']}" for r in rows],
-          [num(r["ttft_ms"]) for r in rows],  # type: ignore[misc]
+          [r["ttft_ms"] for r in rows],  # type: ignore[misc]
           ["tab:gray" if r["mode"] in ("none", "recompute") else "tab:green" for r in rows], "{:,.1f} ms",
           "time to first token, ms (median; grey: no prompt cache)", f"Prompt caching — {section.title}", log=True)
     return True

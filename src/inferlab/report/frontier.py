@@ -10,22 +10,33 @@ from __future__ import annotations
 
 from typing import Any
 
+from inferlab import fields as F
 from inferlab.config import QUALITY_METRICS, ConstraintsConfig, ReportConfig
-from inferlab.report.table import fmt, num
+from inferlab.report.table import fmt
 
-OBJECTIVE_LABELS = {"total_tps": "total tokens/s", "decode_tps": "decode tokens/s per sequence"}
-QUALITY_LABELS = {"kl_mean": "KL divergence from full precision (nats per token)",
-                  "top1": "top-1 agreement with full precision", "ppl_ratio": "perplexity ratio to full precision",
-                  "task_rougeL": "task ROUGE-L against the references",
-                  "drift_rougeL": "output drift: ROUGE-L against the full precision's outputs"}
-# constraint -> (row figure, sense, label, unit); sense +1: the figure must be at most the limit
+# constraint -> (row figure, sense); sense +1: the figure must be at most the limit. Its label and unit are the
+# figure's (inferlab.fields).
 CONSTRAINTS = {
-    "memory_gib": ("memory_gib", +1, "peak memory", "GiB"),
-    "ttft_ms": ("ttft_ms", +1, "TTFT", "ms"),
-    "itl_p90_ms": ("itl_p90_ms", +1, "ITL p90", "ms"),
-    "max_kl": ("kl_mean", +1, "KL divergence", "nats"),
-    "min_top1": ("top1", -1, "top-1 agreement", ""),
+    "memory_gib": ("memory_gib", +1),
+    "ttft_ms": ("ttft_ms", +1),
+    "itl_p90_ms": ("itl_p90_ms", +1),
+    "max_kl": ("kl_mean", +1),
+    "min_top1": ("top1", -1),
 }
+# the KL limit has always been written in nats: recommendation.json (which serve_bench depends on) keeps its text
+UNIT_WRITTEN = {"max_kl": "nats"}
+
+
+def constraint(key: str) -> tuple[str, int, str, str]:
+    """(row figure, sense, label, unit) of a constraint."""
+    figure, sense = CONSTRAINTS[key]
+    f = F.field(figure)
+    return figure, sense, f.words, UNIT_WRITTEN.get(key, f.unit)
+
+
+def axis_label(figure: str) -> str:
+    """How the report names an objective or a quality axis (e.g. "total tokens/s")."""
+    return F.field(figure).described
 
 
 def axes(objective: str, with_quality: bool, quality_metric: str = "kl_mean") -> list[tuple[str, int]]:
@@ -36,22 +47,22 @@ def axes(objective: str, with_quality: bool, quality_metric: str = "kl_mean") ->
 
 
 def dominates(a: dict[str, Any], b: dict[str, Any], ax: list[tuple[str, int]]) -> bool:
-    va = [num(a.get(k)) * s for k, s in ax]  # type: ignore[operator]
-    vb = [num(b.get(k)) * s for k, s in ax]  # type: ignore[operator]
+    va = [a[k] * s for k, s in ax]
+    vb = [b[k] * s for k, s in ax]
     return all(x >= y for x, y in zip(va, vb)) and any(x > y for x, y in zip(va, vb))
 
 
 def pareto(candidates: list[dict[str, Any]], ax: list[tuple[str, int]]) -> list[dict[str, Any]]:
     """The non-dominated candidates among those with every axis measured, fastest first."""
-    usable = [c for c in candidates if all(num(c.get(k)) is not None for k, _ in ax)]
+    usable = [c for c in candidates if all(c.get(k) is not None for k, _ in ax)]
     front = [c for c in usable if not any(dominates(o, c, ax) for o in usable if o is not c)]
-    return sorted(front, key=lambda c: -num(c[ax[0][0]]))  # type: ignore[operator]
+    return sorted(front, key=lambda c: -c[ax[0][0]])
 
 
 def frontier(candidates: list[dict[str, Any]], objective: str,
              quality_metric: str = "kl_mean") -> tuple[list[dict[str, Any]], bool]:
     """The frontier of one section and whether quality was one of its axes."""
-    with_quality = any(num(c.get("quality")) is not None for c in candidates)
+    with_quality = any(c.get("quality") is not None for c in candidates)
     return pareto(candidates, axes(objective, with_quality, quality_metric)), with_quality
 
 
@@ -63,8 +74,8 @@ def violations(c: dict[str, Any], constraints: ConstraintsConfig) -> dict[str, s
     """Each constraint the candidate fails, and why."""
     out = {}
     for key, limit in _limits(constraints).items():
-        figure, sense, label, unit = CONSTRAINTS[key]
-        v = num(c.get(figure))
+        figure, sense, label, unit = constraint(key)
+        v = c.get(figure)
         if v is None:
             out[key] = f"{label} not measured"
         elif (v - limit) * sense > 0:
@@ -78,23 +89,14 @@ def settings(c: dict[str, Any]) -> dict[str, Any]:
         keys = ("runtime", "quant", "n_threads", "n_batch", "flash_attn", "kv_type")
     else:
         keys = ("runtime", "device", "precision", "batch_size", "kv_cache", "attn", "compile")
-    out = {k: c.get(k) for k in keys}
-    for k in ("n_threads", "n_batch", "batch_size"):
-        if k in out and num(out[k]) is not None:
-            out[k] = int(num(out[k]))  # type: ignore[arg-type]
-    return out
-
-
-FIGURES = ("decode_tps", "total_tps", "ttft_ms", "itl_p50_ms", "itl_p90_ms", "memory_gib", "roofline_fraction",
-           "kl_mean", "kl_ci_low", "kl_ci_high", "top1", "top1_ci_low", "top1_ci_high", "ppl_ratio",
-           "ppl_ratio_ci_low", "ppl_ratio_ci_high", "task_rougeL", "drift_rougeL")
+    return {k: c.get(k) for k in keys}
 
 
 def _summary(c: dict[str, Any]) -> dict[str, Any]:
     return {"name": c["config"], "point": c["name"], "stage": c["stage"], "workload": c["workload"],
             "memory_kind": c["memory_kind"],
             "settings": settings(c), "quality_config": c.get("quality_config") or None,
-            "figures": {k: num(c.get(k)) for k in FIGURES}}
+            "figures": {k: c.get(k) for k in F.RECOMMENDED}}
 
 
 def recommend(candidates: list[dict[str, Any]], cfg: ReportConfig) -> dict[str, Any]:
@@ -104,7 +106,7 @@ def recommend(candidates: list[dict[str, Any]], cfg: ReportConfig) -> dict[str, 
     objective = cfg.objective
     front, with_quality = frontier(candidates, objective, cfg.quality_metric)
     front_names = {c["name"] for c in front}
-    checked = [(c, violations(c, cfg.constraints)) for c in candidates if num(c.get(objective)) is not None]
+    checked = [(c, violations(c, cfg.constraints)) for c in candidates if c.get(objective) is not None]
     passing = [c for c, v in checked if not v]
     out: dict[str, Any] = {"objective": objective, "constraints": limits, "candidates": len(checked),
                            "meeting_constraints": len(passing), "frontier": [c["name"] for c in front],
@@ -113,21 +115,21 @@ def recommend(candidates: list[dict[str, Any]], cfg: ReportConfig) -> dict[str, 
     if not checked:
         return {**out, "status": "no candidates",
                 "reason": "no latency point ran on this hardware for this model (see the missing inputs)"}
-    label = OBJECTIVE_LABELS[objective]
+    label = axis_label(objective)
     conds = ", ".join(describe(k, v) for k, v in limits.items()) or "no constraints"
     if passing:
-        best = max(passing, key=lambda c: (num(c[objective]), -(num(c.get("memory_gib")) or 0)))
-        reason = (f"highest {label} ({fmt(num(best[objective]))}) among the {len(passing)} of {len(checked)} "  # type: ignore[arg-type]
+        best = max(passing, key=lambda c: (c[objective], -(c.get("memory_gib") or 0)))
+        reason = (f"highest {label} ({fmt(best[objective])}) among the {len(passing)} of {len(checked)} "
                   f"configurations that meet {conds}")
         reason += "; on the Pareto frontier" if best["name"] in front_names else "; not on the frontier"
-        if num(best.get("quality")) is None:
+        if best.get("quality") is None:
             reason += "; its quality was not measured"
-        runner_up = [c["name"] for c in sorted(passing, key=lambda c: -num(c[objective]))[1:4]]  # type: ignore[operator]
+        runner_up = [c["name"] for c in sorted(passing, key=lambda c: -c[objective])[1:4]]
         return {**out, "status": "recommended", **_summary(best), "reason": reason, "alternatives": runner_up}
     failing: dict[str, Any] = {}
     for key, limit in limits.items():
-        figure, sense, lab, unit = CONSTRAINTS[key]
-        values = [num(c.get(figure)) for c, _ in checked if num(c.get(figure)) is not None]
+        figure, sense, _, _ = constraint(key)
+        values = [c[figure] for c, _ in checked if c.get(figure) is not None]
         n_pass = sum(1 for c, v in checked if key not in v)
         entry: dict[str, Any] = {"limit": limit, "measured": len(values), "passing": n_pass}
         if values:
@@ -139,7 +141,7 @@ def recommend(candidates: list[dict[str, Any]], cfg: ReportConfig) -> dict[str, 
     closest = min((c for c, _ in checked), key=lambda c: _shortfall(c, cfg.constraints))
     parts = []
     for key, e in failing.items():
-        lab, unit = CONSTRAINTS[key][2], CONSTRAINTS[key][3]
+        _, _, lab, unit = constraint(key)
         if e["measured"] == 0:
             parts.append(f"{lab}: not measured for any configuration")
         elif e["passing"] == 0:
@@ -153,15 +155,15 @@ def recommend(candidates: list[dict[str, Any]], cfg: ReportConfig) -> dict[str, 
 
 
 def describe(key: str, limit: float) -> str:
-    _, sense, label, unit = CONSTRAINTS[key]
+    _, sense, label, unit = constraint(key)
     return f"{label} {'≤' if sense > 0 else '≥'} {fmt(limit)}{unit and ' ' + unit}"
 
 
 def _shortfall(c: dict[str, Any], constraints: ConstraintsConfig) -> float:
     worst = 0.0
     for key, limit in _limits(constraints).items():
-        figure, sense, _, _ = CONSTRAINTS[key]
-        v = num(c.get(figure))
+        figure, sense = CONSTRAINTS[key]
+        v = c.get(figure)
         if v is None:
             worst = max(worst, 1e9)
         elif limit:

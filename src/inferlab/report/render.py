@@ -8,41 +8,41 @@ import re
 from pathlib import Path
 from typing import Any
 
-from inferlab.report.frontier import CONSTRAINTS, OBJECTIVE_LABELS, QUALITY_LABELS, describe
-from inferlab.report.table import Section, fmt, num
+from inferlab import fields as F
+from inferlab.report.frontier import CONSTRAINTS, axis_label, describe
+from inferlab.report.table import Section, fmt
 
-CANDIDATE_COLUMNS = (
-    ("config", "configuration"), ("workload", "prompt+new"), ("batch_size", "batch"), ("n_threads", "threads"),
-    ("decode_tps", "decode tok/s"), ("decode_tps_stdev", "±"), ("total_tps", "total tok/s"), ("ttft_ms", "TTFT ms"),
-    ("itl_p50_ms", "ITL p50 ms"), ("itl_p90_ms", "ITL p90 ms"), ("memory_gib", "memory GiB"),
-    ("roofline_fraction", "roofline"), ("kl_mean", "KL"), ("top1", "top-1"), ("ppl_ratio", "ppl ratio"),
-    ("across", "decode tok/s across sweeps"), ("frontier", "frontier"),
-)
-OTHER_COLUMNS = (("config", "configuration"), ("sweep", "sweep"), ("decode_tps", "decode tok/s"),
-                 ("total_tps", "total tok/s"), ("ttft_ms", "TTFT ms"), ("memory_gib", "memory GiB"),
-                 ("across", "decode tok/s across sweeps"))
+
+def columns(*names: str | tuple[str, str]) -> tuple[tuple[str, str], ...]:
+    """(key, column title) of a table: a field's title from the field table, or a column of the report's own."""
+    return tuple((n, F.field(n).title) if isinstance(n, str) else n for n in names)
+
+
+ACROSS = ("across", f"{F.field('decode_tps').title} across sweeps")  # the point's decode speed in several sweeps
+CANDIDATE_COLUMNS = columns("config", "workload", "batch_size", "n_threads", "decode_tps", "decode_tps_stdev",
+                            "total_tps", "ttft_ms", "itl_p50_ms", "itl_p90_ms", "memory_gib", "roofline_fraction",
+                            "kl_mean", "top1", "ppl_ratio", ACROSS, ("frontier", "frontier"))
+OTHER_COLUMNS = columns("config", ("sweep", "sweep"), "decode_tps", "total_tps", "ttft_ms", "memory_gib", ACROSS)
+ANSWER_FIGURES = ("total_tps", "decode_tps", "ttft_ms", "itl_p90_ms", "memory_gib", "kl_mean", "top1")
 
 
 def across(r: dict[str, Any]) -> str:
     """A point's decode speed across the sweeps that measured it: median (min–max), n sweeps; ⚠ where it spreads
     more than a run does."""
-    n = num(r.get("sweeps")) or 0
+    n = r.get("sweeps") or 0
     if n < 2:
         return ""
-    text = (f"{fmt(num(r['decode_tps_sweeps_median']))} ({fmt(num(r['decode_tps_sweeps_min']))}–"  # type: ignore[arg-type]
-            f"{fmt(num(r['decode_tps_sweeps_max']))}), {int(n)} sweeps")  # type: ignore[arg-type]
+    text = (f"{fmt(r['decode_tps_sweeps_median'])} ({fmt(r['decode_tps_sweeps_min'])}–"
+            f"{fmt(r['decode_tps_sweeps_max'])}), {int(n)} sweeps")
     return text + (" ⚠" if r.get("sensitive") else "")
 
 
 def _spread_notes(rows: list[dict[str, Any]]) -> list[str]:
     return [f"- ⚠ {r['config']}: {r['sensitive']}." for r in rows if r.get("sensitive")]
-QUALITY_COLUMNS = (("config", "configuration"), ("status", "status"), ("bits_per_weight", "bits/weight"),
-                   ("kl", "KL divergence (95% CI)"),
-                   ("kl_p99", "KL p99"), ("kl_max", "KL max"), ("top1_ci", "top-1 agreement (95% CI)"),
-                   ("perplexity", "perplexity"), ("ppl_ratio_ci", "ppl ratio (95% CI)"),
-                   ("task_rougeL", "task ROUGE-L"), ("task_exact_match", "task exact match"),
-                   ("drift_rougeL", "drift ROUGE-L"), ("drift_exact_match", "drift exact match"),
-                   ("tokens_scored", "tokens"), ("reason", "reason"))
+QUALITY_COLUMNS = columns("config", "status", "bits_per_weight", ("kl", f"{F.field('kl_mean').words} (95% CI)"),
+                          "kl_p99", "kl_max", ("top1_ci", f"{F.field('top1').words} (95% CI)"), "perplexity",
+                          ("ppl_ratio_ci", f"{F.field('ppl_ratio').title} (95% CI)"), "task_rougeL",
+                          "task_exact_match", "drift_rougeL", "drift_exact_match", "tokens_scored", "reason")
 
 
 def with_ci(v: Any, low: Any, high: Any, kind: str = "") -> str:
@@ -86,22 +86,28 @@ def table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...]) -> s
     return "\n".join(lines)
 
 
-def _fig(v: Any, unit: str = "") -> str:
+def _fig(figures: dict[str, Any], name: str) -> str:
+    """A recommended figure with its unit (from the field table)."""
+    v, unit = figures[name], F.field(name).unit
     return cell(v) + (f" {unit}" if unit and v not in (None, "") else "")
 
 
+def _titled(name: str) -> str:
+    """A field's column title, with its unit where the title does not name it (e.g. "KL (nats/token)")."""
+    f = F.field(name)
+    return f.title if f.unit.replace("tokens/", "tok/") in f.title else f"{f.title} ({f.unit})"
+
+
 def answer_table(results: list[tuple[Section, dict[str, Any]]]) -> str:
-    lines = ["| hardware | model | recommended | total tok/s | decode tok/s | TTFT ms | ITL p90 ms | memory GiB "
-             "| KL (nats/token) | top-1 | why |", "|" + "---|" * 11]
+    heads = ["hardware", "model", "recommended", *map(_titled, ANSWER_FIGURES), "why"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for s, rec in results:
         if rec["status"] == "recommended":
-            f = rec["figures"]
-            lines.append(f"| {s.hardware} | {s.model} | **{rec['name']}** | {cell(f['total_tps'])} | "
-                         f"{cell(f['decode_tps'])} | {cell(f['ttft_ms'])} | {cell(f['itl_p90_ms'])} | "
-                         f"{cell(f['memory_gib'])} | {cell(f['kl_mean'])} | {cell(f['top1'])} | "
-                         f"{cell(rec['reason'])} |")
+            figs = " | ".join(cell(rec["figures"][k]) for k in ANSWER_FIGURES)
+            lines.append(f"| {s.hardware} | {s.model} | **{rec['name']}** | {figs} | {cell(rec['reason'])} |")
         else:
-            lines.append(f"| {s.hardware} | {s.model} | none | — | — | — | — | — | — | — | {cell(rec['reason'])} |")
+            lines.append(f"| {s.hardware} | {s.model} | none | {' | '.join('—' for _ in ANSWER_FIGURES)} | "
+                         f"{cell(rec['reason'])} |")
     return "\n".join(lines)
 
 
@@ -109,7 +115,7 @@ def pivot(cands: list[dict[str, Any]]) -> str:
     """transformers points as precision (and cache/compile) x batch: total tok/s, decode tok/s per sequence,
     peak memory in each cell."""
     hf = [c for c in cands if c["runtime"] == "hf" and c.get("attn") == "sdpa"]
-    batches = sorted({int(num(c["batch_size"]) or 1) for c in hf})
+    batches = sorted({int(c["batch_size"] or 1) for c in hf})
     if len(batches) < 2:
         return ""
     rows: dict[str, dict[int, dict[str, Any]]] = {}
@@ -119,15 +125,15 @@ def pivot(cands: list[dict[str, Any]]) -> str:
             label += f" ({c['compile_mode']})"
         if c.get("decode") not in ("", None, "generate"):
             label += f", {c['decode']} loop"
-        rows.setdefault(label, {})[int(num(c["batch_size"]) or 1)] = c
+        rows.setdefault(label, {})[int(c["batch_size"] or 1)] = c
     lines = ["| precision, KV cache | " + " | ".join(f"batch {b}" for b in batches) + " |",
              "|" + "---|" * (len(batches) + 1)]
     for label, by_batch in rows.items():
         cells = []
         for b in batches:
             c = by_batch.get(b)
-            cells.append("" if c is None else f"{cell(num(c['total_tps']))} / {cell(num(c['decode_tps']))} / "
-                                              f"{cell(num(c['memory_gib']))} GiB")
+            cells.append("" if c is None else f"{cell(c['total_tps'])} / {cell(c['decode_tps'])} / "
+                                              f"{cell(c['memory_gib'])} GiB")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -162,9 +168,9 @@ def section_md(s: Section, rec: dict[str, Any], headline: list[str], caching: li
     if rec["status"] == "recommended":
         f = rec["figures"]
         out += [f"**{rec['name']}** ({', '.join(f'{k}={v}' for k, v in rec['settings'].items())}): "
-                f"{_fig(f['total_tps'], 'tokens/s')} in total, {_fig(f['decode_tps'], 'tokens/s')} per sequence, "
-                f"TTFT {_fig(f['ttft_ms'], 'ms')}, ITL p90 {_fig(f['itl_p90_ms'], 'ms')}, "
-                f"{_fig(f['memory_gib'], 'GiB')} ({rec['memory_kind']}), KL divergence from full precision "
+                f"{_fig(f, 'total_tps')} in total, {_fig(f, 'decode_tps')} per sequence, "
+                f"TTFT {_fig(f, 'ttft_ms')}, ITL p90 {_fig(f, 'itl_p90_ms')}, "
+                f"{_fig(f, 'memory_gib')} ({rec['memory_kind']}), KL divergence from full precision "
                 f"{with_ci(f['kl_mean'], f['kl_ci_low'], f['kl_ci_high']) or '—'} nats per token, top-1 agreement "
                 f"{with_ci(f['top1'], f['top1_ci_low'], f['top1_ci_high'], 'pct') or '—'}, perplexity ratio "
                 f"{with_ci(f['ppl_ratio'], f['ppl_ratio_ci_low'], f['ppl_ratio_ci_high'], 'ratio') or '—'}.", "",
@@ -299,9 +305,9 @@ def report_md(sections_md: list[str], answer: str, missing: list[str], header: d
     conds = ", ".join(describe(k, v) for k, v in limits.items()) or "none"
     out = ["# inferlab report: which configuration to use", "",
            f"Built from the records under `results/` only ({header['records']} records), {header['generated']}, "
-           f"code at commit {header['commit']}. Objective: highest {OBJECTIVE_LABELS[header['objective']]}. "
+           f"code at commit {header['commit']}. Objective: highest {axis_label(header['objective'])}. "
            f"Constraints (`report.constraints` in conf/config.yaml): {conds}. Quality axis: "
-           f"{QUALITY_LABELS[header['quality_metric']]} (`report.quality_metric`), against the full precision "
+           f"{axis_label(header['quality_metric'])} (`report.quality_metric`), against the full precision "
            "of each runtime.", "",
            "## The answer", "", answer, ""]
     if missing:

@@ -17,7 +17,6 @@ from typing import Any
 from inferlab import records as rec
 from inferlab.aggregate import quality_rows, stage_records, stage_records_rows, workload_suffix
 from inferlab.aggregate import row as record_row
-from inferlab.config import TORCHAO_PRECISIONS
 from inferlab.fields import QUALITY_FIGURES
 
 log = logging.getLogger(__name__)
@@ -26,17 +25,6 @@ BENCH_STAGES = ("bench_gpu", "bench_cpu")
 DEVICE_OF_STAGE = {"bench_gpu": "cuda", "bench_cpu": "cpu"}
 QUALITY_KEYS = QUALITY_FIGURES  # joined from the evaluate stage onto each benchmark point
 SPREAD_KEYS = ("sweeps", "decode_tps_sweeps_median", "decode_tps_sweeps_min", "decode_tps_sweeps_max", "sensitive")
-
-
-def num(v: Any) -> float | None:
-    """A figure from a row, or None where it was not measured (rows carry "" for that)."""
-    if isinstance(v, bool) or v in ("", None):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if f != f else f
 
 
 def fmt(x: float) -> str:
@@ -84,10 +72,10 @@ class Section:
             return self.view(self.ranked_group).candidates if self.ranked_group else []
         best: dict[tuple, dict[str, Any]] = {}
         for r in self.ok("latency"):
-            if num(r.get("total_tps")) is None:
+            if r.get("total_tps") is None:
                 continue
             key = (r["stage"], r["config"])
-            if key not in best or (num(r["new_tokens"]) or 0) > (num(best[key]["new_tokens"]) or 0):
+            if key not in best or (r["new_tokens"] or 0) > (best[key]["new_tokens"] or 0):
                 best[key] = r
         return sorted(best.values(), key=sort_key)
 
@@ -127,7 +115,7 @@ class Section:
         count: dict[tuple, int] = {}
         newest: dict[tuple, str] = {}
         for r in self.history:
-            if r["status"] == "ok" and r["scenario"] == "latency" and num(r.get("total_tps")) is not None:
+            if r["status"] == "ok" and r["scenario"] == "latency" and r.get("total_tps") is not None:
                 g = (r["sweep_id"], r["instance"])
                 count[g] = count.get(g, 0) + 1
                 newest[g] = max(newest.get(g, ""), r["timestamp"])
@@ -142,8 +130,8 @@ class Section:
 
 
 def sort_key(r: dict[str, Any]) -> tuple:
-    return (r["stage"], r["runtime"], str(r.get("precision") or r.get("quant")), num(r.get("batch_size")) or 0,
-            str(r.get("kv_cache")), str(r.get("compile")), num(r.get("n_threads")) or 0, r["name"])
+    return (r["stage"], r["runtime"], str(r.get("precision") or r.get("quant")), r.get("batch_size") or 0,
+            str(r.get("kv_cache")), str(r.get("compile")), r.get("n_threads") or 0, r["name"])
 
 
 def _match(row: dict[str, Any], scored: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -167,18 +155,14 @@ def _enrich(row: dict[str, Any], record_metrics: dict[str, Any], stage: str) -> 
     suffix = workload_suffix(row)
     row["config"] = row["name"][: -len(suffix)] if row["name"].endswith(suffix) else row["name"]
     if row["device"] == "cuda" and row["runtime"] == "llama_cpp":  # allocates outside torch: the driver's figure
-        row["memory_gib"], row["memory_kind"] = num(record_metrics.get("gpu_process_gib")), "GPU used by the process"
+        row["memory_gib"], row["memory_kind"] = row.get("gpu_process_gib"), "GPU used by the process"
     elif row["device"] == "cuda":
         row["n_threads"] = None  # the GPU sweep does not set threads
-        row["memory_gib"], row["memory_kind"] = num(row.get("peak_allocated_gib")), "GPU allocated"
+        row["memory_gib"], row["memory_kind"] = row.get("peak_allocated_gib"), "GPU allocated"
     else:
-        rss = num(row.get("peak_rss_mib"))
+        rss = row.get("peak_rss_mib")
         row["memory_gib"], row["memory_kind"] = (None if rss is None else rss / 1024), "process RSS"
-    row["workload"] = (f"{row['prompt_tokens']}+{row['new_tokens']}" if row.get("prompt_tokens") not in ("", None)
-                       else "")
-    if row.get("precision") in TORCHAO_PRECISIONS and record_metrics.get("weight_bytes_method") != "storage":
-        # records before the weights were counted by storage took torchao's packed weights at 16-bit size
-        row["roofline_fraction"] = None
+    row["workload"] = f"{row['prompt_tokens']}+{row['new_tokens']}" if row.get("prompt_tokens") is not None else ""
     row["_metrics"] = record_metrics
     return row
 
@@ -230,7 +214,7 @@ def collect(results: Path, quality_metric: str = "kl_mean", models: list[str] | 
             q = _match(r, scored) if r["status"] == "ok" else None
             r["quality_config"] = q["config"] if q else ""
             for k in QUALITY_KEYS:
-                r[k] = num(q.get(k)) if q else None
+                r[k] = q.get(k) if q else None
             r["quality"] = r.get(quality_metric)
     # GPU machines first (they answer the main question), then by name
     return sorted(out, key=lambda s: (not any(r["device"] == "cuda" and r["status"] == "ok" for r in s.rows),
