@@ -277,3 +277,26 @@ def test_comparisons_pair_points_of_one_sweep_and_show_the_spread_across_sweeps(
     spread = point["decode_tps_across_sweeps"]
     assert (spread["sweeps"], spread["median"], spread["min"], spread["max"]) == (2, 50.0, 40.0, 60.0)
     assert "moves with the machine" in spread["sensitive"] and point["sweep_id"] == "sweep-b"
+
+
+def test_spread_across_sweeps_stays_with_its_hardware_and_the_newest_gpu_comes_first(project):
+    """One point id measured on an older GPU (gpu-a, first by name) in two sweeps and on a newer GPU in one: the
+    newer GPU's section shows no spread borrowed from the older GPU's sweeps, and comes first (the older GPU's
+    section is history)."""
+    results = project / "results"
+    #                          name       precision batch tok/s TTFT ITL90 GiB
+    bench(results, "gpu-a", "fp16-b1", "fp16", 1, 40, 20, 26, 5.3, sweep="old-1", instance="host-1")
+    bench(results, "gpu-a", "fp16-b1", "fp16", 1, 60, 15, 17, 5.3, sweep="old-2", instance="host-2")
+    bench(results, "gpu-b", "fp16-b1", "fp16", 1, 90, 15, 12, 5.3, sweep="new-1", instance="host-3")
+    bench(results, "gpu-b", "nf4-b1", "nf4", 1, 80, 15, 13, 1.9, sweep="new-1", instance="host-3")
+    old = results / "bench_gpu" / "gpu-a.jsonl"  # measured a year before
+    old.write_text("".join(json.dumps({**json.loads(line), "timestamp": "2025-11-26T12:00:00+00:00"}) + "\n"
+                           for line in old.read_text().splitlines()))
+    build(compose(["tracking.enabled=false", "report.constraints.max_kl=null"]))
+    md = (project / "metrics" / "report.md").read_text()
+    assert md.index("## m on gpu-b") < md.index("## m on gpu-a")
+    new = md.split("## m on gpu-b")[1].split("## m on gpu-a")[0]
+    history = md.split("## m on gpu-a")[1]
+    fp16_new = next(line for line in new.splitlines() if line.startswith("| fp16-b1 |"))
+    assert "2 sweeps" not in fp16_new and "(40–60)" not in fp16_new and "| 90 |" in fp16_new
+    assert "50 (40–60), 2 sweeps" in history

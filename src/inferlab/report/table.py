@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from inferlab import records as rec
-from inferlab.aggregate import quality_rows, stage_records, stage_records_rows, workload_suffix
+from inferlab.aggregate import point_key, quality_rows, stage_records, stage_records_rows, workload_suffix
 from inferlab.aggregate import row as record_row
 from inferlab.fields import QUALITY_FIGURES
 
@@ -188,16 +188,16 @@ def collect(results: Path, quality_metric: str = "kl_mean", models: list[str] | 
 
     for stage in BENCH_STAGES:
         records = stage_records(results, stage)
-        latest: dict[str, dict[str, Any]] = {}  # point id -> its latest row (name made unique, spread)
+        latest: dict[tuple, dict[str, Any]] = {}  # (hardware, model, point id) -> its latest row (name, spread)
         for record, row in stage_records_rows(results, stage, records):
             s = section(row["hardware"], row["model"], row["weights"])
             s.rows.append(_enrich(row, record.metrics, stage))
             s.model_note = rec.model_note(record.model) or s.model_note
-            latest[record.point_id] = row
+            latest[point_key(record)] = row
         for record in records:
             row = record_row(record)
-            if record.point_id in latest:
-                row.update({k: latest[record.point_id][k] for k in SPREAD_KEYS}, name=latest[record.point_id]["name"])
+            if (last := latest.get(point_key(record))) is not None:
+                row.update({k: last[k] for k in SPREAD_KEYS}, name=last["name"])
             section(row["hardware"], row["model"], row["weights"]).history.append(
                 _enrich(row, record.metrics, stage))
     for q in quality_rows(results):
@@ -216,6 +216,12 @@ def collect(results: Path, quality_metric: str = "kl_mean", models: list[str] | 
             for k in QUALITY_KEYS:
                 r[k] = q.get(k) if q else None
             r["quality"] = r.get(quality_metric)
-    # GPU machines first (they answer the main question), then by name
-    return sorted(out, key=lambda s: (not any(r["device"] == "cuda" and r["status"] == "ok" for r in s.rows),
-                                      not s.rows, s.hardware, s.model))
+    # GPU machines first (they answer the main question), the most recently measured first (older GPUs are
+    # history), then the other machines by name
+    def gpu(s: Section) -> bool:
+        return any(r["device"] == "cuda" and r["status"] == "ok" for r in s.rows)
+
+    newest = sorted({max(r["timestamp"] or "" for r in s.rows) for s in out if gpu(s)}, reverse=True)
+    return sorted(out, key=lambda s: (not gpu(s), not s.rows,
+                                      newest.index(max(r["timestamp"] or "" for r in s.rows)) if gpu(s) else 0,
+                                      s.hardware, s.model))
