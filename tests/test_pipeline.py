@@ -117,6 +117,11 @@ def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
     r = run(["dvc", "repro"], cwd=clone)
     assert "Running stage" not in r.stdout and "didn't change" in r.stdout
     assert "up to date" in run(["dvc", "status"], cwd=clone).stdout
+    # `inferlab aggregate` rewrites a stage's metrics from its records as the stage wrote them (serve_bench's
+    # saturation points included)
+    served = json.loads((clone / "metrics" / "serve_bench.json").read_text())
+    run([sys.executable, "-m", "inferlab.cli", "aggregate", "serve_bench", "bench_cpu"], cwd=clone)
+    assert json.loads((clone / "metrics" / "serve_bench.json").read_text()) == served
 
     # Hydra multirun of the same stage script, outside DVC
     r = run([sys.executable, "stages/convert.py", "-m", "model=tiny-phi", "convert.quants=[q8_0],[q4_0]"], cwd=repo)

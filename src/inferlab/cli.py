@@ -106,10 +106,15 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     """Rewrite metrics/<stage>.json and metrics/plots/<stage>.csv from the records (e.g. after copying records
     from another machine)."""
     from inferlab.aggregate import METRICS_NAMES, write_aggregates
+    from inferlab.serve.loadtest import STAGE as SERVE_BENCH
+    from inferlab.serve.loadtest import summarize_stage
 
     cfg = compose([])
     for stage in args.stages:
-        write_aggregates(cfg, stage)
+        if stage == SERVE_BENCH:  # with each served configuration's saturation point, as the stage writes it
+            summarize_stage(cfg, None)
+        else:
+            write_aggregates(cfg, stage)
         name = METRICS_NAMES.get(stage, stage)
         print(f"metrics/{name}.json and metrics/plots/{name}.csv written from results/{stage}/")
     return 0

@@ -342,10 +342,11 @@ def run(cfg: StudyConfig, stage: StageRun) -> None:
     summarize_stage(cfg, stage.env["hardware"]["id"])
 
 
-def summarize_stage(cfg: StudyConfig, hardware_id: str) -> dict[str, Any]:
+def summarize_stage(cfg: StudyConfig, hardware_id: str | None) -> dict[str, Any]:
     """The stage's aggregates (metrics/serve_bench.json, the plot table) with each served configuration's
     saturation point added, and the figure of latency against request rate for this machine and model. All of it
-    from the records (the latest of each point)."""
+    from the records (the latest of each point). hardware_id None: the metrics files alone (`inferlab aggregate`),
+    no figure and no log line per served configuration."""
     summary = write_aggregates(cfg, STAGE)
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in latest_points(stage_records(resolve(cfg.paths.results), STAGE)):
@@ -365,12 +366,14 @@ def summarize_stage(cfg: StudyConfig, hardware_id: str) -> dict[str, Any]:
         sat = rates.saturation(pts)
         entry = summary.setdefault(hw, {"models": {}})["models"].setdefault(model, {})
         entry.setdefault("saturation", {})[served] = sat
-        if hw == hardware_id and model == cfg.model.name:
+        if hardware_id is not None and hw == hardware_id and model == cfg.model.name:
             series[served] = pts
             rate = sat["saturation_rate"]
             log.info("serve_bench: %s saturates at %s req/s (%s)", served,
                      "no" if rate is None else f"{rate:.3g}", sat["note"])
     rec.write_json(resolve(cfg.paths.metrics) / f"{STAGE}.json", summary)
+    if hardware_id is None:
+        return summary
     sb = cfg.serve_bench
     rates.latency_figure(series, {"ttft_ms": sb.slo.ttft_ms, "itl_ms": sb.slo.itl_ms, "e2e_ms": sb.slo.e2e_ms},
                          resolve(cfg.paths.metrics) / "plots" / f"{STAGE}_rates.png")
