@@ -10,6 +10,7 @@ import socket
 import subprocess
 from importlib import metadata
 
+from inferlab import hostlock
 from inferlab.config import BNB_PRECISIONS, TORCHAO_PRECISIONS, project_root
 
 LIBRARIES = (
@@ -94,15 +95,6 @@ def _num(s: str) -> float | None:
         return None
 
 
-def boot_id() -> str | None:
-    """The kernel's id of this boot: a new one on every start, so a reused host name never hides a new machine."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
 def instance_id(host: str, boot: str | None, gpus: list[dict]) -> str:
     """Which machine instance measured: host, boot and GPU bus ids hashed. Figures of host-bound points move from
     instance to instance, so the report compares only points measured in one sweep on one instance."""
@@ -118,7 +110,8 @@ def hardware() -> dict:
 
     gpus = gpu_info()
     cpu = _cpu_model()
-    host, boot = socket.gethostname(), boot_id()
+    host, boot = socket.gethostname(), hostlock.boot_id()
+    boot = None if boot == hostlock.UNKNOWN else boot
     return {
         "host": host,
         "boot_id": boot,

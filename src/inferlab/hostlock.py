@@ -7,13 +7,16 @@ import os
 import tempfile
 from pathlib import Path
 
+UNKNOWN = "unknown"  # where the kernel does not say (not Linux)
+
 
 def boot_id() -> str:
-    """This boot of this host: a process id means the same process only within one boot."""
+    """This boot of this host, a new id on every start: a process id means the same process only within one boot,
+    and a host name reused by a new machine shows as a new instance."""
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
-        return "unknown"
+        return UNKNOWN
 
 
 def lock_dir() -> Path:
