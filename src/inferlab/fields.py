@@ -71,6 +71,11 @@ def figure(name: str, unit: str = "", path: str | None = None, typ: type = float
     return Field(name, FIGURE, typ, unit, path or f"metrics.{name}", digits=4, **kw)
 
 
+def logged(name: str, unit: str = "", typ: type = float) -> Field:
+    """A figure as recorded (not rounded), that only its MLflow run shows."""
+    return Field(name, FIGURE, typ, unit, f"metrics.{name}", column=False)
+
+
 # The benchmark stages (bench_cpu, bench_gpu, serve_bench): one row per point, its latest record
 # per hardware/model.
 BENCH: tuple[Field, ...] = (
@@ -152,13 +157,13 @@ BENCH: tuple[Field, ...] = (
            recommended=True, label="roofline"),
     figure("bandwidth_gbps", "GB/s", "metrics.bandwidth.bandwidth_gbps"),
     # kernel-level profiles of decode steps (the profile scenario), logged to MLflow only
-    Field("profiled_step_ms", FIGURE, float, "ms", "metrics.profiled_step_ms", column=False),
-    Field("kernel_ms_per_step", FIGURE, float, "ms", "metrics.kernel_ms_per_step", column=False),
-    Field("launch_gap_ms_per_step", FIGURE, float, "ms", "metrics.launch_gap_ms_per_step", column=False),
-    Field("host_wait_ms_per_step", FIGURE, float, "ms", "metrics.host_wait_ms_per_step", column=False),
-    Field("kernels_per_step", FIGURE, float, "", "metrics.kernels_per_step", column=False),
-    Field("weight_gbps_over_matmul", FIGURE, float, "GB/s", "metrics.weight_gbps_over_matmul", column=False),
-    Field("ms_per_step_by_kind", FIGURE, dict, "ms", "metrics.ms_per_step_by_kind", column=False),
+    logged("profiled_step_ms", "ms"),
+    logged("kernel_ms_per_step", "ms"),
+    logged("launch_gap_ms_per_step", "ms"),
+    logged("host_wait_ms_per_step", "ms"),
+    logged("kernels_per_step"),
+    logged("weight_gbps_over_matmul", "GB/s"),
+    logged("ms_per_step_by_kind", "ms", dict),
     Field("reason", ABOUT, str, read="reason", markdown=True),
     # the same point in several sweeps (computed across its records: aggregate.across_sweeps)
     Field("sweeps", FIGURE, int),
@@ -232,11 +237,6 @@ QUALITY: tuple[Field, ...] = (
     text("drift_first_diff", "drift.first_diff"),
     Field("reason", ABOUT, str, summary=True),
 )
-
-
-def logged(name: str, unit: str = "", typ: type = float) -> Field:
-    """A figure as recorded (not rounded), that only its MLflow run shows."""
-    return Field(name, FIGURE, typ, unit, f"metrics.{name}", column=False)
 
 
 # The figures of a convert record (one GGUF file) and of a download record.

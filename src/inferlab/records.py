@@ -119,7 +119,6 @@ def upgrade(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-
 def _reclassify_gemv(m: dict[str, Any]) -> None:
     """This project's fp16 Triton GEMV, named fp16_kernel in the profiles of 770803e, was classed "other" there: it is
     a matrix kernel (bench/kernel_kinds). Its time moves to matmul, and the weights' rate over matrix kernels is
@@ -148,6 +147,7 @@ def _recount_torchao(point: dict[str, Any], m: dict[str, Any]) -> None:
     if isinstance(m.get("roofline"), dict):
         for key in ("roofline_fraction", "roofline_tps"):
             m["roofline"].pop(key, None)
+
 
 def latest(items: Iterable[Any], key: Callable[[Any], Any],
            when: Callable[[Any], str] = lambda r: r.timestamp) -> list[Any]:

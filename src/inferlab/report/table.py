@@ -217,11 +217,10 @@ def collect(results: Path, quality_metric: str = "kl_mean", models: list[str] | 
                 r[k] = q.get(k) if q else None
             r["quality"] = r.get(quality_metric)
     # GPU machines first (they answer the main question), the most recently measured first (older GPUs are
-    # history), then the other machines by name
+    # history), then the other machines by name (each sort keeps the order of the one before among equals)
     def gpu(s: Section) -> bool:
         return any(r["device"] == "cuda" and r["status"] == "ok" for r in s.rows)
 
-    newest = sorted({max(r["timestamp"] or "" for r in s.rows) for s in out if gpu(s)}, reverse=True)
-    return sorted(out, key=lambda s: (not gpu(s), not s.rows,
-                                      newest.index(max(r["timestamp"] or "" for r in s.rows)) if gpu(s) else 0,
-                                      s.hardware, s.model))
+    out.sort(key=lambda s: (s.hardware, s.model))
+    out.sort(key=lambda s: max(r["timestamp"] or "" for r in s.rows) if gpu(s) else "", reverse=True)
+    return sorted(out, key=lambda s: (not gpu(s), not s.rows))
