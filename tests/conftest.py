@@ -39,10 +39,19 @@ def copy_project(dst: Path) -> Path:
     return dst
 
 
-def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout: int = 600):
-    """Run a command with this virtual environment's tools first on PATH; fail with its output."""
+def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout: int = 600,
+        output: Path | None = None):
+    """Run a command with this virtual environment's tools first on PATH; fail with its output. output: a file
+    for its output instead of pipes, for a command that leaves processes behind (`dvc queue start`'s workers):
+    they inherit its stdout, and a pipe they hold open would keep this call waiting until they exit."""
     full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
-    r = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if output is None:
+        r = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    else:
+        with open(output, "w") as out:
+            r = subprocess.run(cmd, cwd=cwd, env=full_env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                               timeout=timeout)
+        r.stdout, r.stderr = output.read_text(), ""
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}")
     return r
