@@ -460,7 +460,9 @@ class HFPoint(Section):
     compile: bool | None = None
     compile_mode: str | None = None  # torch.compile mode of this point (default: the sweep's compile_mode)
     decode: str | None = None  # generate (transformers' generate), fast (static cache, compiled step, no per-token
-    # sync) or graph (the step and its bookkeeping captured as one CUDA graph, replayed per token)
+    # sync), graph (the step and its bookkeeping captured as one CUDA graph, replayed per token) or kernels (the
+    # graph loop over a hand-written step, three kernels per layer: backends/decode_step.py; Phi's fused block,
+    # batch 1)
     inductor: str | None = None  # inductor options switched on for this point's compile, comma-separated (see
     # INDUCTOR_OPTIONS), on top of its compile mode's own
     fuse_qkv: bool | None = None  # one matmul for the attention's q, k and v projections (backends/fuse.py); not
@@ -471,7 +473,9 @@ class HFPoint(Section):
     # kernels of backends/kernels.py (CUDA)
 
 
-HF_DECODE = ("generate", "fast", "graph")
+HF_DECODE = ("generate", "fast", "graph", "kernels")
+DECODE_LOOPS = ("fast", "graph", "kernels")  # the decode loops of this project over one static cache
+KERNEL_STEP_PRECISIONS = ("fp32", "fp16", "bf16", "int4-inductor")  # what decode: kernels' GEMVs read
 HF_GEMV = ("default", "triton")
 # torch._inductor options a point may switch on. coordinate_descent_tuning tunes each generated Triton kernel's
 # launch parameters (max-autotune turns it on with its GEMM templates too); freezing folds the weights into the

@@ -17,6 +17,7 @@ from inferlab.backends.base import Backend, BackendUnavailable
 from inferlab.backends.hf_decode import StaticDecoder, StepTimer, generate_request
 from inferlab.backends.hf_load import stored_bytes
 from inferlab.backends.timing import RequestTiming
+from inferlab.config import DECODE_LOOPS
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ __all__ = ["HFBackend", "StepTimer", "stored_bytes"]
 
 class HFBackend(Backend):
     """settings: model_dir, precision, compute_dtype, device (cpu/cuda), attn, kv_cache, compile,
-    compile_mode, threads, decode (generate / fast / graph), inductor, fuse_qkv / fuse_block, gemv."""
+    compile_mode, threads, decode (generate / fast / graph / kernels), inductor, fuse_qkv / fuse_block, gemv."""
 
     name = "hf"
 
@@ -73,11 +74,11 @@ class HFBackend(Backend):
 
     def request(self, prompts: list[list[int]], new_tokens: int, past_key_values=None, **_: Any) -> RequestTiming:
         decode = self.settings.get("decode")
-        if decode in ("fast", "graph"):
+        if decode in DECODE_LOOPS:
             if past_key_values is not None:
                 raise BackendUnavailable(f"the {decode} decode loop does not take a precomputed prefix cache")
             assert self.decoder is not None, "load() first"
-            loop = self.decoder.graph_request if decode == "graph" else self.decoder.fast_request
+            loop = self.decoder.fast_request if decode == "fast" else self.decoder.graph_request
             return loop(prompts, new_tokens)
         kwargs = self.generation_kwargs(new_tokens)
         if past_key_values is not None:

@@ -119,6 +119,7 @@ class StaticDecoder:
         self.graph_step: Callable | None = None  # the same step, run eagerly where no graph is captured
         self.graph_key: tuple | None = None  # the shape and compile settings it was made for
         self.tok = self.pos = self.idx = self.out = None  # the graph's static buffers
+        self.kernel_step = None  # decode: kernels' hand-written step (backends/decode_step.py), once made
 
     def next_token(self, ids, pos):
         """Greedy next token of each sequence after ids (positions pos, shape [1, n]) on the static
@@ -201,13 +202,20 @@ class StaticDecoder:
         self.static_cache(b, max_len)
         if self.graph_key == key:
             return
+        if s.get("decode") == "kernels" and b != 1:
+            raise BackendUnavailable("decode: kernels runs batch 1 (its kernels take one row)")
         self.graph_key, self.graph = key, None
         dev = self.device
         self.tok = torch.zeros((b, 1), dtype=torch.long, device=dev)
         self.pos = torch.zeros((1, 1), dtype=torch.long, device=dev)
         self.idx = torch.zeros((1,), dtype=torch.long, device=dev)
         self.out = torch.zeros((b, new_tokens), dtype=torch.long, device=dev)
-        fwd = self.compiled(GRAPH_MODES[s.get("compile_mode", "default")]) if s.get("compile") else self.next_token
+        if s.get("decode") == "kernels":
+            fwd = self.kernels(max_len)
+        elif s.get("compile"):
+            fwd = self.compiled(GRAPH_MODES[s.get("compile_mode", "default")])
+        else:
+            fwd = self.next_token
 
         def step():
             nxt = fwd(self.tok, self.pos)
@@ -231,6 +239,21 @@ class StaticDecoder:
             with torch.cuda.graph(graph):
                 step()
         self.graph = graph
+
+    def kernels(self, max_len: int) -> Callable:
+        """decode: kernels' step over this decoder's static cache (bound once a prefill has filled it)."""
+        from inferlab.backends import step_kernels
+        from inferlab.backends.decode_step import DecodeStep
+
+        if self.kernel_step is None:
+            self.kernel_step = DecodeStep(self.model, triton=self.device.type == "cuda" and step_kernels.available())
+        made = self.kernel_step
+
+        def step(tok, pos):
+            made.bind(self.cache, max_len)
+            return made(tok, pos)
+
+        return step
 
     def graph_request(self, prompts: list[list[int]], new_tokens: int) -> RequestTiming:
         import torch

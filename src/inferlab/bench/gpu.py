@@ -93,7 +93,7 @@ def profile_points(cfg: StudyConfig, pins: dict[str, Any]) -> list[Point]:
     for p in hf_points(replace(b, hf=hf), cfg.model_dir() / "hf", pins, 0):
         p.settings.update(scenario="profile", new_tokens=b.profile.new_tokens)
         p.name = p.name + "-profile"
-        if p.settings.get("decode") == "graph":  # its own capture (another length) in a process of its own
+        if p.settings.get("decode") in ("graph", "kernels"):  # its own capture (another length) in a process of its own
             p.group = (*p.group, "profile")
         if b.profile.keep_trace:
             p.load["trace_dir"] = str(resolve(cfg.paths.results) / STAGE / "traces")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from inferlab.bench.sweep import Point
-from inferlab.config import StudyConfig, fuse_problem
+from inferlab.config import KERNEL_STEP_PRECISIONS, StudyConfig, fuse_problem
 from inferlab.environment import missing_package
 
 INDUCTOR_SHORT = {"coordinate_descent_tuning": "cdt", "epilogue_fusion": "epilogue", "aggressive_fusion": "aggressive",
@@ -27,6 +27,20 @@ def default_threads(cores: int) -> list[int]:
 def grid(axes: dict[str, list], pins: dict[str, Any]) -> list[dict[str, Any]]:
     axes = {k: [pins[k]] if k in pins else v for k, v in axes.items()}
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def kernel_step_problem(c: dict[str, Any], fuse: str | None) -> str | None:
+    """Why a point cannot run decode: kernels (backends/decode_step.py), or None. On the CPU its kernels run as their
+    torch reference."""
+    if fuse != "block":
+        return "decode: kernels runs Phi's fused parallel block (fuse_block: true)"
+    if c["batch_size"] != 1:
+        return "decode: kernels runs batch 1 (its kernels take one row)"
+    if c["precision"] not in KERNEL_STEP_PRECISIONS:
+        return f"decode: kernels reads 16- and 32-bit and int4-inductor weights ({', '.join(KERNEL_STEP_PRECISIONS)})"
+    if c["compile"]:
+        return "decode: kernels replaces the compiled step with its own kernels (compile: false)"
+    return None
 
 
 def keep(settings: dict[str, Any], pins: dict[str, Any]) -> bool:
@@ -80,6 +94,8 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
             skip = f"the {decode} decode loop runs on a static KV cache (kv_cache=static)"
         elif gemv == "triton" and H.device != "cuda":
             skip = "gemv: triton runs Triton kernels, which need CUDA (device: cuda)"
+        elif decode == "kernels":
+            skip = kernel_step_problem(c, fuse) or missing_package(c["precision"])
         else:
             skip = fuse_problem(fuse, c["precision"]) or missing_package(c["precision"])
         name = f"hf-{c['precision']}-b{c['batch_size']}-{c['kv_cache']}-{c['attn']}"
@@ -98,7 +114,7 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
         # inductor's CUDA-graph trees, cuDNN attention plans) is left in the process that captures its graph. On an
         # H100, a second capture in one process failed in cuDNN attention ("mha_graph.execute ... is_good()").
         group = (("hf", c["precision"], c["attn"]) + ((f"fuse_{fuse}",) if fuse else ())
-                 + ((gemv,) if gemv != "default" else ()) + ((name,) if decode == "graph" else ()))
+                 + ((gemv,) if gemv != "default" else ()) + ((name,) if decode in ("graph", "kernels") else ()))
         points.append(Point(name, "hf", group, settings, load, skip))
     return points
 

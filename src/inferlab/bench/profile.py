@@ -29,6 +29,7 @@ from typing import Any
 
 from inferlab.bench.kernel_kinds import kind
 from inferlab.bench.workload import prompts
+from inferlab.config import DECODE_LOOPS
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def decode_profile(backend, folder: Path, point: dict[str, Any], name: str) -> t
         torch.ones(1, device=backend.device).add_(1)
         backend.sync()
     prof = profile(activities=activities)
-    loop = point.get("decode") in ("fast", "graph")
+    loop = point.get("decode") in DECODE_LOOPS
     started = []
 
     def start() -> None:
