@@ -5,9 +5,10 @@ reference, time them, and (given a model) compare the whole step's tokens with g
     TRITON_INTERPRET=1 python scripts/step_kernels_check.py --small        # anywhere: small shapes, interpreted
 
 Every check draws fresh random inputs, poisons the outputs with NaN first, and reports the relative error
-||out - ref|| / ||ref|| (the reference accumulates in fp32 from the same fp16 inputs). Timings: triton.testing's
-do_bench (CUDA events, median), rotating among enough weight copies that they do not fit in the L2 cache; GB/s
-counts the weight bytes (packed int4, scales and zero points) once. The output committed beside this script is
+||out - ref|| / ||ref|| (the reference accumulates in fp32 from the same fp16 inputs). Timings: launches back to
+back inside a CUDA graph (no host launch cost; CUDA events, median of 20 replays), rotating among enough weight
+copies that they do not fit in the L2 cache; GB/s counts the weight bytes (packed int4, scales and zero points)
+once. The output committed beside this script is
 docs/step-kernels-h200.txt.
 """
 
@@ -45,13 +46,36 @@ def linear(n, k, dtype, dev, int4: bool):
     return int4_linear(lin).to(dev) if int4 else lin.weight.data
 
 
-def check_gemv(name, n, k, *, dev, dtype, int4, ln, act_from, split, res, timing, lines):
+def graph_time(fns) -> float:
+    """Median time (ms) of one call of each of fns, launched back to back inside a CUDA graph (no host launch cost
+    in the figure), over 20 replays; fns cycle through enough weight copies that they do not sit in the L2."""
+    g = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:  # warm-up (autotuning) outside the capture
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(g):
+        for _ in range(5):
+            for f in fns:
+                f()
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / (5 * len(fns)))
+    return sorted(times)[len(times) // 2]
+
+
+def check_gemv(name, n, k, *, dev, dtype, int4, act_from, split, res, timing, lines):
     copies = max(1, min(8, (200 << 20) // (n * k * (1 if int4 else 2)) + 1)) if timing else 1
     ws = [linear(n, k, dtype, dev, int4) for _ in range(copies)]
     b = torch.randn(n, device=dev, dtype=dtype) * 0.1
     x = torch.randn(k, device=dev, dtype=dtype)
-    lnp = (1 + 0.1 * torch.randn(k, device=dev, dtype=dtype), 0.1 * torch.randn(k, device=dev, dtype=dtype), 1e-5) \
-        if ln else None
     resv = torch.randn(n, device=dev, dtype=dtype) if res else None
     outs = {}
     for impl, fn in (("ref", sk.ref_gemv), ("triton", sk.gemv)):
@@ -60,24 +84,33 @@ def check_gemv(name, n, k, *, dev, dtype, int4, ln, act_from, split, res, timing
             out = r = resv.clone()
         else:
             out, r = torch.full((split or n,), float("nan"), device=dev, dtype=dtype), None
-        fn(x.clone(), ws[0], b, ln=lnp, act_from=act_from, res=r, out=out, split=split, out2=out2)
+        fn(x.clone(), ws[0], b, act_from=act_from, res=r, out=out, split=split, out2=out2)
         outs[impl] = torch.cat([out, out2]) if split else out
     err = rel(outs["triton"], outs["ref"])
     line = f"{name:34s} N={n:6d} K={k:6d} {'int4' if int4 else str(dtype)[6:]:8s} rel err {err:.2e}"
     if timing:
-        from triton.testing import do_bench
-
-        i = [0]
         o1 = torch.empty(split or n, device=dev, dtype=dtype)
         o2 = torch.empty(n - split, device=dev, dtype=dtype) if split else None
-        r = torch.zeros(n, device=dev, dtype=dtype) if res else None  # zeros: the sum stays finite over repeats
-
-        def run():
-            i[0] = (i[0] + 1) % copies
-            sk.gemv(x, ws[i[0]], b, ln=lnp, act_from=act_from, res=r, out=r if res else o1, split=split, out2=o2)
-
-        ms = do_bench(run, warmup=50, rep=300, return_mode="median")
+        r = torch.zeros(n, device=dev, dtype=dtype) if res else None
+        fns = [lambda w=w: sk.gemv(x, w, b, act_from=act_from, res=r, out=r if res else o1, split=split, out2=o2)
+               for w in ws]
+        ms = graph_time(fns)
         line += f"  {ms * 1000:7.1f} us  {weight_bytes(ws[0]) / ms / 1e6:7.0f} GB/s"
+    lines.append(line)
+    return err
+
+
+def check_layer_norm(k, *, dev, dtype, timing, lines):
+    x = torch.randn(k, device=dev, dtype=dtype) * 3 + 1
+    w, b = 1 + 0.1 * torch.randn(k, device=dev, dtype=dtype), 0.1 * torch.randn(k, device=dev, dtype=dtype)
+    outs = {}
+    for impl, fn in (("ref", sk.ref_layer_norm), ("triton", sk.layer_norm)):
+        outs[impl] = torch.full((k,), float("nan"), device=dev, dtype=dtype)
+        fn(x, w, b, 1e-5, out=outs[impl])
+    err = rel(outs["triton"], outs["ref"])
+    line = f"layer norm K={k}                            rel err {err:.2e}"
+    if timing:
+        line += f"  {graph_time([lambda: sk.layer_norm(x, w, b, 1e-5, out=outs['triton'])]) * 1000:7.1f} us"
     lines.append(line)
     return err
 
@@ -103,26 +136,43 @@ def check_attention(h, d, r, length, positions, *, dev, dtype, timing, lines):
         errs.append(err)
         line = f"attention H={h} D={d} rot={r} L={length} pos={pos:4d}          rel err {err:.2e}"
         if timing:
-            from triton.testing import do_bench
-
             out = torch.empty(h * d, device=dev, dtype=dtype)
             args = (qkv, kc, vc, cos, sin, p)
-            ms = do_bench(lambda a=args, o=out: sk.attention(*a, out=o, scale=d ** -0.5), warmup=50, rep=200,
-                          return_mode="median")
+            ms = graph_time([lambda a=args, o=out: sk.attention(*a, out=o, scale=d ** -0.5)])
             line += f"  {ms * 1000:7.1f} us"
         lines.append(line)
     return max(errs)
 
 
+def teacher_forced(be, seq: list[int], n_prompt: int, triton: bool) -> tuple[int, float]:
+    """The kernel step fed the reference's own tokens (teacher forcing), eagerly, against the model's forward
+    over the whole sequence: (positions whose argmax agrees, largest |logit difference| / logit std)."""
+    from inferlab.backends.decode_step import DecodeStep
+
+    dec, model = be.decoder, be.model
+    with torch.inference_mode():
+        want = model(input_ids=torch.tensor([seq], device="cuda"), use_cache=False).logits[0].float()
+        dec.static_cache(1, len(seq) + 1)
+        dec.cache.reset()
+        dec.prefill(torch.tensor([seq[:n_prompt]], device="cuda"))
+        step = DecodeStep(model, triton=triton)
+        step.bind(dec.cache, len(seq) + 1)
+        agree, worst = 0, 0.0
+        for p in range(n_prompt, len(seq)):
+            nxt = step(torch.tensor([[seq[p]]], device="cuda"), torch.tensor([[p]], device="cuda"))
+            ref = want[p]
+            agree += int(nxt.item() == int(ref.argmax()))
+            worst = max(worst, float((step.logits.float() - ref).abs().max() / ref.std()))
+    return agree, worst
+
+
 def check_tokens(model_dir: str, lines: list[str]) -> None:
-    """decode: kernels against generate() (dynamic cache) and the graph loop of the fused block with the Triton
-    GEMV, on the same prompt: how many of the 128 greedy tokens agree, and where the first difference is."""
+    """decode: kernels (replayed as a CUDA graph) against generate() (dynamic cache) on the same prompt: how many
+    of the 128 greedy tokens agree and where the first difference is; and the step fed generate()'s tokens."""
     from inferlab.backends.hf import HFBackend
 
     base = {"model_dir": model_dir, "device": "cuda", "attn": "sdpa", "precision": "fp16"}
     runs = {"generate": {"kv_cache": "dynamic"},
-            "graph": {"kv_cache": "static", "compile": True, "decode": "graph", "fuse_block": True,
-                      "gemv": "triton"},
             "kernels": {"kv_cache": "static", "decode": "kernels", "fuse_block": True}}
     got = {}
     for name, s in runs.items():
@@ -134,8 +184,15 @@ def check_tokens(model_dir: str, lines: list[str]) -> None:
         got[name] = t.output_ids[0]
         step = (t.token_times[-1] - t.token_times[0]) / (len(t.token_times) - 1) * 1000
         lines.append(f"tokens {name:9s}: {step:.3f} ms per step; first tokens {got[name][:8]}")
+        if name == "kernels":  # the step fed generate()'s tokens: which part disagrees, if any
+            seq = ids + got["generate"]
+            for triton in (False, True):
+                agree, worst = teacher_forced(be, seq, len(ids), triton)
+                lines.append(f"teacher-forced {'triton' if triton else 'torch reference'} step, eager, against the "
+                             f"model's forward: argmax {agree} of {len(seq) - len(ids)}, max |logit diff| / logit "
+                             f"std {worst:.3f}")
         be.unload()
-    for a, b in (("kernels", "generate"), ("kernels", "graph"), ("graph", "generate")):
+    for a, b in (("kernels", "generate"),):
         same = sum(x == y for x, y in zip(got[a], got[b]))
         first = next((i for i, (x, y) in enumerate(zip(got[a], got[b])) if x != y), None)
         lines.append(f"tokens {a} vs {b}: {same} of {len(got[a])} equal; first difference at "
@@ -161,14 +218,15 @@ def main() -> int:
     worst = 0.0
     for int4 in (False, True):
         kind = "int4" if int4 else "fp16"
-        worst = max(worst, check_gemv(f"{kind} in: LN + bias + GELU, split", 3 * hid + inter, hid, dev=dev,
-                                      dtype=dtype, int4=int4, ln=True, act_from=3 * hid, split=3 * hid, res=False,
+        worst = max(worst, check_gemv(f"{kind} in: bias + GELU, split", 3 * hid + inter, hid, dev=dev,
+                                      dtype=dtype, int4=int4, act_from=3 * hid, split=3 * hid, res=False,
                                       timing=timing, lines=lines))
         worst = max(worst, check_gemv(f"{kind} out: bias + residual in place", hid, hid + inter, dev=dev,
-                                      dtype=dtype, int4=int4, ln=False, act_from=None, split=None, res=True,
+                                      dtype=dtype, int4=int4, act_from=None, split=None, res=True,
                                       timing=timing, lines=lines))
-    worst = max(worst, check_gemv("fp16 head: LN + bias", vocab, hid, dev=dev, dtype=dtype, int4=False, ln=True,
+    worst = max(worst, check_gemv("fp16 head: bias", vocab, hid, dev=dev, dtype=dtype, int4=False,
                                   act_from=None, split=None, res=False, timing=timing, lines=lines))
+    worst = max(worst, check_layer_norm(hid, dev=dev, dtype=dtype, timing=timing, lines=lines))
     positions = sorted({0, 1, 63, 64, length - 1} & set(range(length)))
     worst = max(worst, check_attention(heads, d, r, length, positions, dev=dev, dtype=dtype,
                                        timing=timing, lines=lines))

@@ -5,13 +5,14 @@ The compiled step of the fused block (fuse_block + gemv: triton) runs about nine
 the [q; k; v; fc1] GEMV, rotary and the KV-cache write, attention (cuDNN), GELU, the concatenation of the
 attention output with fc2's input, the [dense | fc2] GEMV and the residual adds. On an H200 its 298 kernels per
 token spent 0.25 ms in elementwise kernels and 0.13 ms between kernels beside 1.46 ms of GEMVs
-(docs/decode-loops.md). This step is three kernels per layer (backends/step_kernels.py):
+(docs/decode-loops.md). This step is four kernels per layer (backends/step_kernels.py):
 
-    gemv(x -> LayerNorm -> [Wq; Wk; Wv; Wfc1] + b, GELU on fc1's rows)  -> qkv, and act into buf[H D:]
-    attention(qkv, rotary, cache write at pos, softmax over the cache)  -> buf[:H D]
+    layer_norm(x)                                                       -> h
+    gemv(h -> [Wq; Wk; Wv; Wfc1] + b, GELU on fc1's rows)               -> qkv, and act into buf[H D:]
+    attention(qkv, rotary, cache write at pos, softmax over the cache)  -> buf[:H D] (two launches)
     gemv(buf -> [Wdense | Wfc2] + b + x)                                 -> x (in place)
 
-then the final layer norm in the output head's GEMV prologue and an argmax: 3 per layer + 3 per token. The prefill
+then the final layer norm, the output head's GEMV and an argmax: 5 launches per layer and 4 per token. The prefill
 stays the model's own forward on the same static cache (transformers' StaticCache), which the step then reads and
 extends. Batch 1 only (each kernel takes one row). On the CPU, and wherever Triton is missing, each kernel runs as
 its torch reference (the same function; the path the tests take).
@@ -107,6 +108,7 @@ class DecodeStep:
         inter = self.layers[0].w_out.in_features if hasattr(self.layers[0].w_out, "packed") \
             else self.layers[0].w_out.shape[1]
         self.x = torch.empty(k, dtype=dtype, device=dev)
+        self.h = torch.empty(k, dtype=dtype, device=dev)  # the normed row
         self.qkv = torch.empty(self.split, dtype=dtype, device=dev)
         self.buf = torch.empty(inter, dtype=dtype, device=dev)  # [attention output | GELU(fc1)]
         self.logits = torch.empty(self.embed.shape[0], dtype=dtype, device=dev)
@@ -118,13 +120,15 @@ class DecodeStep:
 
         from inferlab.backends import step_kernels as sk
 
-        gemv, attention = (sk.gemv, sk.attention) if self.triton else (sk.ref_gemv, sk.ref_attention)
-        x, buf, w = self.x, self.buf, self.width
+        norm, gemv, attention = ((sk.layer_norm, sk.gemv, sk.attention) if self.triton
+                                 else (sk.ref_layer_norm, sk.ref_gemv, sk.ref_attention))
+        x, h, buf, w = self.x, self.h, self.buf, self.width
         torch.index_select(self.embed, 0, tok.view(-1), out=x.view(1, -1))
         for layer in self.layers:
-            gemv(x, layer.w_in, layer.b_in, ln=layer.ln, act_from=self.split, out=self.qkv, split=self.split,
-                 out2=buf[w:])
+            norm(x, *layer.ln, out=h)
+            gemv(h, layer.w_in, layer.b_in, act_from=self.split, out=self.qkv, split=self.split, out2=buf[w:])
             attention(self.qkv, layer.k_cache, layer.v_cache, self.cos, self.sin, pos, out=buf[:w], scale=self.scale)
             gemv(buf, layer.w_out, layer.b_out, res=x, out=x)
-        gemv(x, self.head, self.head_b, ln=self.final_ln, out=self.logits)
+        norm(x, *self.final_ln, out=h)
+        gemv(h, self.head, self.head_b, out=self.logits)
         return self.logits.argmax(-1).view(1, 1)

@@ -1,17 +1,18 @@
-"""The kernels of the hand-written decode step (`decode: kernels`, backends/decode_step.py), in Triton and as a
-reference in plain torch that computes the same function (the CPU path, and what the Triton kernels are checked
-against: scripts/step_kernels_check.py on the GPU, tests/test_decode_step.py on the CPU).
+"""The kernels of the hand-written decode step (`decode: kernels`, backends/decode_step.py), in Triton
+(backends/step_triton.py) and as a reference in plain torch that computes the same function (the CPU path, and what
+the Triton kernels are checked against: scripts/step_kernels_check.py on the GPU, tests/test_decode_step.py on the
+CPU).
 
-A decode step of Phi's fused parallel block (backends/fuse.py) is then three kernels per layer instead of nine:
-- `gemv`: y = W h + b over the layer's [q; k; v; fc1] matrix with h = LayerNorm(x) computed in its prologue (each
-  program normalises the one input row itself, so no kernel writes h), GELU applied in the epilogue to the rows from
-  `act_from` on (fc1's), and the output split between two buffers at row `split` (q, k, v to one, fc1's activation
-  to the other). Over [dense | fc2] it adds the residual in the epilogue and writes the layer's output in place.
+A decode step of Phi's fused parallel block (backends/fuse.py) is then four kernels per layer instead of nine:
+- `layer_norm`: h = LayerNorm(x), one program for the row.
+- `gemv`: y = W h + b over the layer's [q; k; v; fc1] matrix with GELU applied in the epilogue to the rows from
+  `act_from` on (fc1's), the output split between two buffers at row `split` (q, k, v to one, fc1's activation to
+  the other); over [dense | fc2] it adds the residual in the epilogue and writes the layer's output in place.
   fp16/bf16 weights, or int4-inductor's packed layout (backends/int4.py).
-- `attention`: one program per head: rotary embedding of q and the new k (partial rotary, rotate-half), the new k
-  and v written into the static cache at the step's position, and attention of q over the cache's first `pos`
-  positions plus the new one (online softmax in fp32), reading the cache once. The position is read from a device
-  tensor, so the step can be captured once as a CUDA graph and replayed for every token.
+- `attention`: flash-decoding in two launches: programs (head, chunk of the cache) each weigh q (rotary applied)
+  against their chunk of the positions before `pos`, the chunk holding `pos` also applies rotary to the new k,
+  writes k and v into the static cache and weighs them from registers; a second kernel combines the chunks per
+  head. The position is read from a device tensor, so the step is captured once as a CUDA graph and replayed.
 
 Each kernel rounds where the model's own code rounds (the normalised input, q and k after rotary, each output) and
 accumulates in fp32 elsewhere.
@@ -26,19 +27,20 @@ GELU_C = math.sqrt(2 / math.pi)  # gelu_new / gelu_pytorch_tanh: 0.5 x (1 + tanh
 
 # --- the reference, in torch (any device) -----------------------------------------------------------------------
 
-def ref_gemv(x, w, b, *, ln=None, act_from=None, res=None, out, split=None, out2=None):
-    """What `gemv` computes: x (K,) in the model's dtype; w a weight (N, K) or an Int4Linear; ln (weight, bias,
-    eps) or None; rows >= act_from get GELU (tanh); res (N,) added last; rows < split go to out[:split], the rest to
-    out2 (split None: all to out)."""
+def ref_layer_norm(x, w, b, eps: float, *, out):
+    """What `layer_norm` computes: out = LayerNorm(x) (one row), rounded to out's dtype."""
     import torch
 
-    xf = x.float()
-    if ln is not None:
-        g, beta, eps = ln
-        h = torch.nn.functional.layer_norm(xf, xf.shape, g.float(), beta.float(), eps)
-        xf = h.to(x.dtype).float()
+    out.copy_(torch.nn.functional.layer_norm(x.float(), x.shape, w.float(), b.float(), eps).to(out.dtype))
+
+
+def ref_gemv(x, w, b, *, act_from=None, res=None, out, split=None, out2=None):
+    """What `gemv` computes: x (K,) in the model's dtype; w a weight (N, K) or an Int4Linear; rows >= act_from get
+    GELU (tanh); res (N,) added last; rows < split go to out[:split], the rest to out2 (split None: all to out)."""
+    import torch
+
     wf = w.dequantize(torch.float32) if hasattr(w, "packed") else w.float()
-    y = wf @ xf
+    y = wf @ x.float()
     if b is not None:
         y = y + b.float()
     if act_from is not None:
@@ -82,11 +84,13 @@ def ref_attention(qkv, k_cache, v_cache, cos, sin, pos, *, out, scale: float):
     out.copy_(torch.einsum("ht,htd->hd", weights, values).reshape(-1).to(out.dtype))
 
 
-def _triton():
-    """The Triton kernels (gemv fp16, gemv int4, attention), imported on first use."""
-    from inferlab.backends import step_triton as t
+CHUNK = 32  # cache positions per attention program
 
-    return t.gemv_fp16, t.gemv_int4, t.attention_kernel
+
+def _triton():
+    from inferlab.backends import step_triton
+
+    return step_triton
 
 
 def available() -> bool:
@@ -96,44 +100,70 @@ def available() -> bool:
 
 
 def prepare() -> None:
-    """Build the kernels (outside any capture)."""
+    """Import (build) the kernels, outside any capture."""
     _triton()
 
 
-def gemv(x, w, b, *, ln=None, act_from=None, res=None, out, split=None, out2=None):
-    """The Triton `gemv` (same arguments as ref_gemv; x, b, ln, res, out, out2 contiguous CUDA tensors)."""
-    fp16, int4, _ = _triton()
+def _interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _launch(tuned, n: int, *args, **kwargs) -> None:
+    """A GEMV launch: through its autotuner, or under the Triton interpreter (TRITON_INTERPRET=1, no GPU, no
+    timing) with the configuration of the most rows per program."""
+    if _interpreted():
+        cfg = max(tuned.configs, key=lambda c: c.kwargs.get("BLOCK_N", 1))
+        rows = cfg.kwargs.get("BLOCK_N", 1)
+        tuned.fn[(-(-n // rows),)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps)
+        return
+    tuned[lambda meta: (-(-n // meta.get("BLOCK_N", 1)),)](*args, **kwargs)
+
+
+def layer_norm(x, w, b, eps: float, *, out):
+    """The Triton `layer_norm` (same arguments as ref_layer_norm)."""
+    import triton
+
+    k = x.shape[-1]
+    _triton().layer_norm_kernel[(1,)](x, w, b, out, k, float(eps), BLOCK=triton.next_power_of_2(k), num_warps=8)
+
+
+def gemv(x, w, b, *, act_from=None, res=None, out, split=None, out2=None):
+    """The Triton `gemv` (same arguments as ref_gemv; x, b, res, out, out2 contiguous CUDA tensors)."""
+    t = _triton()
     n = w.out_features if hasattr(w, "packed") else w.shape[0]
-    lnw, lnb, eps = ln if ln is not None else (x, x, 0.0)
-    flags = dict(LN=ln is not None, HAS_BIAS=b is not None, ACT=act_from is not None, RES=res is not None)
+    flags = dict(HAS_BIAS=b is not None, ACT=act_from is not None, RES=res is not None)
     b = b if b is not None else x
     res = res if res is not None else x
     split, out2 = (n, out) if split is None else (split, out2)
     act_from = act_from if act_from is not None else n
     if hasattr(w, "packed"):
-        _launch(int4, n, x, w.packed, w.scale, w.offset, b, lnw, lnb, res, out, out2, n, w.packed.shape[1],
-                w.scale.shape[1], split, act_from, float(eps), GROUP=w.group_size, **flags)
+        _launch(t.gemv_int4, n, x, w.packed, w.scale, w.offset, b, res, out, out2, n, w.packed.shape[1],
+                w.scale.shape[1], split, act_from, GROUP=w.group_size, **flags)
     else:
-        _launch(fp16, n, x, w, b, lnw, lnb, res, out, out2, n, w.shape[1], split, act_from, float(eps), **flags)
+        _launch(t.gemv_fp16, n, x, w, b, res, out, out2, n, w.shape[1], split, act_from, **flags)
 
 
-def _launch(tuned, n: int, *args, **kwargs) -> None:
-    """A GEMV launch: through its autotuner, or under the Triton interpreter (TRITON_INTERPRET=1, no GPU, no
-    timing) with the first of its configurations."""
-    import os
-
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        cfg = tuned.configs[0]
-        tuned.fn[(-(-n // cfg.kwargs["BLOCK_N"]),)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps)
-        return
-    tuned[lambda meta: (-(-n // meta["BLOCK_N"]),)](*args, **kwargs)
+_SCRATCH: dict = {}  # the attention's per-chunk statistics, one set per shape and device
 
 
 def attention(qkv, k_cache, v_cache, cos, sin, pos, *, out, scale: float):
     """The Triton `attention` (same arguments as ref_attention; batch 1)."""
+    import torch
     import triton
 
+    t = _triton()
     _, n_heads, length, d = k_cache.shape
-    rot = cos.shape[-1]
-    _triton()[2][(n_heads,)](qkv, k_cache, v_cache, cos, sin, pos, out, length, scale, H=n_heads, D=d, R=rot,
-                             BLOCK_D=triton.next_power_of_2(d), BLOCK_T=64, num_warps=4)
+    chunks, block_d = triton.cdiv(length, CHUNK), triton.next_power_of_2(d)
+    key = (n_heads, chunks, block_d, k_cache.device)
+    if key not in _SCRATCH:  # made on the first (warm-up) call, never inside a graph capture
+        _SCRATCH[key] = (torch.empty(n_heads * chunks, device=k_cache.device),
+                         torch.empty(n_heads * chunks, device=k_cache.device),
+                         torch.empty(n_heads * chunks * block_d, device=k_cache.device))
+    m, total, acc = _SCRATCH[key]
+    t.attention_part_kernel[(n_heads, chunks)](qkv, k_cache, v_cache, cos, sin, pos, m, total, acc, length, chunks,
+                                               scale, H=n_heads, D=d, R=cos.shape[-1], BLOCK_D=block_d,
+                                               BLOCK_T=CHUNK, num_warps=2)
+    t.attention_combine_kernel[(n_heads,)](m, total, acc, out, chunks, D=d, BLOCK_D=block_d,
+                                           BLOCK_S=max(2, triton.next_power_of_2(chunks)), num_warps=2)

@@ -1,7 +1,8 @@
 """The Triton kernels of `decode: kernels` (their torch references, the wrappers and what they compute:
-backends/step_kernels.py, which imports this module only where Triton is installed). The GEMVs are in
-triton.autotune: rows per program, chunk and warps picked by timing on the first call of each shape, before the
-step is captured as a CUDA graph; the outputs are restored after each trial, since the residual is added in place.
+backends/step_kernels.py, which imports this module only where Triton is installed). The GEMVs keep the inner loops
+of backends/kernels.py (`gemv: triton`, measured at 85 % of the copy bandwidth in fp16 on an H200) and add an
+epilogue; they are in triton.autotune (block sizes picked by timing on the first call of each shape, before the
+step is captured as a CUDA graph; the outputs are restored after each trial, since the residual is added in place).
 """
 
 from __future__ import annotations
@@ -11,31 +12,23 @@ import triton.language as tl
 
 
 @triton.jit
-def ln_stats(x_ptr, K, eps, BLOCK: tl.constexpr):
-    rk = tl.arange(0, BLOCK)
-    s = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK):
-        s += tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0).to(tl.float32)
-    mean = tl.sum(s, axis=0) / K
-    v = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK):
-        xv = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0).to(tl.float32)
-        v += tl.where(k0 + rk < K, (xv - mean) * (xv - mean), 0.0)
-    return mean, 1.0 / tl.sqrt(tl.sum(v, axis=0) / K + eps)
+def layer_norm_kernel(x_ptr, w_ptr, b_ptr, h_ptr, K, eps, BLOCK: tl.constexpr):
+    """h = LayerNorm(x) of one row (one program), rounded to h's dtype."""
+    k = tl.arange(0, BLOCK)
+    inside = k < K
+    x = tl.load(x_ptr + k, mask=inside, other=0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / K
+    c = tl.where(inside, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=0) / K + eps)
+    h = c * rstd * tl.load(w_ptr + k, mask=inside, other=0).to(tl.float32) \
+        + tl.load(b_ptr + k, mask=inside, other=0).to(tl.float32)
+    tl.store(h_ptr + k, h.to(h_ptr.dtype.element_ty), mask=inside)
+
 
 @triton.jit
-def normed(x_ptr, lnw_ptr, lnb_ptr, k, inside, mean, rstd, LN: tl.constexpr):
-    """x[k] in fp32, layer-normed and rounded to x's dtype where LN (as the model feeds its projection)."""
-    x = tl.load(x_ptr + k, mask=inside, other=0)
-    if LN:
-        h = (x.to(tl.float32) - mean) * rstd * tl.load(lnw_ptr + k, mask=inside, other=0).to(tl.float32) \
-            + tl.load(lnb_ptr + k, mask=inside, other=0).to(tl.float32)
-        x = tl.where(inside, h, 0.0).to(x_ptr.dtype.element_ty)
-    return x.to(tl.float32)
-
-@triton.jit
-def epilogue(y, rn, live, b_ptr, res_ptr, y_ptr, y2_ptr, SPLIT, ACT_FROM, HAS_BIAS: tl.constexpr,
-             ACT: tl.constexpr, RES: tl.constexpr):
+def epilogue(y, rn, live, b_ptr, res_ptr, y_ptr, y2_ptr, SPLIT, ACT_FROM, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+             RES: tl.constexpr):
+    """Bias, GELU (tanh) on the rows from ACT_FROM, the residual; rows below SPLIT to y, the rest to y2."""
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=live, other=0).to(tl.float32)
     if ACT:
@@ -48,110 +41,125 @@ def epilogue(y, rn, live, b_ptr, res_ptr, y_ptr, y2_ptr, SPLIT, ACT_FROM, HAS_BI
     tl.store(y_ptr + rn, out, mask=live & (rn < SPLIT))
     tl.store(y2_ptr + (rn - SPLIT), out, mask=live & (rn >= SPLIT))
 
-@triton.jit
-def gemv_fp16_kernel(x_ptr, w_ptr, b_ptr, lnw_ptr, lnb_ptr, res_ptr, y_ptr, y2_ptr, N, K, SPLIT, ACT_FROM, eps,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     ACT: tl.constexpr, RES: tl.constexpr):
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    live = rn < N
-    rk = tl.arange(0, BLOCK_K)
-    mean, rstd = 0.0, 1.0
-    if LN:
-        mean, rstd = ln_stats(x_ptr, K, eps, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    rows = w_ptr + rn.to(tl.int64)[:, None] * K
-    for k0 in tl.range(0, K, BLOCK_K):
-        k = k0 + rk
-        inside = k < K
-        x = normed(x_ptr, lnw_ptr, lnb_ptr, k, inside, mean, rstd, LN)
-        w = tl.load(rows + k[None, :], mask=live[:, None] & inside[None, :], other=0,
-                    eviction_policy="evict_first")
-        acc += w.to(tl.float32) * x[None, :]
-    epilogue(tl.sum(acc, axis=1), rn, live, b_ptr, res_ptr, y_ptr, y2_ptr, SPLIT, ACT_FROM, HAS_BIAS, ACT, RES)
 
 @triton.jit
-def gemv_int4_kernel(x_ptr, p_ptr, s_ptr, o_ptr, b_ptr, lnw_ptr, lnb_ptr, res_ptr, y_ptr, y2_ptr, N, K2, G,
-                     SPLIT, ACT_FROM, eps, BLOCK_N: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr,
-                     LN: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr):
-    # rows [pid * BLOCK_N, +BLOCK_N); each step NG groups of GROUP packed bytes per row (low nibble: column j,
-    # high: column j + K2); the products accumulate elementwise in a (rows, groups, GROUP) tile, summed once at
-    # the end (no reduction per step)
+def gemv_fp16_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, y2_ptr, N, K, SPLIT, ACT_FROM, BLOCK_K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr):
+    row = tl.program_id(0)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    base = w_ptr + row.to(tl.int64) * K
+    for k0 in tl.range(0, K, BLOCK_K):
+        inside = k0 + rk < K
+        x = tl.load(x_ptr + k0 + rk, mask=inside, other=0).to(tl.float32)
+        w = tl.load(base + k0 + rk, mask=inside, other=0, eviction_policy="evict_first").to(tl.float32)
+        acc += w * x
+    epilogue(tl.sum(acc, axis=0), row, row < N, b_ptr, res_ptr, y_ptr, y2_ptr, SPLIT, ACT_FROM, HAS_BIAS, ACT, RES)
+
+
+@triton.jit
+def gemv_int4_kernel(x_ptr, p_ptr, s_ptr, o_ptr, b_ptr, res_ptr, y_ptr, y2_ptr, N, K2, G, SPLIT, ACT_FROM,
+                     BLOCK_N: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     ACT: tl.constexpr, RES: tl.constexpr):
+    # rows [pid * BLOCK_N, +BLOCK_N), NG groups of GROUP bytes per step; K2 = bytes per row (K / 2); G = groups
+    # per row (K / GROUP), the first G / 2 for the low nibbles, the rest for the high ones
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     live = rn < N
+    rk = tl.arange(0, NG * GROUP)
     rg = tl.arange(0, NG)
-    rj = tl.arange(0, GROUP)
     half = G // 2
-    mean, rstd = 0.0, 1.0
-    if LN:
-        mean, rstd = ln_stats(x_ptr, 2 * K2, eps, 1024)
-    acc = tl.zeros((BLOCK_N, NG, GROUP), dtype=tl.float32)
-    rows = p_ptr + rn.to(tl.int64)[:, None, None] * K2
+    acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    rows = p_ptr + rn.to(tl.int64)[:, None] * K2
     srow = rn[:, None] * G
     for k0 in tl.range(0, K2, NG * GROUP):
-        k = k0 + rg[:, None] * GROUP + rj[None, :]  # (NG, GROUP)
-        inside = k < K2
-        xl = normed(x_ptr, lnw_ptr, lnb_ptr, k, inside, mean, rstd, LN)
-        xh = normed(x_ptr, lnw_ptr, lnb_ptr, K2 + k, inside, mean, rstd, LN)
-        p = tl.load(rows + k[None, :, :], mask=live[:, None, None] & inside[None, :, :], other=0,
+        k = k0 + rk
+        kin = k < K2
+        p = tl.load(rows + k[None, :], mask=live[:, None] & kin[None, :], other=0,
                     eviction_policy="evict_first").to(tl.int32)
+        xl = tl.load(x_ptr + k, mask=kin, other=0).to(tl.float32)
+        xh = tl.load(x_ptr + K2 + k, mask=kin, other=0).to(tl.float32)
+        lo = tl.sum(tl.reshape((p & 15).to(tl.float32) * xl[None, :], (BLOCK_N, NG, GROUP)), axis=2)
+        hi = tl.sum(tl.reshape((p >> 4).to(tl.float32) * xh[None, :], (BLOCK_N, NG, GROUP)), axis=2)
+        sxl = tl.sum(tl.reshape(xl, (NG, GROUP)), axis=1)
+        sxh = tl.sum(tl.reshape(xh, (NG, GROUP)), axis=1)
         g = k0 // GROUP + rg
         m = live[:, None] & (g < half)[None, :]
-        s_lo = tl.load(s_ptr + srow + g[None, :], mask=m, other=0).to(tl.float32)[:, :, None]
-        s_hi = tl.load(s_ptr + srow + half + g[None, :], mask=m, other=0).to(tl.float32)[:, :, None]
-        o_lo = tl.load(o_ptr + srow + g[None, :], mask=m, other=0).to(tl.float32)[:, :, None]
-        o_hi = tl.load(o_ptr + srow + half + g[None, :], mask=m, other=0).to(tl.float32)[:, :, None]
-        acc += ((p & 15).to(tl.float32) * s_lo - o_lo) * xl[None, :, :] \
-            + ((p >> 4).to(tl.float32) * s_hi - o_hi) * xh[None, :, :]
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    epilogue(y, rn, live, b_ptr, res_ptr, y_ptr, y2_ptr, SPLIT, ACT_FROM, HAS_BIAS, ACT, RES)
+        s_lo = tl.load(s_ptr + srow + g[None, :], mask=m, other=0).to(tl.float32)
+        s_hi = tl.load(s_ptr + srow + half + g[None, :], mask=m, other=0).to(tl.float32)
+        o_lo = tl.load(o_ptr + srow + g[None, :], mask=m, other=0).to(tl.float32)
+        o_hi = tl.load(o_ptr + srow + half + g[None, :], mask=m, other=0).to(tl.float32)
+        acc += s_lo * lo - o_lo * sxl[None, :] + s_hi * hi - o_hi * sxh[None, :]
+    epilogue(tl.sum(acc, axis=1), rn, live, b_ptr, res_ptr, y_ptr, y2_ptr, SPLIT, ACT_FROM, HAS_BIAS, ACT, RES)
+
 
 @triton.jit
-def attention_kernel(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, o_ptr, L, scale, H: tl.constexpr,
-                     D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+def attention_part_kernel(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, L, S, scale,
+                          H: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_T: tl.constexpr):
+    """Program (head h, chunk c): softmax statistics of q over cache positions [c BLOCK_T, +BLOCK_T) below pos, and,
+    in the chunk that holds pos, the new k and v (rotary applied, written into the cache, used from registers)."""
     h = tl.program_id(0)
+    c = tl.program_id(1)
     pos = tl.load(pos_ptr).to(tl.int32)
     d = tl.arange(0, BLOCK_D)
     dm = d < D
     rot = d < R
     partner = tl.where(d < R // 2, d + R // 2, d - R // 2)
     sign = tl.where(d < R // 2, -1.0, 1.0)
-    c = tl.load(cos_ptr + pos * R + d, mask=rot, other=1).to(tl.float32)
-    s = tl.load(sin_ptr + pos * R + d, mask=rot, other=0).to(tl.float32)
+    cs = tl.load(cos_ptr + pos * R + d, mask=rot, other=1).to(tl.float32)
+    sn = tl.load(sin_ptr + pos * R + d, mask=rot, other=0).to(tl.float32)
     q = tl.load(qkv_ptr + h * D + d, mask=dm, other=0).to(tl.float32)
     qp = tl.load(qkv_ptr + h * D + partner, mask=rot, other=0).to(tl.float32)
-    k = tl.load(qkv_ptr + H * D + h * D + d, mask=dm, other=0).to(tl.float32)
-    kp = tl.load(qkv_ptr + H * D + h * D + partner, mask=rot, other=0).to(tl.float32)
-    v = tl.load(qkv_ptr + 2 * H * D + h * D + d, mask=dm, other=0)
-    q = tl.where(rot, q * c + sign * qp * s, q).to(qkv_ptr.dtype.element_ty).to(tl.float32)
-    k = tl.where(rot, k * c + sign * kp * s, k).to(kc_ptr.dtype.element_ty)
+    q = tl.where(rot, q * cs + sign * qp * sn, q).to(qkv_ptr.dtype.element_ty).to(tl.float32)
     base = h.to(tl.int64) * L * D
-    tl.store(kc_ptr + base + pos * D + d, k, mask=dm)
-    tl.store(vc_ptr + base + pos * D + d, v.to(vc_ptr.dtype.element_ty), mask=dm)
-    # the new position from registers, the earlier ones from the cache (never read back what was just written)
-    m = tl.sum(q * k.to(tl.float32), axis=0) * scale
-    total = tl.full((), 1.0, tl.float32)
-    acc = v.to(tl.float32)
-    rt = tl.arange(0, BLOCK_T)
-    for t0 in tl.range(0, pos, BLOCK_T):
-        t = t0 + rt
-        tm = t < pos
-        offs = base + t[:, None] * D + d[None, :]
-        keys = tl.load(kc_ptr + offs, mask=tm[:, None] & dm[None, :], other=0).to(tl.float32)
-        sc = tl.where(tm, tl.sum(keys * q[None, :], axis=1) * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(sc, axis=0))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(sc - m_new)
-        vals = tl.load(vc_ptr + offs, mask=tm[:, None] & dm[None, :], other=0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * vals, axis=0)
-        total = total * alpha + tl.sum(p, axis=0)
-        m = m_new
-    tl.store(o_ptr + h * D + d, (acc / total).to(o_ptr.dtype.element_ty), mask=dm)
+    t = c * BLOCK_T + tl.arange(0, BLOCK_T)
+    tm = t < pos
+    offs = base + t[:, None] * D + d[None, :]
+    keys = tl.load(kc_ptr + offs, mask=tm[:, None] & dm[None, :], other=0).to(tl.float32)
+    vals = tl.load(vc_ptr + offs, mask=tm[:, None] & dm[None, :], other=0).to(tl.float32)
+    sc = tl.where(tm, tl.sum(keys * q[None, :], axis=1) * scale, float("-inf"))
+    mine = (tl.zeros((BLOCK_D,), dtype=tl.int32) + pos // BLOCK_T) == c  # this chunk holds the new position
+    k = tl.load(qkv_ptr + H * D + h * D + d, mask=dm & mine, other=0).to(tl.float32)
+    kp = tl.load(qkv_ptr + H * D + h * D + partner, mask=rot & mine, other=0).to(tl.float32)
+    v = tl.load(qkv_ptr + 2 * H * D + h * D + d, mask=dm & mine, other=0)
+    k = tl.where(rot, k * cs + sign * kp * sn, k).to(kc_ptr.dtype.element_ty)
+    tl.store(kc_ptr + base + pos * D + d, k, mask=dm & mine)
+    tl.store(vc_ptr + base + pos * D + d, v.to(vc_ptr.dtype.element_ty), mask=dm & mine)
+    s_new = tl.where(pos // BLOCK_T == c, tl.sum(q * k.to(tl.float32), axis=0) * scale, float("-inf"))
+    m = tl.maximum(tl.max(sc, axis=0), s_new)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # a chunk past pos: nothing to weigh
+    p = tl.exp(sc - m_safe)
+    p_new = tl.exp(s_new - m_safe)
+    acc = tl.sum(p[:, None] * vals, axis=0) + p_new * v.to(tl.float32)
+    i = h * S + c
+    tl.store(m_ptr + i, m)
+    tl.store(l_ptr + i, tl.sum(p, axis=0) + p_new)
+    tl.store(acc_ptr + i * BLOCK_D + d, acc)
 
-gemv_fp16 = triton.autotune(configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-                                for bn in (1, 2, 4, 8) for bk in (256, 512, 1024) for w in (2, 4, 8)
-                                if 8 <= bn * bk // (32 * w) <= 64],
-                       key=["N", "K", "LN", "ACT", "RES"], restore_value=["y_ptr", "y2_ptr"])(gemv_fp16_kernel)
-gemv_int4 = triton.autotune(configs=[triton.Config({"BLOCK_N": bn, "NG": ng}, num_warps=w)
-                                for bn in (1, 2, 4, 8, 16) for ng in (1, 2) for w in (2, 4, 8)
-                                if 8 <= bn * ng * 128 // (32 * w) <= 64],
-                       key=["N", "K2", "LN", "ACT", "RES"], restore_value=["y_ptr", "y2_ptr"])(gemv_int4_kernel)
+
+@triton.jit
+def attention_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, S, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_S: tl.constexpr):
+    """Program h: the head's output from its chunks' statistics (the flash-decoding reduction)."""
+    h = tl.program_id(0)
+    s = tl.arange(0, BLOCK_S)
+    sm = s < S
+    d = tl.arange(0, BLOCK_D)
+    m = tl.load(m_ptr + h * S + s, mask=sm, other=float("-inf"))
+    w = tl.exp(m - tl.max(m, axis=0))
+    w = tl.where(sm & (m > float("-inf")), w, 0.0)
+    total = tl.sum(w * tl.load(l_ptr + h * S + s, mask=sm, other=0), axis=0)
+    acc = tl.load(acc_ptr + (h * S + s)[:, None] * BLOCK_D + d[None, :], mask=sm[:, None], other=0)
+    o = tl.sum(w[:, None] * acc, axis=0) / total
+    tl.store(o_ptr + h * D + d, o.to(o_ptr.dtype.element_ty), mask=d < D)
+
+
+gemv_fp16 = triton.autotune(configs=[triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st)
+                                     for bk in (256, 512, 1024) for w in (1, 2, 4) for st in (1, 3)
+                                     if bk >= 256 * w],
+                            key=["N", "K", "ACT", "RES"], restore_value=["y_ptr", "y2_ptr"])(gemv_fp16_kernel)
+# int4: rows per program x groups per step x warps x stages, 4 to 32 packed bytes per thread and step
+gemv_int4 = triton.autotune(configs=[triton.Config({"BLOCK_N": bn, "NG": ng}, num_warps=w, num_stages=st)
+                                     for bn in (1, 2, 4, 8) for ng in (1, 2, 4) for w in (2, 4, 8) for st in (1, 3)
+                                     if 4 <= bn * ng * 128 // (32 * w) <= 32],
+                            key=["N", "K2", "ACT", "RES"], restore_value=["y_ptr", "y2_ptr"])(gemv_int4_kernel)
