@@ -48,6 +48,10 @@ if [ -n "${LLAMA_SRC:-}" ]; then  # llama-cpp-python with CUDA, built beside the
   bash scripts/build_llama_cuda.sh "$LLAMA_SRC" > "$out/llama-build.log" 2>&1 &
   llama_pid=$!
 fi
+if [ ! -d "$work/gpu-work/results" ]; then  # first call on this machine: start from the committed records
+  # (before the model build, whose download record would otherwise make the folder first)
+  mkdir -p "$work/gpu-work" && cp -r results "$work/gpu-work/results" && cp -r metrics "$work/gpu-work/metrics"
+fi
 model=${MODEL:-phi-2-random}
 common=("model=$model" tracking.enabled=false "paths.models=$work/models" "paths.results=$work/gpu-work/results"
         "paths.metrics=$work/gpu-work/metrics")
@@ -60,9 +64,6 @@ if [ -n "$llama_pid" ]; then
 fi
 built=$(date +%s)
 if [ "$stage" = setup ]; then echo "set up in $((built - start)) s"; exit 0; fi  # wheels, llama.cpp, model only
-if [ ! -d "$work/gpu-work/results" ]; then  # first call on this machine: start from the committed records
-  mkdir -p "$work/gpu-work" && cp -r results "$work/gpu-work/results" && cp -r metrics "$work/gpu-work/metrics"
-fi
 pack() { tar czf "$out/gpu-work.tgz" -C "$work" gpu-work/results gpu-work/metrics; ls -la "$out"; }
 progress='\[[0-9]+/[0-9]+\]|GPU [0-9]+:|sweep|page cache|bandwidth|Error|error|evaluate:'
 
