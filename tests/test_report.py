@@ -300,3 +300,22 @@ def test_spread_across_sweeps_stays_with_its_hardware_and_the_newest_gpu_comes_f
     fp16_new = next(line for line in new.splitlines() if line.startswith("| fp16-b1 |"))
     assert "2 sweeps" not in fp16_new and "(40–60)" not in fp16_new and "| 90 |" in fp16_new
     assert "50 (40–60), 2 sweeps" in history
+
+
+def test_a_comparison_made_in_two_sweeps_over_other_configurations_shows_both(project):
+    """The KV-cache comparison is complete in three sweeps: b (ranked) and c compare the same configurations, a
+    compares another: b's sentence, then a's, each within its own sweep; c is counted, not repeated."""
+    results = project / "results"
+    for sweep, host, kv, tps in (("sweep-a", "h1", "static", 45), ("sweep-b", "h2", "none", 56),
+                                 ("sweep-c", "h3", "none", 50)):
+        bench(results, "gpu-a", "fp16-b1", "fp16", 1, 40 if sweep == "sweep-a" else 60, 20, 26, 5.3, sweep=sweep,
+              instance=host, kv_cache="dynamic")
+        bench(results, "gpu-a", f"fp16-b1-{kv}", "fp16", 1, tps, 18, 19, 5.2, sweep=sweep, instance=host,
+              kv_cache=kv)
+    bench(results, "gpu-a", "int8-b1", "int8", 1, 20, 40, 55, 2.9, sweep="sweep-b", instance="h2")
+    build(compose(["tracking.enabled=false", "report.constraints.max_kl=null"]))
+    md = (project / "metrics" / "report.md").read_text()
+    kv = [line for line in md.splitlines() if line.startswith("- **KV cache (fp16, batch 1)**")]
+    assert len(kv) == 2, kv
+    assert "no KV cache 56" in kv[0] and "sweep `sweep-b` on instance `h2`; the same comparison in 1 other" in kv[0]
+    assert "static" in kv[1] and "sweep `sweep-a` on instance `h1`)" in kv[1] and "no KV cache" not in kv[1]

@@ -8,6 +8,7 @@ sides; where no group holds both, the report says so instead of comparing."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from inferlab.config import FOUR_BIT, GRAPH_MODES, INT4_KERNELS, SIXTEEN_BIT
@@ -26,8 +27,9 @@ def _topic(text: str) -> str:
 
 def together(section: Section, compare) -> list[str]:
     """`compare` (section -> sentences) made within one group at a time: per topic, the ranked group's complete
-    sentence, else the newest group's; a topic complete only when groups are mixed is reported as not measured
-    together, never compared."""
+    sentence first, then the next group's that compares other configurations (further groups are counted, not
+    repeated), else the newest group's; a topic complete only when groups are mixed is
+    reported as not measured together, never compared."""
     if not section.history:
         return compare(section)
     found: dict[str, list[tuple[tuple, str, bool]]] = {}
@@ -38,10 +40,16 @@ def together(section: Section, compare) -> list[str]:
     out = []
     for topic, entries in found.items():
         complete = [e for e in entries if e[2]]
-        if complete:
-            g, text, _ = complete[0]
-            also = f"; the same comparison in {len(complete) - 1} other sweep(s)" if len(complete) > 1 else ""
-            out.append(f"{text} _({section.label(g)}{also})_")
+        if complete:  # each sweep's own sentence when they differ (another sweep may hold other configurations)
+            shown: dict[str, list] = {}
+            for g, text, _ in complete:
+                shown.setdefault(_figures_free(text), []).append((g, text))
+            kinds = list(shown.values())
+            for i, same in enumerate(kinds[:2]):  # the ranked group's, and the next that compares others
+                g, text = same[0]
+                others = len(same) - 1 + (sum(len(k) for k in kinds[2:]) if i == 1 else 0)
+                also = f"; the same comparison in {others} other sweep(s)" if others else ""
+                out.append(f"{text} _({section.label(g)}{also})_")
             continue
         text = str(entries[0][1])
         if topic in mixed:
@@ -52,6 +60,12 @@ def together(section: Section, compare) -> list[str]:
         out.append(f"**{topic}**: its points were measured only in different sweeps or on different machine "
                    "instances: not compared.")
     return out
+
+
+def _figures_free(text: str) -> str:
+    """A comparison sentence with its figures taken out: two sweeps whose sentences match this way compared the
+    same configurations."""
+    return re.sub(r"[0-9][0-9,.]*", "#", text)
 
 
 def _f(v: Any, unit: str = "") -> str:
@@ -227,7 +241,8 @@ def cache_and_streaming(section: Section) -> list[str]:
 
 
 def decode_loops(section: Section) -> list[str]:
-    """generate() against the fast and graph decode loops, per precision and batch, best compile mode each."""
+    """generate() against the fast and graph decode loops and the hand-written step, per precision and batch, best
+    compile mode each."""
     out = []
     hf = [r for r in section.candidates if r["runtime"] == "hf" and r.get("attn") == "sdpa"]
     loops = [r for r in hf if not _generate(r)]
@@ -238,7 +253,9 @@ def decode_loops(section: Section) -> list[str]:
                             ("generate, static cache + compile",
                              lambda r: _generate(r) and r.get("compile") is True),
                             ("fast loop", lambda r: r.get("decode") == "fast"),
-                            ("CUDA-graph loop", lambda r: r.get("decode") == "graph")):
+                            ("CUDA-graph loop", lambda r: r.get("decode") == "graph"),
+                            ("hand-written step (4 Triton kernels per layer, CUDA graph)",
+                             lambda r: r.get("decode") == "kernels")):
             rows = [r for r in same if pick(r)]
             if rows:
                 best = max(rows, key=lambda r: r["decode_tps"] or 0)
