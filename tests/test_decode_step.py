@@ -31,6 +31,22 @@ def test_the_kernel_step_gives_generates_tokens(tiny_hf):
         step.request([ids, ids], 4)
 
 
+def test_a_latency_point_records_the_digest_of_its_tokens(tiny_hf):
+    """The bench records a digest of each point's generated tokens: generate() and the kernel step, fed the same
+    prompts, record the same one (the report says so for every decode loop of a sweep)."""
+    from inferlab.bench.scenarios import latency
+
+    base = {"model_dir": str(tiny_hf), "device": "cpu", "attn": "sdpa", "threads": 2, "precision": "fp32"}
+    folder = tiny_hf.parents[2] / "data" / "prompts"
+    digests = []
+    for extra in ({"kv_cache": "dynamic"}, {"kv_cache": "static", "decode": "kernels", "fuse_block": True}):
+        be = HFBackend({**base, **extra})
+        be.load()
+        metrics, _ = latency(be, folder, prompt_tokens=12, new_tokens=10, batch=1, warmup=0, repetitions=2)
+        digests.append(metrics["output_digest"])
+    assert digests[0] == digests[1] and len(digests[0]) == 16
+
+
 def test_the_kernel_step_over_int4_weights_gives_the_graph_loops_tokens(tiny_hf):
     base = {"model_dir": str(tiny_hf), "device": "cpu", "attn": "sdpa", "threads": 2, "precision": "int4-inductor",
             "kv_cache": "static", "fuse_block": True}

@@ -21,7 +21,7 @@ def _env(hw: str, instance: str = "i0") -> dict:
 
 
 def bench(results, hw, name, precision, batch, tps, ttft, itl90, mem, status="ok", reason=None, stage="bench_gpu",
-          scenario="latency", model="m", sweep=None, instance="i0", **extra):
+          scenario="latency", model="m", sweep=None, instance="i0", digest=None, **extra):
     point = {"runtime": "hf", "scenario": scenario, "precision": precision, "batch_size": batch,
              "kv_cache": extra.pop("kv_cache", "dynamic"), "attn": "sdpa", "compile": False, "prompt_tokens": 64,
              "new_tokens": 128, **extra}
@@ -29,6 +29,8 @@ def bench(results, hw, name, precision, batch, tps, ttft, itl90, mem, status="ok
         "decode_tps": {"median": tps / batch, "stdev": 0.1}, "total_tps": {"median": tps},
         "ttft_ms": {"median": ttft}, "itl_ms": {"median": itl90 * 0.9, "p90": itl90},
         "peak_allocated_gib" if stage == "bench_gpu" else "peak_rss_mib": mem if stage == "bench_gpu" else mem * 1024}
+    if digest:
+        metrics["output_digest"] = digest
     rec.append(results / stage / f"{hw}.jsonl", rec.Record(
         stage=stage, name=name, point=point, config={}, model={"name": model, "weights": "random"},
         environment=_env(hw, instance), status=status, reason=reason, metrics=metrics,
@@ -319,3 +321,21 @@ def test_a_comparison_made_in_two_sweeps_over_other_configurations_shows_both(pr
     assert len(kv) == 2, kv
     assert "no KV cache 56" in kv[0] and "sweep `sweep-b` on instance `h2`; the same comparison in 1 other" in kv[0]
     assert "static" in kv[1] and "sweep `sweep-a` on instance `h1`)" in kv[1] and "no KV cache" not in kv[1]
+
+
+def test_decode_loops_say_whether_they_made_generates_tokens(project):
+    """Each decode loop's measured tokens (their digest) against generate()'s for the same prompts, in one sweep."""
+    results = project / "results"
+    bench(results, "gpu-a", "fp16-b1", "fp16", 1, 50, 20, 26, 5.3, sweep="s", digest="aaaa")
+    bench(results, "gpu-a", "fp16-b1-graph", "fp16", 1, 480, 20, 2.1, 5.3, sweep="s", digest="aaaa",
+          kv_cache="static", decode="graph")
+    bench(results, "gpu-a", "fp16-b1-kernels", "fp16", 1, 560, 20, 1.8, 5.5, sweep="s", digest="bbbb",
+          kv_cache="static", decode="kernels")
+    build(compose(["tracking.enabled=false", "report.constraints.max_kl=null"]))
+    md = (project / "metrics" / "report.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("- **Decode loop (fp16, batch 1)**"))
+    graph = line.split("CUDA-graph loop")[1].split("hand-written step")[0]
+    kernels = line.split("hand-written step")[1]
+    assert "; the same tokens as generate())" in graph and "not the tokens" not in graph
+    assert "; **not the tokens generate() made** for the same prompts)" in kernels
+    assert "generate()" not in line.split("CUDA-graph loop")[0]  # generate() itself: nothing said

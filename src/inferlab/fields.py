@@ -113,6 +113,8 @@ BENCH: tuple[Field, ...] = (
     setting("fuse_block", bool),
     setting("gemv"),
     setting("n_gpu_layers", int),
+    # the generated tokens of the measured requests, as a digest: equal digests in one sweep, equal tokens
+    Field("output_digest", ABOUT, str, read="metrics.output_digest", header="tokens digest"),
     setting("lookup_tokens", int),
     setting("task"),
     setting("rate", float),

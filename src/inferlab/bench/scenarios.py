@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,14 @@ def summarize_requests(timings: list[RequestTiming]) -> tuple[dict[str, Any], di
     return metrics, samples
 
 
+def output_digest(timings: list[RequestTiming]) -> str | None:
+    """A digest of the tokens the measured requests generated (None where the backend does not return them): two
+    points of one sweep with the same digest decoded the same prompts to the same tokens."""
+    if not timings or any(t.output_ids is None for t in timings):
+        return None
+    return hashlib.sha1(json.dumps([t.output_ids for t in timings]).encode()).hexdigest()[:16]
+
+
 def latency(backend: Backend, folder: Path, prompt_tokens: int, new_tokens: int, batch: int, warmup: int,
             repetitions: int, **opts: Any) -> tuple[dict[str, Any], dict[str, list[float]]]:
     """A cold first request (nothing preheated), warm-up requests (excluded), then the measured repetitions.
@@ -77,6 +87,8 @@ def latency(backend: Backend, folder: Path, prompt_tokens: int, new_tokens: int,
     # page faults and allocations otherwise (a user pays it once per loaded model)
     metrics["first_request_extra_ms"] = round(cold_fig["e2e_ms"] - metrics["e2e_ms"]["median"], 3)
     metrics.update(prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch=batch)
+    if (digest := output_digest(timings)) is not None:
+        metrics["output_digest"] = digest
     return metrics, samples
 
 

@@ -268,9 +268,21 @@ def decode_loops(section: Section) -> list[str]:
                                      "Triton GEMV" if best.get("gemv") == "triton" else "") if n]
                 mode = f" ({', '.join(notes)})" if notes else ""
                 parts.append(f"{label}{mode} {_f(best['decode_tps'], 'tokens/s')} per sequence "
-                             f"({_f(best['total_tps'], 'tokens/s')} total, ITL p50 {_f(best['itl_p50_ms'], 'ms')})")
+                             f"({_f(best['total_tps'], 'tokens/s')} total, ITL p50 {_f(best['itl_p50_ms'], 'ms')}"
+                             f"{_same_tokens(best, same)})")
         out.append(f"**Decode loop ({precision}, batch {int(batch)})**: " + "; ".join(parts) + ".")
     return out
+
+
+def _same_tokens(row: dict[str, Any], same: list[dict[str, Any]]) -> str:
+    """Whether a decode loop's measured requests generated the tokens generate() did for the same prompts (their
+    digests, recorded in one sweep); nothing where either was not recorded."""
+    plain = [r for r in same if _generate(r) and r["kv_cache"] == "dynamic" and r.get("output_digest")]
+    if _generate(row) or not plain or not row.get("output_digest"):
+        return ""
+    if row["output_digest"] == plain[0]["output_digest"]:
+        return "; the same tokens as generate()"
+    return "; **not the tokens generate() made** for the same prompts"
 
 
 def _best(rows: list[dict[str, Any]], key: str = "decode_tps") -> dict[str, Any] | None:
