@@ -1,5 +1,7 @@
-"""Diagnose decode: kernels under the graph loop (a CUDA graph replayed per token) against the same step run eagerly:
-python scripts/step_graph_diag.py MODEL_DIR"""
+"""Diagnose decode: kernels under the graph loop (a CUDA graph replayed per token) against generate() and against the
+same step run eagerly: python scripts/step_graph_diag.py MODEL_DIR [NEW_TOKENS]. Prints generate()'s tokens, the
+graph loop's (twice), the eager closure's and a recaptured graph's, then four steps replayed one at a time against
+the eager step from the same state (logit difference, top-2 margin). Output of a run: docs/step-graph-diag-h200.txt."""
 
 from __future__ import annotations
 
@@ -71,7 +73,9 @@ def main() -> None:
             torch.cuda.synchronize()
             e_tok, e_logits = int(dec.tok), dec.kernel_step.logits.clone()
             diff = float((g_logits - e_logits).abs().max())
-            print(f"step {i}: replay {g_tok} eager {e_tok}, max |logit diff| {diff:.4f}", "pos", int(dec.pos))
+            top2 = e_logits.float().topk(2).values
+            print(f"step {i}: replay {g_tok} eager {e_tok}, max |logit diff| {diff:.4f}, top-2 margin "
+                  f"{float(top2[0] - top2[1]):.4f}", "pos", int(dec.pos))
 
 
 if __name__ == "__main__":

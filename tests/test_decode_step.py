@@ -113,9 +113,10 @@ def test_kernel_step_points_in_the_grid():
     assert p.skip is None and p.settings["decode"] == "kernels" and p.settings["fuse_block"] is True
     assert p.group[-1] == p.name  # a process of its own, as every captured graph gets
     wrong = {"{precision: fp16, batch_size: 1, kv_cache: static, decode: kernels}": "fuse_block: true",
-             point.replace("batch_size: 1", "batch_size: 4"): "batch 1",
-             point.replace("fp16", "nf4"): "int4-inductor weights",
+             point.replace("batch_size: 1", "batch_size: 4"): "takes batch_size: 1 (its kernels take one row), got 4",
+             point.replace("fp16", "nf4"): "takes precision: one of fp32, fp16, bf16, int4-inductor",
              point.replace("decode:", "compile: true, decode:"): "compile: false",
+             point.replace("decode:", "gemv: triton, decode:"): "gemv: triton has no effect there",
              point.replace("static", "dynamic"): "static KV cache"}
     for extra, reason in wrong.items():
         cfg = compose(["bench_gpu=fast", "model=phi-2-random", f"bench_gpu.hf.extra_points=[{extra}]"])

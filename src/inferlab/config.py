@@ -461,7 +461,7 @@ class HFPoint(Section):
     compile_mode: str | None = None  # torch.compile mode of this point (default: the sweep's compile_mode)
     decode: str | None = None  # generate (transformers' generate), fast (static cache, compiled step, no per-token
     # sync), graph (the step and its bookkeeping captured as one CUDA graph, replayed per token) or kernels (the
-    # graph loop over a hand-written step, three kernels per layer: backends/decode_step.py; Phi's fused block,
+    # graph loop over a hand-written step, four Triton kernels per layer: backends/decode_step.py; Phi's fused block,
     # batch 1)
     inductor: str | None = None  # inductor options switched on for this point's compile, comma-separated (see
     # INDUCTOR_OPTIONS), on top of its compile mode's own

@@ -14,8 +14,9 @@ token spent 0.25 ms in elementwise kernels and 0.13 ms between kernels beside 1.
 
 then the final layer norm, the output head's GEMV and an argmax: 5 launches per layer and 4 per token. The prefill
 stays the model's own forward on the same static cache (transformers' StaticCache), which the step then reads and
-extends. Batch 1 only (each kernel takes one row). On the CPU, and wherever Triton is missing, each kernel runs as
-its torch reference (the same function; the path the tests take).
+extends. Batch 1 only (each kernel takes one row). On the CPU each kernel runs as its torch reference (the same
+function; the path the tests take); on CUDA the Triton kernels (the references read the position on the host, which
+a CUDA graph cannot).
 """
 
 from __future__ import annotations
@@ -85,14 +86,14 @@ class DecodeStep:
 
             step_kernels.prepare()
         self.cos = self.sin = None
-        self.cache_id: int | None = None
+        self.cache = None  # the StaticCache whose tensors the layers hold
 
     def bind(self, cache, max_len: int) -> None:
         """Take the static cache's tensors (after a prefill made them) and the rotary tables for max_len
         positions; allocate the step's buffers."""
         import torch
 
-        if self.cache_id == id(cache) and self.cos is not None and self.cos.shape[0] >= max_len:
+        if self.cache is cache and self.cos is not None and self.cos.shape[0] >= max_len:
             return
         for layer, cached in zip(self.layers, cache.layers, strict=True):
             if cached.keys is None or cached.keys.shape[0] != 1:
@@ -113,7 +114,7 @@ class DecodeStep:
         self.buf = torch.empty(inter, dtype=dtype, device=dev)  # [attention output | GELU(fc1)]
         self.logits = torch.empty(self.embed.shape[0], dtype=dtype, device=dev)
         self.width = width
-        self.cache_id = id(cache)
+        self.cache = cache
 
     def __call__(self, tok, pos):
         import torch

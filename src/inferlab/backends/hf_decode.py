@@ -1,4 +1,4 @@
-"""transformers' decode paths, timed: generate() with a step timer, and two loops of this project
+"""transformers' decode paths, timed: generate() with a step timer, and the loops of this project
 over one static KV cache (gpt-fast style: prefill, one step, n steps).
 
 - the fast loop: generate() does host work and a device-to-host sync every step (stopping criteria,
@@ -12,6 +12,8 @@ over one static KV cache (gpt-fast style: prefill, one step, n steps).
   the prefill and then one graph.replay() per token. The host does nothing else per token, so
   Python and dynamo guards leave the critical path. Without CUDA the same step runs eagerly (the
   correctness path the tests take).
+- decode: kernels: the graph loop over a hand-written step (backends/decode_step.py, Phi's fused
+  block at batch 1) instead of the model's compiled forward.
 """
 
 from __future__ import annotations
@@ -198,13 +200,13 @@ class StaticDecoder:
         import torch
 
         s = self.settings
-        key = (b, max_len, new_tokens, s.get("compile"), s.get("compile_mode"), s.get("inductor"))
+        key = (b, max_len, new_tokens, s.get("decode"), s.get("compile"), s.get("compile_mode"), s.get("inductor"))
         self.static_cache(b, max_len)
         if self.graph_key == key:
             return
         if s.get("decode") == "kernels" and b != 1:
             raise BackendUnavailable("decode: kernels runs batch 1 (its kernels take one row)")
-        self.graph_key, self.graph = key, None
+        self.graph_key, self.graph = None, None  # set once the step is made (a failed setup is made again)
         dev = self.device
         self.tok = torch.zeros((b, 1), dtype=torch.long, device=dev)
         self.pos = torch.zeros((1, 1), dtype=torch.long, device=dev)
@@ -226,6 +228,7 @@ class StaticDecoder:
 
         self.graph_step = step
         if dev.type != "cuda":
+            self.graph_key = key
             return
         with torch.inference_mode():  # compile and warm up off the capture, then capture one step
             self.prefill(torch.zeros((b, max_len - new_tokens), dtype=torch.long, device=dev))
@@ -238,15 +241,18 @@ class StaticDecoder:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 step()
-        self.graph = graph
+        self.graph, self.graph_key = graph, key
 
     def kernels(self, max_len: int) -> Callable:
         """decode: kernels' step over this decoder's static cache (bound once a prefill has filled it)."""
         from inferlab.backends import step_kernels
         from inferlab.backends.decode_step import DecodeStep
 
+        cuda = self.device.type == "cuda"
+        if cuda and not step_kernels.available():  # the torch references read the position on the host
+            raise BackendUnavailable("decode: kernels on CUDA runs Triton kernels: the triton package is missing")
         if self.kernel_step is None:
-            self.kernel_step = DecodeStep(self.model, triton=self.device.type == "cuda" and step_kernels.available())
+            self.kernel_step = DecodeStep(self.model, triton=cuda)
         made = self.kernel_step
 
         def step(tok, pos):
@@ -258,7 +264,7 @@ class StaticDecoder:
     def graph_request(self, prompts: list[list[int]], new_tokens: int) -> RequestTiming:
         import torch
 
-        b, n_prompt = equal_lengths(prompts, "graph")
+        b, n_prompt = equal_lengths(prompts, self.settings.get("decode") or "graph")
         cuda = self.device.type == "cuda"
         self.sync()
         start = time.perf_counter()  # compile and capture (first request of a shape) count in this request

@@ -145,7 +145,9 @@ def gemv(x, w, b, *, act_from=None, res=None, out, split=None, out2=None):
         _launch(t.gemv_fp16, n, x, w, b, res, out, out2, n, w.shape[1], split, act_from, **flags)
 
 
-_SCRATCH: dict = {}  # the attention's per-chunk statistics, one set per shape and device
+# the attention's per-chunk statistics, one set per shape and device, shared by every layer and step: safe while they
+# run one after another on one stream (the decode step's launches, eager or replayed as one graph)
+_SCRATCH: dict = {}
 
 
 def attention(qkv, k_cache, v_cache, cos, sin, pos, *, out, scale: float):

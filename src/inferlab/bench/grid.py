@@ -29,17 +29,20 @@ def grid(axes: dict[str, list], pins: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
-def kernel_step_problem(c: dict[str, Any], fuse: str | None) -> str | None:
+def kernel_step_problem(c: dict[str, Any], fuse: str | None, gemv: str) -> str | None:
     """Why a point cannot run decode: kernels (backends/decode_step.py), or None. On the CPU its kernels run as their
     torch reference."""
     if fuse != "block":
-        return "decode: kernels runs Phi's fused parallel block (fuse_block: true)"
+        return "decode: kernels runs Phi's fused parallel block: it needs fuse_block: true"
     if c["batch_size"] != 1:
-        return "decode: kernels runs batch 1 (its kernels take one row)"
+        return f"decode: kernels takes batch_size: 1 (its kernels take one row), got {c['batch_size']}"
     if c["precision"] not in KERNEL_STEP_PRECISIONS:
-        return f"decode: kernels reads 16- and 32-bit and int4-inductor weights ({', '.join(KERNEL_STEP_PRECISIONS)})"
+        return (f"decode: kernels takes precision: one of {', '.join(KERNEL_STEP_PRECISIONS)} (the weights its GEMVs "
+                f"read), got {c['precision']}")
     if c["compile"]:
-        return "decode: kernels replaces the compiled step with its own kernels (compile: false)"
+        return "decode: kernels replaces the compiled step with its own kernels: it needs compile: false"
+    if gemv != "default":
+        return f"decode: kernels runs its own GEMVs: gemv: {gemv} has no effect there (leave gemv unset)"
     return None
 
 
@@ -95,7 +98,7 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
         elif gemv == "triton" and H.device != "cuda":
             skip = "gemv: triton runs Triton kernels, which need CUDA (device: cuda)"
         elif decode == "kernels":
-            skip = kernel_step_problem(c, fuse) or missing_package(c["precision"])
+            skip = kernel_step_problem(c, fuse, gemv) or missing_package(c["precision"])
         else:
             skip = fuse_problem(fuse, c["precision"]) or missing_package(c["precision"])
         name = f"hf-{c['precision']}-b{c['batch_size']}-{c['kv_cache']}-{c['attn']}"

@@ -47,8 +47,10 @@ def together(section: Section, compare) -> list[str]:
             kinds = list(shown.values())
             for i, same in enumerate(kinds[:2]):  # the ranked group's, and the next that compares others
                 g, text = same[0]
-                others = len(same) - 1 + (sum(len(k) for k in kinds[2:]) if i == 1 else 0)
+                others = len(same) - 1
                 also = f"; the same comparison in {others} other sweep(s)" if others else ""
+                if i == 1 and len(kinds) > 2:
+                    also += f"; {sum(len(k) for k in kinds[2:])} more sweep(s) compared other configurations"
                 out.append(f"{text} _({section.label(g)}{also})_")
             continue
         text = str(entries[0][1])
@@ -65,7 +67,7 @@ def together(section: Section, compare) -> list[str]:
 def _figures_free(text: str) -> str:
     """A comparison sentence with its figures taken out: two sweeps whose sentences match this way compared the
     same configurations."""
-    return re.sub(r"[0-9][0-9,.]*", "#", text)
+    return re.sub(r"(?<![A-Za-z0-9_.\-])[0-9][0-9,.]*(?![A-Za-z0-9_])", "#", text)  # not int4, q4_0, fp16, p50
 
 
 def _f(v: Any, unit: str = "") -> str:
@@ -254,8 +256,7 @@ def decode_loops(section: Section) -> list[str]:
                              lambda r: _generate(r) and r.get("compile") is True),
                             ("fast loop", lambda r: r.get("decode") == "fast"),
                             ("CUDA-graph loop", lambda r: r.get("decode") == "graph"),
-                            ("hand-written step (4 Triton kernels per layer, CUDA graph)",
-                             lambda r: r.get("decode") == "kernels")):
+                            ("hand-written step (decode: kernels)", lambda r: r.get("decode") == "kernels")):
             rows = [r for r in same if pick(r)]
             if rows:
                 best = max(rows, key=lambda r: r["decode_tps"] or 0)
@@ -282,7 +283,7 @@ def _same_tokens(row: dict[str, Any], same: list[dict[str, Any]]) -> str:
         return ""
     if row["output_digest"] == plain[0]["output_digest"]:
         return "; the same tokens as generate()"
-    return "; **not the tokens generate() made** for the same prompts"
+    return "; tokens differ from generate()'s for the same prompts (fp16 near-ties can flip a greedy token)"
 
 
 def _best(rows: list[dict[str, Any]], key: str = "decode_tps") -> dict[str, Any] | None:
