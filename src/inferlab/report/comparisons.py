@@ -256,7 +256,7 @@ def decode_loops(section: Section) -> list[str]:
                              lambda r: _generate(r) and r.get("compile") is True),
                             ("fast loop", lambda r: r.get("decode") == "fast"),
                             ("CUDA-graph loop", lambda r: r.get("decode") == "graph"),
-                            ("hand-written step (decode: kernels)", lambda r: r.get("decode") == "kernels")):
+                            ("hand-written step", lambda r: r.get("decode") == "kernels")):
             rows = [r for r in same if pick(r)]
             if rows:
                 best = max(rows, key=lambda r: r["decode_tps"] or 0)
