@@ -72,7 +72,8 @@ class DecodeStep:
         self.heads, self.head_dim = cfg.num_attention_heads, a.head_dim
         self.rot = a.rotary_ndims
         self.scale = a.scaling
-        self.split = 3 * self.heads * self.head_dim  # rows of [q; k; v] in the input projection
+        self.width = self.heads * self.head_dim  # the attention's output row
+        self.split = 3 * self.width  # rows of [q; k; v] in the input projection
         if getattr(cfg, "num_key_value_heads", self.heads) != self.heads:
             raise BackendUnavailable("decode: kernels takes one key/value head per attention head (Phi's layout)")
         fl = model.model.final_layernorm
@@ -104,7 +105,6 @@ class DecodeStep:
         with torch.no_grad():
             cos, sin = self.model.model.rotary_emb(self.embed[:1].unsqueeze(0), positions)
         self.cos, self.sin = cos[0, :, : self.rot].contiguous(), sin[0, :, : self.rot].contiguous()
-        width = self.heads * self.head_dim
         k = self.embed.shape[1]
         inter = self.layers[0].w_out.in_features if hasattr(self.layers[0].w_out, "packed") \
             else self.layers[0].w_out.shape[1]
@@ -113,7 +113,6 @@ class DecodeStep:
         self.qkv = torch.empty(self.split, dtype=dtype, device=dev)
         self.buf = torch.empty(inter, dtype=dtype, device=dev)  # [attention output | GELU(fc1)]
         self.logits = torch.empty(self.embed.shape[0], dtype=dtype, device=dev)
-        self.width = width
         self.cache = cache
 
     def __call__(self, tok, pos):

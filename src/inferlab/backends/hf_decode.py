@@ -245,11 +245,11 @@ class StaticDecoder:
 
     def kernels(self, max_len: int) -> Callable:
         """decode: kernels' step over this decoder's static cache (bound once a prefill has filled it)."""
-        from inferlab.backends import step_kernels
+        from inferlab.backends import kernels
         from inferlab.backends.decode_step import DecodeStep
 
         cuda = self.device.type == "cuda"
-        if cuda and not step_kernels.available():  # the torch references read the position on the host
+        if cuda and not kernels.available():  # the torch references read the position on the host
             raise BackendUnavailable("decode: kernels on CUDA runs Triton kernels: the triton package is missing")
         if self.kernel_step is None:
             self.kernel_step = DecodeStep(self.model, triton=cuda)

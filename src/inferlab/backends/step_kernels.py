@@ -93,12 +93,6 @@ def _triton():
     return step_triton
 
 
-def available() -> bool:
-    from inferlab.backends.kernels import available as cuda_and_triton
-
-    return cuda_and_triton()
-
-
 def prepare() -> None:
     """Import (build) the kernels, outside any capture."""
     _triton()
