@@ -339,3 +339,40 @@ def test_decode_loops_say_whether_they_made_generates_tokens(project):
     assert "; the same tokens as generate())" in graph and "differ" not in graph
     assert "; tokens differ from generate()'s for the same prompts" in kernels
     assert "generate()" not in line.split("CUDA-graph loop")[0]  # generate() itself: nothing said
+
+
+def test_the_fastest_of_each_kind_and_the_peer_side_by_side_per_sweep(project):
+    """Two sweeps on one GPU: the section's table shows each sweep's fastest point of each kind (transformers at 16
+    and 4 bits, the peer llama.cpp, batching) in that sweep's own row; a kind a sweep did not measure is blank."""
+    results = project / "results"
+    #                          name        precision batch tok/s TTFT ITL90 GiB
+    bench(results, "gpu-a", "fp16-b1", "fp16", 1, 50, 20, 26, 5.3, sweep="s1", instance="h1")
+    bench(results, "gpu-a", "fp16-b1-graph", "fp16", 1, 480, 20, 2.1, 5.3, sweep="s1", instance="h1",
+          kv_cache="static", decode="graph")
+    bench(results, "gpu-a", "int4-b1-graph", "int4-inductor", 1, 549, 20, 1.9, 2.1, sweep="s1", instance="h1",
+          kv_cache="static", decode="graph")
+    bench(results, "gpu-a", "fp16-b64", "fp16", 64, 12475, 60, 4.7, 9.4, sweep="s1", instance="h1")
+    bench(results, "gpu-a", "gpu-f16", None, 1, 262, 14, 3.8, 0, sweep="s1", instance="h1", runtime="llama_cpp",
+          quant="f16")
+    bench(results, "gpu-a", "gpu-q4_0", None, 1, 360, 10, 2.8, 0, sweep="s1", instance="h1",
+          runtime="llama_cpp", quant="q4_0")
+    bench(results, "gpu-a", "fp16-b1-kernels", "fp16", 1, 560, 24, 1.8, 5.5, sweep="s2", instance="h2",
+          kv_cache="static", decode="kernels")
+    bench(results, "gpu-a", "int4-b1-kernels", "int4-inductor", 1, 643, 33, 1.6, 2.1, sweep="s2", instance="h2",
+          kv_cache="static", decode="kernels")
+    build(compose(["tracking.enabled=false", "report.constraints.max_kl=null"]))
+    md = (project / "metrics" / "report.md").read_text()
+    part = md.split("### The fastest of each kind, sweep by sweep")[1].split("###")[0]
+    lines = [x for x in part.splitlines() if x.startswith("|")]
+    head = [c.strip() for c in lines[0].split("|")[1:-1]]
+    rows = {x.split("|")[1].strip(): dict(zip(head[1:], (c.strip() for c in x.split("|")[2:-1])))
+            for x in lines[2:]}
+    assert list(rows) == ["sweep `s1` on instance `h1`", "sweep `s2` on instance `h2`"]  # the ranked sweep first
+    assert "transformers, 8-bit, batch 1" not in head  # measured in neither sweep
+    s1, s2 = rows["sweep `s1` on instance `h1`"], rows["sweep `s2` on instance `h2`"]
+    assert s1 == {"transformers, 16-bit, batch 1": "480 (fp16-b1-graph)",
+                  "transformers, 4-bit, batch 1": "549 (int4-b1-graph)", "llama.cpp, 16-bit": "262 (gpu-f16)",
+                  "llama.cpp, 4-bit": "360 (gpu-q4_0)", "transformers, batch > 1 (total tokens/s)": "12,475 (fp16-b64)"}
+    assert s2 == {"transformers, 16-bit, batch 1": "560 (fp16-b1-kernels)",
+                  "transformers, 4-bit, batch 1": "643 (int4-b1-kernels)", "llama.cpp, 16-bit": "",
+                  "llama.cpp, 4-bit": "", "transformers, batch > 1 (total tokens/s)": ""}

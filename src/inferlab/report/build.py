@@ -82,7 +82,7 @@ def build(cfg: StudyConfig) -> dict[str, Any]:
         caching = comparisons.together(s, comparisons.cache_and_streaming)
         faster = comparisons.together(s, comparisons.faster_decoding)
         parts.append(render.section_md(s, rcm, headline, caching, figs, metrics_dir, {c["name"] for c in front},
-                                       faster, comparisons.profiles(s.merged())))
+                                       faster, comparisons.profiles(s.merged()), comparisons.side_by_side(s)))
         results.append((s, rcm))
         log.info("report: %s: %s%s", s.title, rcm["status"],
                  f" {rcm['name']}" if rcm["status"] == "recommended" else f" ({rcm['reason'][:160]})")

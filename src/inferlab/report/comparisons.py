@@ -387,3 +387,46 @@ def profiles(section: Section) -> list[dict[str, Any]]:
                      "weight_gbps_over_matmul": gbps,
                      "top_kernel": f"{top.get('name', '')[:48]} ({top.get('ms_per_step', '')})" if top else ""})
     return rows
+
+
+EIGHT_BIT_HF = ("int8", "int8-ao")
+# (kind, which latency points, the figure that ranks them): the fastest of each kind in each sweep
+KINDS_SIDE_BY_SIDE = (
+    ("transformers, 16-bit, batch 1", lambda r: r["runtime"] == "hf" and r.get("batch_size") == 1
+     and r.get("precision") in SIXTEEN_BIT["hf"], "decode_tps"),
+    ("transformers, 8-bit, batch 1", lambda r: r["runtime"] == "hf" and r.get("batch_size") == 1
+     and r.get("precision") in EIGHT_BIT_HF, "decode_tps"),
+    ("transformers, 4-bit, batch 1", lambda r: r["runtime"] == "hf" and r.get("batch_size") == 1
+     and r.get("precision") in (*FOUR_BIT["hf"], *INT4_KERNELS), "decode_tps"),
+    ("llama.cpp, 16-bit", lambda r: r["runtime"] == "llama_cpp" and r.get("quant") in SIXTEEN_BIT["llama_cpp"],
+     "decode_tps"),
+    ("llama.cpp, 8-bit", lambda r: r["runtime"] == "llama_cpp" and r.get("quant") == "q8_0", "decode_tps"),
+    ("llama.cpp, 4-bit", lambda r: r["runtime"] == "llama_cpp" and r.get("quant") in FOUR_BIT["llama_cpp"],
+     "decode_tps"),
+    ("transformers, batch > 1 (total tokens/s)", lambda r: r["runtime"] == "hf" and (r.get("batch_size") or 1) > 1,
+     "total_tps"),
+)
+
+
+def side_by_side(section: Section) -> tuple[list[str], list[list[str]]]:
+    """The fastest configuration of each kind (transformers at 16, 8 and 4 bits, the peer llama.cpp, batching) in
+    each sweep, one row per sweep (the ranked sweep first, then newest first): (column titles, rows). A row holds
+    what was measured together; down a column, how a kind moved between sweeps. Empty unless two or more sweeps
+    measured something."""
+    if not section.history:
+        return [], []
+    rows, kinds = [], set()
+    for g in section.groups:
+        cands = section.view(g).candidates
+        found = {}
+        for kind, which, key in KINDS_SIDE_BY_SIDE:
+            best = _best([r for r in cands if which(r)], key)
+            if best is not None:
+                found[kind] = f"{_f(best[key])} ({best['name']})"
+        if found:
+            rows.append((section.label(g), found))
+            kinds.update(found)
+    if len(rows) < 2:
+        return [], []
+    order = [kind for kind, _, _ in KINDS_SIDE_BY_SIDE if kind in kinds]
+    return ["sweep", *order], [[label, *(found.get(k, "") for k in order)] for label, found in rows]

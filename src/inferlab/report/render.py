@@ -156,7 +156,8 @@ def _not_run(section: Section) -> str:
 
 def section_md(s: Section, rec: dict[str, Any], headline: list[str], caching: list[str],
                figures: list[tuple[str, Path]], figure_base: Path, front_names: set[str],
-               faster: list[str] | None = None, profiles: list[dict[str, Any]] | None = None) -> str:
+               faster: list[str] | None = None, profiles: list[dict[str, Any]] | None = None,
+               side: tuple[list[str], list[list[str]]] | None = None) -> str:
     out = [f"## {s.title}", ""]
     if s.weights and s.weights != "real":
         out += [f"_Weights: {s.weights}. Speed and memory depend on shapes only and are real figures; quality "
@@ -196,6 +197,15 @@ def section_md(s: Section, rec: dict[str, Any], headline: list[str], caching: li
                     "idle gaps shorter than 10 µs between kernels (launch latency, also inside a CUDA graph) and "
                     "longer ones (the GPU waiting for the host); weights GB/s is the rate the weights are read at "
                     "while matrix kernels run.", "", table(profiles, PROFILE_COLUMNS), ""]
+    if side and side[1]:
+        head, rows = side
+        out += ["### The fastest of each kind, sweep by sweep", "",
+                "Each cell: decode tokens/s per sequence (batch > 1: total tokens/s) of the fastest configuration of "
+                "that kind in that sweep. A row was measured together (one sweep on one machine instance) and "
+                "compares within itself; down a column the figures come from different machine instances and often "
+                "from other configurations, so they show how far each sweep got, not a speed-up.", "",
+                "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                *["| " + " | ".join(r) + " |" for r in rows], ""]
     if figures:
         out += ["### Figures", ""]
         for caption, path in figures:
