@@ -230,7 +230,7 @@ def main() -> int:
     positions = sorted({0, 1, 63, 64, length - 1} & set(range(length)))
     worst = max(worst, check_attention(heads, d, r, length, positions, dev=dev, dtype=dtype,
                                        timing=timing, lines=lines))
-    limit = 2e-3 if dtype == torch.float16 else 1e-5
+    limit = 2e-4 if dtype == torch.float16 else 1e-5  # fp16: 5x the worst seen (4e-5 here, 1.4e-5 on an H200)
     lines.append(f"worst relative error {worst:.2e} (limit {limit:.0e}): {'PASS' if worst < limit else 'FAIL'}")
     if a.model_dir and cuda:
         check_tokens(a.model_dir, lines)

@@ -4,6 +4,10 @@ on the GPU by scripts/step_kernels_check.py, whose output is docs/step-kernels-h
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -12,6 +16,8 @@ from inferlab.backends.base import BackendUnavailable
 from inferlab.backends.hf import HFBackend
 from inferlab.bench.grid import hf_points
 from inferlab.config import compose
+
+from .conftest import ROOT
 
 
 def test_the_kernel_step_gives_generates_tokens(tiny_hf):
@@ -122,3 +128,21 @@ def test_kernel_step_points_in_the_grid():
         cfg = compose(["bench_gpu=fast", "model=phi-2-random", f"bench_gpu.hf.extra_points=[{extra}]"])
         (p,) = [p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 16) if p.name.endswith("kernels")]
         assert p.skip and reason in p.skip, (extra, p.skip)
+
+
+@pytest.mark.slow
+def test_the_triton_kernels_compute_their_references_under_the_interpreter():
+    """The Triton kernels themselves (backends/step_triton.py), run on the CPU by Triton's interpreter at small
+    shapes in fp16 and fp32, against their torch references: every GEMV epilogue (bias, GELU from a row on, the
+    split output, the residual in place; fp16 and int4 weights), the layer norm, and attention at the first, a
+    chunk-boundary and the last position. The same check runs on the GPU at Phi-2's shapes
+    (docs/step-kernels-h200.txt)."""
+    import triton  # noqa: F401  (installed by setup.sh: without it this test fails, it is not skipped)
+
+    for flags in (["--fp16"], []):  # fp16: where the kernels round (limit 2e-4); fp32: the arithmetic (1e-5)
+        r = subprocess.run([sys.executable, "scripts/step_kernels_check.py", "--small", *flags], cwd=ROOT,
+                           env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "cpu (Triton interpreter)" in r.stdout
+        checked = [line for line in r.stdout.splitlines() if "rel err" in line]
+        assert len(checked) == 11 and r.stdout.splitlines()[-1].endswith("PASS"), r.stdout

@@ -251,8 +251,8 @@ class StaticDecoder:
         cuda = self.device.type == "cuda"
         if cuda and not kernels.available():  # the torch references read the position on the host
             raise BackendUnavailable("decode: kernels on CUDA runs Triton kernels: the triton package is missing")
-        if self.kernel_step is None:
-            self.kernel_step = DecodeStep(self.model, triton=cuda)
+        if self.kernel_step is None:  # on the CPU the references, or the Triton kernels under TRITON_INTERPRET=1
+            self.kernel_step = DecodeStep(self.model, triton=cuda or kernels.interpreted())
         made = self.kernel_step
 
         def step(tok, pos):

@@ -28,6 +28,20 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
+def interpreted() -> bool:
+    """Whether Triton kernels run here under Triton's interpreter (TRITON_INTERPRET=1, triton installed): on the
+    CPU, slowly, to check what they compute without a GPU."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _kernels():
     """The two kernels, in triton.autotune (block sizes picked by timing on the first call of each shape, before any
     CUDA graph is captured); `.fn` of each is the plain kernel, which takes the block sizes as arguments."""

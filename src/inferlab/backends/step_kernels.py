@@ -98,16 +98,12 @@ def prepare() -> None:
     _triton()
 
 
-def _interpreted() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _launch(tuned, n: int, *args, **kwargs) -> None:
     """A GEMV launch: through its autotuner, or under the Triton interpreter (TRITON_INTERPRET=1, no GPU, no
     timing) with the configuration of the most rows per program."""
-    if _interpreted():
+    from inferlab.backends.kernels import interpreted
+
+    if interpreted():
         cfg = max(tuned.configs, key=lambda c: c.kwargs.get("BLOCK_N", 1))
         rows = cfg.kwargs.get("BLOCK_N", 1)
         tuned.fn[(-(-n // rows),)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps)
