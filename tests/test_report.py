@@ -37,7 +37,7 @@ def bench(results, hw, name, precision, batch, tps, ttft, itl90, mem, status="ok
         sweep_id=sweep or f"{stage}-{hw}"))
 
 
-def score(results, hw, precision, kl, model="m", device="cuda"):
+def score(results, hw, precision, kl, model="m", device="cuda", weights="random"):
     """The evaluate stage's records of one configuration: its generation (with its per-token figures against the
     reference, fp32, or as the reference itself) and the score of its outputs."""
     name = f"hf-{device}-{precision}-dynamic"
@@ -47,14 +47,14 @@ def score(results, hw, precision, kl, model="m", device="cuda"):
         "top1": 1 - kl, "top1_ci95": [1 - kl * 1.2, 1 - kl * 0.8], "ppl_ratio": 1 + kl,
         "ppl_ratio_ci95": [1 + kl * 0.8, 1 + kl * 1.2], "reference": "hf-cuda-fp32-dynamic", "tokens": 2000}})
     point = {"scenario": "quality", "runtime": "hf", "device": device, "precision": precision, "kv_cache": "dynamic"}
-    gen = rec.Record(stage="evaluate", name=name, point=point, config={}, model={"name": model, "weights": "random"},
+    gen = rec.Record(stage="evaluate", name=name, point=point, config={}, model={"name": model, "weights": weights},
                      environment=_env(hw), sweep_id="evaluate-x", metrics={"tokens": tokens, "perplexity": 10.0})
     rec.append(results / "evaluate" / f"{hw}.jsonl", gen)
     point = {"scenario": "scores", "of": name, "of_hardware": hw, "runtime": "hf", "device": device,
              "precision": precision, "kv_cache": "dynamic", "generation_record": gen.record_id}
     rec.append(results / "evaluate" / f"{hw}.jsonl", rec.Record(
         stage="evaluate", name=f"scores-{name}", point=point, config={},
-        model={"name": model, "weights": "random"}, environment=_env("scorer"), sweep_id="evaluate-x",
+        model={"name": model, "weights": weights}, environment=_env("scorer"), sweep_id="evaluate-x",
         metrics={"drift": {"rougeL": 1 - kl, "exact_match": 1 - 2 * kl}, "task": {"rougeL": 0.3}}))
 
 
@@ -376,3 +376,30 @@ def test_the_fastest_of_each_kind_and_the_peer_side_by_side_per_sweep(project):
     assert s2 == {"transformers, 16-bit, batch 1": "560 (fp16-b1-kernels)",
                   "transformers, 4-bit, batch 1": "643 (int4-b1-kernels)", "llama.cpp, 16-bit": "",
                   "llama.cpp, 4-bit": "", "transformers, batch > 1 (total tokens/s)": ""}
+
+
+def test_a_random_weight_4_bit_point_shows_its_formats_quality_on_real_weights(project):
+    """phi-2-random's 4-bit points have no quality of their own (random weights); the same format scored on a real
+    model (another machine) stands beside the fastest 4-bit point, labelled as another model's; a format never
+    scored on real weights gets nothing."""
+    results = project / "results"
+    bench(results, "gpu-a", "fp16-b1-graph", "fp16", 1, 480, 20, 2.1, 5.3, kv_cache="static", decode="graph")
+    bench(results, "gpu-a", "int4-b1-graph", "int4-inductor", 1, 549, 20, 1.9, 2.1, kv_cache="static",
+          decode="graph")
+    for precision, kl in (("fp32", 0.0), ("int4-inductor", 0.121)):
+        score(results, "cpu-b", precision, kl, model="real-m", device="cpu", weights="real")
+    build(compose(["tracking.enabled=false", "report.constraints.max_kl=null"]))
+    md = (project / "metrics" / "report.md").read_text()
+    line = next(x for x in md.split("## m on gpu-a")[1].splitlines()
+                if x.startswith("- **Fastest batch-1 decoding (transformers)**"))
+    assert "4-bit's KL divergence from full precision not measured" in line
+    assert ("The same format on real weights (int4-inductor, real-m on cpu-b, evaluate stage: another model and "
+            "machine") in line
+    assert "KL divergence 0.121 (0.109–0.133) nats/token" in line and "perplexity ratio 1.1210" in line
+    # a faster nf4 point, a format never scored on real weights: its line says nothing of the kind
+    bench(results, "gpu-a", "nf4-b1", "nf4", 1, 600, 20, 1.7, 2.0, kv_cache="static", decode="graph")
+    build(compose(["tracking.enabled=false", "report.constraints.max_kl=null"]))
+    md = (project / "metrics" / "report.md").read_text()
+    line = next(x for x in md.split("## m on gpu-a")[1].splitlines()
+                if x.startswith("- **Fastest batch-1 decoding (transformers)**"))
+    assert "nf4-b1" in line and "on real weights" not in line

@@ -10,6 +10,7 @@ metrics folder or output file that cannot be written stops it before any work.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import logging
@@ -69,6 +70,7 @@ def build(cfg: StudyConfig) -> dict[str, Any]:
     sections = collect(results_dir, rc.quality_metric, rc.models)
     n_records = sum(len(s.rows) + len(s.quality) for s in sections)
     log.info("report: %d hardware/model section(s) from %d records", len(sections), n_records)
+    real = comparisons.real_quality(sections)  # what each format costs on real weights, for random-weight sections
     fig_dir = metrics_dir / "figures"
     drawn: set[Path] = set()
     results, parts = [], []
@@ -80,7 +82,7 @@ def build(cfg: StudyConfig) -> dict[str, Any]:
         drawn.update(p for _, p in figs)
         headline = comparisons.together(s, comparisons.headline)
         caching = comparisons.together(s, comparisons.cache_and_streaming)
-        faster = comparisons.together(s, comparisons.faster_decoding)
+        faster = comparisons.together(s, functools.partial(comparisons.faster_decoding, real=real))
         parts.append(render.section_md(s, rcm, headline, caching, figs, metrics_dir, {c["name"] for c in front},
                                        faster, comparisons.profiles(s.merged()), comparisons.side_by_side(s)))
         results.append((s, rcm))

@@ -291,9 +291,39 @@ def _best(rows: list[dict[str, Any]], key: str = "decode_tps") -> dict[str, Any]
     return max(rows, key=lambda r: r[key] or 0) if rows else None
 
 
-def faster_decoding(section: Section) -> list[str]:
+def real_quality(sections: list[Section]) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
+    """(runtime, precision or quant) -> (section title, quality row) of each format scored on real weights: the
+    cost of a format where a section's own model has random weights (first section that scored it)."""
+    out: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+    for s in sections:
+        for q in s.scored:
+            if q.get("meaningful") and q.get("kl_mean") is not None and q.get("reference") != "itself":
+                out.setdefault((q.get("runtime"), q.get("precision") or q.get("quant")), (s.title, q))
+    return out
+
+
+def _elsewhere(row: dict[str, Any], section: Section, real: dict | None) -> str:
+    """Where the row's own quality is unknown and its weights are random: the same format's figures on real weights
+    (another model and machine), labelled as such; else nothing."""
+    if row.get("kl_mean") is not None or section.weights == "real" or not real:
+        return ""
+    found = real.get((row["runtime"], _kind(row)))
+    if found is None:
+        return ""
+    from inferlab.report.render import with_ci
+
+    title, q = found
+    return (f" The same format on real weights ({_kind(row)}, {title}, evaluate stage: another model and machine, so "
+            f"what the format costs, not this configuration's own figure): KL divergence "
+            f"{with_ci(q['kl_mean'], q.get('kl_ci_low'), q.get('kl_ci_high'))} nats/token, top-1 agreement "
+            f"{with_ci(q.get('top1'), q.get('top1_ci_low'), q.get('top1_ci_high'), 'pct')}, perplexity ratio "
+            f"{with_ci(q.get('ppl_ratio'), q.get('ppl_ratio_ci_low'), q.get('ppl_ratio_ci_high'), 'ratio')}.")
+
+
+def faster_decoding(section: Section, real: dict | None = None) -> list[str]:
     """The peer runtime on the same GPU (llama.cpp with every layer offloaded), the best batch-1 figures of
-    transformers at 16 and 4 bits, and prompt-lookup decoding against plain decoding of the same requests."""
+    transformers at 16 and 4 bits (with the 4-bit format's quality on real weights where this model's are random:
+    `real`, from real_quality), and prompt-lookup decoding against plain decoding of the same requests."""
     out: list[str] = []
     gpu_llama = [r for r in section.rows if r["runtime"] == "llama_cpp" and r["device"] == "cuda"
                  and r["scenario"] == "latency"]
@@ -308,7 +338,7 @@ def faster_decoding(section: Section) -> list[str]:
                    f"{_f(q4['memory_gib'], 'GiB')} against {_f(fp16['memory_gib'], 'GiB')}; the 4-bit's KL divergence "
                    f"from full precision {_f(q4.get('kl_mean'), 'nats/token')} (16-bit: "
                    f"{_f(fp16.get('kl_mean'), 'nats/token')}), top-1 agreement {_f(q4.get('top1'))}, perplexity "
-                   f"ratio {_f(q4.get('ppl_ratio'))}.")
+                   f"ratio {_f(q4.get('ppl_ratio'))}." + _elsewhere(q4, section, real))
     if gpu_llama:
         ok = [r for r in gpu_llama if r["status"] == "ok"]
         if ok:
