@@ -20,14 +20,15 @@ from inferlab.config import compose
 from .conftest import ROOT
 
 
-def test_the_kernel_step_gives_generates_tokens(tiny_hf):
+def test_the_kernel_step_gives_generates_tokens(tiny_hf, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the torch references, whatever the shell says
     base = {"model_dir": str(tiny_hf), "device": "cpu", "attn": "sdpa", "threads": 2}
     plain = HFBackend({**base, "precision": "fp32", "kv_cache": "dynamic"})
     plain.load()
     ids = plain.tokenize("The weather today is nice and the")
     want = plain.request([ids], 24).output_ids
     step = HFBackend({**base, "precision": "fp32", "kv_cache": "static", "decode": "kernels", "fuse_block": True})
-    step.load()
+    assert step.load()["step_kernels"] == "torch reference"  # recorded with the point
     for _ in range(2):  # the second request resets the cache the step reads and writes
         got = step.request([ids], 24)
         assert got.output_ids == want

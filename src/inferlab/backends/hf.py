@@ -14,7 +14,7 @@ from typing import Any
 
 from inferlab.backends import hf_load
 from inferlab.backends.base import Backend, BackendUnavailable
-from inferlab.backends.hf_decode import StaticDecoder, StepTimer, generate_request
+from inferlab.backends.hf_decode import StaticDecoder, StepTimer, generate_request, step_kernels_run
 from inferlab.backends.hf_load import stored_bytes
 from inferlab.backends.timing import RequestTiming
 from inferlab.config import DECODE_LOOPS
@@ -43,6 +43,8 @@ class HFBackend(Backend):
         loaded = hf_load.load(self.settings)
         self.model, self.tokenizer, self.device, self.sync = loaded.model, loaded.tokenizer, loaded.device, loaded.sync
         self.decoder = StaticDecoder(self.model, self.device, self.sync, self.settings, self._prefilled)
+        if self.settings.get("decode") == "kernels":  # which implementation of the step's kernels ran
+            loaded.figures["step_kernels"] = step_kernels_run(self.device)
         return loaded.figures
 
     def _prefilled(self) -> None:

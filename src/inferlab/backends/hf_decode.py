@@ -103,6 +103,16 @@ def equal_lengths(prompts: list[list[int]], loop: str) -> tuple[int, int]:
     return b, n_prompt
 
 
+def step_kernels_run(device) -> str:
+    """What runs decode: kernels' kernels on this device: "triton" on CUDA; on the CPU "torch reference", or "triton,
+    interpreted" under TRITON_INTERPRET=1 (slow; to check the Triton kernels without a GPU). Each point records it."""
+    from inferlab.backends import kernels
+
+    if device.type == "cuda":
+        return "triton"
+    return "triton, interpreted" if kernels.interpreted() else "torch reference"
+
+
 class StaticDecoder:
     """The fast and the graph decode loops over the one static KV cache they share. All their state
     is made here, empty, and filled for a request's shape: a new shape makes a new cache, and what
@@ -248,11 +258,10 @@ class StaticDecoder:
         from inferlab.backends import kernels
         from inferlab.backends.decode_step import DecodeStep
 
-        cuda = self.device.type == "cuda"
-        if cuda and not kernels.available():  # the torch references read the position on the host
+        if self.device.type == "cuda" and not kernels.available():  # the references read the position on the host
             raise BackendUnavailable("decode: kernels on CUDA runs Triton kernels: the triton package is missing")
-        if self.kernel_step is None:  # on the CPU the references, or the Triton kernels under TRITON_INTERPRET=1
-            self.kernel_step = DecodeStep(self.model, triton=cuda or kernels.interpreted())
+        if self.kernel_step is None:
+            self.kernel_step = DecodeStep(self.model, triton=step_kernels_run(self.device) != "torch reference")
         made = self.kernel_step
 
         def step(tok, pos):

@@ -286,6 +286,14 @@ def _same_tokens(row: dict[str, Any], same: list[dict[str, Any]]) -> str:
     return "; tokens differ from generate()'s for the same prompts (fp16 near-ties can flip a greedy token)"
 
 
+HF_16, HF_8, HF_4 = SIXTEEN_BIT["hf"], ("int8", "int8-ao"), (*FOUR_BIT["hf"], *INT4_KERNELS)
+
+
+def _hf_b1(precisions: tuple[str, ...]):
+    """Which rows are transformers points at batch 1 in one of these precisions."""
+    return lambda r: r["runtime"] == "hf" and r.get("batch_size") == 1 and r.get("precision") in precisions
+
+
 def _best(rows: list[dict[str, Any]], key: str = "decode_tps") -> dict[str, Any] | None:
     rows = [r for r in rows if r.get(key) is not None]
     return max(rows, key=lambda r: r[key] or 0) if rows else None
@@ -302,22 +310,28 @@ def real_quality(sections: list[Section]) -> dict[tuple[str, str], tuple[str, di
     return out
 
 
+def _groups(description: str | None) -> str:
+    """The group sizes a quantization description names ("group sizes 32 (180 projections) and 128 (30)")."""
+    found = re.search(r"group sizes? [0-9][^,;]*", description or "")
+    return found.group(0) if found else ""
+
+
 def _elsewhere(row: dict[str, Any], section: Section, real: dict | None) -> str:
-    """Where the row's own quality is unknown and its weights are random: the same format's figures on real weights
-    (another model and machine), labelled as such; else nothing."""
-    if row.get("kl_mean") is not None or section.weights == "real" or not real:
+    """Where the row's weights are random and its own quality unknown: the same format's figures on real weights
+    (another model, perhaps another machine), labelled as such, with what each model's weights hold; else nothing."""
+    if row.get("kl_mean") is not None or section.weights != "random" or not real:
         return ""
     found = real.get((row["runtime"], _kind(row)))
     if found is None:
         return ""
-    from inferlab.report.render import with_ci
+    from inferlab.report.render import quality_text
 
     title, q = found
-    return (f" The same format on real weights ({_kind(row)}, {title}, evaluate stage: another model and machine, so "
-            f"what the format costs, not this configuration's own figure): KL divergence "
-            f"{with_ci(q['kl_mean'], q.get('kl_ci_low'), q.get('kl_ci_high'))} nats/token, top-1 agreement "
-            f"{with_ci(q.get('top1'), q.get('top1_ci_low'), q.get('top1_ci_high'), 'pct')}, perplexity ratio "
-            f"{with_ci(q.get('ppl_ratio'), q.get('ppl_ratio_ci_low'), q.get('ppl_ratio_ci_high'), 'ratio')}.")
+    there, here = _groups(q.get("holds")), _groups((row.get("_metrics") or {}).get("quantization"))
+    held = f"; there {there}, here {here}" if there and here and there != here else ""
+    where = "another model" if q.get("hardware") == section.hardware else "another model and machine"
+    return (f" The same format on real weights ({_kind(row)}, {title}, evaluate stage{held}; {where}, so what the "
+            f"format costs there, not this configuration's own figure): {quality_text(q)}.")
 
 
 def faster_decoding(section: Section, real: dict | None = None) -> list[str]:
@@ -327,9 +341,8 @@ def faster_decoding(section: Section, real: dict | None = None) -> list[str]:
     out: list[str] = []
     gpu_llama = [r for r in section.rows if r["runtime"] == "llama_cpp" and r["device"] == "cuda"
                  and r["scenario"] == "latency"]
-    hf_b1 = [r for r in section.candidates if r["runtime"] == "hf" and r.get("batch_size") == 1]
-    fp16 = _best([r for r in hf_b1 if r["precision"] in SIXTEEN_BIT["hf"]])
-    q4 = _best([r for r in hf_b1 if r["precision"] in (*FOUR_BIT["hf"], *INT4_KERNELS)])
+    fp16 = _best([r for r in section.candidates if _hf_b1(HF_16)(r)])
+    q4 = _best([r for r in section.candidates if _hf_b1(HF_4)(r)])
     if fp16 is not None and q4 is not None and not _generate(fp16):
         out.append(f"**Fastest batch-1 decoding (transformers)**: 16-bit {fp16['name']} "
                    f"{_f(fp16['decode_tps'], 'tokens/s')} (ITL p50 {_f(fp16['itl_p50_ms'], 'ms')}); 4-bit "
@@ -419,15 +432,11 @@ def profiles(section: Section) -> list[dict[str, Any]]:
     return rows
 
 
-EIGHT_BIT_HF = ("int8", "int8-ao")
 # (kind, which latency points, the figure that ranks them): the fastest of each kind in each sweep
 KINDS_SIDE_BY_SIDE = (
-    ("transformers, 16-bit, batch 1", lambda r: r["runtime"] == "hf" and r.get("batch_size") == 1
-     and r.get("precision") in SIXTEEN_BIT["hf"], "decode_tps"),
-    ("transformers, 8-bit, batch 1", lambda r: r["runtime"] == "hf" and r.get("batch_size") == 1
-     and r.get("precision") in EIGHT_BIT_HF, "decode_tps"),
-    ("transformers, 4-bit, batch 1", lambda r: r["runtime"] == "hf" and r.get("batch_size") == 1
-     and r.get("precision") in (*FOUR_BIT["hf"], *INT4_KERNELS), "decode_tps"),
+    ("transformers, 16-bit, batch 1", _hf_b1(HF_16), "decode_tps"),
+    ("transformers, 8-bit, batch 1", _hf_b1(HF_8), "decode_tps"),
+    ("transformers, 4-bit, batch 1", _hf_b1(HF_4), "decode_tps"),
     ("llama.cpp, 16-bit", lambda r: r["runtime"] == "llama_cpp" and r.get("quant") in SIXTEEN_BIT["llama_cpp"],
      "decode_tps"),
     ("llama.cpp, 8-bit", lambda r: r["runtime"] == "llama_cpp" and r.get("quant") == "q8_0", "decode_tps"),
@@ -445,9 +454,10 @@ def side_by_side(section: Section) -> tuple[list[str], list[list[str]]]:
     measured something."""
     if not section.history:
         return [], []
+    device = "cuda" if any(r["device"] == "cuda" for r in section.ok()) else "cpu"  # a GPU host's CPU sweep: not here
     rows, kinds = [], set()
     for g in section.groups:
-        cands = section.view(g).candidates
+        cands = [r for r in section.view(g).candidates if r["device"] == device]
         found = {}
         for kind, which, key in KINDS_SIDE_BY_SIDE:
             best = _best([r for r in cands if which(r)], key)

@@ -54,6 +54,14 @@ def with_ci(v: Any, low: Any, high: Any, kind: str = "") -> str:
     return f"{f(v)} ({f(low)}–{f(high)})" if low is not None and high is not None else f(v)
 
 
+def quality_text(f: dict[str, Any]) -> str:
+    """A configuration's quality in words, each figure with its 95% interval ('—' where not measured)."""
+    kl = with_ci(f.get("kl_mean"), f.get("kl_ci_low"), f.get("kl_ci_high")) or "—"
+    top1 = with_ci(f.get("top1"), f.get("top1_ci_low"), f.get("top1_ci_high"), "pct") or "—"
+    ratio = with_ci(f.get("ppl_ratio"), f.get("ppl_ratio_ci_low"), f.get("ppl_ratio_ci_high"), "ratio") or "—"
+    return f"KL divergence from full precision {kl} nats per token, top-1 agreement {top1}, perplexity ratio {ratio}"
+
+
 def quality_table(rows: list[dict[str, Any]]) -> str:
     shown = []
     for r in sorted(rows, key=lambda r: (r.get("runtime") or "", r.get("kl_mean") is None, r.get("kl_mean") or 0,
@@ -171,10 +179,7 @@ def section_md(s: Section, rec: dict[str, Any], headline: list[str], caching: li
         out += [f"**{rec['name']}** ({', '.join(f'{k}={v}' for k, v in rec['settings'].items())}): "
                 f"{_fig(f, 'total_tps')} in total, {_fig(f, 'decode_tps')} per sequence, "
                 f"TTFT {_fig(f, 'ttft_ms')}, ITL p90 {_fig(f, 'itl_p90_ms')}, "
-                f"{_fig(f, 'memory_gib')} ({rec['memory_kind']}), KL divergence from full precision "
-                f"{with_ci(f['kl_mean'], f['kl_ci_low'], f['kl_ci_high']) or '—'} nats per token, top-1 agreement "
-                f"{with_ci(f['top1'], f['top1_ci_low'], f['top1_ci_high'], 'pct') or '—'}, perplexity ratio "
-                f"{with_ci(f['ppl_ratio'], f['ppl_ratio_ci_low'], f['ppl_ratio_ci_high'], 'ratio') or '—'}.", "",
+                f"{_fig(f, 'memory_gib')} ({rec['memory_kind']}), {quality_text(f)}.", "",
                 f"Why: {rec['reason']}.", ""]
         if rec.get("alternatives"):
             out += [f"Next fastest that meet the constraints: {', '.join(rec['alternatives'])}.", ""]
