@@ -10,7 +10,7 @@ import time
 import pytest
 
 from inferlab.config import compose
-from inferlab.models.acquire import PROVENANCE, ModelUnavailable, acquire
+from inferlab.models.acquire import PROVENANCE, ModelUnavailable, acquire, weights_sha256
 
 
 def digest(folder):
@@ -23,8 +23,17 @@ def test_tiny_phi_builds_deterministically_in_seconds(project):
     t0 = time.perf_counter()
     a = acquire(cfg.model, project / "a")
     assert time.perf_counter() - t0 < 30
-    acquire(cfg.model, project / "b")
+    b = acquire(cfg.model, project / "b")
     assert digest(project / "a") == digest(project / "b")
+    # the weights' digest, in the provenance every stage's records take their model from: the same build, the same
+    # digest; it covers the weight files' bytes (a changed byte changes it)
+    assert a["weights_sha256"] == b["weights_sha256"] and len(a["weights_sha256"]) == 64
+    with (project / "b" / "model.safetensors").open("r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    assert weights_sha256(project / "b") != a["weights_sha256"]
     assert a["weights"] == "random" and a["source"] == "tiny"
     conf = json.loads((project / "a" / "config.json").read_text())
     assert conf["architectures"] == ["PhiForCausalLM"]

@@ -63,6 +63,7 @@ def model_info(cfg: StudyConfig) -> dict[str, Any]:
         "source": cfg.model.source,
         **({"note": cfg.model.note} if cfg.model.note else {}),
         **({"derived_from": prov["derived_from"]} if prov.get("derived_from") else {}),  # e.g. a dequantized GGUF
+        **({"weights_sha256": prov["weights_sha256"]} if prov.get("weights_sha256") else {}),  # which weights
     }
 
 

@@ -124,6 +124,28 @@ def download_from_hub(model: ModelConfig, dst: Path) -> str:
     return snapshot.name
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin")
+
+
+def weights_sha256(folder: Path) -> str | None:
+    """One digest of a checkpoint's weight files (their names and bytes, in name order): which weights a record's
+    figures come from, also for a model built from a seed (the same seed need not draw the same weights under
+    another torch version). None where the folder holds no weight file."""
+    import hashlib
+
+    files = sorted({f for pattern in WEIGHT_FILES for f in folder.rglob(pattern) if f.is_file()})
+    if not files:
+        return None
+    total = hashlib.sha256()
+    for f in files:
+        h = hashlib.sha256()
+        with f.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 24), b""):
+                h.update(block)
+        total.update(f"{f.relative_to(folder).as_posix()} {h.hexdigest()}\n".encode())
+    return total.hexdigest()
+
+
 def acquire(model: ModelConfig, out_dir: Path) -> dict:
     """Obtain the model into out_dir (replacing it whole). Returns the provenance written beside the weights."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -166,6 +188,7 @@ def acquire(model: ModelConfig, out_dir: Path) -> dict:
             "repo_id": model.repo_id,
             "revision": revision,
             "weights": model.weights,
+            "weights_sha256": weights_sha256(tmp),
             **extra,
             "files": {
                 f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()
