@@ -257,3 +257,57 @@ def test_evaluate_stage_generates_scores_and_marks_random_weights(tiny_project):
     off = ["evaluate.cpu.enabled=false", "evaluate.gpu.enabled=false", "evaluate.llama_cpp.enabled=false"]
     r2 = run(args + off, cwd=tiny_project, env=env)
     assert "0 configuration(s) scored" in r2.stdout + r2.stderr
+
+
+def test_a_decode_loop_is_scored_through_its_own_step(tiny_hf, tmp_path, monkeypatch):
+    """The graph loop and the hand-written step, fed the held-out ids one position at a time (teacher forcing, no
+    prefill), give fp32's forward-pass distributions; a wrong constant in one kernel of the step shows up in KL."""
+    from inferlab.backends import step_kernels
+
+    def backend(**extra):
+        b = get_backend("hf")({"model_dir": str(tiny_hf), "precision": "fp32", "kv_cache": "static", "threads": 2,
+                               "batch_size": 1, "tokens_window": 96, **extra})
+        b.load()
+        return b
+
+    ref = get_backend("hf")({"model_dir": str(tiny_hf), "precision": "fp32", "kv_cache": "dynamic", "threads": 2})
+    ref.load()
+    ids = ref.tokenize((ROOT / "data/eval/heldout.txt").read_text())[:160]
+    store = tokens.ReferenceStore(tmp_path, "ref")
+    tokens.measure(ref, ids, 96, 64, store.writer(len(ids) - 1, 1024, {"config": "ref"}))
+    for extra in ({"decode": "graph"}, {"decode": "kernels", "fuse_block": True}):
+        b = backend(**extra)
+        assert "teacher forcing" in b.scored_by() and extra["decode"] in b.scored_by()
+        _, stats = tokens.measure(b, ids, 96, 64, against={"ref": store})
+        m = tokens.summarize(stats["ref"])
+        assert m["tokens"] == len(ids) - 1 and m["kl_max"] < 1e-6 and m["top1"] == 1.0, extra
+    monkeypatch.setattr(step_kernels, "GELU_C", step_kernels.GELU_C * 0.9)  # a kernel computing something else
+    _, stats = tokens.measure(backend(decode="kernels", fuse_block=True), ids, 96, 64, against={"ref": store})
+    assert tokens.summarize(stats["ref"])["kl_mean"] > 1e-5  # the right kernels: every position under 1e-6
+
+
+@pytest.mark.slow
+def test_evaluate_scores_decode_loops_through_their_step(tiny_project):
+    """evaluate.cpu.loops: each loop is a configuration of its own, named after the benchmark point it scores,
+    compared with the same sweep's fp32 reference, its record naming what produced its distributions."""
+    env = {"INFERLAB_ROOT": str(tiny_project), "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_project / 'mlflow.db'}"}
+    run([sys.executable, "stages/evaluate.py", "model=tiny-phi", "evaluate.dataset.limit=1",
+         "evaluate.cpu.precisions=[fp32]", "evaluate.llama_cpp.enabled=false", "evaluate.gpu.enabled=false",
+         "evaluate.score=false", "evaluate.cpu.loops=[{precision: fp32, decode: graph},"
+         "{precision: fp32, decode: kernels, fuse_block: true}]"], cwd=tiny_project, env=env)
+    recs = records.read_all(sorted((tiny_project / "results/evaluate").glob("*.jsonl")))
+    gens = {r.name: r for r in records.latest(recs, lambda r: r.name) if r.point.get("scenario") == "quality"}
+    loops = {"hf-cpu-fp32-b1-static-sdpa-graph": "graph loop, batch 1",
+             "hf-cpu-fp32-b1-static-sdpa-block-kernels": "kernels loop, fused block, batch 1"}
+    for name, loop in loops.items():
+        g = gens[name]
+        assert g.status == "ok" and g.point["loop"] == loop and "outputs_file" not in g.metrics
+        t = g.metrics["tokens"]
+        assert t["scored_by"].startswith(f"the {loop} step") and "teacher forcing" in t["scored_by"]
+        vs = t["vs_reference"]
+        assert vs["reference"] == "hf-cpu-fp32-dynamic" and vs["tokens"] >= 2000
+        assert vs["kl_mean"] < 1e-6 and vs["top1"] == 1.0
+    rows = (tiny_project / "metrics/plots/quality.csv").read_text().splitlines()
+    head = rows[0].split(",")
+    assert "loop" in head and "scored_by" in head
+    assert sum("teacher forcing" in line for line in rows) >= 2

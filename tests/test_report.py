@@ -21,7 +21,7 @@ def _env(hw: str, instance: str = "i0") -> dict:
 
 
 def bench(results, hw, name, precision, batch, tps, ttft, itl90, mem, status="ok", reason=None, stage="bench_gpu",
-          scenario="latency", model="m", sweep=None, instance="i0", digest=None, **extra):
+          scenario="latency", model="m", sweep=None, instance="i0", digest=None, weights="random", **extra):
     point = {"runtime": "hf", "scenario": scenario, "precision": precision, "batch_size": batch,
              "kv_cache": extra.pop("kv_cache", "dynamic"), "attn": "sdpa", "compile": False, "prompt_tokens": 64,
              "new_tokens": 128, **extra}
@@ -32,7 +32,7 @@ def bench(results, hw, name, precision, batch, tps, ttft, itl90, mem, status="ok
     if digest:
         metrics["output_digest"] = digest
     rec.append(results / stage / f"{hw}.jsonl", rec.Record(
-        stage=stage, name=name, point=point, config={}, model={"name": model, "weights": "random"},
+        stage=stage, name=name, point=point, config={}, model={"name": model, "weights": weights},
         environment=_env(hw, instance), status=status, reason=reason, metrics=metrics,
         sweep_id=sweep or f"{stage}-{hw}"))
 
@@ -203,10 +203,11 @@ def test_report_on_missing_and_partial_inputs(project):
 
     results = project / "results"
     for name in ("nf4-b1", "fp16-b1"):  # a GPU sweep on a machine without CUDA: every point skipped
-        bench(results, "laptop", name, name[:-3], 1, 0, 0, 0, 0, status="skipped", reason="CUDA is not available")
-    bench(results, "laptop", "hf-fp32-b1", "fp32", 1, 2.0, 900, 60, 11.0, stage="bench_cpu")
+        bench(results, "laptop", name, name[:-3], 1, 0, 0, 0, 0, status="skipped", reason="CUDA is not available",
+              weights="real")
+    bench(results, "laptop", "hf-fp32-b1", "fp32", 1, 2.0, 900, 60, 11.0, stage="bench_cpu", weights="real")
     bench(results, "laptop", "hf-nf4-b1", "nf4", 1, 0, 0, 0, 0, stage="bench_cpu", status="failed",
-          reason="killed: out of memory")
+          reason="killed: out of memory", weights="real")
     doc = build(cfg)
     md = (project / "metrics" / "report.md").read_text()
     assert "No GPU benchmark results" in md and "laptop: skipped (CUDA is not available)" in md
@@ -415,3 +416,64 @@ def test_a_random_weight_4_bit_point_shows_its_formats_quality_on_real_weights(p
                 if x.startswith("- **Fastest batch-1 decoding (transformers)**"))
     assert "nf4-b1" in line and "KL divergence from full precision 0.3 nats/token" in line
     assert "on real weights" not in line
+
+
+def _loop_score(results, hw, precision, loop, kl, model="m", weights="random"):
+    """An evaluate record of a decode loop scored through its own step (no task outputs)."""
+    vs = {"kl_mean": kl, "kl_ci95": [kl * 0.9, kl * 1.1], "top1": 1 - kl, "top1_ci95": [1 - kl * 1.2, 1 - kl * 0.8],
+          "ppl_ratio": 1 + kl, "ppl_ratio_ci95": [1 + kl * 0.8, 1 + kl * 1.2], "reference": "hf-cuda-fp32-dynamic"}
+    point = {"scenario": "quality", "runtime": "hf", "device": "cuda", "precision": precision, "kv_cache": "static",
+             "decode": "graph", "compile": True, "loop": loop}
+    rec.append(results / "evaluate" / f"{hw}.jsonl", rec.Record(
+        stage="evaluate", name=f"hf-cuda-{precision}-graph", point=point, config={},
+        model={"name": model, "weights": weights}, environment=_env(hw), sweep_id="evaluate-x",
+        metrics={"tokens": {"own": {"tokens": 2000, "perplexity": 10.0}, "vs_reference": vs,
+                            "scored_by": f"the {loop} step, fed one position at a time"}}))
+
+
+def test_a_decode_loop_takes_the_quality_scored_through_its_own_step(project):
+    """A graph-loop point is joined with the quality of its own step, never with generate()'s forward pass of the
+    same precision; where the two KL intervals do not overlap, the report says so."""
+    from inferlab.config import loop_path
+
+    r = project / "results"
+    loop_settings = {"decode": "graph", "compile": True, "compile_mode": "reduce-overhead", "batch_size": 1}
+    loop = loop_path(loop_settings)
+    bench(r, "gpu-a", "fp16-b1", "fp16", 1, 50, 20, 21, 5.3, weights="real")
+    bench(r, "gpu-a", "fp16-b1-graph", "fp16", 1, 400, 5, 3, 5.4, weights="real", kv_cache="static", compile=True,
+          decode="graph", compile_mode="reduce-overhead")
+    score(r, "gpu-a", "fp32", 0.0, weights="real")
+    score(r, "gpu-a", "fp16", 0.001, weights="real")
+    _loop_score(r, "gpu-a", "fp16", loop, 0.2, weights="real")  # a broken kernel: far from fp16's forward pass
+    (s,) = collect(r)
+    by = {c["name"]: c for c in s.candidates}
+    assert by["fp16-b1"]["kl_mean"] == 0.001 and by["fp16-b1-graph"]["kl_mean"] == 0.2
+    assert by["fp16-b1-graph"]["quality_config"] == "hf-cuda-fp16-graph"
+    doc = build(compose(["tracking.enabled=false"]))
+    (answer,) = doc["recommendations"]
+    assert answer["name"] == "fp16-b1"  # the fast loop fails KL <= 0.05 through its own step
+    md = (project / "metrics" / "report.md").read_text()
+    assert f"hf-cuda-fp16-graph ({loop}), scored through its own step" in md
+    assert "**differs beyond their intervals** from hf-cuda-fp16-dynamic's forward pass" in md
+    csv = (project / "metrics" / "plots" / "quality.csv").read_text() if (
+        project / "metrics" / "plots" / "quality.csv").exists() else ""
+    assert csv == "" or "scored_by" in csv.splitlines()[0]
+
+
+def test_a_random_weight_section_answers_on_speed_and_memory(project):
+    """Random weights: no quality limit can be checked, so the answer is the fastest configuration within the
+    latency limits, says quality is not measurable there, and gives the same format's figure on real weights."""
+    r = project / "results"
+    bench(r, "gpu-a", "fp16-b1", "fp16", 1, 50, 20, 21, 5.3, model="rand")
+    bench(r, "gpu-a", "nf4-b1", "nf4", 1, 60, 20, 21, 2.0, model="rand")
+    bench(r, "gpu-a", "fp16-b64", "fp16", 64, 3000, 2000, 90, 9.0, model="rand")  # TTFT over the 1 s limit
+    score(r, "cpu-b", "fp32", 0.0, model="real-m", device="cpu", weights="real")
+    score(r, "cpu-b", "nf4", 0.25, model="real-m", device="cpu", weights="real")
+    doc = build(compose(["tracking.enabled=false"]))
+    (answer,) = [a for a in doc["recommendations"] if a["model"] == "rand"]
+    assert answer["status"] == "recommended" and answer["name"] == "nf4-b1"
+    assert answer["quality"] == "quality not measurable on random weights"
+    assert "the same format on real weights (nf4, real-m on cpu-b: another model and machine): KL divergence " \
+           "from full precision 0.25 (0.225–0.275) nats per token" in answer["reason"]
+    md = (project / "metrics" / "report.md").read_text()
+    assert "| gpu-a | rand | **nf4-b1** |" in md

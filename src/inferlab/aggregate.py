@@ -159,7 +159,7 @@ def quality_rows(results: Path) -> list[dict[str, Any]]:
             out.update({f.name: f.itself for f in F.QUALITY if f.itself is not None})
         reason = g.reason or vs.get("missing") or (sc.metrics.get("drift_missing") if sc else None) or ""
         out.update(meaningful=g.model.get("weights") == "real",
-                   status=g.status if g.status != "ok" else ("ok" if sc else "not scored"),
+                   status=g.status if g.status != "ok" else ("ok" if sc or g.point.get("loop") else "not scored"),
                    reference="itself" if t.get("is_reference") else vs.get("reference"),
                    reason=reason[:200] or None, model_note=rec.model_note(g.model))
         rows.append(out)

@@ -346,12 +346,13 @@ def _check_all(key: str, values: Iterable[Any], allowed: Iterable[Any]) -> None:
         check_choice(key, v, allowed)
 
 
-def _check_extras(key: str, points: Iterable[Any], allowed: dict[str, Iterable[Any]]) -> None:
+def _check_extras(key: str, points: Iterable[Any], allowed: dict[str, Iterable[Any]],
+                  what: str = "extra_points") -> None:
     """Extra points: every field that is set must take one of the values its grid axis allows."""
     for p in points:
         for name, choices in allowed.items():
             if getattr(p, name) is not None:
-                check_choice(f"{key}.extra_points.{name}", getattr(p, name), list(choices))
+                check_choice(f"{key}.{what}.{name}", getattr(p, name), list(choices))
 
 
 @dataclass
@@ -476,6 +477,24 @@ class HFPoint(Section):
 HF_DECODE = ("generate", "fast", "graph", "kernels")
 DECODE_LOOPS = ("fast", "graph", "kernels")  # the decode loops of this project over one static cache
 KERNEL_STEP_PRECISIONS = ("fp32", "fp16", "bf16", "int4-inductor")  # what decode: kernels' GEMVs read
+
+
+def loop_path(s: dict[str, Any]) -> str | None:
+    """The decode loop a transformers point's tokens come from, in words (None: generate()). A loop's
+    quality is scored through its own step, so this is part of a quality configuration's identity."""
+    decode = s.get("decode") or "generate"
+    if decode not in DECODE_LOOPS:
+        return None
+    parts = [f"{decode} loop"]
+    if s.get("compile"):
+        parts.append(f"compiled {s.get('compile_mode') or 'reduce-overhead'}")
+    if s.get("inductor"):
+        parts.append(f"inductor {s['inductor']}")
+    if s.get("fuse_block") or s.get("fuse_qkv"):
+        parts.append("fused block" if s.get("fuse_block") else "fused qkv")
+    if (s.get("gemv") or "default") != "default":
+        parts.append(f"{s['gemv']} GEMV")
+    return ", ".join([*parts, f"batch {s.get('batch_size') or 1}"])
 HF_GEMV = ("default", "triton")
 # torch._inductor options a point may switch on. coordinate_descent_tuning tunes each generated Triton kernel's
 # launch parameters (max-autotune turns it on with its GEMM templates too); freezing folds the weights into the
@@ -732,9 +751,16 @@ class EvalHF(Section):
     reference: str = "fp32"  # the full precision every other precision is compared with
     compute_dtype: str = "bf16"
     batch_size: int = 16
+    # decode loops scored per token through their own step (teacher forcing); null: every loop point of the
+    # device's benchmark grid (bench_gpu.hf on cuda, bench_cpu.hf on cpu)
+    loops: list[HFPoint] | None = field(default_factory=list)
 
     def check(self, key: str) -> None:
         _check_all(f"{key}.precisions", self.precisions, HF_PRECISIONS)
+        _check_extras(key, self.loops or [], {"precision": HF_PRECISIONS, "compile_mode": COMPILE_MODES,
+                                              "decode": DECODE_LOOPS, "gemv": HF_GEMV}, what="loops")
+        for i, p in enumerate(self.loops or []):
+            check_inductor(f"{key}.loops[{i}].inductor", p.inductor)
         _check_all(f"{key}.kv_cache", self.kv_cache, HF_KV_CACHES)
         check_choice(f"{key}.reference", self.reference, HF_PRECISIONS)
         check_choice(f"{key}.compute_dtype", self.compute_dtype, ("fp16", "bf16", "fp32"))
@@ -755,6 +781,7 @@ class EvalLlamaCpp(Section):
     reference: str = "f32"  # the full-precision file every other file is compared with
     n_threads: int = 0  # 0: all usable cores
     n_ctx: int = 2048
+    n_gpu_layers: int = 0  # layers on the GPU (-1: all, as bench_gpu runs llama.cpp; needs a CUDA build)
 
     def check(self, key: str) -> None:
         _check_all(f"{key}.quants", self.quants, ("f32", "f16", *QUANT_TYPES))
@@ -791,7 +818,8 @@ class EvaluateConfig(Section):
     chat: dict[str, bool] = field(default_factory=lambda: {"summarization": True, "qa": True, "code": False})
     tokens: TokensConfig = field(default_factory=TokensConfig)
     gpu: EvalHF = field(default_factory=lambda: EvalHF(
-        precisions=list(HF_PRECISIONS), kv_cache=["dynamic", "static"], reference="fp32", compute_dtype="fp16"))
+        precisions=list(HF_PRECISIONS), kv_cache=["dynamic", "static"], reference="fp32", compute_dtype="fp16",
+        loops=None))
     cpu: EvalHF = field(default_factory=EvalHF)
     llama_cpp: EvalLlamaCpp = field(default_factory=EvalLlamaCpp)
     score: bool = True  # score the stored outputs here (off on a generation-only machine)

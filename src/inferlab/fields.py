@@ -201,6 +201,8 @@ QUALITY: tuple[Field, ...] = (
     setting("quant"),
     setting("kv_cache"),
     setting("kv_type"),
+    setting("loop"),  # a decode loop scored through its own step (None: a forward pass over each window)
+    Field("scored_by", ABOUT, str, read="metrics.tokens.scored_by"),  # what produced the distributions
     Field("holds", SETTING, str, read="metrics.quantization"),  # what the model really got (group sizes, ...)
     Field("bits_per_weight", SETTING, float, "bits", read="metrics.bits_per_weight", header="bits/weight"),
     Field("reference", ABOUT, str),  # "itself", or the configuration it is compared with

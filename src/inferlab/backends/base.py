@@ -54,6 +54,10 @@ class Backend(ABC):
         float32, shape (len(ids), vocabulary)."""
         raise NotImplementedError(f"{self.name} does not score tokens")
 
+    def scored_by(self) -> str:
+        """What produces the distributions `logprobs` returns (a quality record names it)."""
+        return "one forward pass over each window"
+
     def token_logprobs(self, ids: list[int]) -> list[float]:
         """log p(ids[i] | ids[:i]) for i = 1 .. len(ids) - 1, from one forward pass over ids."""
         import numpy as np

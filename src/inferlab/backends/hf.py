@@ -17,7 +17,7 @@ from inferlab.backends.base import Backend, BackendUnavailable
 from inferlab.backends.hf_decode import StaticDecoder, StepTimer, generate_request, step_kernels_run
 from inferlab.backends.hf_load import stored_bytes
 from inferlab.backends.timing import RequestTiming
-from inferlab.config import DECODE_LOOPS
+from inferlab.config import DECODE_LOOPS, loop_path
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,18 @@ class HFBackend(Backend):
             outputs.append(row)
         return outputs
 
+    def scored_by(self) -> str:
+        loop = loop_path(self.settings)
+        if loop is None:
+            return super().scored_by()
+        return f"the {loop} step, fed one position at a time (teacher forcing, no prefill)"
+
     def logprobs(self, ids: list[int]):
         import torch
 
+        if loop_path(self.settings) is not None:  # through the step the loop was timed with
+            assert self.decoder is not None, "load() first"
+            return self.decoder.forced_logprobs(ids, int(self.settings.get("batch_size") or 1))
         x = torch.tensor([ids], device=self.device)
         with torch.inference_mode():
             logits = self.model(input_ids=x, use_cache=False).logits[0].float()

@@ -153,18 +153,19 @@ class StaticDecoder:
             self.cache_shape = (b, max_len)
             self.step_key = self.graph_key = None
 
-    def compiled(self, mode: str):
-        """next_token under torch.compile in `mode`, with the point's inductor options (settings
-        "inductor", comma-separated) switched on over the mode's own."""
+    def compiled(self, mode: str, fn: Callable | None = None):
+        """fn (default next_token) under torch.compile in `mode`, with the point's inductor options
+        (settings "inductor", comma-separated) switched on over the mode's own."""
         import torch
 
+        fn = fn or self.next_token
         flags = [f.strip() for f in (self.settings.get("inductor") or "").split(",") if f.strip()]
         if not flags:
-            return torch.compile(self.next_token, mode=mode, fullgraph=False, dynamic=False)
+            return torch.compile(fn, mode=mode, fullgraph=False, dynamic=False)
         from torch._inductor import list_mode_options
 
         options = {**list_mode_options(mode), **dict.fromkeys(flags, True)}
-        return torch.compile(self.next_token, options=options, fullgraph=False, dynamic=False)
+        return torch.compile(fn, options=options, fullgraph=False, dynamic=False)
 
     def fast_step(self):
         key = (self.settings.get("compile"), self.settings.get("compile_mode", "reduce-overhead"),
@@ -269,6 +270,91 @@ class StaticDecoder:
             return made(tok, pos)
 
         return step
+
+    def forced_setup(self, b: int, max_len: int) -> None:
+        """The timed loop's step made to emit logits: each step reads its token from `self.ids`
+        (teacher forcing) and writes the logits into `self.rows`; captured as a CUDA graph for the
+        graph and kernels loops, as the timed step is."""
+        import torch
+
+        s = self.settings
+        key = ("forced", b, max_len, s.get("decode"), s.get("compile"), s.get("compile_mode"), s.get("inductor"))
+        self.static_cache(b, max_len)
+        if self.graph_key == key:
+            return
+        self.graph_key, self.graph = None, None
+        dev, decode = self.device, s.get("decode")
+        vocab = self.model.config.vocab_size
+        with torch.inference_mode():  # the static cache's tensors are made by a first forward
+            self.prefill(torch.zeros((b, 1), dtype=torch.long, device=dev))
+        self.ids = torch.zeros((b, max_len + 1), dtype=torch.long, device=dev)
+        self.rows = torch.zeros((max_len, vocab), dtype=torch.float32, device=dev)
+        self.tok = torch.zeros((b, 1), dtype=torch.long, device=dev)
+        self.pos = torch.zeros((1, 1), dtype=torch.long, device=dev)
+        self.idx = torch.zeros((1,), dtype=torch.long, device=dev)
+        if decode == "kernels":
+            kernel_step = self.kernels(max_len)
+
+            def fwd(tok, pos):
+                kernel_step(tok, pos)
+                return self.kernel_step.logits.view(1, -1)
+        elif s.get("compile"):
+            mode = s.get("compile_mode", "reduce-overhead")
+            fwd = self.compiled(GRAPH_MODES[mode] if decode != "fast" else mode, self.step_logits)
+        else:
+            fwd = self.step_logits
+
+        def step():
+            self.tok.copy_(self.ids.index_select(1, self.idx))
+            self.rows.index_copy_(0, self.idx, fwd(self.tok, self.pos)[:1].float())
+            self.pos.add_(1)
+            self.idx.add_(1)
+
+        self.graph_step = step
+        if dev.type != "cuda" or decode == "fast":  # the fast loop's graphs are inductor's own
+            self.graph_key = key
+            return
+        with torch.inference_mode():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.pos.zero_()
+                    self.idx.zero_()
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+        self.graph, self.graph_key = graph, key
+
+    def step_logits(self, ids, pos):
+        """The step's logits of the last position (the forward next_token takes the argmax of)."""
+        logits = self.model(input_ids=ids, position_ids=pos.expand(ids.shape[0], -1), cache_position=pos[0],
+                            past_key_values=self.cache, use_cache=True).logits
+        return logits[:, -1]
+
+    def forced_logprobs(self, ids: list[int], batch: int = 1):
+        """Log-probabilities of the next token after each prefix of `ids`, from the loop's own step
+        fed one position at a time (no prefill): float32, shape (len(ids), vocabulary). At batch > 1
+        every row holds the same sequence, so the step runs the kernels its batch was timed with."""
+        import torch
+
+        n = len(ids)
+        self.forced_setup(batch, max(n, int(self.settings.get("tokens_window") or n)))  # one shape for all windows
+        with torch.inference_mode():
+            self.cache.reset()
+            self.ids[:, :n] = torch.tensor(ids, device=self.device)
+            self.pos.zero_()
+            self.idx.zero_()
+            for _ in range(n):
+                if self.graph is not None:
+                    self.graph.replay()
+                else:
+                    if self.device.type == "cuda" and self.settings.get("compile"):
+                        torch.compiler.cudagraph_mark_step_begin()
+                    self.graph_step()  # type: ignore[misc]
+            return torch.log_softmax(self.rows[:n], dim=-1).cpu().numpy()
 
     def graph_request(self, prompts: list[list[int]], new_tokens: int) -> RequestTiming:
         import torch

@@ -22,14 +22,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from inferlab import records as rec
 from inferlab.aggregate import NOT_MEANINGFUL, hardware_of, stage_records, write_aggregates
+from inferlab.bench import grid
 from inferlab.bench.sweep import Point, run_sweep
-from inferlab.config import ConfigError, StudyConfig, resolve, usable_cores
+from inferlab.config import DECODE_LOOPS, ConfigError, EvalHF, StudyConfig, loop_path, resolve, usable_cores
 from inferlab.environment import cuda_problem, missing_package
 from inferlab.fields import VS_REFERENCE, VS_TRANSFORMERS
 from inferlab.quality import dataset, tokens
@@ -128,6 +130,15 @@ def generation_points(cfg: StudyConfig, items: list[dict[str, Any]], token_ids: 
                              {"writes_reference": None, "against": {VS_REFERENCE: {"identity": ref_ident}}})
                     family.append(Point(name, "hf", ("hf", device, precision), settings,
                                         {**load, **roles, "model_dir": str(cfg.model_dir() / "hf")}, skip))
+            for p in loop_points(cfg, device, section, cores):
+                settings = {**common, **{k: v for k, v in p.settings.items() if k in LOOP_SETTINGS},
+                            "device": device, "loop": loop_path(p.settings), "threads": cores if device == "cpu" else 0}
+                if not _keep(settings, pins):
+                    continue
+                skip = (cuda_problem if device == "cuda" else None) or p.skip
+                roles = {"writes_reference": None, "against": {VS_REFERENCE: {"identity": ref_ident}}}
+                family.append(Point(f"hf-{device}-{p.name.removeprefix('hf-')}", "hf", p.group, settings,
+                                    {**load, **roles, "model_dir": str(cfg.model_dir() / "hf")}, skip))
             if len(family) > 1 or any(_keep(p.settings, pins) for p in family):
                 families.append(family)
                 if device == "cpu" and not family[0].skip:
@@ -146,6 +157,8 @@ def generation_points(cfg: StudyConfig, items: list[dict[str, Any]], token_ids: 
                 settings = {**common, "quant": quant, "kv_type": kv, "flash_attn": kv != "f16",
                             "n_threads": L.n_threads or cores, "n_batch": 512, "n_ctx": L.n_ctx, "logits_all": True,
                             "batch_size": 1}
+                if L.n_gpu_layers:  # only then: the CPU points keep their ids
+                    settings["n_gpu_layers"] = L.n_gpu_layers
                 if not is_ref and not _keep(settings, pins):
                     continue
                 path, skip = cfg.gguf_path(quant), cfg.missing_gguf(quant)
@@ -161,6 +174,25 @@ def generation_points(cfg: StudyConfig, items: list[dict[str, Any]], token_ids: 
     # the references first (llama.cpp's after transformers' CPU one: it is compared with it), then the rest
     refs = [f[0] for f in families]
     return refs + [p for f in families for p in f[1:]]
+
+
+# what a decode loop's benchmark point ran with, and so what its quality is scored through
+LOOP_SETTINGS = ("precision", "batch_size", "kv_cache", "attn", "compile", "compile_mode", "compute_dtype", "decode",
+                 "inductor", "fuse_qkv", "fuse_block", "gemv")
+
+
+def loop_points(cfg: StudyConfig, device: str, section: EvalHF, cores: int) -> list[Point]:
+    """The decode-loop points whose quality is scored through their step: `section.loops`, or (None) every
+    loop point of the device's benchmark grid, with the grid's settings and skip reasons."""
+    bench = cfg.bench_gpu if device == "cuda" else cfg.bench_cpu
+    if section.loops is not None:
+        if not section.loops:
+            return []
+        hf = replace(bench.hf, device=device, batch_sizes=[1], kv_cache=["static"], compile=[False],
+                     extra_points=section.loops)
+        bench = SimpleNamespace(hf=hf, workload=bench.workload)
+    points = grid.hf_points(bench, cfg.model_dir() / "hf", {}, cores)
+    return [p for p in points if p.settings.get("decode") in DECODE_LOOPS]
 
 
 def _family(p: dict[str, Any]) -> tuple:
@@ -202,7 +234,7 @@ def score(cfg: StudyConfig, stage: StageRun, bert: BertScorer) -> int:
     recs = stage_records(resolve(cfg.paths.results), STAGE)
     done = {r.point_id for r in recs if r.point.get("scenario") == "scores" and r.status == "ok"}
     made = 0
-    ok = [g for g in _generations(cfg, recs) if g.status == "ok"]
+    ok = [g for g in _generations(cfg, recs) if g.status == "ok" and g.metrics.get("outputs_file")]
     for n, g in enumerate(ok, 1):
         hw = hardware_of(g)
         wanted = reference_config(cfg, g.point)

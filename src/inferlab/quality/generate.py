@@ -69,7 +69,7 @@ def token_quality(backend: Backend, name: str, out_dir: Path) -> dict[str, Any]:
             missing[label] = (f"no rows of the reference {want['identity']['config']} from this sweep on this machine "
                               "(it failed, was skipped or has not run)")
     own, stats = tokens.measure(backend, ids, s["tokens_window"], s["tokens_stride"], writer, against)
-    out: dict[str, Any] = {"own": own, "seconds": round(time.perf_counter() - t0, 3)}
+    out: dict[str, Any] = {"own": own, "seconds": round(time.perf_counter() - t0, 3), "scored_by": backend.scored_by()}
     if writer is not None:
         out["is_reference"] = True
     for label, st in stats.items():
@@ -92,6 +92,9 @@ def run(backend: Backend, name: str,
     from inferlab.config import project_root
 
     out_dir = Path(backend.settings["outputs_dir"])
+    if point.get("loop"):  # a decode loop: its quality per token, through its step; task answers come from generate()
+        tq = token_quality(backend, name, out_dir)
+        return {"tokens": tq, "perplexity": round(tq["own"]["perplexity"], 6)}, {}, {}
     gen = generations(backend, name, point, out_dir / f"{name}.jsonl")
     samples = {"output_tokens": gen.pop("output_tokens")}
     tq = token_quality(backend, name, out_dir)

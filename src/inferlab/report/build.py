@@ -76,7 +76,9 @@ def build(cfg: StudyConfig) -> dict[str, Any]:
     results, parts = [], []
     for s in sections:
         cands = s.candidates
-        rcm = frontier.recommend(cands, rc)
+        rcm = frontier.recommend(cands, rc, quality=s.weights != "random")
+        if rcm.get("quality") == frontier.NO_QUALITY:
+            rcm["reason"] += comparisons.same_format_elsewhere(rcm, s, real)
         front, with_quality = frontier.frontier(cands, rc.objective, rc.quality_metric)
         figs = figures.draw_all(s, front, with_quality, rc.objective, fig_dir, rcm.get("point"))
         drawn.update(p for _, p in figs)

@@ -305,7 +305,8 @@ def real_quality(sections: list[Section]) -> dict[tuple[str, str], tuple[str, di
     out: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
     for s in sections:
         for q in s.scored:
-            if q.get("meaningful") and q.get("kl_mean") is not None and q.get("reference") != "itself":
+            if (q.get("meaningful") and q.get("kl_mean") is not None and q.get("reference") != "itself"
+                    and not q.get("loop")):
                 out.setdefault((q.get("runtime"), q.get("precision") or q.get("quant")), (s.title, q))
     return out
 
@@ -332,6 +333,21 @@ def _elsewhere(row: dict[str, Any], section: Section, real: dict | None) -> str:
     where = "another model" if q.get("hardware") == section.hardware else "another model and machine"
     return (f" The same format on real weights ({_kind(row)}, {title}, evaluate stage{held}; {where}, so what the "
             f"format costs there, not this configuration's own figure): {quality_text(q)}.")
+
+
+def same_format_elsewhere(rcm: dict[str, Any], section: Section, real: dict | None) -> str:
+    """For a recommendation on random weights: the recommended format's quality on real weights, labelled as
+    another model's (and machine's), or that no real-weights figure exists for it."""
+    from inferlab.report.render import quality_text
+
+    settings = rcm.get("settings") or {}
+    kind = settings.get("precision") or settings.get("quant")
+    found = (real or {}).get((settings.get("runtime"), kind))
+    if found is None:
+        return f"; the same format ({kind}) was not scored on real weights"
+    title, q = found
+    where = "another model" if q.get("hardware") == section.hardware else "another model and machine"
+    return f"; the same format on real weights ({kind}, {title}: {where}): {quality_text(q)}"
 
 
 def faster_decoding(section: Section, real: dict | None = None) -> list[str]:

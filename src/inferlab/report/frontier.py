@@ -66,14 +66,19 @@ def frontier(candidates: list[dict[str, Any]], objective: str,
     return pareto(candidates, axes(objective, with_quality, quality_metric)), with_quality
 
 
-def _limits(constraints: ConstraintsConfig) -> dict[str, float]:
-    return {k: float(getattr(constraints, k)) for k in CONSTRAINTS if getattr(constraints, k) is not None}
+QUALITY_CONSTRAINTS = ("max_kl", "min_top1")  # not measurable where a model's weights are random
+NO_QUALITY = "quality not measurable on random weights"
 
 
-def violations(c: dict[str, Any], constraints: ConstraintsConfig) -> dict[str, str]:
-    """Each constraint the candidate fails, and why."""
+def _limits(constraints: ConstraintsConfig, quality: bool = True) -> dict[str, float]:
+    return {k: float(getattr(constraints, k)) for k in CONSTRAINTS if getattr(constraints, k) is not None
+            and (quality or k not in QUALITY_CONSTRAINTS)}
+
+
+def violations(c: dict[str, Any], constraints: ConstraintsConfig, quality: bool = True) -> dict[str, str]:
+    """Each constraint the candidate fails, and why (`quality` False: the quality limits left out)."""
     out = {}
-    for key, limit in _limits(constraints).items():
+    for key, limit in _limits(constraints, quality).items():
         figure, sense, label, unit = constraint(key)
         v = c.get(figure)
         if v is None:
@@ -99,14 +104,15 @@ def _summary(c: dict[str, Any]) -> dict[str, Any]:
             "figures": {k: c.get(k) for k in F.RECOMMENDED}}
 
 
-def recommend(candidates: list[dict[str, Any]], cfg: ReportConfig) -> dict[str, Any]:
+def recommend(candidates: list[dict[str, Any]], cfg: ReportConfig, quality: bool = True) -> dict[str, Any]:
     """The fastest candidate (cfg.objective) that meets every constraint, with the reason; or, when none does,
-    which constraint fails and by how much (the best any candidate reached against each limit)."""
-    limits = _limits(cfg.constraints)
+    which constraint fails and by how much (the best any candidate reached against each limit). `quality`
+    False (random weights): speed and memory only, the quality limits left out and the answer says so."""
+    limits = _limits(cfg.constraints, quality)
     objective = cfg.objective
     front, with_quality = frontier(candidates, objective, cfg.quality_metric)
     front_names = {c["name"] for c in front}
-    checked = [(c, violations(c, cfg.constraints)) for c in candidates if c.get(objective) is not None]
+    checked = [(c, violations(c, cfg.constraints, quality)) for c in candidates if c.get(objective) is not None]
     passing = [c for c, v in checked if not v]
     out: dict[str, Any] = {"objective": objective, "constraints": limits, "candidates": len(checked),
                            "meeting_constraints": len(passing), "frontier": [c["name"] for c in front],
@@ -122,10 +128,14 @@ def recommend(candidates: list[dict[str, Any]], cfg: ReportConfig) -> dict[str, 
         reason = (f"highest {label} ({fmt(best[objective])}) among the {len(passing)} of {len(checked)} "
                   f"configurations that meet {conds}")
         reason += "; on the Pareto frontier" if best["name"] in front_names else "; not on the frontier"
-        if best.get("quality") is None:
+        if not quality:
+            reason += f"; {NO_QUALITY}"
+        elif best.get("quality") is None:
             reason += "; its quality was not measured"
         runner_up = [c["name"] for c in sorted(passing, key=lambda c: -c[objective])[1:4]]
-        return {**out, "status": "recommended", **_summary(best), "reason": reason, "alternatives": runner_up}
+        kept = {} if quality else {"quality": NO_QUALITY}
+        return {**out, "status": "recommended", **_summary(best), "reason": reason, "alternatives": runner_up,
+                **kept}
     failing: dict[str, Any] = {}
     for key, limit in limits.items():
         figure, sense, _, _ = constraint(key)
@@ -138,7 +148,7 @@ def recommend(candidates: list[dict[str, Any]], cfg: ReportConfig) -> dict[str, 
             entry["short_by"] = max(0.0, (best_v - limit) * sense)
         failing[key] = entry
     # the candidate closest to meeting them all: the smallest largest relative shortfall
-    closest = min((c for c, _ in checked), key=lambda c: _shortfall(c, cfg.constraints))
+    closest = min((c for c, _ in checked), key=lambda c: _shortfall(c, cfg.constraints, quality))
     parts = []
     for key, e in failing.items():
         _, _, lab, unit = constraint(key)
@@ -151,7 +161,7 @@ def recommend(candidates: list[dict[str, Any]], cfg: ReportConfig) -> dict[str, 
             parts.append(f"{lab}: {e['passing']} of {len(checked)} meet it")
     return {**out, "status": "none", "reason": "no configuration meets " + conds + " — " + "; ".join(parts),
             "constraint_check": failing, "closest": {**_summary(closest),
-                                                     "fails": violations(closest, cfg.constraints)}}
+                                                     "fails": violations(closest, cfg.constraints, quality)}}
 
 
 def describe(key: str, limit: float) -> str:
@@ -159,9 +169,9 @@ def describe(key: str, limit: float) -> str:
     return f"{label} {'≤' if sense > 0 else '≥'} {fmt(limit)}{unit and ' ' + unit}"
 
 
-def _shortfall(c: dict[str, Any], constraints: ConstraintsConfig) -> float:
+def _shortfall(c: dict[str, Any], constraints: ConstraintsConfig, quality: bool = True) -> float:
     worst = 0.0
-    for key, limit in _limits(constraints).items():
+    for key, limit in _limits(constraints, quality).items():
         figure, sense = CONSTRAINTS[key]
         v = c.get(figure)
         if v is None:

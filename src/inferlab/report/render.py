@@ -275,11 +275,37 @@ def section_md(s: Section, rec: dict[str, Any], headline: list[str], caching: li
             out += [f"The two runtimes' references agree: llama.cpp's {q['quant']} file against transformers' "
                     f"fp32 on the same ids, KL {fmt(q['vs_transformers_kl'])} nats per token, top-1 agreement "
                     f"{100 * q['vs_transformers_top1']:.2f}%.", ""]
-        out += [quality_table(s.quality), ""]
+        out += [*loop_checks(s.scored), quality_table(s.quality), ""]
     not_run = _not_run(s)
     if not_run:
         out += ["### Points that did not run", "", not_run, ""]
     return "\n".join(out)
+
+
+def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return not (a["kl_ci_low"] > b["kl_ci_high"] or b["kl_ci_low"] > a["kl_ci_high"])
+
+
+def loop_checks(scored: list[dict[str, Any]]) -> list[str]:
+    """Each decode loop scored through its own step against its precision's forward-pass quality: whether the
+    two KL intervals overlap (a loop whose kernels compute something else shows up here)."""
+    out = []
+    for q in scored:
+        if not q.get("loop") or q.get("kl_ci_low") is None:
+            continue
+        base = [p for p in scored if not p.get("loop") and p.get("device") == q.get("device")
+                and p.get("precision") == q.get("precision") and p.get("kl_ci_low") is not None]
+        if not base:
+            continue
+        p = min(base, key=lambda p: p.get("kv_cache") != "static")  # the static cache's forward where scored
+        verdict = ("agrees with" if _overlap(q, p) else "**differs beyond their intervals** from")
+        out.append(f"- {q['config']} ({q['loop']}), scored through its own step: KL {_ci(q, 'kl')} {verdict} "
+                   f"{p['config']}'s forward pass, KL {_ci(p, 'kl')}.")
+    return [*out, ""] if out else []
+
+
+def _ci(q: dict[str, Any], name: str) -> str:
+    return f"{fmt(q[f'{name}_mean'])} ({fmt(q[f'{name}_ci_low'])}–{fmt(q[f'{name}_ci_high'])})"
 
 
 def missing_inputs(sections: list[Section]) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Any
 from inferlab import records as rec
 from inferlab.aggregate import point_key, quality_rows, stage_records, stage_records_rows, workload_suffix
 from inferlab.aggregate import row as record_row
+from inferlab.config import loop_path
 from inferlab.fields import QUALITY_FIGURES
 
 log = logging.getLogger(__name__)
@@ -136,16 +137,25 @@ def sort_key(r: dict[str, Any]) -> tuple:
 
 def _match(row: dict[str, Any], scored: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The quality configuration a benchmark point ran: same runtime and device, same precision (transformers)
-    or quant (llama.cpp), same KV cache. Batch, threads and compile change speed, not what is computed."""
+    or quant (llama.cpp), same KV cache. generate()'s batch, threads and compile change speed, not what is
+    computed; a decode loop's point takes the quality scored through its own step (`loop_quality`)."""
     for q in scored:
         if q["runtime"] != row["runtime"]:
             continue
-        if row["runtime"] == "hf" and (q["device"], q["precision"], q["kv_cache"]) == (
-                row["device"], row["precision"], row["kv_cache"]):
+        if row["runtime"] == "hf" and (q["device"], q["precision"], q["kv_cache"], q.get("loop")) == (
+                row["device"], row["precision"], row["kv_cache"], None):
             return q
         if row["runtime"] == "llama_cpp" and (q["quant"], q["kv_type"]) == (row["quant"], row["kv_type"]):
             return q
     return None
+
+
+def loop_quality(row: dict[str, Any], scored: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The quality of a decode loop's point: scored through the same loop's step (same precision, same loop
+    settings), never borrowed from a forward pass through other kernels."""
+    loop = loop_path(row)
+    return next((q for q in scored if q["runtime"] == "hf" and q["device"] == row["device"]
+                 and q["precision"] == row["precision"] and q.get("loop") == loop), None)
 
 
 def _enrich(row: dict[str, Any], record_metrics: dict[str, Any], stage: str) -> dict[str, Any]:
@@ -211,7 +221,9 @@ def collect(results: Path, quality_metric: str = "kl_mean", models: list[str] | 
     for s in out:
         scored = s.scored
         for r in s.rows + s.history:
-            q = _match(r, scored) if r["status"] == "ok" else None
+            q = None
+            if r["status"] == "ok":
+                q = loop_quality(r, scored) if loop_path(r) else _match(r, scored)
             r["quality_config"] = q["config"] if q else ""
             for k in QUALITY_KEYS:
                 r[k] = q.get(k) if q else None
