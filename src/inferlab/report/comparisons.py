@@ -308,7 +308,14 @@ def real_quality(sections: list[Section]) -> dict[tuple[str, str], tuple[str, di
             if (q.get("meaningful") and q.get("kl_mean") is not None and q.get("reference") != "itself"
                     and not q.get("loop")):
                 out.setdefault((q.get("runtime"), q.get("precision") or q.get("quant")), (s.title, q))
+                out.setdefault((q.get("runtime"), q.get("precision") or q.get("quant"), s.hardware), (s.title, q))
     return out
+
+
+def _real(real: dict | None, runtime: str | None, kind: str | None, hardware: str) -> tuple | None:
+    """The format's real-weights quality measured on this hardware if any, else the first found elsewhere."""
+    real = real or {}
+    return real.get((runtime, kind, hardware)) or real.get((runtime, kind))
 
 
 def _groups(description: str | None) -> str:
@@ -322,7 +329,7 @@ def _elsewhere(row: dict[str, Any], section: Section, real: dict | None) -> str:
     (another model, perhaps another machine), labelled as such, with what each model's weights hold; else nothing."""
     if row.get("kl_mean") is not None or section.weights != "random" or not real:
         return ""
-    found = real.get((row["runtime"], _kind(row)))
+    found = _real(real, row["runtime"], _kind(row), section.hardware)
     if found is None:
         return ""
     from inferlab.report.render import quality_text
@@ -342,7 +349,7 @@ def same_format_elsewhere(rcm: dict[str, Any], section: Section, real: dict | No
 
     settings = rcm.get("settings") or {}
     kind = settings.get("precision") or settings.get("quant")
-    found = (real or {}).get((settings.get("runtime"), kind))
+    found = _real(real, settings.get("runtime"), kind, section.hardware)
     if found is None:
         return f"; the same format ({kind}) was not scored on real weights"
     title, q = found

@@ -298,7 +298,8 @@ def loop_checks(scored: list[dict[str, Any]]) -> list[str]:
         if not base:
             continue
         p = min(base, key=lambda p: p.get("kv_cache") != "static")  # the static cache's forward where scored
-        verdict = ("agrees with" if _overlap(q, p) else "**differs beyond their intervals** from")
+        side = "lower" if q["kl_mean"] < p["kl_mean"] else "higher"
+        verdict = "agrees with" if _overlap(q, p) else f"**differs beyond their intervals** ({side}) from"
         out.append(f"- {q['config']} ({q['loop']}), scored through its own step: KL {_ci(q, 'kl')} {verdict} "
                    f"{p['config']}'s forward pass, KL {_ci(p, 'kl')}.")
     return [*out, ""] if out else []
