@@ -106,14 +106,14 @@ def fresh_store(mlflow_template, tmp_path) -> str:
 
 
 @contextmanager
-def mlflow_server(folder: Path, db: Path | None = None) -> Iterator[str]:
+def mlflow_server(folder: Path, db: Path | None = None, port: int | None = None) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 (its store and artifacts under `folder`, or the SQLite file `db`), as a
     site shares one; its URI, once /health answers."""
     import httpx
 
     from inferlab.serve.loadtest import free_port
 
-    port = free_port()
+    port = port or free_port()
     uri = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri",

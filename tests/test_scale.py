@@ -13,14 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from mlflow import MlflowClient
 
 from inferlab import records as rec
 from inferlab.serve.loadtest import free_port
 
-from .conftest import run
+from .conftest import mlflow_server, run
 
 pytestmark = pytest.mark.slow
 
@@ -103,18 +102,7 @@ def test_remote_mlflow_server_logs_later_without_duplicates(tmp_path):
     uri = f"http://127.0.0.1:{port}"
     down = _log_records(uri, [path])  # the server is not up yet: nothing logged, the records stay
     assert down.returncode == 2 and "cannot be reached" in down.stderr
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "artifacts"), "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    with mlflow_server(tmp_path, port=port):
         up = _log_records(uri, [path])
         assert up.returncode == 0 and "3 new MLflow run(s)" in up.stdout, up.stdout + up.stderr
         again = _log_records(uri, [path])
@@ -128,9 +116,6 @@ def test_remote_mlflow_server_logs_later_without_duplicates(tmp_path):
         assert "record.json" in {a.path for a in client.list_artifacts(child.info.run_id)}
         stored = list((tmp_path / "artifacts").rglob("record.json"))
         assert len(stored) == 3 and json.loads(stored[0].read_text())["stage"] == "convert"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 # 14 points: 3 quants x 2 thread counts and the one-setting-at-a-time variations
