@@ -22,10 +22,10 @@ from .conftest import mlflow_server, run
 pytestmark = pytest.mark.slow
 
 # Three points, one job each, one core each (two at a time on the 2-core node). timeout_min=2 with submitit's
-# warning 20 s before it: it came up to 30 s earlier still (slurmctld checks time limits every 30 s), so a job is
-# warned 70-100 s after it starts; a point's job took 30 s here.
+# warning 40 s before it: it came up to 30 s earlier still (slurmctld checks time limits every 30 s), so a job is
+# warned 50-80 s after it starts; a point's job took 25 s here.
 MULTIRUN = ["-m", "hydra/launcher=slurm_cpu", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2",
-            "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=20",
+            "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=40",
             "model=tiny-phi", "runtime=llama_cpp", "n_threads=1", "quant=q8_0,q4_0,q4_k_m",
             "bench_cpu.prompt_cache.enabled=false", "bench_cpu.workload.new_tokens=8",
             "bench_cpu.workload.repetitions=2", "bench_cpu.workload.warmup=0", "bench_cpu.bandwidth_gib=0.25"]
