@@ -55,10 +55,12 @@ def test_submitit_local_runs_every_point_in_its_own_process(tiny_project):
     assert len(pids) == 2
 
 
-def test_slurm_launcher_config_composes_and_submitit_accepts_it(tmp_path, monkeypatch):
-    """The shipped Slurm launcher (conf/hydra/launcher/slurm_gpu.yaml): composed by Hydra, turned into a submitit
-    Slurm executor the way the plugin does, and the sbatch script asks for one GPU per point. Nothing is submitted;
-    submitit only checks that an `srun` exists, so a placeholder that refuses to run stands in for it."""
+@pytest.mark.parametrize("launcher", ["slurm_gpu", "slurm_cpu"])
+def test_slurm_launcher_config_composes_and_submitit_accepts_it(tmp_path, monkeypatch, launcher):
+    """The shipped Slurm launchers (conf/hydra/launcher/slurm_*.yaml): composed by Hydra, turned into a submitit
+    Slurm executor the way the plugin does, and the sbatch script asks for one GPU per point (slurm_gpu) or none.
+    Nothing is submitted (tests/test_slurm.py does, to a real slurmctld); submitit only checks that an `srun`
+    exists, so a placeholder that refuses to run stands in for it."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text("#!/bin/sh\necho 'not a Slurm cluster' >&2\nexit 1\n")
@@ -72,10 +74,11 @@ def test_slurm_launcher_config_composes_and_submitit_accepts_it(tmp_path, monkey
 
     register_configs()
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm_gpu", "model=phi-2"], return_hydra_config=True)
-    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
-    assert launcher["_target_"].endswith("SlurmLauncher") and launcher["gpus_per_node"] == 1
-    params = {k: v for k, v in launcher.items() if k not in ("_target_", "submitit_folder")}
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}", "model=phi-2"], return_hydra_config=True)
+    conf = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    assert conf["_target_"].endswith("SlurmLauncher")
+    assert conf["gpus_per_node"] == (1 if launcher == "slurm_gpu" else None)
+    params = {k: v for k, v in conf.items() if k not in ("_target_", "submitit_folder")}
     params["name"] = "bench_gpu"
     executor = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="slurm",
                                      slurm_max_num_timeout=params.pop("max_num_timeout"))
@@ -83,7 +86,8 @@ def test_slurm_launcher_config_composes_and_submitit_accepts_it(tmp_path, monkey
             "stderr_to_stdout"}
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
     script = executor._executor._make_submission_file_text("python stages/bench_gpu.py", "uid")
-    assert "#SBATCH --gpus-per-node=1" in script and "#SBATCH --ntasks-per-node=1" in script
+    assert ("#SBATCH --gpus-per-node=1" in script) == (launcher == "slurm_gpu")
+    assert "#SBATCH --ntasks-per-node=1" in script and f"#SBATCH --cpus-per-task={conf['cpus_per_task']}" in script
     assert f"#SBATCH --time={params['timeout_min']}" in script
 
 
