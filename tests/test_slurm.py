@@ -116,3 +116,42 @@ def test_multirun_on_slurm_cancel_timeout_and_rerun(tiny_project, slurm_cluster,
         points = [r for r in runs if r.data.tags.get(TAG_KIND) == "point"]
         assert sorted(r.data.tags[TAG_RECORD] for r in points) == sorted(r.record_id for r in final)  # once each
         assert len([r for r in runs if r.data.tags.get(TAG_KIND) == "sweep"]) == 1  # the multirun's parent
+
+
+def _ignores_slurm_signals(ready) -> None:
+    from inferlab import slurm
+
+    slurm.leave_signals_to_parent()
+    ready.set()
+    time.sleep(120)
+
+
+def test_in_a_slurm_job_sigterm_stops_the_stage_and_its_workers_are_killed_at_the_end(monkeypatch):
+    """Without a cluster: in a Slurm job (SLURM_JOB_ID set) a worker outlives SIGTERM and USR2 (its sweep decides),
+    the stage's own SIGTERM raises JobEnding, and the stage's end kills the worker (multiprocessing's exit would
+    wait on it forever) and puts the earlier handler back."""
+    import multiprocessing as mp
+    import signal
+
+    from inferlab import slurm
+
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    worker = ctx.Process(target=_ignores_slurm_signals, args=(ready,), daemon=True)
+    earlier = signal.getsignal(signal.SIGTERM)
+    restore = slurm.stop_on_sigterm()
+    try:
+        worker.start()
+        assert ready.wait(60)
+        for sig in (signal.SIGTERM, signal.SIGUSR2):
+            os.kill(worker.pid, sig)
+        with pytest.raises(slurm.JobEnding, match="Slurm sent SIGTERM to job 7"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            worker.join(5)  # the handler raises here, while the worker still lives
+        assert worker.is_alive()
+    finally:
+        restore()
+    assert not worker.is_alive() and worker.exitcode == -signal.SIGKILL
+    assert signal.getsignal(signal.SIGTERM) is earlier
+    assert slurm.time_limit_reason(RuntimeError("x")) is None  # no controller answers: not a time limit

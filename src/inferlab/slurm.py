@@ -9,6 +9,7 @@ which writes the job's result (without one, the launcher can only learn the job'
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -52,15 +53,22 @@ def show_job(job_id: str) -> dict[str, str]:
 
 
 def stop_on_sigterm() -> Callable[[], None]:
-    """In a Slurm job's main thread: SIGTERM raises JobEnding. Returns what puts the earlier handler back."""
+    """In a Slurm job's main thread: SIGTERM raises JobEnding. Returns what puts the earlier handler back and
+    kills the workers still running (they ignore SIGTERM here, which multiprocessing's exit would wait on)."""
     if job() is None or threading.current_thread() is not threading.main_thread():
         return lambda: None
 
     def ending(signum: int, frame: object) -> None:
         raise JobEnding(f"Slurm sent SIGTERM to job {job_name(job() or {})}")
 
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, earlier)
+        for child in multiprocessing.active_children():
+            child.kill()
+            child.join(10)
+
     earlier = signal.signal(signal.SIGTERM, ending)
-    return lambda: signal.signal(signal.SIGTERM, earlier)
+    return restore
 
 
 def leave_signals_to_parent() -> None:
