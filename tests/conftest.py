@@ -6,6 +6,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -100,3 +103,58 @@ def fresh_store(mlflow_template, tmp_path) -> str:
     db = tmp_path / "mlflow.db"
     shutil.copy(mlflow_template, db)
     return f"sqlite:///{db}"
+
+
+@contextmanager
+def mlflow_server(folder: Path, db: Path | None = None, port: int | None = None) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (its store and artifacts under `folder`, or the SQLite file `db`), as a
+    site shares one; its URI, once /health answers."""
+    import httpx
+
+    from inferlab.serve.loadtest import free_port
+
+    port = port or free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri",
+         f"sqlite:///{db or folder / 'server.db'}", "--artifacts-destination", str(folder / "artifacts"),
+         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert server.poll() is None, f"mlflow server exited with {server.returncode}"
+                assert time.time() < deadline, "mlflow server did not answer /health within 120 s"
+                time.sleep(0.3)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+SLURM_SCRIPT = ROOT / "scripts" / "slurm_one_node.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory) -> Iterator[Path]:
+    """A one-node Slurm cluster of its own (slurmctld, slurmd; munged unless one answers), started by
+    scripts/slurm_one_node.sh on free ports and stopped afterwards; its slurm.conf. Slurm is installed with
+    apt-get where it is missing (as .ci/run does); a machine that cannot run one skips, saying why."""
+    if os.geteuid() != 0:
+        pytest.skip(f"a one-node Slurm cluster runs its daemons as root (SlurmUser=root); this is uid {os.geteuid()}")
+    if shutil.which("slurmctld") is None:
+        r = subprocess.run(["bash", str(SLURM_SCRIPT), "install"], capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            pytest.skip(f"Slurm is not installed and could not be: {(r.stderr or r.stdout).strip()[-500:]}")
+    folder = tmp_path_factory.mktemp("slurm")
+    r = subprocess.run(["bash", str(SLURM_SCRIPT), "start", str(folder)], capture_output=True, text=True,
+                       timeout=300)
+    try:
+        if r.returncode != 0:
+            pytest.skip(f"a one-node Slurm cluster did not start here: {(r.stderr or r.stdout).strip()[-800:]}")
+        yield folder / "slurm.conf"
+    finally:
+        subprocess.run(["bash", str(SLURM_SCRIPT), "stop", str(folder)], capture_output=True, timeout=120)

@@ -15,14 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from mlflow import MlflowClient
 
 from inferlab import records as rec
-from inferlab.serve.loadtest import free_port
 
-from .conftest import ROOT
+from .conftest import ROOT, mlflow_server
 
 H100 = ROOT / "results" / "bench_gpu" / "h100-80gb-hbm3.jsonl"
 
@@ -196,21 +194,7 @@ def test_two_loggers_at_once_through_one_server_log_each_record_once(tmp_path, m
     for r in recs:
         rec.append(path, r)
     shutil.copy(mlflow_template, tmp_path / "server.db")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "artifacts"), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert time.time() < deadline, "mlflow server did not start"
-                time.sleep(0.3)
+    with mlflow_server(tmp_path, db=tmp_path / "server.db") as uri:
         # each with a lock folder of its own, as on two hosts: the lock one host's loggers share cannot help
         procs = [_start_log_records(str(path), "--uri", uri, env={"INFERLAB_LOCK_DIR": str(tmp_path / host)})
                  for host in ("host-a", "host-b")]
@@ -220,6 +204,3 @@ def test_two_loggers_at_once_through_one_server_log_each_record_once(tmp_path, m
         _each_logged_once(uri, recs)
         created = sum(int(out.split("; ")[1].split(" new")[0]) for out, _ in outs)
         assert created == 12, outs  # together they say what is there: 12 runs, once
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

@@ -13,14 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from mlflow import MlflowClient
 
 from inferlab import records as rec
 from inferlab.serve.loadtest import free_port
 
-from .conftest import run
+from .conftest import mlflow_server, run
 
 pytestmark = pytest.mark.slow
 
@@ -56,10 +55,12 @@ def test_submitit_local_runs_every_point_in_its_own_process(tiny_project):
     assert len(pids) == 2
 
 
-def test_slurm_launcher_config_composes_and_submitit_accepts_it(tmp_path, monkeypatch):
-    """The shipped Slurm launcher (conf/hydra/launcher/slurm_gpu.yaml): composed by Hydra, turned into a submitit
-    Slurm executor the way the plugin does, and the sbatch script asks for one GPU per point. Nothing is submitted;
-    submitit only checks that an `srun` exists, so a placeholder that refuses to run stands in for it."""
+@pytest.mark.parametrize("launcher", ["slurm_gpu", "slurm_cpu"])
+def test_slurm_launcher_config_composes_and_submitit_accepts_it(tmp_path, monkeypatch, launcher):
+    """The shipped Slurm launchers (conf/hydra/launcher/slurm_*.yaml): composed by Hydra, turned into a submitit
+    Slurm executor the way the plugin does, and the sbatch script asks for one GPU per point (slurm_gpu) or none.
+    Nothing is submitted (tests/test_slurm.py does, to a real slurmctld); submitit only checks that an `srun`
+    exists, so a placeholder that refuses to run stands in for it."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text("#!/bin/sh\necho 'not a Slurm cluster' >&2\nexit 1\n")
@@ -73,10 +74,11 @@ def test_slurm_launcher_config_composes_and_submitit_accepts_it(tmp_path, monkey
 
     register_configs()
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm_gpu", "model=phi-2"], return_hydra_config=True)
-    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
-    assert launcher["_target_"].endswith("SlurmLauncher") and launcher["gpus_per_node"] == 1
-    params = {k: v for k, v in launcher.items() if k not in ("_target_", "submitit_folder")}
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}", "model=phi-2"], return_hydra_config=True)
+    conf = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    assert conf["_target_"].endswith("SlurmLauncher")
+    assert conf["gpus_per_node"] == (1 if launcher == "slurm_gpu" else None)
+    params = {k: v for k, v in conf.items() if k not in ("_target_", "submitit_folder")}
     params["name"] = "bench_gpu"
     executor = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="slurm",
                                      slurm_max_num_timeout=params.pop("max_num_timeout"))
@@ -84,7 +86,8 @@ def test_slurm_launcher_config_composes_and_submitit_accepts_it(tmp_path, monkey
             "stderr_to_stdout"}
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
     script = executor._executor._make_submission_file_text("python stages/bench_gpu.py", "uid")
-    assert "#SBATCH --gpus-per-node=1" in script and "#SBATCH --ntasks-per-node=1" in script
+    assert ("#SBATCH --gpus-per-node=1" in script) == (launcher == "slurm_gpu")
+    assert "#SBATCH --ntasks-per-node=1" in script and f"#SBATCH --cpus-per-task={conf['cpus_per_task']}" in script
     assert f"#SBATCH --time={params['timeout_min']}" in script
 
 
@@ -103,18 +106,7 @@ def test_remote_mlflow_server_logs_later_without_duplicates(tmp_path):
     uri = f"http://127.0.0.1:{port}"
     down = _log_records(uri, [path])  # the server is not up yet: nothing logged, the records stay
     assert down.returncode == 2 and "cannot be reached" in down.stderr
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "artifacts"), "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    with mlflow_server(tmp_path, port=port):
         up = _log_records(uri, [path])
         assert up.returncode == 0 and "3 new MLflow run(s)" in up.stdout, up.stdout + up.stderr
         again = _log_records(uri, [path])
@@ -128,9 +120,6 @@ def test_remote_mlflow_server_logs_later_without_duplicates(tmp_path):
         assert "record.json" in {a.path for a in client.list_artifacts(child.info.run_id)}
         stored = list((tmp_path / "artifacts").rglob("record.json"))
         assert len(stored) == 3 and json.loads(stored[0].read_text())["stage"] == "convert"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 # 14 points: 3 quants x 2 thread counts and the one-setting-at-a-time variations

@@ -1,4 +1,4 @@
-"""What every record says about where it was made: library versions, hardware, git commit."""
+"""What every record says about where it was made: library versions, hardware, git commit, the Slurm job."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import socket
 import subprocess
 from importlib import metadata
 
-from inferlab import hostlock
+from inferlab import hostlock, slurm
 from inferlab.config import BNB_PRECISIONS, TORCHAO_PRECISIONS, project_root
 
 LIBRARIES = (
@@ -162,4 +162,6 @@ def missing_package(precision: str) -> str | None:
 
 
 def environment() -> dict:
-    return {"libraries": library_versions(), "hardware": hardware(), "git": git_commit()}
+    job = slurm.job()
+    return {"libraries": library_versions(), "hardware": hardware(), "git": git_commit(),
+            **({"slurm": job} if job else {})}

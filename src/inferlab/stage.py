@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from inferlab import records as rec
+from inferlab import slurm
 from inferlab.config import (
     ConfigError,
     StudyConfig,
@@ -185,7 +186,7 @@ class StageRun:
         self.written = 0
         self._since = rec.now_ms()  # the start of the work the next record describes, unless it says otherwise
         self._when_finished: list[Callable[[], None]] = []  # after a stage that finished, its records logged
-        self._on_close: list[Callable[[], None]] = []  # always, at the end
+        self._on_close: list[Callable[[], None]] = [slurm.stop_on_sigterm()]  # always, at the end
 
     def record(self, name: str, point: dict[str, Any], **fields: Any) -> rec.Record:
         """Append one record. `started` (when its measurement began, ms) defaults to the end of the previous

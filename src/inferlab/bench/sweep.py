@@ -35,6 +35,7 @@ from typing import Any
 
 import inferlab
 from inferlab import records as rec
+from inferlab import slurm
 from inferlab.bench.lock import device_lock, lock_path, others_busy
 from inferlab.bench.memory import roofline
 from inferlab.bench.placement import Slot
@@ -286,14 +287,20 @@ class _Sweep:
                 worker = Worker(p.runtime, p.load, slot.env(), list(slot.cpus) or None)
             key = slot.key(_device(p))
             gpus = list(slot.host_gpus) if slot.gpu is not None else None
-            with device_lock(key) as waited:  # one point measured per device at a time, across processes
-                held = time.perf_counter()
-                self.beside.start(key)
-                beside = set(others_busy(key, gpus))  # other GPUs measuring at the same time (a parallel sweep)
-                status, payload = worker.run(p.settings, p.name, str(self.folder), self.timeout,
-                                             {**p.load, "sweep_id": self.stage.sweep_id})
-                beside |= set(others_busy(key, gpus)) | self.beside.stop(key)
-                held = time.perf_counter() - held
+            try:
+                with device_lock(key) as waited:  # one point measured per device at a time, across processes
+                    held = time.perf_counter()
+                    self.beside.start(key)
+                    beside = set(others_busy(key, gpus))  # other GPUs measuring at the same time (parallel sweep)
+                    status, payload = worker.run(p.settings, p.name, str(self.folder), self.timeout,
+                                                 {**p.load, "sweep_id": self.stage.sweep_id})
+                    beside |= set(others_busy(key, gpus)) | self.beside.stop(key)
+                    held = time.perf_counter() - held
+            except BaseException as e:  # stopped mid-point: failed only at its Slurm job's time limit
+                worker.kill()
+                if isinstance(e, Exception) and (why := slurm.time_limit_reason(e)):
+                    self.record(p, "failed", {"reason": why}, started, "", started_at)
+                raise
             metrics = payload.setdefault("metrics", {})
             metrics["device_lock"] = {"device": key, "waited_s": round(waited, 3), "others_busy": sorted(beside),
                                       "held_s": round(held, 3), "released_at": round(time.time(), 3)}

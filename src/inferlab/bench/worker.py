@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from inferlab import LLAMA_PROCESS_ENV
+from inferlab import LLAMA_PROCESS_ENV, slurm
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any], cpus: list[in
     from inferlab.logs import setup_logging
 
     setup_logging()
+    slurm.leave_signals_to_parent()
     if cpus:
         placement.apply(cpus, runtime)
     from inferlab.backends import BackendUnavailable, get_backend
