@@ -425,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--respect-eos", action="store_true",
                    help="stop where the model ends (default: exactly --max-tokens per request, as vLLM's --ignore-eos)")
     args = p.parse_args(argv)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     try:
         drive_cli(args)
     except NothingGenerated as e:
