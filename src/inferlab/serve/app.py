@@ -2,7 +2,9 @@
 server-sent events ending in [DONE], model list, health and Prometheus metrics.
 
 Every request first passes the Guard (an ASGI middleware): the Host allow-list, the Origin check,
-the API key, JSON-only bodies, no uploads to the demo; it answers every error with OpenAI's body,
+the API key, JSON-only bodies, no uploads to the demo, and reads each body whole within
+serve.max_body_bytes (the API and the demo alike; a client gone before its body is complete is a 499);
+it answers every error with OpenAI's body,
 never lets an exception reach the HTTP server (which would answer plain text and drop the
 connection), and counts each request once in /metrics under a bounded set of endpoint labels. Work
 stops when its client is gone, streaming or not.
