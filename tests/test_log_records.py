@@ -204,3 +204,19 @@ def test_two_loggers_at_once_through_one_server_log_each_record_once(tmp_path, m
         _each_logged_once(uri, recs)
         created = sum(int(out.split("; ")[1].split(" new")[0]) for out, _ in outs)
         assert created == 12, outs  # together they say what is there: 12 runs, once
+
+
+def test_a_garbled_line_in_the_middle_of_a_file_fails_the_command_naming_file_and_line(project, fresh_store,
+                                                                                          capsys):
+    """A line that is not a record, between good ones, is not a torn end (a writer killed mid-write leaves no
+    newline): the readable records are logged, and the command names the file and the line and exits non-zero."""
+    lines = _triton_lines()[:3]
+    path = project / "results" / "bench_gpu" / "h100.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("\n".join([lines[0], lines[1][: len(lines[1]) // 2] + "#garbled", lines[2]]) + "\n")
+    code, out, err = _log_records_here(capsys, "--uri", fresh_store)
+    assert code == 1, out + err
+    assert f"unreadable record: {path}:2: " in err and "2 new MLflow run(s)" in out, out + err
+    path.write_text("\n".join(lines) + "\n" + lines[0][:100])  # a torn last line only: a warning, exit 0
+    code, out, err = _log_records_here(capsys, "--uri", fresh_store)
+    assert code == 0 and "unreadable record" not in err, out + err

@@ -3,10 +3,14 @@ last line left behind by an earlier writer, and which files count as record file
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from inferlab import records as rec
 
@@ -167,3 +171,29 @@ def test_latest_keeps_the_newest_of_each_key_in_first_seen_order():
     a2 = make_record("s", "a")
     a1.timestamp, b1.timestamp, a2.timestamp = "2026-01-02", "2026-01-01", "2026-01-03"
     assert rec.latest([a1, b1, a2], lambda r: r.name) == [a2, b1]
+
+
+def test_a_full_disk_is_called_a_full_disk(tmp_path):
+    """paths.metrics on a filesystem with no space left (a 64 KiB tmpfs, filled): the stage refuses before any
+    work, saying the disk is full, not that permissions are wrong."""
+    from inferlab.config import compose
+    from inferlab.stage import StorageError, check_storage
+
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here to fill ({r.stderr.strip()}): needs root")
+    try:
+        with pytest.raises(OSError) as full, open(mnt / "filler", "wb") as f:  # fill it
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        assert full.value.errno == errno.ENOSPC
+        cfg = compose([f"paths.metrics={mnt}", f"paths.results={tmp_path / 'results'}", "paths.min_free_mb=0"])
+        with pytest.raises(StorageError) as e:
+            check_storage(cfg)
+        assert f"paths.metrics: the disk of {mnt} is full" in str(e.value) and "permissions" not in str(e.value)
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

@@ -165,11 +165,16 @@ def test_evaluate_killed_while_scoring_generates_nothing_again(tiny_project, tmp
                  "evaluate.llama_cpp.kv_type=[f16]", "evaluate.tokens.window=256", "evaluate.tokens.stride=255"]
     proc = _start(["stages/evaluate.py", *overrides], tiny_project, tmp_path / "eval.log", env=_env(tiny_project))
     _wait_for(tmp_path / "eval.log", "scoring llama-f32-kvf16", proc)
+    while (tmp_path / "eval.log").read_text().count("scoring llama-") < 2:  # the first one's scores are written
+        assert proc.poll() is None, (tmp_path / "eval.log").read_text()[-3000:]
+        time.sleep(0.05)
     _kill(proc)
     gens = [r for r in _records(tiny_project, "evaluate", before) if r.point["scenario"] == "quality"]
     assert sorted(r.name for r in gens) == ["llama-f32-kvf16", "llama-q4_0-kvf16"]
+    assert len(_records(tiny_project, "evaluate", before)) == 3  # two generations and one configuration's scores
     said = _rerun_here(tiny_project, "evaluate", overrides, tmp_path / "params.yaml", monkeypatch, caplog)
     assert f"resuming interrupted sweep {gens[0].sweep_id}: 2 of 2 points already finished" in said
+    assert "1 record(s) appended" in said and "(3 of this sweep were written before the interruption)" in said
     new = _records(tiny_project, "evaluate", before)
     assert [x for x in new if x.point["scenario"] == "quality"] == gens  # no configuration generated again
     scores = [x for x in new if x.point["scenario"] == "scores"]
@@ -308,3 +313,57 @@ def test_the_cpu_lock_file_of_another_user_still_locks(monkeypatch):
             assert (folder / "inferlab-gpu-7.lock").stat().st_mode & 0o777 == 0o666
     finally:
         shutil.rmtree(folder)
+
+
+def test_sigterm_stops_a_sweep_as_ctrl_c_does_and_the_rerun_measures_only_the_rest(tiny_project, tmp_path,
+                                                                                    monkeypatch, caplog):
+    """SIGTERM (kill, a scheduler, a timeout) to a sweep whose second point is being measured: the sweep stops
+    at once with one plain message and no traceback, its worker is stopped with it, the first point's record is
+    kept, and the rerun measures the second point only."""
+    import psutil
+
+    before = _ids(tiny_project, "bench_cpu")
+    overrides = [*SMALL, *TWO_POINTS, "tracking.enabled=false"]
+    log = tmp_path / "sweep.log"
+    locks = tmp_path / "locks"  # this sweep's CPU lock, not one another test on this machine holds
+    locks.mkdir()
+    monkeypatch.setenv("INFERLAB_LOCK_DIR", str(locks))
+    proc = _start(["stages/bench_cpu.py", *overrides], tiny_project, log,
+                  env=_env(tiny_project, INFERLAB_INJECT_FAILURE="q4_0:slow=300", INFERLAB_LOCK_DIR=str(locks)))
+    _wait_for(log, "[1/2]", proc)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert workers
+    os.kill(proc.pid, signal.SIGTERM)  # the stage process alone, as `kill` does
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    text = log.read_text()
+    assert "interrupted by SIGTERM" in text and "rerun the same command" in text, text[-3000:]
+    assert "Traceback" not in text and "BrokenPipe" not in text, text[-3000:]
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, alive  # the worker measuring the second point was stopped with the sweep
+    (first,) = _records(tiny_project, "bench_cpu", before)
+    assert first.point["quant"] == "q8_0" and first.status == "ok"
+    said = _rerun_here(tiny_project, "bench_cpu", overrides, tmp_path / "params.yaml", monkeypatch, caplog)
+    assert f"resuming interrupted sweep {first.sweep_id}: 1 of 2 points already finished" in said
+    final = _records(tiny_project, "bench_cpu", before)
+    assert final[0] == first and [x.point["quant"] for x in final] == ["q8_0", "q4_0"]  # q8_0 not measured again
+
+
+def test_an_unwritable_aggregate_stops_the_stage_before_its_first_point(project):
+    """metrics/bench_cpu.json and metrics/plots/bench_cpu.csv, which the stage replaces at its end, are checked
+    before its first point: an immutable one is named now, not found after the sweep."""
+    from inferlab.aggregate import aggregate_files
+    from inferlab.stage import StageRun, StorageError
+
+    (project / "models" / "tiny-phi").mkdir(parents=True)
+    cfg = compose(["model=tiny-phi"])
+    for path in aggregate_files(cfg, "bench_cpu"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}\n")
+        _unwritable(path)
+        try:
+            with pytest.raises(StorageError) as e:
+                StageRun(cfg, "bench_cpu", sections=())
+            assert str(e.value).startswith(f"the bench_cpu aggregate {path} cannot be written"), str(e.value)
+            assert "nothing was run" in str(e.value)
+        finally:
+            _writable(path)

@@ -21,19 +21,20 @@ from inferlab.serve.loadtest import free_port
 KEY = "test-secret"
 
 
-def start_server(project, *overrides: str, timeout: float = 240, env: dict | None = None):
-    """env: variables to set for the server (None: unset)."""
+def start_server(project, *overrides: str, timeout: float = 240, env: dict | None = None, log=None):
+    """env: variables to set for the server (None: unset); log: a file for its output (default: a pipe)."""
     port = free_port()
     env = {k: v for k, v in {**os.environ, "INFERLAB_ROOT": str(project), **(env or {})}.items() if v is not None}
     env.pop("MLFLOW_TRACKING_URI", None)
+    out = subprocess.PIPE if log is None else open(log, "w")  # noqa: SIM115 - the server's, closed with it
     proc = subprocess.Popen([sys.executable, "-m", "inferlab.serve.server", "model=tiny-phi", f"serve.port={port}",
                              "tracking.enabled=false", *overrides],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stdout.read()}")
+            raise AssertionError(f"server exited: {proc.stdout.read() if log is None else log.read_text()}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return proc, url
@@ -325,7 +326,8 @@ def test_disconnect_mid_stream_stops_generation_and_full_queue_answers_429(llama
     codes = sorted(r.status_code for r in results.values())
     assert 200 in codes and 429 in codes and set(codes) <= {200, 429}, codes
     busy = next(r for r in results.values() if r.status_code == 429)
-    assert busy.headers["Retry-After"] == "1" and busy.json()["error"]["code"] == "queue_full"
+    assert int(busy.headers["Retry-After"]) >= 1 and busy.json()["error"]["code"] == "queue_full"
+    assert int(busy.headers["retry-after-ms"]) > 0
     assert metric(url, 'inferlab_errors_total{type="queue_full"}') >= 1
     text = httpx.get(f"{url}/metrics", headers=H).text
     for name in ("inferlab_ttft_seconds_bucket", "inferlab_itl_seconds_count", "inferlab_queue_depth",
@@ -715,3 +717,328 @@ def test_finding10_a_failed_generation_counts_once_and_a_failed_stream_as_500(ti
     assert 'inferlab_errors_total{type="generation_failed"} 2\n' in text, text  # two failures, two errors
     assert 'inferlab_requests_total{endpoint="/v1/completions",status="500"} 2\n' in text, text
     assert 'endpoint="/v1/completions",status="200"' not in text, text
+
+
+# ---- issue 31: the served answer is the model's answer ----
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def open_server(tiny_project, tmp_path_factory):
+    """llama.cpp with the default queue (16), no API key, no demo; its output in a file the tests read. One
+    thread: on a busy machine its pace slows with the load, where two threads that wait on each other slow far
+    more."""
+    log = tmp_path_factory.mktemp("open-server") / "server.log"
+    proc, url = start_server(tiny_project, "serve.source=config", "serve.runtime=llama_cpp", "serve.quant=q8_0",
+                             "serve.gradio=false", "serve.n_threads=1", log=log)
+    yield url, log
+    stop(proc)
+
+
+def chat_models(tmp_path_factory) -> dict:
+    """tiny-llama built here (ChatML template), and smollm2-135m where this checkout has built it."""
+    from inferlab.config import compose
+    from inferlab.gguf.convert import convert
+    from inferlab.models.acquire import acquire
+
+    root = tmp_path_factory.mktemp("tiny-llama")
+    acquire(compose(["model=tiny-llama"]).model, root / "hf")
+    convert(root / "hf", root / "f16.gguf", "f16")
+    return {"tiny-llama": (root / "hf", root / "f16.gguf"),
+            "smollm2-135m": (os.path.join(ROOT, "models", "smollm2-135m", "hf"),
+                             os.path.join(ROOT, "models", "smollm2-135m", "gguf", "smollm2-135m-q8_0.gguf"))}
+
+
+@pytest.fixture(scope="module")
+def chat_model_files(tmp_path_factory):
+    return chat_models(tmp_path_factory)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-llama", "smollm2-135m"])
+def test_issue31_llama_cpp_chats_through_the_models_own_template(model, chat_model_files):
+    """The chat prompt llama.cpp serves is the GGUF's own chat template, tokenized to the very ids transformers'
+    apply_chat_template gives, and the transformers engine gives the same ids."""
+    from transformers import AutoTokenizer
+
+    from inferlab.config import ServeConfig
+    from inferlab.serve.engine import HFEngine, LlamaCppEngine
+    from inferlab.serve.protocol import prepare
+
+    hf, gguf = map(str, chat_model_files[model])
+    if not os.path.exists(gguf):
+        pytest.skip(f"{model} is not built in this checkout ({gguf} is missing): python stages/download.py "
+                    f"model={model}, then python stages/convert.py model={model} 'convert.quants=[q8_0]'")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
+    expected = AutoTokenizer.from_pretrained(hf).apply_chat_template(messages, add_generation_prompt=True,
+                                                                     tokenize=True)
+    expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    got = {}
+    for engine in (LlamaCppEngine(gguf, 1, 512, 4), HFEngine(hf, "fp32", "cpu", 4, 1, 0.0)):
+        chat = engine.chat_prompt(messages)
+        got[engine.runtime] = prepare(engine, ServeConfig(), chat.text, 4, extra_stop=chat.stop,
+                                      special=chat.special).prompt_ids
+        assert chat.text.startswith("<|im_start|>system\nBe brief.<|im_end|>"), chat.text
+    assert got["llama_cpp"] == expected and got["hf"] == expected, (got, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["llama_server", "hf_server"])
+def test_issue31_the_same_request_gives_the_same_tokens_whatever_came_before(server, request):
+    """X, A, A, X, A: every A answers alike, greedy and with a seed (llama.cpp reused the kept prefix of the
+    previous request and evaluated the rest in other batch sizes: other tokens after X than after A)."""
+    url = request.getfixturevalue(server)
+    headers = H if server == "llama_server" else {}
+    x = "They had 100 employees and a small office in the city center, where the work never stopped."
+    for sampling in ({"temperature": 0}, {"temperature": 0.8, "seed": 3}):
+        out = [completion(url, headers=headers, prompt=p, max_tokens=48, **sampling).json()["choices"][0]["text"]
+               for p in (x, "Once upon a time", "Once upon a time", x, "Once upon a time")]
+        assert out[1] == out[2] == out[4] and out[0] == out[3], (sampling, out)
+
+
+def _greedy_ids(engine, prompt_ids: list[int], n: int) -> list[int]:
+    if engine.runtime == "llama_cpp":
+        return engine.backend.complete([prompt_ids], n)[0]
+    import torch
+
+    out = engine.model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["llama_cpp", "hf"])
+def test_issue31_text_held_back_for_a_stop_string_is_sent_when_the_model_ends(runtime, tiny_project):
+    """The model ends (its end-of-sequence token) while the last characters are held back as the possible start
+    of a stop string: they are part of the answer, streamed or not. The engine is real; its end-of-sequence id is
+    set to a token the greedy answer makes, so that the model ends there."""
+    from fastapi.testclient import TestClient
+
+    from inferlab.config import ServeConfig
+    from inferlab.serve.app import create_app
+    from inferlab.serve.engine import HFEngine, LlamaCppEngine
+
+    models = tiny_project / "models" / "tiny-phi"
+    engine = (LlamaCppEngine(str(models / "gguf" / "tiny-phi-q8_0.gguf"), 1, 512, 4) if runtime == "llama_cpp"
+              else HFEngine(str(models / "hf"), "fp32", "cpu", 4, 1, 0.0))
+    prompt = "The weather today is"
+    ids = _greedy_ids(engine, engine.tokenize(prompt), 16)
+    k = next(i for i in range(3, len(ids)) if ids[i] not in ids[:i] and engine.decode(ids[:i])[-2:].isprintable()
+             and len(engine.decode(ids[:i]).strip()) >= 2)
+    answer = engine.decode(ids[:k])
+    engine.eos = ids[k]  # the model ends after k tokens
+    stop = answer[-2:] + "\u2603\u2603"  # its last two characters may begin this stop string: held back
+    engine.start()
+    body = {"model": "tiny-phi", "prompt": prompt, "max_tokens": 16, "temperature": 0, "stop": [stop]}
+    with TestClient(create_app(engine, "tiny-phi", ServeConfig()), base_url="http://127.0.0.1") as client:
+        r = client.post("/v1/completions", json=body).json()
+        streamed = client.post("/v1/completions", json={**body, "stream": True}).text
+        plain = client.post("/v1/completions", json={**body, "stop": None}).json()
+    assert plain["choices"][0]["text"] == answer and plain["usage"]["completion_tokens"] == k
+    assert r["choices"][0]["text"] == answer and r["choices"][0]["finish_reason"] == "stop", (r, answer)
+    chunks = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == answer
+
+
+@pytest.mark.slow
+def test_issue31_an_upload_the_client_abandons_is_a_499_not_a_500(open_server):
+    url, log = open_server
+    host, port = url.rsplit("//", 1)[1].split(":")
+    label = 'inferlab_requests_total{endpoint="/v1/completions",status="%d"}'
+    before = {s: metric(url, label % s, {}) for s in (499, 500)}
+    gone = metric(url, 'inferlab_errors_total{type="client_disconnected"}', {})
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head + b'{"model":')  # 9 of the 100 bytes, then the client goes
+    while metric(url, label % 499, {}) == before[499]:  # the server counts it once it has seen the close
+        time.sleep(0.05)
+    assert metric(url, label % 499, {}) == before[499] + 1 and metric(url, label % 500, {}) == before[500]
+    assert metric(url, 'inferlab_errors_total{type="client_disconnected"}', {}) == gone + 1
+    assert metric(url, 'inferlab_errors_total{type="internal_error"}', {}) == 0
+    text = log.read_text()
+    assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
+    assert completion(url, headers={}).status_code == 200
+
+
+@pytest.mark.slow
+def test_issue31_the_demo_is_under_the_same_body_limit_as_the_api(llama_server):
+    """serve.max_body_bytes (1,000,000) holds for /ui as for /v1, with a Content-Length and without (chunked)."""
+    path = f"{llama_server}/ui/gradio_api/run/generate"
+    headers = {**H, "content-type": "application/json"}
+    sized = httpx.post(path, content=b"x" * 2_000_000, headers=headers, timeout=60)
+    assert sized.status_code == 413 and sized.json()["error"]["code"] == "body_too_large", sized.text[:300]
+
+    def chunks():
+        for _ in range(200):
+            yield b"x" * 10_000
+
+    chunked = httpx.post(path, content=chunks(), headers=headers, timeout=60)
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "body_too_large", chunked.text[:300]
+    assert completion(llama_server).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def ending_server(tiny_project):
+    """A real llama.cpp engine whose model ends at once on the load test's prompt (its end-of-sequence id set to
+    the first token it would answer, as SmolLM2 did), behind the real app on a real port."""
+    import uvicorn
+
+    from inferlab.config import ServeConfig
+    from inferlab.serve.app import create_app
+    from inferlab.serve.engine import LlamaCppEngine
+    from inferlab.serve.loadtest import DEFAULT_PROMPT
+
+    engine = LlamaCppEngine(str(tiny_project / "models" / "tiny-phi" / "gguf" / "tiny-phi-q8_0.gguf"), 1, 1024, 8)
+    engine.eos = engine.backend.complete([engine.tokenize(DEFAULT_PROMPT)], 1)[0][0]
+    engine.start()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny-phi", ServeConfig()), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(30)
+
+
+def inferlab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The installed `inferlab` command, as the README writes it."""
+    exe = os.path.join(os.path.dirname(sys.executable), "inferlab")
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_issue31_the_load_test_generates_a_fixed_length_and_refuses_to_measure_nothing(ending_server):
+    from inferlab.serve.loadtest import DEFAULT_PROMPT
+
+    body = {"model": "tiny-phi", "prompt": DEFAULT_PROMPT, "max_tokens": 12, "temperature": 0}
+    ends = httpx.post(f"{ending_server}/v1/completions", json=body, timeout=60).json()
+    assert ends["usage"]["completion_tokens"] == 0 and ends["choices"][0]["finish_reason"] == "stop"
+    fixed = httpx.post(f"{ending_server}/v1/completions", json={**body, "ignore_eos": True}, timeout=60).json()
+    assert fixed["usage"]["completion_tokens"] == 12 and fixed["choices"][0]["finish_reason"] == "length"
+    doc = httpx.get(f"{ending_server}/openapi.json").json()["components"]["schemas"]
+    assert "ignore_eos" in doc["CompletionRequest"]["properties"] and "ignore_eos" in doc["ChatRequest"]["properties"]
+
+    ok = inferlab("loadtest", "--url", ending_server, "--concurrency", "2", "--requests", "4", "--max-tokens", "8")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    row = next(line for line in ok.stdout.splitlines() if line.startswith("| 2 |"))
+    assert float(row.split("|")[5]) > 0, ok.stdout  # tokens/s: 4 requests of 8 tokens each were measured
+    none = inferlab("loadtest", "--url", ending_server, "--concurrency", "1", "--requests", "2", "--respect-eos")
+    assert none.returncode == 1 and "no token was generated" in none.stderr, none.stdout + none.stderr
+    assert "| 1 |" not in none.stdout  # nothing reported
+
+
+@pytest.mark.slow
+def test_issue31_the_demo_command_takes_url_as_the_readme_writes_it(llama_server, tmp_path):
+    from gradio_client import Client
+
+    port = free_port()
+    exe = os.path.join(os.path.dirname(sys.executable), "inferlab")
+    out = (tmp_path / "demo.log").open("w")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([exe, "demo", "--url", llama_server, "--api-key", KEY, "--port", str(port)],
+                            stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        while True:
+            assert proc.poll() is None, (tmp_path / "demo.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        answer, _ = Client(f"http://127.0.0.1:{port}/", verbose=False).predict("The weather today is", 12, 0.0,
+                                                                              api_name="/generate")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    expected = completion(llama_server, prompt="The weather today is", max_tokens=12, temperature=0).json()
+    assert answer == expected["choices"][0]["text"]
+
+
+@pytest.mark.slow
+def test_issue31_forty_concurrent_streaming_chats_all_end_well_through_the_openai_clients_retries(open_server):
+    """40 streaming chats at once against a queue of 16: the refused ones are told to come back once the queue
+    has drained (Retry-After from the engine's measured pace), and the openai client's own retries (2, at the
+    Retry-After it is given) then get every one of them served. With 'Retry-After: 1' they came back while the
+    queue was still full, and failed."""
+    from openai import OpenAI
+
+    url, _ = open_server
+    refused = metric(url, 'inferlab_errors_total{type="queue_full"}', {})
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")  # default: 2 retries
+    results: dict[int, object] = {}
+
+    def chat(i: int) -> None:
+        try:
+            stream = client.chat.completions.create(
+                model="tiny-phi", messages=[{"role": "user", "content": f"Tell story number {i}."}], max_tokens=100,
+                temperature=0, stream=True, extra_body={"ignore_eos": True})
+            results[i] = sum(1 for c in stream if c.choices and c.choices[0].delta.content is not None)
+        except Exception as e:  # noqa: BLE001 - the outcome is checked below
+            results[i] = e
+
+    threads = [threading.Thread(target=chat, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = {i: r for i, r in results.items() if isinstance(r, Exception)}
+    assert not failed, failed
+    assert metric(url, 'inferlab_errors_total{type="queue_full"}', {}) > refused  # some were refused, then served
+
+
+@pytest.fixture(scope="module")
+def schema_server(tiny_project):
+    """llama.cpp with small limits, which its OpenAPI document states: every request the document allows is
+    served quickly (8 tokens at most, prompts of 256 characters at most)."""
+    proc, url = start_server(tiny_project, "serve.source=config", "serve.runtime=llama_cpp", "serve.quant=q8_0",
+                             "serve.gradio=false", f"serve.api_key={KEY}", "serve.max_tokens_limit=8",
+                             "serve.default_max_tokens=8", "serve.max_prompt_chars=256")
+    yield url
+    stop(proc)
+
+
+@pytest.mark.slow
+def test_issue31_the_openapi_document_says_what_the_server_accepts(schema_server, tmp_path):
+    """schemathesis with every check (valid requests accepted, invalid ones refused, status codes, content types,
+    SSE events and headers as documented, 405 for methods a path does not take), derandomized and bounded."""
+    url = schema_server
+    exe = os.path.join(os.path.dirname(sys.executable), "schemathesis")
+    r = subprocess.run([exe, "run", f"{url}/openapi.json", "--checks", "all", "-H", f"Authorization: Bearer {KEY}",
+                        "--max-examples", "10", "--seed", "1", "--no-color"], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0 and "No issues found" in r.stdout, r.stdout[-6000:] + r.stderr[-2000:]
+    assert re.search(r"(\d+) generated, \1 passed", r.stdout), r.stdout[-2000:]
+    doc = httpx.get(f"{url}/openapi.json", headers=H).json()
+    props = doc["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert props["max_tokens"]["anyOf"][0]["maximum"] == 8 and props["model"]["enum"] == ["tiny-phi"]
+    assert props["stop"]["anyOf"][1]["maxItems"] == 4 and props["prompt"]["anyOf"][1]["maxItems"] == 1
+    for method in ("PUT", "DELETE", "PATCH"):
+        wrong = httpx.request(method, f"{url}/v1/models", headers={**H, "content-type": "application/json"})
+        assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed", wrong.text
+
+
+@pytest.mark.slow
+def test_issue31_goodput_never_exceeds_the_offered_rate(open_server):
+    """Bursty arrivals whose two warm-up requests took the long gaps (seed 40: 10 measured requests sent within
+    60 ms at 50 req/s offered): goodput and the rate of requests sent are counted over the same window, at least
+    the 200 ms ten requests take to be offered, never over the 60 ms burst (which read 'goodput 2.92 req/s' for
+    '1.65 req/s offered')."""
+    import asyncio
+
+    import numpy as np
+
+    from inferlab.serve import rates
+    from inferlab.serve.loadtest import drive_rate
+
+    url, _ = open_server
+    times = rates.arrival_times(12, 50.0, 0.25, np.random.default_rng(40))
+    assert times[-1] - times[2] < 0.1  # the measured ten arrive in a burst
+    slo = {"ttft_ms": None, "itl_ms": None, "e2e_ms": None}  # every request that succeeds is good
+    m = asyncio.run(drive_rate(url, "tiny-phi", ["Once upon a time"] * 12, 50.0, 0.25, 2, 2, slo, 0.9, seed=40))
+    assert m["ok"] == 10 and m["good_requests"] == 10, m
+    assert m["goodput"] <= m["sent_rate"] <= m["offered_rate"] == 50.0, m

@@ -197,6 +197,12 @@ def quality_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def aggregate_files(cfg: StudyConfig, stage: str) -> tuple[Path, Path]:
+    """metrics/<name>.json and metrics/plots/<name>.csv: what write_aggregates replaces."""
+    metrics_dir, name = resolve(cfg.paths.metrics), METRICS_NAMES.get(stage, stage)
+    return metrics_dir / f"{name}.json", metrics_dir / "plots" / f"{name}.csv"
+
+
 def write_aggregates(cfg: StudyConfig, stage: str) -> dict[str, Any]:
     """metrics/<name>.json and metrics/plots/<name>.csv from the stage's records (the one writer of
     every stage's aggregates); returns the JSON's content."""
@@ -205,14 +211,14 @@ def write_aggregates(cfg: StudyConfig, stage: str) -> dict[str, Any]:
         summary, columns = quality_summary(rows), list(F.QUALITY_COLUMNS)
     else:
         summary, columns = bench_summary(rows), list(F.COLUMNS) if rows else []
-    metrics_dir, name = resolve(cfg.paths.metrics), METRICS_NAMES.get(stage, stage)
-    rec.write_json(metrics_dir / f"{name}.json", summary)
+    json_path, csv_path = aggregate_files(cfg, stage)
+    rec.write_json(json_path, summary)
     buf = io.StringIO()
     if columns:
         writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    rec.write_atomic(metrics_dir / "plots" / f"{name}.csv", buf.getvalue())
+    rec.write_atomic(csv_path, buf.getvalue())
     return summary
 
 

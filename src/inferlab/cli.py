@@ -33,7 +33,10 @@ def cmd_log_records(args: argparse.Namespace) -> int:
     from inferlab.tracking import Tracker, check_reachable
 
     paths = record_paths(args.paths, args.experiments)
-    records = read_all(paths)
+    garbled: list[str] = []
+    records = read_all(paths, garbled)
+    for line in garbled:
+        print(f"unreadable record: {line}", file=sys.stderr)
     if not records:
         print(f"no records in {', '.join(map(str, paths)) or 'results/'}", file=sys.stderr)
         return 1
@@ -49,8 +52,11 @@ def cmd_log_records(args: argparse.Namespace) -> int:
         line += (f" ({res.replaced} unfinished run(s) of an earlier logger replaced, {res.duplicates} duplicate "
                  "run(s) of a logger at the same time deleted)")
     print(line + ("; nothing new to log" if res.ok and not res.created else ""))
+    if garbled:
+        print(f"{len(garbled)} unreadable record line(s), named above, were not logged: repair or remove them",
+              file=sys.stderr)
     if res.ok:
-        return 0
+        return 1 if garbled else 0
     for name, why in res.rejected[:20]:
         print(f"rejected: {name}: {why}", file=sys.stderr)
     if len(res.rejected) > 20:
@@ -322,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("loadtest_args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_loadtest)
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:  # their own options (--url ...) go to their own parsers, in any order
+        return cmd_demo(argparse.Namespace(demo_args=argv[1:]))
+    if argv[:1] == ["loadtest"]:
+        return cmd_loadtest(argparse.Namespace(loadtest_args=argv[1:]))
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -925,7 +925,7 @@ class ServeConfig(Section):
     max_tokens_limit: int = 1024
     max_prompt_chars: int = 32768
     max_body_bytes: int = 1_000_000
-    retry_after_s: int = 1
+    retry_after_s: int = 1  # the least Retry-After of a 429 (and its value until the engine's pace is measured)
     gradio: bool = True  # the demo under /ui
     gradio_analytics: bool = False  # let Gradio report usage to api.gradio.app (off: nothing leaves the machine)
     # the Host header values (and Origin hosts) answered: loopback by default, so that no other web page can make a

@@ -245,8 +245,9 @@ def _repair_tail(fd: int, path: Path) -> int:
     return size + 1
 
 
-def read(path: Path) -> Iterator[Record]:
-    """Records of a JSONL file. A torn last line (a writer killed mid-write) is skipped with a warning."""
+def read(path: Path, garbled: list[str] | None = None) -> Iterator[Record]:
+    """Records of a JSONL file. A torn last line (a writer killed mid-write: no newline) is skipped with a
+    warning; any other unreadable line is skipped too, and named ("file:line: why") in `garbled`."""
     if not path.exists():
         return
     with path.open() as f:
@@ -256,11 +257,15 @@ def read(path: Path) -> Iterator[Record]:
             try:
                 yield Record.from_dict(json.loads(line))
             except (json.JSONDecodeError, TypeError, ValueError) as e:
-                log.warning("%s:%d: skipping an unreadable record (%s)", path, n, e)
+                torn = not line.endswith("\n")  # only the last line can lack its newline
+                log.warning("%s:%d: skipping %s (%s)", path, n, "a torn last line" if torn else "an unreadable "
+                            "record", e)
+                if not torn and garbled is not None:
+                    garbled.append(f"{path}:{n}: {e}")
 
 
-def read_all(paths: Iterable[Path]) -> list[Record]:
-    return [r for p in paths for r in read(p)]
+def read_all(paths: Iterable[Path], garbled: list[str] | None = None) -> list[Record]:
+    return [r for p in paths for r in read(p, garbled)]
 
 
 def record_files(results: Path, experiments: bool = False) -> list[Path]:

@@ -12,12 +12,14 @@ a `StageRun`: its sweep id, where its records go, and logging them to MLflow at 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import inspect
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -29,6 +31,7 @@ import yaml
 
 from inferlab import records as rec
 from inferlab import slurm
+from inferlab.aggregate import aggregate_files
 from inferlab.config import (
     ConfigError,
     StudyConfig,
@@ -125,12 +128,37 @@ class CannotStart(RuntimeError):
     work, said in one line."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: the stage stops at once; its workers are stopped, the records written are kept."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
 class Stopped(RuntimeError):
     """A stage that stopped part way for a reason said in one line; the records written before it are kept."""
 
 
 class StorageError(CannotStart):
     """Results cannot be written (a folder or file not writable, a full disk): found before any work starts."""
+
+
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _write_check(folder: Path) -> None:
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".write-check-")
+    try:
+        os.write(fd, b"x")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(name)
 
 
 def check_storage(cfg: StudyConfig, folders: Sequence[tuple[str, Path]] = (),
@@ -143,11 +171,11 @@ def check_storage(cfg: StudyConfig, folders: Sequence[tuple[str, Path]] = (),
     for key, folder in [*checks, *folders]:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-") as f:
-                f.write(b"x")
-                f.flush()
-                os.fsync(f.fileno())
+            _write_check(folder)
         except OSError as e:
+            if e.errno in FULL_DISK:
+                raise StorageError(f"{key}: the disk of {folder} is full ({e.strerror}); nothing was run. Free "
+                                   f"space on it or point {key.split(' ')[0]} elsewhere") from None
             raise StorageError(f"{key}: {folder} is not writable ({e.strerror or e}); nothing was run. "
                                f"Fix its permissions or point {key.split(' ')[0]} elsewhere") from None
         free = shutil.disk_usage(folder).free
@@ -173,7 +201,8 @@ class StageRun:
         self.env = environment()
         self.path = records_path(cfg, stage, self.env["hardware"]["id"])
         check_storage(cfg, folders=[(f"paths.results ({stage} records)", self.path.parent)],
-                      files=[("the records file", self.path)])
+                      files=[("the records file", self.path),
+                             *((f"the {stage} aggregate", p) for p in aggregate_files(cfg, stage))])
         if needs_model and not cfg.model_dir().is_dir():
             raise CannotStart(f"paths.models: {cfg.model_dir()} does not exist (paths.models={cfg.paths.models!r}); "
                               f"nothing was run. Run the download stage first (python stages/download.py "
@@ -269,14 +298,24 @@ def _call(fn: StageFn, cfg) -> None:
 
 
 def _run(fn: StageFn, cfg) -> None:
+    # a SIGTERM (kill, Slurm, a timeout) stops the stage as Ctrl-C does
+    saved = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         fn(cfg)
+    except KeyboardInterrupt as e:
+        name = e.args[0] if isinstance(e, Interrupted) else "SIGINT"
+        log.error("interrupted by %s: the points measured so far are kept in the records; rerun the same command "
+                  "to measure the rest", name)
+        raise SystemExit(128 + getattr(e, "signum", signal.SIGINT)) from None
     except CannotStart as e:
         log.error("cannot start: %s", e)
         raise SystemExit(f"cannot start: {e}") from None
     except (Stopped, rec.WriteError) as e:  # the records written before it are kept; a rerun resumes the sweep
         log.error("stopped: %s", e)
         raise SystemExit(f"stopped: {e}") from None
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
 
 
 def run_stage(fn: StageFn, argv: list[str] | None = None) -> None:

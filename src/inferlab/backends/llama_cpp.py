@@ -78,8 +78,9 @@ class LlamaCppBackend(Backend):
                 "bits_per_weight": stats["bits_per_weight"], "tensor_types": stats["tensor_types"],
                 "llama_system_info": llama_cpp.llama_print_system_info().decode().strip()}
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode(), add_bos=False, special=False)
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        """special: parse special-token texts (a chat template's <|im_start|>) as those tokens."""
+        return self.llm.tokenize(text.encode(), add_bos=False, special=special)
 
     def _perf(self) -> dict[str, float]:
         import llama_cpp

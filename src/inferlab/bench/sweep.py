@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -41,7 +42,7 @@ from inferlab.bench.memory import roofline
 from inferlab.bench.placement import Slot
 from inferlab.bench.worker import Worker
 from inferlab.hostlock import boot_id, open_lock
-from inferlab.stage import CannotStart, StageRun, Stopped, StorageError, multirun
+from inferlab.stage import CannotStart, Interrupted, StageRun, Stopped, StorageError, multirun
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +165,11 @@ class SweepState:
         if self.sweep_id == self.stage.sweep_id:  # a new sweep (or a job of the multirun that started it)
             return set()
         finished = ("ok", "skipped") if retry_failed else ("ok", "skipped", "failed")
-        mine = set(self.ids)
-        earlier = [r for r in rec.read(self.stage.path) if r.sweep_id == self.sweep_id and r.point_id in mine]
-        done = {r.point_id for r in earlier if r.status in finished}
-        self.stage.resume(self.sweep_id, [r for r in earlier if r.point_id in done])
+        mine, others = set(self.ids), set(data["points"]) - set(self.ids)  # others: other jobs' points
+        earlier = [r for r in rec.read(self.stage.path) if r.sweep_id == self.sweep_id and r.point_id not in others]
+        done = {r.point_id for r in earlier if r.point_id in mine and r.status in finished}
+        # every record this run made before (a stage's own records beside its points': evaluate's scores)
+        self.stage.resume(self.sweep_id, [r for r in earlier if r.point_id in done or r.point_id not in mine])
         log.info("resuming interrupted sweep %s: %d of %d points already finished", self.sweep_id, len(done),
                  len(self.ids))
         return done
@@ -260,6 +262,8 @@ class _Sweep:
         self.beside = _Beside()
         self.n_done, self.t0 = 0, time.perf_counter()
         self.lock = threading.Lock()
+        self.workers: dict[int, Worker] = {}  # slot -> its worker process
+        self.stopping = threading.Event()
 
     def record(self, p: Point, status: str, payload: dict, started: float, where: str = "",
                started_at: str = "") -> None:
@@ -273,25 +277,25 @@ class _Sweep:
                      where, status, why, time.perf_counter() - started, left, _fmt(eta))
 
     def run_slot(self, i: int) -> None:
-        """Take points from the queue and measure them on slot i until none is left."""
+        """Take points from the queue and measure them on slot i until none is left, or the sweep stops."""
         slot = self.slots[i]
-        worker: Worker | None = None
         group: tuple | None = None
-        while (p := self.queue.take(i, group)) is not None:
+        while not self.stopping.is_set() and (p := self.queue.take(i, group)) is not None:
             started, started_at = time.perf_counter(), rec.now_ms()
+            worker = self.workers.get(i)
             if worker is not None and p.group != group:
                 worker.stop()  # the model it held is done here: free its memory first
                 worker = None
             group = p.group
             if worker is None:
-                worker = Worker(p.runtime, p.load, slot.env(), list(slot.cpus) or None)
+                worker = self.workers[i] = Worker(p.runtime, p.load, slot.env(), list(slot.cpus) or None)
             key = slot.key(_device(p))
             gpus = list(slot.host_gpus) if slot.gpu is not None else None
             try:
                 with device_lock(key) as waited:  # one point measured per device at a time, across processes
                     held = time.perf_counter()
                     self.beside.start(key)
-                    beside = set(others_busy(key, gpus))  # other GPUs measuring at the same time (parallel sweep)
+                    beside = set(others_busy(key, gpus))  # other GPUs measuring at the same time (a parallel sweep)
                     status, payload = worker.run(p.settings, p.name, str(self.folder), self.timeout,
                                                  {**p.load, "sweep_id": self.stage.sweep_id})
                     beside |= set(others_busy(key, gpus)) | self.beside.stop(key)
@@ -301,6 +305,8 @@ class _Sweep:
                 if isinstance(e, Exception) and (why := slurm.time_limit_reason(e)):
                     self.record(p, "failed", {"reason": why}, started, "", started_at)
                 raise
+            if self.stopping.is_set() or worker.signalled():
+                raise Interrupted(worker.signalled() or signal.SIGTERM)  # its point was not measured: no record
             metrics = payload.setdefault("metrics", {})
             metrics["device_lock"] = {"device": key, "waited_s": round(waited, 3), "others_busy": sorted(beside),
                                       "held_s": round(held, 3), "released_at": round(time.time(), 3)}
@@ -308,10 +314,18 @@ class _Sweep:
                 metrics["placement"] = {**slot.describe(len(self.slots)), "observed": metrics.pop("placement", None)}
             if status == "failed":  # a clean process (and device) for what follows
                 worker.kill()
-                worker = None
+                self.workers.pop(i, None)
             self.record(p, status, payload, started, f" on {key}" if len(self.slots) > 1 else "", started_at)
+        worker = self.workers.pop(i, None)
         if worker is not None:
             worker.stop()
+
+    def stop(self) -> None:
+        """Interrupted: no slot takes another point, and every worker is stopped now."""
+        self.stopping.set()
+        for worker in list(self.workers.values()):
+            worker.kill()
+        self.workers.clear()
 
 
 def run_sweep(stage: StageRun, points: list[Point], folder: Path, bandwidth: dict | Callable[[], dict],
@@ -347,7 +361,11 @@ def run_sweep(stage: StageRun, points: list[Point], folder: Path, bandwidth: dic
             sweep.record(p, "skipped", {"reason": p.skip}, time.perf_counter())
     if len(slots) > 1:
         read_once(to_run)
-    _run_slots(sweep)
+    try:
+        _run_slots(sweep)
+    except BaseException:
+        sweep.stop()
+        raise
 
 
 def _run_slots(sweep: _Sweep) -> None:

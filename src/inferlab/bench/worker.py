@@ -83,6 +83,7 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any], cpus: list[in
     from inferlab.bench import placement
     from inferlab.logs import setup_logging
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops the workers
     setup_logging()
     slurm.leave_signals_to_parent()
     if cpus:
@@ -188,6 +189,11 @@ class Worker:
             return self.conn.recv()
         except (EOFError, ConnectionError):
             return "failed", {"reason": self._death()}
+
+    def signalled(self) -> int | None:
+        """SIGINT or SIGTERM, when the worker died of one: the sweep was interrupted, not the point failed."""
+        code = self.proc.exitcode
+        return -code if code in (-signal.SIGINT, -signal.SIGTERM) else None
 
     def _death(self) -> str:
         self.proc.join(5)

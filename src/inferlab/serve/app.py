@@ -2,7 +2,9 @@
 server-sent events ending in [DONE], model list, health and Prometheus metrics.
 
 Every request first passes the Guard (an ASGI middleware): the Host allow-list, the Origin check,
-the API key, JSON-only bodies, no uploads to the demo; it answers every error with OpenAI's body,
+the API key, JSON-only bodies, no uploads to the demo, and reads each body whole within
+serve.max_body_bytes (the API and the demo alike; a client gone before its body is complete is a 499);
+it answers every error with OpenAI's body,
 never lets an exception reach the HTTP server (which would answer plain text and drop the
 connection), and counts each request once in /metrics under a bounded set of endpoint labels. Work
 stops when its client is gone, streaming or not.
@@ -14,11 +16,13 @@ import asyncio
 import hmac
 import json
 import logging
+import math
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,10 +30,12 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from inferlab.serve.engine import Engine, GenRequest, QueueFull
 from inferlab.serve.metrics import Metrics
 from inferlab.serve.protocol import (
+    MAX_STOP_SEQUENCES,
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -69,11 +75,36 @@ def host_name(value: str) -> str:
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
+JSON_BODY_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, seen: int):
+        super().__init__(f"{seen} bytes")
+        self.seen = seen
+
+
+def too_large(size: int, limit: int, sent: bool = False) -> APIError:
+    what = f"more than {limit} bytes were sent" if sent else f"request body of {size} bytes"
+    return APIError(413, f"{what}: the limit is {limit} bytes (serve.max_body_bytes)", code="body_too_large")
+
+
+def replay(body: bytes, receive):
+    """receive for the app: the body read already, then the connection's own messages (its disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive_again():
+        return pending.pop() if pending else await receive()
+
+    return receive_again
+
+
 class Guard:
     """Pure ASGI middleware around the whole app (see the module's docstring)."""
 
-    def __init__(self, app, metrics: Metrics, allowed_hosts: list[str], api_key: str | None):
-        self.app, self.metrics, self.api_key = app, metrics, api_key
+    def __init__(self, app, metrics: Metrics, allowed_hosts: list[str], api_key: str | None,
+                 max_body_bytes: int = 1_000_000):
+        self.app, self.metrics, self.api_key, self.max_body = app, metrics, api_key, max_body_bytes
         self.any_host = "*" in allowed_hosts
         self.allowed = {h.lower().strip("[]") for h in allowed_hosts}
 
@@ -96,10 +127,28 @@ class Guard:
         ctype = headers.get("content-type", "").split(";")[0].strip().lower()
         if endpoint_label(path) == "/ui" and ("/upload" in path or ctype == "multipart/form-data"):
             return APIError(403, "the demo takes no uploads", type_="permission_error", code="uploads_disabled")
-        if path.startswith("/v1/") and method in ("POST", "PUT", "PATCH") and ctype != "application/json":
+        if path in JSON_BODY_PATHS and method == "POST" and ctype != "application/json":
             return APIError(415, f"Content-Type {ctype or '(none)'!r}: send the body as application/json",
                             code="unsupported_media_type")
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            return too_large(int(length), self.max_body)
         return None
+
+    async def read_body(self, receive) -> bytes:
+        """The whole body, however it is sent (chunked: no Content-Length), or BodyTooLarge past the limit, or
+        ClientDisconnect when the client hangs up first."""
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_body:
+                raise BodyTooLarge(seen)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -119,7 +168,17 @@ class Guard:
                 self.metrics.error(refused.code or refused.type)
                 await error_response(refused)(scope, receive, send_counted)
             else:
-                await self.app(scope, receive, send_counted)
+                body = await self.read_body(receive)  # here: the API and the demo alike within the limit
+                await self.app(scope, replay(body, receive), send_counted)
+        except BodyTooLarge as e:
+            self.metrics.error("body_too_large")
+            if not started:
+                await error_response(too_large(e.seen, self.max_body, sent=True))(scope, receive, send_counted)
+        except ClientDisconnect:  # the client closed the connection before sending its whole body
+            log.info("%s %s: the client closed the connection before its body was complete", scope["method"],
+                     scope["path"][:200])
+            self.metrics.error("client_disconnected")
+            scope["state"]["outcome"] = 499
         except Exception as e:  # answered here, as JSON, on a connection that stays open
             log.exception("%s %s failed", scope["method"], scope["path"][:200])
             self.metrics.error("internal_error")
@@ -160,7 +219,44 @@ def stream_response_doc(kind: str) -> dict[int | str, dict[str, Any]]:
     return {200: {"description": f"JSON; with \"stream\": true, server-sent events: one `data: {{...}}` line per "
                                  f"token ({obj} objects), an error event if generation fails, then `data: [DONE]`",
                   "content": {"application/json": {"schema": {"type": "object"}},
-                              "text/event-stream": {"schema": {"type": "string"}}}}}
+                              "text/event-stream": {"schema": SSE_EVENT}}}}
+
+
+# one server-sent event as clients parse it: its data, a JSON object (a chunk, or an error) or the final [DONE]
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
+    {"const": "[DONE]"}, {"type": "string", "contentMediaType": "application/json",
+                          "contentSchema": {"type": "object"}}]}}}
+
+
+class RetrySlots:
+    """When a refused request should come back: when a place in the queue frees that no request refused before
+    it was already sent to (the requests queued and in flight, each done at the engine's measured pace). Refused
+    requests come back one after another, not all at once into a queue that has room for one."""
+
+    def __init__(self) -> None:
+        self.promised: list[float] = []  # when the refused requests still to come back were told to
+        self.lock = threading.Lock()
+
+    def take(self, engine: Engine, floor_s: float) -> float:
+        """Seconds to wait (serve.retry_after_s while no pace is measured yet, and never less)."""
+        now = time.monotonic()
+        with self.lock:
+            self.promised = [t for t in self.promised if t > now]
+            done, k = engine.finish_times(), len(self.promised)
+            if not done:
+                wait = 0.0
+            elif k < len(done):
+                wait = done[k]
+            else:  # more refused than places coming free: the pace of the queue, further on
+                wait = done[-1] + (k - len(done) + 1) * done[-1] / len(done)
+            wait = max(wait, floor_s)
+            self.promised.append(now + wait)
+        return wait
+
+
+def retry_headers(wait_s: float) -> dict[str, str]:
+    """Retry-After in whole seconds, and in milliseconds for clients that read `retry-after-ms` (openai's)."""
+    return {"Retry-After": str(math.ceil(wait_s)), "retry-after-ms": str(math.ceil(wait_s * 1000))}
 
 
 @dataclass
@@ -173,6 +269,7 @@ class Service:
     served_name: str
     settings: Any
     metrics: Metrics
+    retry: RetrySlots = field(default_factory=RetrySlots)
 
 
 def service_of(request: Request) -> Service:
@@ -193,12 +290,8 @@ async def http_error(request: Request, e: StarletteHTTPException) -> JSONRespons
 
 
 async def parse(service: Service, request: Request, model: type[_Common]) -> Any:
-    """The request's body as `model`, within the size limit (413) and the schema (400)."""
-    limit = service.settings.max_body_bytes
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"request body of {length} bytes exceeds the limit of {limit}", code="body_too_large")
-    return parse_body(await request.body(), model, service.served_name, limit)
+    """The request's body as `model`, within the schema (400); the Guard holds it to the size limit (413)."""
+    return parse_body(await request.body(), model, service.served_name, service.settings.max_body_bytes)
 
 
 def submit(service: Service, req: GenRequest, emit) -> None:
@@ -207,9 +300,10 @@ def submit(service: Service, req: GenRequest, emit) -> None:
     try:
         service.engine.submit(req)
     except QueueFull:
-        raise APIError(429, f"the server is busy ({service.engine.depth} requests waiting); retry later",
-                       type_="rate_limit_error", code="queue_full",
-                       headers={"Retry-After": str(service.settings.retry_after_s)}) from None
+        headers = retry_headers(service.retry.take(service.engine, service.settings.retry_after_s))
+        raise APIError(429, f"the server is busy ({service.engine.depth} requests waiting); retry after "
+                            f"{headers['Retry-After']} s", type_="rate_limit_error", code="queue_full",
+                       headers=headers) from None
 
 
 async def run(service: Service, req: GenRequest, path: str) -> AsyncIterator[tuple[str, Any]]:
@@ -396,7 +490,7 @@ async def completions(request: Request) -> Response:
     body = await parse(service, request, CompletionRequest)
     req = await asyncio.to_thread(prepare, service.engine, service.settings, single_prompt(body.prompt),
                                   body.max_tokens, stop=stops(body.stop), temperature=body.temperature,
-                                  top_p=body.top_p, seed=body.seed)
+                                  top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos)
     return await respond(service, "completion", body, req, request)
 
 
@@ -405,11 +499,13 @@ async def completions(request: Request) -> Response:
 async def chat(request: Request) -> Response:
     service = service_of(request)
     body = await parse(service, request, ChatRequest)
-    prompt, extra_stop = service.engine.chat_prompt([m.model_dump() for m in body.messages])
-    req = await asyncio.to_thread(prepare, service.engine, service.settings, prompt,
+    chat = service.engine.chat_prompt([m.model_dump() for m in body.messages])
+    req = await asyncio.to_thread(prepare, service.engine, service.settings, chat.text,
                                   body.max_completion_tokens or body.max_tokens, stop=stops(body.stop),
-                                  extra_stop=extra_stop, temperature=body.temperature, top_p=body.top_p,
-                                  seed=body.seed, prompt_param="messages")
+                                  extra_stop=chat.stop, temperature=body.temperature, top_p=body.top_p,
+                                  seed=body.seed, prompt_param="messages", special=chat.special,
+                                  ignore_eos=body.ignore_eos,
+                                  texts=[(m.content, f"messages.{i}.content") for i, m in enumerate(body.messages)])
     return await respond(service, "chat", body, req, request)
 
 
@@ -450,8 +546,28 @@ def openapi_doc(app: FastAPI) -> dict[str, Any]:
         s = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(s.pop("$defs", {}))
         schemas[model.__name__] = s
+    with_limits(schemas, app.state.service)
     app.openapi_schema = doc
     return doc
+
+
+def with_limits(schemas: dict[str, Any], service: Service) -> None:
+    """This server's own limits in the request schemas: the one model name it answers to, serve.max_tokens_limit,
+    serve.max_prompt_chars (a prompt that tokenizes to more than the context window leaves is refused all the
+    same: 400 context_length_exceeded)."""
+    s = service.settings
+    text = {"type": "string", "minLength": 1, "maxLength": s.max_prompt_chars}
+    for name in ("CompletionRequest", "ChatRequest"):
+        props = schemas[name]["properties"]
+        props["model"] = {**props["model"], "type": "string", "enum": [service.served_name]}
+        for key in ("max_tokens", "max_completion_tokens"):
+            if key in props:
+                props[key]["anyOf"][0]["maximum"] = s.max_tokens_limit
+        stop = props["stop"]["anyOf"]
+        stop[1]["maxItems"] = MAX_STOP_SEQUENCES
+    prompt = schemas["CompletionRequest"]["properties"]["prompt"]
+    prompt["anyOf"] = [text, {**prompt["anyOf"][1], "items": text, "minItems": 1, "maxItems": 1}]
+    schemas["ChatMessage"]["properties"]["content"].update({"maxLength": s.max_prompt_chars})
 
 
 @asynccontextmanager
@@ -469,7 +585,8 @@ def create_app(engine: Engine, served_name: str, settings: Any, api_key: str | N
     app.state.service = Service(engine, served_name, settings, metrics)
     app.state.engine, app.state.metrics, app.state.served_name = engine, metrics, served_name
     hosts = list(getattr(settings, "allowed_hosts", LOOPBACK))
-    app.add_middleware(Guard, metrics=metrics, allowed_hosts=hosts, api_key=api_key)
+    app.add_middleware(Guard, metrics=metrics, allowed_hosts=hosts, api_key=api_key,
+                       max_body_bytes=settings.max_body_bytes)
     app.add_exception_handler(APIError, api_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     app.include_router(router)

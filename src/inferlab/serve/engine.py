@@ -21,7 +21,7 @@ from typing import Any
 from inferlab.backends.base import Backend
 from inferlab.serve.text import StopMatcher, TextAssembler
 
-__all__ = ["Engine", "GenRequest", "HFEngine", "LlamaCppEngine", "QueueFull", "TextAssembler"]
+__all__ = ["ChatPrompt", "Engine", "GenRequest", "HFEngine", "LlamaCppEngine", "QueueFull", "TextAssembler"]
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,17 @@ class GenRequest:
     top_p: float = 1.0
     stop: list[str] | StopMatcher = field(default_factory=list)  # a matcher: built off the engine's thread
     seed: int | None = None  # 0..MAX_SEED; None: a fresh random seed for this request alone
+    ignore_eos: bool = False  # go on past the end-of-sequence token: exactly max_tokens (vLLM's ignore_eos)
     # ("text", str) once per generated token (its text may be "": held back, or a token without text),
     # then ("done", dict) or ("error", str)
     emit: Callable[[str, Any], None] = lambda kind, value: None
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     finished: bool = False  # its last event ("done" or "error") was sent
+    began: float = 0.0  # when the engine took it up
+    produced: int = 0  # tokens generated so far
+    first_token: float = 0.0
+    last_token: float = 0.0
 
     def settle_sampling(self) -> None:
         """Before generation: a fresh seed when none was given (never the previous request's state), and a
@@ -58,6 +63,13 @@ class GenRequest:
             self.seed = secrets.randbelow(MAX_SEED + 1)
         if self.temperature < MIN_TEMPERATURE:
             self.temperature = 0.0
+
+
+@dataclass
+class ChatPrompt:
+    text: str
+    stop: list[str]  # the stop strings the format implies
+    special: bool  # the text holds the template's special-token markers: tokenize them as those tokens
 
 
 class Engine:
@@ -71,28 +83,35 @@ class Engine:
         self.batch_sizes: dict[int, int] = {}  # how many batches of each size the engine ran
         self.context_window = 0
         self.description: dict[str, Any] = {}
+        self.lanes = 1  # requests generated at once
+        # measured pace (moving averages): from taking a request up to its first token, and between two tokens
+        self.prefill_s: float | None = None
+        self.step_s: float | None = None
+        self._active: list[GenRequest] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- the model (the backend's own tokenizer) --
     backend: Backend
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        """special: text holding a chat template's markers (transformers' tokenizer always parses them)."""
         return self.backend.tokenize(text)
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.detokenize(ids)
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> tuple[str, list[str]]:
-        """The prompt for a chat and the stop strings its format implies."""
+    def chat_prompt(self, messages: list[dict[str, str]]) -> ChatPrompt:
+        """The prompt for a chat: the model's own chat template where it has one, else plain role lines."""
         template = getattr(self, "chat_template", None)
         if template is not None:
-            return template(messages), []
+            return ChatPrompt(template(messages), [], special=True)
         lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-        return "\n".join(lines) + "\nAssistant:", ["\nUser:", "\nSystem:"]
+        return ChatPrompt("\n".join(lines) + "\nAssistant:", ["\nUser:", "\nSystem:"], special=False)
 
     # -- the queue --
     def start(self) -> None:
+        self._warm_up()  # here, before the server is built around it: its imports would slow these tokens down
         self._thread = threading.Thread(target=self._loop, name=f"{self.runtime}-engine", daemon=True)
         self._thread.start()
 
@@ -117,6 +136,58 @@ class Engine:
         except queue.Empty:
             return None
 
+    def _warm_up(self) -> None:
+        """Two short generations before the first request, the second one timed: the pace Retry-After is computed
+        from is known from the start (the first run of a model is slower: buffers, caches)."""
+        ids = self.tokenize("Hello") or [self.eos]
+        for _ in range(2):
+            self.prefill_s = self.step_s = None
+            req = GenRequest(prompt_ids=ids, max_tokens=16, temperature=0.0, seed=0, ignore_eos=True)
+            try:
+                self._serve([self._started(req)])
+                self._paced([req])
+            except Exception as e:  # noqa: BLE001 - the first real request will say what is wrong
+                log.warning("warm-up generation failed: %s: %s", type(e).__name__, e)
+                break
+            finally:
+                self._active = []
+
+    def _started(self, req: GenRequest) -> GenRequest:
+        req.began = time.perf_counter()
+        self._active.append(req)
+        return req
+
+    def _tick(self, req: GenRequest) -> None:
+        """One token of req was generated."""
+        now = time.perf_counter()
+        if req.produced == 0:
+            req.first_token = now
+        req.produced += 1
+        req.last_token = now
+
+    def _paced(self, reqs: list[GenRequest]) -> None:
+        """Requests were served: the measured pace follows them, each request's whole time (a busy machine
+        stalls some tokens for long: the mean of a whole request holds those stalls, recent gaps miss them)."""
+        for r in reqs:
+            if r.produced:
+                self.prefill_s = _average(self.prefill_s, r.first_token - r.began)
+            if r.produced > 1:
+                self.step_s = _average(self.step_s, (r.last_token - r.first_token) / (r.produced - 1))
+
+    def finish_times(self) -> list[float]:
+        """Seconds from now until each request in flight, then each waiting, is done, at the measured pace and if
+        each runs to its max_tokens (empty: nothing measured yet)."""
+        if self.step_s is None or self.prefill_s is None:
+            return []
+        with self.queue.mutex:
+            waiting = list(self.queue.queue)
+        out, t = [], 0.0
+        for r in [r for r in self._active if not r.finished] + waiting:
+            t += ((0.0 if r.produced else self.prefill_s) + self.step_s * max(r.max_tokens - r.produced, 0)) \
+                / self.lanes
+            out.append(t)
+        return out
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             first = self._take(0.1)
@@ -125,12 +196,14 @@ class Engine:
             batch = [r for r in self._gather(first) if not r.cancelled.is_set()]
             for r in batch:
                 r.settle_sampling()
+                self._started(r)
             if not batch:
                 continue
             self.in_flight = len(batch)
             self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
             try:
                 self._serve(batch)
+                self._paced(batch)
             except Exception as e:  # one bad batch must not kill the server
                 log.exception("generation failed")
                 for r in batch:
@@ -138,6 +211,7 @@ class Engine:
                         r.emit("error", f"{type(e).__name__}: {e}")
             finally:
                 self.in_flight = 0
+                self._active = []
 
     def _gather(self, first: GenRequest) -> list[GenRequest]:
         return [first]
@@ -146,9 +220,14 @@ class Engine:
         raise NotImplementedError
 
 
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else 0.7 * old + 0.3 * new
+
+
 def _finish(req: GenRequest, asm: TextAssembler, n: int, reason: str) -> None:
-    # text held back to the end (a possible stop-string start that was not one) rides on the final event
-    tail = asm.flush() if reason != "stop" else ""
+    # text held back to the end (a possible stop-string start that was not one) rides on the final event; after
+    # a matched stop string the assembler has nothing left to give
+    tail = asm.flush()
     req.finished = True
     req.emit("done", {"finish_reason": reason, "prompt_tokens": len(req.prompt_ids), "completion_tokens": n,
                       "tail": tail})
@@ -158,6 +237,19 @@ def _fail(req: GenRequest, e: Exception) -> None:
     log.warning("generation failed for one request: %s: %s", type(e).__name__, e)
     req.finished = True
     req.emit("error", f"{type(e).__name__}: {e}")
+
+
+def gguf_chat_template(llm, template: str) -> Callable[[list[dict[str, str]]], str]:
+    """The GGUF's tokenizer.chat_template through llama-cpp-python's Jinja2ChatFormatter, with the model's own
+    BOS and EOS texts, ending in the assistant's turn (transformers' add_generation_prompt)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    def text(token: int) -> str:
+        return llm._model.token_get_text(token) if token >= 0 else ""
+
+    fmt = Jinja2ChatFormatter(template=template, eos_token=text(llm.token_eos()), bos_token=text(llm.token_bos()),
+                              add_generation_prompt=True)
+    return lambda messages: fmt(messages=messages).prompt
 
 
 class LlamaCppEngine(Engine):
@@ -176,9 +268,15 @@ class LlamaCppEngine(Engine):
         self.llm = self.backend.llm
         self.eos = self.llm.token_eos()
         self.context_window = self.llm.n_ctx()
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if template:  # the model's own chat format, rendered as llama-cpp-python's chat handler renders it
+            self.chat_template = gguf_chat_template(self.llm, template)
         self.description = {"runtime": "llama_cpp", "model_file": Path(model_path).name, "n_threads": n_threads,
                             "n_ctx": self.context_window, "n_batch": n_batch, "flash_attn": flash_attn,
                             "kv_type": kv_type}
+
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        return self.backend.tokenize(text, special=special)
 
     def _serve(self, batch: list[GenRequest]) -> None:
         for req in batch:
@@ -186,6 +284,9 @@ class LlamaCppEngine(Engine):
                 continue
             self.llm.set_seed(req.seed)  # every request sets its own: a seed never carries over to the next
             asm, n, reason = TextAssembler(self.decode, req.stop), 0, "length"
+            # an empty context: generate() would keep the longest common prefix of the last request and evaluate
+            # only the rest, in batches of other sizes, so the same request gave other tokens after another one
+            self.llm.reset()
             gen = self.llm.generate(req.prompt_ids, temp=req.temperature, top_p=req.top_p, top_k=0, min_p=0.0,
                                     repeat_penalty=1.0, reset=True)
             try:
@@ -193,10 +294,11 @@ class LlamaCppEngine(Engine):
                     if req.cancelled.is_set():
                         reason = "cancelled"
                         break
-                    if tok == self.eos:
+                    if tok == self.eos and not req.ignore_eos:
                         reason = "stop"
                         break
                     n += 1
+                    self._tick(req)
                     req.emit("text", asm.add(tok))  # one event per token, even when its text is held back
                     if asm.stopped:
                         reason = "stop"
@@ -231,6 +333,7 @@ class HFEngine(Engine):
         self.model, self.tok = self.backend.model, self.backend.tokenizer
         self.device = self.backend.device
         self.max_batch, self.batch_wait = max_batch, batch_wait_ms / 1000
+        self.lanes = max_batch
         self.context_window = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.eos = self.tok.eos_token_id
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos
@@ -314,11 +417,12 @@ class HFEngine(Engine):
                         nxt.append(self.pad)
                         continue
                     nxt.append(tok)
-                    if tok == self.eos:
+                    if tok == self.eos and not r.ignore_eos:
                         active[i] = False
                         _finish(r, asms[i], counts[i], "stop")
                         continue
                     counts[i] += 1
+                    self._tick(r)
                     r.emit("text", asms[i].add(tok))  # one event per token
                     if asms[i].stopped or counts[i] >= r.max_tokens:
                         active[i] = False

@@ -39,6 +39,10 @@ from inferlab.stage import StageRun
 log = logging.getLogger(__name__)
 
 STAGE = "serve_bench"
+# a request an instruction-tuned model answers at length (SmolLM2's answer to the old one-line prompt was EOS);
+# the load test asks for exactly --max-tokens tokens all the same (ignore_eos)
+DEFAULT_PROMPT = ("Write a long, detailed story about a lighthouse keeper on a remote island who finds a message "
+                  "in a bottle, and what she does next.")
 
 
 async def _one(client, url: str, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
@@ -71,9 +75,22 @@ async def _one(client, url: str, body: dict[str, Any], headers: dict[str, str]) 
             "tokens": tokens or 0, "prompt_tokens": prompt_tokens or 0, "sent": t0, "end": end}
 
 
-def _body(model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+def _body(model: str, prompt: str, max_tokens: int, ignore_eos: bool = True) -> dict[str, Any]:
+    """Greedy, streamed, and exactly max_tokens long (ignore_eos, as vLLM's benchmarks): every request costs the
+    same, whatever the model would answer."""
     return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
+
+
+class NothingGenerated(RuntimeError):
+    """Requests succeeded but no token was generated: a run that measured nothing."""
+
+
+def check_generated(m: dict[str, Any]) -> dict[str, Any]:
+    if m["ok"] and not m["completion_tokens"]:
+        raise NothingGenerated(f"{m['ok']} request(s) answered but no token was generated: nothing was measured "
+                               "(the model stopped at once, or the server ignores ignore_eos); not reported")
+    return m
 
 
 def figures(results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
@@ -103,7 +120,7 @@ def figures(results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
 
 
 async def drive(url: str, model: str, prompts: list[str], concurrency: int, requests: int, max_tokens: int,
-                api_key: str | None = None, timeout_s: float = 900) -> dict[str, Any]:
+                api_key: str | None = None, timeout_s: float = 900, ignore_eos: bool = True) -> dict[str, Any]:
     """Closed loop: `requests` streamed greedy completions from `concurrency` clients, each sending its next request
     when its last one is done; the figures of the run."""
     import httpx
@@ -114,19 +131,20 @@ async def drive(url: str, model: str, prompts: list[str], concurrency: int, requ
 
     async def client_loop(client) -> None:
         for i in todo:
-            results.append(await _one(client, url, _body(model, prompts[i % len(prompts)], max_tokens), headers))
+            body = _body(model, prompts[i % len(prompts)], max_tokens, ignore_eos)
+            results.append(await _one(client, url, body, headers))
 
     limits = httpx.Limits(max_connections=concurrency + 2)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         t0 = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-    return figures(results, wall)
+    return check_generated(figures(results, wall))
 
 
 async def drive_rate(url: str, model: str, prompts: list[str], rate: float, burstiness: float, warmup: int,
                      max_tokens: int, slo: dict[str, float | None], attainment: float, seed: int = 0,
-                     api_key: str | None = None, timeout_s: float = 900) -> dict[str, Any]:
+                     api_key: str | None = None, timeout_s: float = 900, ignore_eos: bool = True) -> dict[str, Any]:
     """Open loop: one request per prompt, sent at the arrival times of a gamma process at `rate` requests/s, each
     on time whether or not earlier ones are done. The first `warmup` requests load the server but are not measured;
     the window runs from the first measured request's send to the last measured request's end."""
@@ -142,7 +160,7 @@ async def drive_rate(url: str, model: str, prompts: list[str], rate: float, burs
         async def send(i: int) -> dict[str, Any]:
             await asyncio.sleep(max(0.0, start + times[i] - time.perf_counter()))
             late.append(time.perf_counter() - start - times[i])
-            return await _one(client, url, _body(model, prompts[i], max_tokens), headers)
+            return await _one(client, url, _body(model, prompts[i], max_tokens, ignore_eos), headers)
 
         results = await asyncio.gather(*(send(i) for i in range(len(prompts))))
     measured = results[warmup:]
@@ -150,11 +168,13 @@ async def drive_rate(url: str, model: str, prompts: list[str], rate: float, burs
         raise ValueError("every request of this rate was a warm-up one")
     begin = min(r["sent"] for r in measured)
     end = max(r.get("end", r["sent"]) for r in measured)
-    window = max(end - begin, 1e-9)
-    out = figures(measured, window)
+    # m requests offered at `rate` take m/rate seconds of arrivals, though random gaps may send them faster
+    # (the warm-up took the long gaps): over that window at least, goodput never exceeds the offered rate
+    window = max(end - begin, len(measured) / rate)
+    out = check_generated(figures(measured, window))
     out.update(rates.goodput(measured, slo, window, attainment))
-    out.update({"offered_rate": rate, "burstiness": burstiness, "warmup_requests": warmup,
-                "send_lateness_ms": summarize([x * 1000 for x in late], "ms").to_dict()})
+    out.update({"offered_rate": rate, "sent_rate": len(measured) / window, "burstiness": burstiness,
+                "warmup_requests": warmup, "send_lateness_ms": summarize([x * 1000 for x in late], "ms").to_dict()})
     return out
 
 
@@ -401,8 +421,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-ms", type=float, default=5000.0)
     p.add_argument("--attainment", type=float, default=0.9)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--prompt", default="Explain in one paragraph why batching raises throughput.")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--respect-eos", action="store_true",
+                   help="stop where the model ends (default: exactly --max-tokens per request, as vLLM's --ignore-eos)")
     args = p.parse_args(argv)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
+    try:
+        drive_cli(args)
+    except NothingGenerated as e:
+        print(f"inferlab loadtest: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def drive_cli(args) -> None:
     import httpx
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -412,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
               "ITL p90 ms | e2e p50 ms | e2e p90 ms |\n|" + "---|" * 11)
         for c in (int(x) for x in args.concurrency.split(",")):
             m = asyncio.run(drive(args.url, model, [args.prompt], c, max(args.requests, c), args.max_tokens,
-                                  args.api_key))
+                                  args.api_key, ignore_eos=not args.respect_eos))
             print(f"| {c} | {m['requests']} | {m['errors']} | {m['request_throughput']:.2f} | "
                   f"{m['token_throughput']:.1f} | {m['ttft_ms']['median']:.0f} | {m['ttft_ms']['p90']:.0f} | "
                   f"{m['itl_ms']['median']:.1f} | {m['itl_ms']['p90']:.1f} | {m['e2e_ms']['median']:.0f} | "
@@ -425,10 +457,9 @@ def main(argv: list[str] | None = None) -> int:
         for rate in (float(x) for x in args.rates.split(",")):
             m = asyncio.run(drive_rate(args.url, model, [args.prompt] * (args.requests + args.warmup), rate,
                                        args.burstiness, args.warmup, args.max_tokens, slo, args.attainment,
-                                       api_key=args.api_key))
+                                       api_key=args.api_key, ignore_eos=not args.respect_eos))
             points.append({"rate": rate, **m})
             print(f"| {rate:g} | {m['requests']} | {m['errors']} | {m['goodput']:.2f} | {m['slo_attainment']:.0%} | "
                   f"{m['ttft_ms']['p90']:.0f} | {m['tpot_ms']['p90']:.1f} | {m['e2e_ms']['p90']:.0f} |", flush=True)
         sat = rates.saturation(points)
         print(f"\nsaturation point: {sat['saturation_rate']} requests/s ({sat['note']})")
-    return 0
