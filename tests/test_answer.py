@@ -47,8 +47,8 @@ def test_the_run_just_made_answers_first_and_other_machines_follow_as_history(pr
 
     # the DVC metrics: this machine's answer for the model studied, a handful of figures
     metrics = json.loads((project / "metrics" / "answer.json").read_text())
-    assert metrics == {"hardware": here, "model": "smollm2-135m", "recommended": "hf-fp32-b1", "total_tps": 20.0,
-                       "decode_tps": 20.0, "ttft_ms": 300, "itl_p90_ms": 60, "memory_gib": 1.0}
+    assert list(metrics.items()) == [("total_tps", 20.0), ("ttft_ms", 300), ("itl_p90_ms", 60), ("memory_gib", 1.0),
+                                     ("recommended", "hf-fp32-b1"), ("hardware", here), ("model", "smollm2-135m")]
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("inferlab")

@@ -13,6 +13,7 @@ import csv
 import functools
 import hashlib
 import io
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -49,14 +50,19 @@ def _frontier_csv(results: list[tuple[Section, dict[str, Any]]]) -> str:
     return buf.getvalue()
 
 
-def answer_metrics(results: list[tuple[Section, dict[str, Any]]], studied: dict[str, str]) -> dict[str, Any]:
-    """The DVC metrics (metrics/answer.json): the studied machine and model, its recommendation and a handful of
-    figures, under names found in no other metrics file, so `dvc metrics show` is one row and `dvc exp show` and
-    `dvc metrics diff` read like a changelog of the answer. Every other machine's is in recommendation.json."""
+ANSWER_METRICS = ("ttft_ms", "itl_p90_ms", "memory_gib", "kl_mean", "top1")  # after the objective's figure
+
+
+def answer_metrics(results: list[tuple[Section, dict[str, Any]]], studied: dict[str, str],
+                   objective: str) -> dict[str, Any]:
+    """The DVC metrics (metrics/answer.json): the studied machine and model's recommendation and a handful of its
+    figures, so `dvc metrics show` is one row and `dvc metrics diff` a changelog of the answer. Figures first, names
+    last: `dvc exp show` keeps this order and folds a table too wide for the terminal from the right. Every other
+    machine's answer is in recommendation.json."""
     r = next((r for s, r in results if (s.hardware, s.model) == (studied["hardware"], studied["model"])), None)
-    out: dict[str, Any] = {**studied, "recommended": "no records" if r is None else r.get("name") or "none"}
     figures = (r or {}).get("figures") or {}
-    return out | {k: figures[k] for k in render.ANSWER_FIGURES if figures.get(k) is not None}
+    out = {k: figures[k] for k in (objective, *ANSWER_METRICS) if figures.get(k) is not None}
+    return out | {"recommended": "no records" if r is None else r.get("name") or "none", **studied}
 
 
 def build(cfg: StudyConfig) -> dict[str, Any]:
@@ -108,7 +114,8 @@ def build(cfg: StudyConfig) -> dict[str, Any]:
                             for s, r in results],
     }
     rec.write_json(metrics_dir / "recommendation.json", document)
-    rec.write_json(metrics_dir / "answer.json", answer_metrics(results, studied))
+    rec.write_atomic(metrics_dir / "answer.json", json.dumps(answer_metrics(results, studied, rc.objective), indent=2)
+                     + "\n")  # in this order (write_json sorts)
     rec.write_atomic(metrics_dir / "plots" / "frontier.csv", _frontier_csv(results))
     log.info("report written: %s (%d figures), recommendation.json", metrics_dir / "report.md", len(drawn))
     # the same report (its text without the time it was made) is logged to MLflow once
