@@ -42,7 +42,9 @@ def test_study_console_shows_stages_progress_failures_and_the_answer(tmp_path, m
     lines += ["Updating lock file 'dvc.lock'", "Stage 'report' didn't change, skipping"]
     for line in lines:
         c.feed(line + "\n")
-    (tmp_path / "recommendation.json").write_text(json.dumps({"recommendations": [
+    (tmp_path / "recommendation.json").write_text(json.dumps({"studied": {"hardware": "cpu-2c", "model": "m"},
+                                                               "recommendations": [
+        {"hardware": "gpu-a", "model": "m", "status": "none", "reason": "no configuration meets ITL p90 " * 20},
         {"hardware": "cpu-2c", "model": "m", "status": "recommended", "name": "q4_0-t2",
          "settings": {"runtime": "llama_cpp", "quant": "q4_0"},
          "figures": {"total_tps": 123.4, "memory_gib": 0.2, "kl_mean": 0.012, "top1": 0.93}}]}))
@@ -54,6 +56,10 @@ def test_study_console_shows_stages_progress_failures_and_the_answer(tmp_path, m
     assert 3 <= len(progress) < 20  # rate-limited: not one line per point
     assert text.count("WARNING bitsandbytes") == 1 and "Loading weights" not in text
     assert "bench_cpu done in" in text and "[stage 3/3] report: unchanged, not rerun" in text
-    assert "m on cpu-2c: q4_0-t2 (runtime=llama_cpp, quant=q4_0): 123.4 tokens/s, 0.20 GiB, KL 0.012 nats/token, " \
-           "top-1 93.0%" in text
+    answer = text[text.index("The answer"):].splitlines()  # this machine and model first, then the others
+    assert answer[0] == "The answer for m on cpu-2c (this machine, the model studied): the fastest configuration " \
+                        "that meets the constraints is"
+    assert answer[1] == "  q4_0-t2 (quant=q4_0, runtime=llama_cpp): 123.4 tokens/s, 0.20 GiB, KL 0.012 nats/token, " \
+                        "top-1 93.0%"
+    assert answer[3].startswith("  m on gpu-a: no recommendation (no configuration meets") and len(answer[3]) < 160
     assert f"Report: {tmp_path / 'report.md'}" in text and len(text.splitlines()) < 30

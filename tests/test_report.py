@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 
 from inferlab import records as rec
 from inferlab.config import ConfigError, ConstraintsConfig, ReportConfig, compose
+from inferlab.environment import hardware
 from inferlab.report import frontier
 from inferlab.report.build import build
 from inferlab.report.table import collect
@@ -177,14 +178,15 @@ def test_report_from_two_machines_with_figures_and_mlflow_run(project, gpu_resul
         assert (metrics / "figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"figures/{f}" in md
     html = (metrics / "report.html").read_text()
     assert "<table>" in html and html.count("data:image/png;base64,") == len(figs)
-    assert json.loads((metrics / "report.json").read_text())["gpu-a"]["m"]["total_tps"] == 3400
+    here = {"hardware": hardware()["id"], "model": "phi-2"}  # the configured model has no records here
+    assert json.loads((metrics / "answer.json").read_text()) == {**here, "recommended": "no records"}
     csv_rows = (metrics / "plots" / "frontier.csv").read_text().splitlines()
     assert csv_rows[0].startswith("hardware,model,config") and len(csv_rows) == 1 + 6 + 2
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("inferlab")
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'report'")
-    assert len(runs) == 1 and runs[0].info.run_name == "report — m on gpu-a: fp16-b64; m on laptop: no recommendation"
+    assert len(runs) == 1 and runs[0].info.run_name == f"report: phi-2 on {here['hardware']}"
     assert runs[0].data.params["recommended.gpu-a.m"] == "fp16-b64"
     assert runs[0].data.metrics["gpu-a.m.total_tps"] == 3400
     arts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}

@@ -135,3 +135,31 @@ def test_a_point_run_logs_the_figures_of_its_stage_table():
     score = Record(stage="evaluate", name="scores-a", point={"scenario": "scores"}, config={}, model={},
                    environment=env, metrics={"task": {"rougeL": 0.25}, "drift": {"exact_match": 1.0}})
     assert _metrics(score) == {"task_rougeL": 0.25, "drift_exact_match": 1.0}
+
+
+def test_a_skipped_point_is_a_finished_run_tagged_skipped_and_a_failed_one_stays_failed(fresh_store):
+    """A point skipped on this machine (no CUDA) is no error: its run is FINISHED, tagged skipped with the reason as
+    its description; a failed point's run is FAILED. The experiment is of the kind whose UI opens on its runs."""
+    client = MlflowClient(tracking_uri=fresh_store)
+    client.create_experiment("t")  # made before, without a kind: it gets one
+    env = {"hardware": {"id": "hw"}, "git": {"commit": "abc"}, "libraries": {}}
+    recs = [Record(stage="bench_gpu", name=name, point={"scenario": "latency"}, config={}, environment=env,
+                   model={"name": "m", "weights": "random"}, sweep_id="s1", status=status, reason=reason)
+            for name, status, reason in (("gpu-fp16", "skipped", "no CUDA device on this machine"),
+                                         ("gpu-nf4", "failed", "CUDA out of memory"), ("gpu-fp32", "ok", None))]
+    tracker = Tracker(TrackingConfig(uri=fresh_store, experiment="t"))
+    assert tracker.log(recs).created == 3
+    exp = client.get_experiment_by_name("t")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    by = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    skipped, failed = by["gpu-fp16"], by["gpu-nf4"]
+    assert skipped.info.status == "FINISHED" and skipped.data.tags["inferlab.status"] == "skipped"
+    assert skipped.data.tags["mlflow.note.content"] == "skipped: no CUDA device on this machine"
+    assert failed.info.status == "FAILED" and failed.data.tags["inferlab.reason"] == "CUDA out of memory"
+    assert by["gpu-fp32"].info.status == "FINISHED"
+    # a store where an older logger marked the skipped point FAILED: logging the records again finishes it
+    client.set_terminated(skipped.info.run_id, "FAILED")
+    again = tracker.log(recs)
+    assert again.created == 0 and again.present == 3
+    assert client.get_run(skipped.info.run_id).info.status == "FINISHED"
+    assert client.get_run(failed.info.run_id).info.status == "FAILED"

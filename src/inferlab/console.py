@@ -101,26 +101,15 @@ class StudyConsole:
 
 
 def answer(metrics_dir: Path) -> list[str]:
-    """The study's answer, from metrics/recommendation.json: one line per hardware and model."""
+    """The study's answer, from metrics/recommendation.json: the machine and model just studied first, then a line
+    per other machine and model with records."""
+    from inferlab.report.answer import lines
+
     path = metrics_dir / "recommendation.json"
     if not path.is_file():
         return ["No recommendation was written (the report stage did not run)."]
-    doc = json.loads(path.read_text())
-    out = ["The answer (the fastest configuration that meets the constraints, per machine and model):"]
-    for r in doc.get("recommendations", []):
-        where = f"  {r['model']} on {r['hardware']}"
-        if r.get("status") != "recommended":
-            out.append(f"{where}: no recommendation: {r.get('reason', '')[:240]}")
-            continue
-        f, s = r.get("figures") or {}, r.get("settings") or {}
-        setting = ", ".join(f"{k}={v}" for k, v in s.items() if v not in (None, ""))
-        quality = (f"KL {f['kl_mean']:.3g} nats/token, top-1 {100 * f['top1']:.1f}%" if f.get("kl_mean") is not None
-                   and f.get("top1") is not None else "quality not measured")
-        speed = f"{f['total_tps']:,.1f} tokens/s" if f.get("total_tps") is not None else "speed not measured"
-        memory = f", {f['memory_gib']:.2f} GiB" if f.get("memory_gib") is not None else ""
-        out.append(f"{where}: {r['name']} ({setting}): {speed}{memory}, {quality}")
-    out.append(f"Report: {metrics_dir / 'report.md'} (with figures: {metrics_dir / 'report.html'})")
-    return out
+    return [*lines(json.loads(path.read_text())),
+            f"Report: {metrics_dir / 'report.md'} (with figures: {metrics_dir / 'report.html'})"]
 
 
 def _fmt(seconds: float) -> str:

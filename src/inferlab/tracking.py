@@ -49,6 +49,10 @@ TAG_SWEEP = "inferlab.sweep_id"
 TAG_KIND = "inferlab.kind"
 TAG_LOGGED = "inferlab.logged"  # "false": a run its logger could not finish (marked failed; replaced next time)
 TAG_LOGGER = "inferlab.logger"  # host:boot:pid of the process that made the run
+TAG_NOTE = "mlflow.note.content"  # the run's description in the UI
+# MLflow 3's UI opens an experiment without a kind on its GenAI overview (traces, costs); this kind opens its runs
+KIND_TAG, KIND_RUNS = "mlflow.experimentKind", "custom_model_development"
+RUN_STATUS = {"ok": "FINISHED", "skipped": "FINISHED", "failed": "FAILED"}  # skipped: expected here, not an error
 MAX_PARAM_LEN = 500
 MAX_NAME_LEN = 250  # MLflow's limit for metric and param names
 STALE_S = 600  # an unfinished run of a logger on another host is taken as dead after this long
@@ -389,14 +393,19 @@ class Tracker:
         return MlflowClient(tracking_uri=self.uri)
 
     def _experiment_id(self, client) -> str:
+        """The experiment's id, made if needed, and of the kind whose UI opens on its runs (an experiment made
+        before without the kind gets it)."""
         exp = client.get_experiment_by_name(self.cfg.experiment)
         if exp is not None:
+            if KIND_TAG not in exp.tags:
+                client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND_RUNS)
             return exp.experiment_id
         location = None
         if self.uri.startswith("sqlite:///"):  # a local store keeps its artifacts beside it
             location = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
         try:
-            return client.create_experiment(self.cfg.experiment, artifact_location=location)
+            return client.create_experiment(self.cfg.experiment, artifact_location=location,
+                                            tags={KIND_TAG: KIND_RUNS})
         except Exception:  # another logger made it just now
             exp = client.get_experiment_by_name(self.cfg.experiment)
             if exp is None:
@@ -467,6 +476,9 @@ class Tracker:
                 existing = [x for x in runs if x.data.tags.get(TAG_RECORD) == r.record_id]
                 if any(_complete(x) for x in existing):
                     result.present += 1
+                    for x in existing:  # an older logger marked a skipped point FAILED
+                        if _complete(x) and x.info.status != RUN_STATUS[r.status]:
+                            client.set_terminated(x.info.run_id, RUN_STATUS[r.status], end_time=x.info.end_time)
                     continue
                 if any(_in_progress(x) for x in existing):
                     pending.add(r.record_id)
@@ -537,6 +549,7 @@ class Tracker:
         }
         if r.reason:
             tags["inferlab.reason"] = r.reason[:5000]
+            tags[TAG_NOTE] = f"{r.status}: {r.reason[:5000]}"
         start, end = r.span_ms()
         run_id = client.create_run(exp_id, run_name=r.name, tags=tags, start_time=start).info.run_id
 
@@ -546,7 +559,7 @@ class Tracker:
             if r.point.get("scenario") == "quality":
                 _log_quality_inputs(client, run_id, r)
 
-        self._finish(client, run_id, "FINISHED" if r.status == "ok" else "FAILED", work, end_time=end)
+        self._finish(client, run_id, RUN_STATUS[r.status], work, end_time=end)
         return run_id
 
     def _settle(self, client, exp_id: str, sweep_id: str, mine: set[str], pending: set[str],
@@ -599,7 +612,7 @@ class Tracker:
             time.sleep(1.0)
 
     def log_report(self, run_name: str, params: dict[str, Any], metrics: dict[str, float], files: list[Path],
-                   figures: list[Path], digest: str) -> str | None:
+                   figures: list[Path], digest: str, description: str = "") -> str | None:
         """One run per distinct report, with the report files and figures as artifacts; None if not logged.
         Never raises (the report on disk is what counts)."""
         if not self.cfg.enabled:
@@ -608,7 +621,7 @@ class Tracker:
         if problem is None:
             try:
                 with store_lock(self.uri):
-                    return self._log_report(run_name, params, metrics, files, figures, digest)
+                    return self._log_report(run_name, params, metrics, files, figures, digest, description)
             except Exception as e:
                 kind, problem = classify(e)
         said = {"unreachable": "cannot be reached", "rejected": "rejected the report run", "failed": "failed"}
@@ -617,7 +630,7 @@ class Tracker:
         return None
 
     def _log_report(self, run_name: str, params: dict[str, Any], metrics: dict[str, float], files: list[Path],
-                    figures: list[Path], digest: str) -> str:
+                    figures: list[Path], digest: str, description: str) -> str:
         from mlflow.entities import Metric, Param
 
         client = self._client()
@@ -629,8 +642,9 @@ class Tracker:
             return done[0].info.run_id
         for r in existing:  # left unfinished by a report killed while logging
             client.delete_run(r.info.run_id)
-        run = client.create_run(exp_id, run_name=run_name, tags={TAG_KIND: "report", "inferlab.report_digest": digest,
-                                                                 "inferlab.stage": "report", TAG_LOGGER: _me()})
+        tags = {TAG_KIND: "report", "inferlab.report_digest": digest, "inferlab.stage": "report", TAG_LOGGER: _me(),
+                **({TAG_NOTE: description} if description else {})}
+        run = client.create_run(exp_id, run_name=run_name, tags=tags)
         rid = run.info.run_id
 
         def work() -> None:

@@ -2,7 +2,7 @@
 
 Writes metrics/report.md (+ report.html with the figures embedded, or a placeholder that says HTML is off),
 metrics/figures/*.png, metrics/recommendation.json (what `inferlab serve` loads: the same inputs give the same
-file), metrics/report.json (DVC metrics) and metrics/plots/frontier.csv (DVC plots), and logs them as the artifacts
+file), metrics/answer.json (DVC metrics) and metrics/plots/frontier.csv (DVC plots), and logs them as the artifacts
 of one MLflow report run. Missing or partial inputs make a report that says what is missing, never an error; a
 metrics folder or output file that cannot be written stops it before any work.
 """
@@ -13,6 +13,7 @@ import csv
 import functools
 import hashlib
 import io
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 from inferlab import records as rec
 from inferlab.config import StudyConfig, resolve, to_container
 from inferlab.environment import environment
-from inferlab.report import comparisons, figures, frontier, render
+from inferlab.report import answer, comparisons, figures, frontier, render
 from inferlab.report.table import Section, collect
 from inferlab.stage import check_storage
 from inferlab.tracking import Tracker
@@ -28,7 +29,7 @@ from inferlab.tracking import Tracker
 log = logging.getLogger(__name__)
 
 STAGE = "report"
-OUTPUTS = ("report.md", "report.html", "recommendation.json", "report.json", "plots/frontier.csv")
+OUTPUTS = ("report.md", "report.html", "recommendation.json", "answer.json", "plots/frontier.csv")
 HTML_OFF = ("<!doctype html>\n<html><body><p>HTML output is off (<code>report.html: false</code>); the report is "
             "<code>metrics/report.md</code>.</p></body></html>\n")
 FRONTIER_COLUMNS = ("hardware", "model", "config", "stage", "runtime", "precision", "quant", "batch_size",
@@ -49,16 +50,19 @@ def _frontier_csv(results: list[tuple[Section, dict[str, Any]]]) -> str:
     return buf.getvalue()
 
 
-def _metrics_json(results: list[tuple[Section, dict[str, Any]]]) -> dict[str, Any]:
-    """Numbers only, for `dvc metrics diff`: per hardware and model, the recommended point's figures."""
-    out: dict[str, Any] = {}
-    for s, r in results:
-        entry: dict[str, Any] = {"candidates": r.get("candidates", 0), "meeting_constraints":
-                                 r.get("meeting_constraints", 0), "frontier_size": len(r.get("frontier", []))}
-        if r["status"] == "recommended":
-            entry.update({k: v for k, v in r["figures"].items() if v is not None})
-        out.setdefault(s.hardware, {})[s.model] = entry
-    return out
+ANSWER_METRICS = ("ttft_ms", "itl_p90_ms", "memory_gib", "kl_mean", "top1")  # after the objective's figure
+
+
+def answer_metrics(results: list[tuple[Section, dict[str, Any]]], studied: dict[str, str],
+                   objective: str) -> dict[str, Any]:
+    """The DVC metrics (metrics/answer.json): the studied machine and model's recommendation and a handful of its
+    figures, so `dvc metrics show` is one row and `dvc metrics diff` a changelog of the answer. Figures first, names
+    last: `dvc exp show` keeps this order and folds a table too wide for the terminal from the right. Every other
+    machine's answer is in recommendation.json."""
+    r = next((r for s, r in results if (s.hardware, s.model) == (studied["hardware"], studied["model"])), None)
+    figures = (r or {}).get("figures") or {}
+    out = {k: figures[k] for k in (objective, *ANSWER_METRICS) if figures.get(k) is not None}
+    return out | {"recommended": "no records" if r is None else r.get("name") or "none", **studied}
 
 
 def build(cfg: StudyConfig) -> dict[str, Any]:
@@ -67,7 +71,9 @@ def build(cfg: StudyConfig) -> dict[str, Any]:
     results_dir, metrics_dir = resolve(cfg.paths.results), resolve(cfg.paths.metrics)
     check_storage(cfg, folders=[(f"paths.metrics ({sub})", metrics_dir / sub) for sub in ("figures", "plots")],
                   files=[("the report output", metrics_dir / name) for name in OUTPUTS])
-    sections = collect(results_dir, rc.quality_metric, rc.models)
+    env = environment()
+    studied = {"hardware": env["hardware"]["id"], "model": cfg.model.name}  # this machine, the configured model
+    sections = this_run_first(collect(results_dir, rc.quality_metric, rc.models), studied)
     n_records = sum(len(s.rows) + len(s.quality) for s in sections)
     log.info("report: %d hardware/model section(s) from %d records", len(sections), n_records)
     real = comparisons.real_quality(sections)  # what each format costs on real weights, for random-weight sections
@@ -93,24 +99,25 @@ def build(cfg: StudyConfig) -> dict[str, Any]:
     for stale in fig_dir.glob("*.png") if fig_dir.is_dir() else ():
         if stale not in drawn:  # figures of a section that no longer exists
             stale.unlink()
-    env = environment()
     header = {"records": n_records, "generated": rec.now()[:16].replace("T", " ") + " UTC",
               "commit": (env["git"].get("commit") or "unknown")[:10], "objective": rc.objective,
               "constraints": {k: v for k, v in to_container(rc.constraints).items() if v is not None},
               "quality_metric": rc.quality_metric}
+    ours = bool(sections) and (sections[0].hardware, sections[0].model) == (studied["hardware"], studied["model"])
     md = render.report_md(parts, render.answer_table(results) if results else "No records yet: run the study.",
-                          render.missing_inputs(sections), header)
+                          render.missing_inputs(sections), header, history_from=1 if ours else 0)
     rec.write_atomic(metrics_dir / "report.md", md)
     # an output DVC declares exists either way: with html off, a placeholder that says so
     rec.write_atomic(metrics_dir / "report.html", render.to_html(md, metrics_dir) if rc.html else HTML_OFF)
     document = {  # no time of its own: a rerun on the same records writes the same file (serve_bench depends on it)
         "objective": rc.objective, "quality_metric": rc.quality_metric, "constraints": header["constraints"],
-        "git_commit": env["git"].get("commit"),
+        "git_commit": env["git"].get("commit"), "studied": studied,
         "recommendations": [{"hardware": s.hardware, "model": s.model, "weights": s.weights, **r}
                             for s, r in results],
     }
     rec.write_json(metrics_dir / "recommendation.json", document)
-    rec.write_json(metrics_dir / "report.json", _metrics_json(results))
+    rec.write_atomic(metrics_dir / "answer.json", json.dumps(answer_metrics(results, studied, rc.objective), indent=2)
+                     + "\n")  # in this order (write_json sorts)
     rec.write_atomic(metrics_dir / "plots" / "frontier.csv", _frontier_csv(results))
     log.info("report written: %s (%d figures), recommendation.json", metrics_dir / "report.md", len(drawn))
     # the same report (its text without the time it was made) is logged to MLflow once
@@ -119,11 +126,16 @@ def build(cfg: StudyConfig) -> dict[str, Any]:
     return document
 
 
+def this_run_first(sections: list[Section], studied: dict[str, str]) -> list[Section]:
+    """The section of this machine and the configured model first; the others after it, in their order."""
+    mine = [s for s in sections if (s.hardware, s.model) == (studied["hardware"], studied["model"])]
+    return mine + [s for s in sections if s not in mine]
+
+
 def run_name(document: dict[str, Any]) -> str:
-    """What the report says, as its MLflow run's name: the recommendation per model and hardware."""
-    parts = [f"{r['model']} on {r['hardware']}: {r.get('name') or 'no recommendation'}"
-             for r in document["recommendations"]]
-    return ("report — " + "; ".join(parts))[:250] if parts else "report — no records"
+    """The report's MLflow run name: short; what it answers is the run's description (answer.lines)."""
+    studied = document.get("studied") or {}
+    return f"report: {studied['model']} on {studied['hardware']}" if studied else "report"
 
 
 def _log_mlflow(cfg: StudyConfig, document: dict[str, Any], figs: list[Path], metrics_dir: Path, digest: str) -> None:
@@ -136,9 +148,9 @@ def _log_mlflow(cfg: StudyConfig, document: dict[str, Any], figs: list[Path], me
         for k, v in (r.get("figures") or {}).items():
             if v is not None:
                 metrics[f"{key}.{k}"] = float(v)
-    files = [metrics_dir / n for n in ("report.md", "report.html", "recommendation.json", "report.json")]
-    Tracker(cfg.tracking).log_report(run_name(document), params, metrics,
-                                     [f for f in files if f.is_file()], figs, digest)
+    files = [metrics_dir / n for n in ("report.md", "report.html", "recommendation.json", "answer.json")]
+    Tracker(cfg.tracking).log_report(run_name(document), params, metrics, [f for f in files if f.is_file()], figs,
+                                     digest, description="\n".join(answer.lines(document)))
 
 
 def run(cfg: StudyConfig) -> dict[str, Any]:

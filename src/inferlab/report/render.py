@@ -342,7 +342,10 @@ def missing_inputs(sections: list[Section]) -> list[str]:
     return out
 
 
-def report_md(sections_md: list[str], answer: str, missing: list[str], header: dict[str, Any]) -> str:
+def report_md(sections_md: list[str], answer: str, missing: list[str], header: dict[str, Any],
+              history_from: int = 0) -> str:
+    """The whole report; sections from `history_from` on are other machines' and models' (the first, when
+    history_from is 1, is this run's)."""
     limits = header["constraints"]
     conds = ", ".join(describe(k, v) for k, v in limits.items()) or "none"
     out = ["# inferlab report: which configuration to use", "",
@@ -354,9 +357,13 @@ def report_md(sections_md: list[str], answer: str, missing: list[str], header: d
            "## The answer", "", answer, ""]
     if missing:
         out += ["## What is missing", "", *[f"- {m}" for m in missing], ""]
-    out += sections_md
+    out += sections_md[:history_from]
+    if sections_md[history_from:] and history_from:
+        out += ["# History: other machines and models", "",
+                "Records of other machines and models in `results/`, kept as they were measured.", ""]
+    out += sections_md[history_from:]
     out += ["---", f"Constraints checked: {', '.join(CONSTRAINTS)}. Machine-readable: `metrics/recommendation.json` "
-            "(the serving stage loads it), `metrics/report.json` (DVC metrics), `metrics/plots/frontier.csv` "
+            "(the serving stage loads it), `metrics/answers/*.json` (DVC metrics), `metrics/plots/frontier.csv` "
             "(DVC plots).", ""]
     return "\n".join(out)
 
