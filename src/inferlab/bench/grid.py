@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from inferlab.bench.sweep import Point
-from inferlab.config import KERNEL_STEP_PRECISIONS, StudyConfig, fuse_problem
+from inferlab.config import KERNEL_STEP_ARCHITECTURES, KERNEL_STEP_PRECISIONS, StudyConfig, fuse_problem
 from inferlab.environment import missing_package
 
 INDUCTOR_SHORT = {"coordinate_descent_tuning": "cdt", "epilogue_fusion": "epilogue", "aggressive_fusion": "aggressive",
@@ -29,11 +29,19 @@ def grid(axes: dict[str, list], pins: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
-def kernel_step_problem(c: dict[str, Any], fuse: str | None, gemv: str) -> str | None:
-    """Why a point cannot run decode: kernels (backends/decode_step.py), or None. On the CPU its kernels run as their
-    torch reference."""
-    if fuse != "block":
+def kernel_step_problem(c: dict[str, Any], fuse: str | None, gemv: str, arch: str | None) -> str | None:
+    """Why a point cannot run decode: kernels (backends/decode_step.py) on a model of class `arch` (None: not known
+    before the download; the step checks it when made), or None. On the CPU its kernels run as their torch
+    reference."""
+    if arch is not None and arch not in KERNEL_STEP_ARCHITECTURES:
+        return f"decode: kernels runs {' and '.join(KERNEL_STEP_ARCHITECTURES)}; this model is {arch}"
+    if fuse == "qkv":
+        return "decode: kernels fuses q, k and v itself: leave fuse_qkv unset"
+    if KERNEL_STEP_ARCHITECTURES.get(arch) and fuse != "block":
         return "decode: kernels runs Phi's fused parallel block: it needs fuse_block: true"
+    if KERNEL_STEP_ARCHITECTURES.get(arch) is False and fuse == "block":
+        return (f"decode: kernels on {arch} fuses the layer's projections itself; fuse_block applies to Phi's "
+                "parallel block only (leave it unset)")
     if c["batch_size"] != 1:
         return f"decode: kernels takes batch_size: 1 (its kernels take one row), got {c['batch_size']}"
     if c["precision"] not in KERNEL_STEP_PRECISIONS:
@@ -50,8 +58,9 @@ def keep(settings: dict[str, Any], pins: dict[str, Any]) -> bool:
     return all(k in settings and settings[k] == v for k, v in pins.items())
 
 
-def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -> list[Point]:
-    """The transformers grid of a benchmark section (bench_cpu or bench_gpu): main grid plus extra points."""
+def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int, arch: str | None = None) -> list[Point]:
+    """The transformers grid of a benchmark section (bench_cpu or bench_gpu): main grid plus extra points; arch: the
+    model's transformers class where known (StudyConfig.model_architecture)."""
     H, w = section.hf, section.workload
     if not H.enabled or pins.get("runtime") not in (None, "hf"):
         return []
@@ -98,7 +107,7 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
         elif gemv == "triton" and H.device != "cuda":
             skip = "gemv: triton runs Triton kernels, which need CUDA (device: cuda)"
         elif decode == "kernels":
-            skip = kernel_step_problem(c, fuse, gemv) or missing_package(c["precision"])
+            skip = kernel_step_problem(c, fuse, gemv, arch) or missing_package(c["precision"])
         else:
             skip = fuse_problem(fuse, c["precision"]) or missing_package(c["precision"])
         name = f"hf-{c['precision']}-b{c['batch_size']}-{c['kv_cache']}-{c['attn']}"
