@@ -15,6 +15,7 @@ docs/step-kernels-h200.txt.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 
@@ -72,7 +73,9 @@ def graph_time(fns) -> float:
 
 
 def check_gemv(name, n, k, *, dev, dtype, int4, act_from, split, res, timing, lines, glu=False, bias=True):
-    """glu: the weight's n rows are [gate; up] and the output n / 2 rows of SiLU(gate) * up (no bias)."""
+    """glu: the weight's n rows are [gate; up] and the output n / 2 rows of SiLU(gate) * up (no bias); int4: False,
+    or the int4 kernel to check ("rows", "splitk")."""
+    kernel = int4 or "rows"
     copies = max(1, min(8, (200 << 20) // (n * k * (1 if int4 else 2)) + 1)) if timing else 1
     ws = [linear(n, k, dtype, dev, int4) for _ in range(copies)]
     b = torch.randn(n, device=dev, dtype=dtype) * 0.1 if bias and not glu else None
@@ -80,7 +83,7 @@ def check_gemv(name, n, k, *, dev, dtype, int4, act_from, split, res, timing, li
     x = torch.randn(k, device=dev, dtype=dtype)
     resv = torch.randn(n, device=dev, dtype=dtype) if res else None
     outs = {}
-    for impl, fn in (("ref", sk.ref_gemv), ("triton", sk.gemv)):
+    for impl, fn in (("ref", sk.ref_gemv), ("triton", functools.partial(sk.gemv, int4=kernel))):
         out2 = torch.full((n - split,), float("nan"), device=dev, dtype=dtype) if split else None
         if res:  # the residual is the output row itself, updated in place (the [dense | fc2] GEMV)
             out = r = resv.clone()
@@ -95,7 +98,7 @@ def check_gemv(name, n, k, *, dev, dtype, int4, act_from, split, res, timing, li
         o2 = torch.empty(n - split, device=dev, dtype=dtype) if split else None
         r = torch.zeros(n, device=dev, dtype=dtype) if res else None
         fns = [lambda w=w: sk.gemv(x, w, b, act_from=act_from, res=r, out=r if res else o1, split=split, out2=o2,
-                                   glu_rows=glu) for w in ws]
+                                   glu_rows=glu, int4=kernel) for w in ws]
         ms = graph_time(fns)
         line += f"  {ms * 1000:7.1f} us  {weight_bytes(ws[0]) / ms / 1e6:7.0f} GB/s"
     lines.append(line)
@@ -240,8 +243,8 @@ def main() -> int:
     hid, inter, heads, d, r, vocab, length = (2560, 10240, 32, 80, 32, 51200, 192) if not a.small else \
         (256, 1024, 4, 64, 32, 1000, 150)
     worst = 0.0
-    for int4 in (False, True):
-        kind = "int4" if int4 else "fp16"
+    for int4 in (False, "rows", "splitk"):
+        kind = {False: "fp16", "rows": "int4", "splitk": "int4 splitk"}[int4]
         worst = max(worst, check_gemv(f"{kind} in: bias + GELU, split", 3 * hid + inter, hid, dev=dev,
                                       dtype=dtype, int4=int4, act_from=3 * hid, split=3 * hid, res=False,
                                       timing=timing, lines=lines))
@@ -257,8 +260,8 @@ def main() -> int:
     # Llama's layer (SmolLM2-135M's shapes; small: tiny-llama's): [q; k; v] and [gate; up] with SiLU(gate) * up,
     # both without bias, RMSNorm, grouped-query attention with rotary over the whole head
     hid, inter, heads, kv, d = (576, 1536, 9, 3, 64) if not a.small else (256, 768, 4, 2, 64)
-    for int4 in (False, True):
-        kind = "int4" if int4 else "fp16"
+    for int4 in (False, "rows", "splitk"):
+        kind = {False: "fp16", "rows": "int4", "splitk": "int4 splitk"}[int4]
         worst = max(worst, check_gemv(f"{kind} llama [q; k; v]", (heads + 2 * kv) * d, hid, dev=dev, dtype=dtype,
                                       int4=int4, act_from=None, split=None, res=False, timing=timing, lines=lines,
                                       bias=False))

@@ -15,7 +15,7 @@ from inferlab.backends import step_kernels as sk
 from inferlab.backends.base import BackendUnavailable
 from inferlab.backends.hf import HFBackend
 from inferlab.bench.grid import hf_points
-from inferlab.config import compose
+from inferlab.config import ConfigError, compose
 
 from .conftest import ROOT
 
@@ -148,7 +148,7 @@ def test_the_triton_kernels_compute_their_references_under_the_interpreter():
         assert r.returncode == 0, r.stdout + r.stderr
         assert "cpu (Triton interpreter)" in r.stdout
         checked = [line for line in r.stdout.splitlines() if "rel err" in line]
-        assert len(checked) == 21 and r.stdout.splitlines()[-1].endswith("PASS"), r.stdout
+        assert len(checked) == 25 and r.stdout.splitlines()[-1].endswith("PASS"), r.stdout
 
 
 # --- Llama blocks (tiny-llama: SmolLM2's code paths; grouped-query attention, RMSNorm, SiLU-gated MLP, tied head) ---
@@ -273,6 +273,22 @@ def test_kernel_step_points_for_llama_in_the_grid():
     assert p.skip == "decode: kernels runs PhiForCausalLM and LlamaForCausalLM; this model is GPT2LMHeadModel"
 
 
+def test_the_int4_gemv_knob_picks_the_steps_int4_kernel():
+    point = "{precision: int4-inductor, batch_size: 1, kv_cache: static, decode: kernels, int4_gemv: splitk}"
+    cfg = compose(["bench_gpu=fast", "model=tiny-llama", f"bench_gpu.hf.extra_points=[{point}]"])
+    (p,) = [p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 16, cfg.model_architecture())
+            if "splitk" in p.name]
+    assert p.skip is None and p.settings["int4_gemv"] == "splitk" and p.name.endswith("-splitk-kernels")
+    for wrong in (point.replace("int4-inductor", "fp16"), point.replace("decode: kernels", "decode: graph")):
+        cfg = compose(["bench_gpu=fast", "model=tiny-llama", f"bench_gpu.hf.extra_points=[{wrong}]"])
+        (p,) = [p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 16, cfg.model_architecture())
+                if "splitk" in p.name]
+        assert p.skip == ("int4_gemv: splitk picks decode: kernels' int4 GEMV: it applies to decode: kernels with "
+                          "precision: int4-inductor"), (wrong, p.skip)
+    with pytest.raises(ConfigError, match="int4_gemv.*'wide'.*rows, splitk"):
+        compose(["bench_gpu=fast", f"bench_gpu.hf.extra_points=[{point.replace('splitk', 'wide')}]"])
+
+
 def test_the_kernel_step_names_the_architectures_it_runs():
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -288,8 +304,7 @@ INTERPRETED_LLAMA_STEP = """
 import json, sys
 from inferlab.backends.hf import HFBackend
 from inferlab.bench.scenarios import summarize_requests
-be = HFBackend({"model_dir": sys.argv[1], "device": "cpu", "attn": "sdpa", "threads": 2, "precision": "fp32",
-                "kv_cache": "static", "decode": "kernels"})
+be = HFBackend(json.loads(sys.argv[1]))
 ran = be.load()["step_kernels"]
 r = be.request([json.loads(sys.argv[2])], int(sys.argv[3]))
 print(json.dumps({"ran": ran, "tokens": r.output_ids, "launches": summarize_requests([r])[0].get("step_launches")}))
@@ -297,24 +312,57 @@ print(json.dumps({"ran": ran, "tokens": r.output_ids, "launches": summarize_requ
 
 
 @pytest.mark.slow
-def test_the_llama_step_on_the_interpreted_triton_kernels_gives_the_references_tokens(tiny_llama_hf, monkeypatch):
-    """The whole Llama step on the Triton kernels (Triton's interpreter, fp32) gives the torch-reference step's
-    greedy tokens, and its point records the launches per step: 8 per layer (attention is two) and 4 more (the
-    embedding, the final norm, the head, the argmax)."""
+@pytest.mark.parametrize("extra", [{"precision": "fp32"}, {"precision": "int4-inductor", "int4_gemv": "splitk"}],
+                         ids=["fp32", "int4-splitk"])
+def test_the_llama_step_on_the_interpreted_triton_kernels_gives_the_references_tokens(tiny_llama_hf, monkeypatch,
+                                                                                     extra):
+    """The whole Llama step on the Triton kernels (Triton's interpreter; fp32 weights, and int4 ones on the split-K
+    kernel) gives the torch-reference step's greedy tokens, and its point records the launches per step: 8 per
+    layer (attention is two) and 4 more (the embedding, the final norm, the head, the argmax)."""
     import json
 
     import triton  # noqa: F401  (installed by setup.sh: without it this test fails, it is not skipped)
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    be = HFBackend({"model_dir": str(tiny_llama_hf), "device": "cpu", "attn": "sdpa", "threads": 2,
-                    "precision": "fp32", "kv_cache": "static", "decode": "kernels"})
+    settings = {"model_dir": str(tiny_llama_hf), "device": "cpu", "attn": "sdpa", "threads": 2, "kv_cache": "static",
+                "decode": "kernels", **extra}
+    be = HFBackend(settings)
     be.load()
     ids = be.tokenize("Once upon a time")
     want = be.request([ids], 3).output_ids
-    r = subprocess.run([sys.executable, "-c", INTERPRETED_LLAMA_STEP, str(tiny_llama_hf), json.dumps(ids), "3"],
+    r = subprocess.run([sys.executable, "-c", INTERPRETED_LLAMA_STEP, json.dumps(settings), json.dumps(ids), "3"],
                        cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     got = json.loads(r.stdout.splitlines()[-1])
     layers = len(be.model.model.layers)
     assert got == {"ran": "triton, interpreted", "tokens": want, "launches": 8 * layers + 4}
+
+
+@pytest.mark.slow
+def test_the_llama_step_at_smollm2s_shapes(tmp_path, monkeypatch):
+    """One layer of SmolLM2-135M's shapes (hidden 576, 9 heads over 3 key/value heads, intermediate 1536; int4
+    groups of 32 on 576-wide rows, 128 on down_proj's): the step's tokens equal generate()'s in fp32 and the graph
+    loop's over the same int4 layers."""
+    from inferlab.models.acquire import acquire
+
+    from .test_llama import SMOL_LAYER
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    acquire(compose(SMOL_LAYER).model, tmp_path / "hf")
+    base = {"model_dir": str(tmp_path / "hf"), "device": "cpu", "attn": "sdpa", "threads": 2}
+    plain = HFBackend({**base, "precision": "fp32", "kv_cache": "dynamic"})
+    plain.load()
+    ids = plain.tokenize("Hello there, how are")
+    step = HFBackend({**base, "precision": "fp32", "kv_cache": "static", "decode": "kernels"})
+    step.load()
+    assert step.request([ids], 12).output_ids == plain.request([ids], 12).output_ids
+    made = step.decoder.kernel_step
+    assert (made.heads, made.kv_heads, made.head_dim, made.split) == (9, 3, 64, (9 + 2 * 3) * 64)
+    graph = HFBackend({**base, "precision": "int4-inductor", "kv_cache": "static", "decode": "graph"})
+    graph.load()
+    kernels = HFBackend({**base, "precision": "int4-inductor", "kv_cache": "static", "decode": "kernels"})
+    kernels.load()
+    assert kernels.request([ids], 12).output_ids == graph.request([ids], 12).output_ids
+    layer = kernels.decoder.kernel_step.layers[0]
+    assert (layer.w_in.group_size, layer.w_up.group_size, layer.w_down.group_size) == (32, 32, 128)

@@ -473,11 +473,16 @@ class HFPoint(Section):
     # every projection as torch.mm + bias so inductor can write its batch-1 kernel (backends/fuse.py)
     gemv: str | None = None  # default, or triton: batch-1 projections in 16 bits and int4-inductor's run the Triton
     # kernels of backends/kernels.py (CUDA)
+    int4_gemv: str | None = None  # decode: kernels over int4-inductor: its int4 GEMV kernel, rows (the default) or
+    # splitk (STEP_INT4_GEMVS)
 
 
 HF_DECODE = ("generate", "fast", "graph", "kernels")
 DECODE_LOOPS = ("fast", "graph", "kernels")  # the decode loops of this project over one static cache
 KERNEL_STEP_PRECISIONS = ("fp32", "fp16", "bf16", "int4-inductor")  # what decode: kernels' GEMVs read
+# decode: kernels' int4 GEMV (backends/step_triton.py): rows (gemv_int4, the first) or splitk (gemv_int4_splitk:
+# 3-D group loads, each row's groups split across programs)
+STEP_INT4_GEMVS = ("rows", "splitk")
 # the architectures decode: kernels has a step for, and whether it needs fuse_block (Phi's parallel block, fused by
 # fuse_block; Llama's layers are fused by the step itself)
 KERNEL_STEP_ARCHITECTURES = {"PhiForCausalLM": True, "LlamaForCausalLM": False}
@@ -527,7 +532,8 @@ class HFSweep(Section):
                 check_non_empty(f"{key}.{name}", getattr(self, name), f"{key}.enabled")
         _check_extras(key, self.extra_points,
                       {"precision": HF_PRECISIONS, "kv_cache": HF_KV_CACHES, "attn": HF_ATTENTION,
-                       "compile_mode": COMPILE_MODES, "decode": HF_DECODE, "gemv": HF_GEMV})
+                       "compile_mode": COMPILE_MODES, "decode": HF_DECODE, "gemv": HF_GEMV,
+                       "int4_gemv": STEP_INT4_GEMVS})
         for i, p in enumerate(self.extra_points):
             check_inductor(f"{key}.extra_points[{i}].inductor", p.inductor)
 
@@ -629,7 +635,8 @@ class ProfileConfig(Section):
         check_range(f"{key}.new_tokens", self.new_tokens, low=2)
         _check_extras(f"{key}.points", self.points,
                       {"precision": HF_PRECISIONS, "kv_cache": HF_KV_CACHES, "attn": HF_ATTENTION,
-                       "compile_mode": COMPILE_MODES, "decode": HF_DECODE, "gemv": HF_GEMV})
+                       "compile_mode": COMPILE_MODES, "decode": HF_DECODE, "gemv": HF_GEMV,
+                       "int4_gemv": STEP_INT4_GEMVS})
         for i, p in enumerate(self.points):
             check_inductor(f"{key}.points[{i}].inductor", p.inductor)
 

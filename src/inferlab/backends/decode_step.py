@@ -29,6 +29,7 @@ graph cannot). After a call, `logits` holds the step's logits (vocab,) and `laun
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,7 +88,7 @@ def architecture_problem(model) -> str | None:
 class DecodeStep:
     """step(tok (1, 1), pos (1, 1)) -> the greedy next token (1, 1), writing the new k/v into the static cache."""
 
-    def __init__(self, model, triton: bool):
+    def __init__(self, model, triton: bool, int4_gemv: str = "rows"):
         problem = architecture_problem(model)
         if problem:
             raise BackendUnavailable(problem)
@@ -108,6 +109,7 @@ class DecodeStep:
         self.head, self.head_b = _weight(head), head.bias
         self.embed = model.model.embed_tokens.weight
         self.model, self.triton = model, triton
+        self.int4_gemv = int4_gemv  # which Triton kernel runs the int4 GEMVs (config.STEP_INT4_GEMVS)
         if triton:
             from inferlab.backends import step_kernels
 
@@ -204,7 +206,7 @@ class DecodeStep:
         from inferlab.backends import step_kernels as sk
 
         if self.triton:
-            return sk.layer_norm, sk.rms_norm, sk.gemv, sk.attention
+            return sk.layer_norm, sk.rms_norm, functools.partial(sk.gemv, int4=self.int4_gemv), sk.attention
         return sk.ref_layer_norm, sk.ref_rms_norm, sk.ref_gemv, sk.ref_attention
 
     def _phi(self, pos) -> None:

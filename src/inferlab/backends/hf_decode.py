@@ -261,7 +261,8 @@ class StaticDecoder:
         if self.device.type == "cuda" and not kernels.available():  # the references read the position on the host
             raise BackendUnavailable("decode: kernels on CUDA runs Triton kernels: the triton package is missing")
         if self.kernel_step is None:
-            self.kernel_step = DecodeStep(self.model, triton=step_kernels_run(self.device) != "torch reference")
+            self.kernel_step = DecodeStep(self.model, triton=step_kernels_run(self.device) != "torch reference",
+                                          int4_gemv=self.settings.get("int4_gemv") or "rows")
         made = self.kernel_step
 
         def step(tok, pos):

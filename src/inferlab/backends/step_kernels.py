@@ -132,12 +132,12 @@ def _launch(tuned, n: int, *args, **kwargs) -> None:
     from inferlab.backends.kernels import interpreted
 
     LAUNCHES[0] += 1
-    if interpreted():
-        cfg = max(tuned.configs, key=lambda c: c.kwargs.get("BLOCK_N", 1))
+    if interpreted():  # the most rows per program, the most slices of K (split-K), the most groups per step
+        cfg = max(tuned.configs, key=lambda c: tuple(c.kwargs.get(k, 1) for k in ("BLOCK_N", "SPLIT_K", "NG")))
         rows = cfg.kwargs.get("BLOCK_N", 1)
-        tuned.fn[(-(-n // rows),)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps)
+        tuned.fn[(-(-n // rows), cfg.kwargs.get("SPLIT_K", 1))](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps)
         return
-    tuned[lambda meta: (-(-n // meta.get("BLOCK_N", 1)),)](*args, **kwargs)
+    tuned[lambda meta: (-(-n // meta.get("BLOCK_N", 1)), meta.get("SPLIT_K", 1))](*args, **kwargs)
 
 
 def layer_norm(x, w, b, eps: float, *, out):
@@ -158,8 +158,25 @@ def rms_norm(x, w, eps: float, *, out):
     _triton().rms_norm_kernel[(1,)](x, w, out, k, float(eps), BLOCK=triton.next_power_of_2(k), num_warps=8)
 
 
-def gemv(x, w, b, *, act_from=None, res=None, out, split=None, out2=None, glu_rows: bool = False):
-    """The Triton `gemv` (same arguments as ref_gemv; x, b, res, out, out2 contiguous CUDA tensors)."""
+def _splitk_scratch(rows: int, device):
+    """split-K's fp32 partial sums (rows) and per-block counts, zero between launches (each launch leaves them so),
+    shared by every int4 GEMV of the step: made or grown in the warm-up, never inside a graph capture."""
+    import torch
+
+    have = _SPLITK.get(device)
+    if have is None or have[0].numel() < rows:
+        _SPLITK[device] = (torch.zeros(rows, dtype=torch.float32, device=device),
+                           torch.zeros(rows, dtype=torch.int32, device=device))
+    return _SPLITK[device]
+
+
+_SPLITK: dict = {}
+
+
+def gemv(x, w, b, *, act_from=None, res=None, out, split=None, out2=None, glu_rows: bool = False,
+         int4: str = "rows"):
+    """The Triton `gemv` (same arguments as ref_gemv; x, b, res, out, out2 contiguous CUDA tensors); int4: which
+    kernel runs an Int4Linear (config.STEP_INT4_GEMVS: gemv_int4 or gemv_int4_splitk)."""
     t = _triton()
     n = w.out_features if hasattr(w, "packed") else w.shape[0]
     if glu_rows:  # a program computes row i of gate and of up (n / 2 rows apart) and writes SiLU(gate) * up
@@ -171,7 +188,11 @@ def gemv(x, w, b, *, act_from=None, res=None, out, split=None, out2=None, glu_ro
     res = res if res is not None else x
     split, out2 = (n, out) if split is None else (split, out2)
     act_from = act_from if act_from is not None else n
-    if hasattr(w, "packed"):
+    if hasattr(w, "packed") and int4 == "splitk":
+        part, count = _splitk_scratch(2 * n, x.device)
+        _launch(t.gemv_int4_splitk, n, x, w.packed, w.scale, w.offset, b, res, out, out2, part, count, n,
+                w.packed.shape[1], w.scale.shape[1], split, act_from, GROUP=w.group_size, **flags)
+    elif hasattr(w, "packed"):
         _launch(t.gemv_int4, n, x, w.packed, w.scale, w.offset, b, res, out, out2, n, w.packed.shape[1],
                 w.scale.shape[1], split, act_from, GROUP=w.group_size, **flags)
     else:

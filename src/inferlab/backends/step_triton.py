@@ -140,6 +140,79 @@ def gemv_int4_kernel(x_ptr, p_ptr, s_ptr, o_ptr, b_ptr, res_ptr, y_ptr, y2_ptr, 
 
 
 @triton.jit
+def int4_groups(p_ptr, s_ptr, o_ptr, rn, live, g, gm, k, xl, xh, sxl, sxh, half, K2, G):
+    """Rows rn's sums (BLOCK_N, NG) over groups g of both halves of the row, their bytes k (NG, GROUP) loaded as
+    one 3-D block (no reshape), each group's scale and offset read once."""
+    m3 = live[:, None, None] & gm[None, :, None]
+    p = tl.load(p_ptr + rn.to(tl.int64)[:, None, None] * K2 + k[None, :, :], mask=m3, other=0,
+                eviction_policy="evict_first").to(tl.int32)
+    lo = tl.sum((p & 15).to(tl.float32) * xl[None, :, :], axis=2)
+    hi = tl.sum((p >> 4).to(tl.float32) * xh[None, :, :], axis=2)
+    srow = rn[:, None] * G
+    m = live[:, None] & gm[None, :]
+    s_lo = tl.load(s_ptr + srow + g[None, :], mask=m, other=0).to(tl.float32)
+    s_hi = tl.load(s_ptr + srow + half + g[None, :], mask=m, other=0).to(tl.float32)
+    o_lo = tl.load(o_ptr + srow + g[None, :], mask=m, other=0).to(tl.float32)
+    o_hi = tl.load(o_ptr + srow + half + g[None, :], mask=m, other=0).to(tl.float32)
+    return s_lo * lo - o_lo * sxl[None, :] + s_hi * hi - o_hi * sxh[None, :]
+
+
+@triton.jit
+def gemv_int4_splitk_kernel(x_ptr, p_ptr, s_ptr, o_ptr, b_ptr, res_ptr, y_ptr, y2_ptr, part_ptr, count_ptr, N, K2, G,
+                            SPLIT, ACT_FROM, BLOCK_N: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr,
+                            SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr,
+                            GLU: tl.constexpr):
+    """gemv_int4_kernel's function (same layout and epilogue; `int4_gemv: splitk`). Program (block b, split s):
+    rows [b BLOCK_N, +BLOCK_N) over the s-th of SPLIT_K slices of each row's groups, NG groups per step. With
+    SPLIT_K > 1 the slices add their sums into part (fp32, zero between launches) with atomics, and the block's last
+    slice to finish (count) reads the totals, zeroes part and count again and runs the epilogue: the fp32 sums
+    then add in whichever order the slices finish."""
+    b = tl.program_id(0)
+    sid = tl.program_id(1)
+    rn = b * BLOCK_N + tl.arange(0, BLOCK_N)
+    live = rn < N
+    rg = tl.arange(0, NG)
+    rj = tl.arange(0, GROUP)
+    half = G // 2
+    per = tl.cdiv(half, SPLIT_K)
+    g_end = tl.minimum(per * (sid + 1), half)
+    acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    for g0 in tl.range(per * sid, g_end, NG):
+        g = g0 + rg
+        gm = g < g_end
+        k = g[:, None] * GROUP + rj[None, :]
+        xl = tl.load(x_ptr + k, mask=gm[:, None], other=0).to(tl.float32)
+        xh = tl.load(x_ptr + K2 + k, mask=gm[:, None], other=0).to(tl.float32)
+        sxl = tl.sum(xl, axis=1)
+        sxh = tl.sum(xh, axis=1)
+        acc += int4_groups(p_ptr, s_ptr, o_ptr, rn, live, g, gm, k, xl, xh, sxl, sxh, half, K2, G)
+        if GLU:
+            acc2 += int4_groups(p_ptr, s_ptr, o_ptr, rn + N, live, g, gm, k, xl, xh, sxl, sxh, half, K2, G)
+    y = tl.sum(acc, axis=1)
+    y2 = tl.sum(acc2, axis=1)
+    if SPLIT_K > 1:
+        tl.atomic_add(part_ptr + rn, y, mask=live)
+        if GLU:
+            tl.atomic_add(part_ptr + N + rn, y2, mask=live)
+        tl.debug_barrier()  # every thread's partial sums before the count that publishes them
+        if tl.atomic_add(count_ptr + b, 1) == SPLIT_K - 1:  # the totals, read where the atomics added them
+            zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            y = tl.atomic_add(part_ptr + rn, zero, mask=live)
+            tl.store(part_ptr + rn, zero, mask=live)
+            if GLU:
+                y2 = tl.atomic_add(part_ptr + N + rn, zero, mask=live)
+                tl.store(part_ptr + N + rn, zero, mask=live)
+                y = glu(y, y2, y_ptr)
+            tl.store(count_ptr + b, 0)
+            epilogue(y, rn, live, b_ptr, res_ptr, y_ptr, y2_ptr, SPLIT, ACT_FROM, HAS_BIAS, ACT, RES)
+    else:
+        if GLU:
+            y = glu(y, y2, y_ptr)
+        epilogue(y, rn, live, b_ptr, res_ptr, y_ptr, y2_ptr, SPLIT, ACT_FROM, HAS_BIAS, ACT, RES)
+
+
+@triton.jit
 def attention_part_kernel(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, L, S, scale,
                           H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_T: tl.constexpr):
@@ -213,3 +286,9 @@ gemv_int4 = triton.autotune(configs=[triton.Config({"BLOCK_N": bn, "NG": ng}, nu
                                      for bn in (1, 2, 4, 8) for ng in (1, 2, 4) for w in (2, 4, 8) for st in (1, 3)
                                      if 4 <= bn * ng * 128 // (32 * w) <= 32],
                             key=["N", "K2", "ACT", "RES", "GLU"], restore_value=["y_ptr", "y2_ptr"])(gemv_int4_kernel)
+# int4, split-K: rows per program x groups per step x slices of each row (27 configurations: each compiles on the
+# first call of a shape, in the step's warm-up); the slices for shapes with too few row blocks to fill the GPU
+gemv_int4_splitk = triton.autotune(
+    configs=[triton.Config({"BLOCK_N": bn, "NG": ng, "SPLIT_K": sk}, num_warps=4, num_stages=3)
+             for bn in (4, 8, 16) for ng in (2, 4, 8) for sk in (1, 2, 4)],
+    key=["N", "K2", "ACT", "RES", "GLU"], restore_value=["y_ptr", "y2_ptr"])(gemv_int4_splitk_kernel)

@@ -82,6 +82,7 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int, a
         fuse = "block" if c.pop("fuse_block", None) else None  # the block fusion includes q/k/v
         fuse = "qkv" if c.pop("fuse_qkv", None) and not fuse else fuse
         gemv = c.pop("gemv", None) or "default"
+        int4_gemv = c.pop("int4_gemv", None) or "rows"
         settings = {**c, "scenario": "latency", "device": H.device, "n_threads": threads,
                     "compute_dtype": H.compute_dtype, "compile_mode": mode,
                     "prompt_tokens": w.prompt_tokens, "new_tokens": new_tokens, "warmup": w.warmup,
@@ -94,6 +95,8 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int, a
             settings[f"fuse_{fuse}"] = True
         if gemv != "default":
             settings["gemv"] = gemv
+        if int4_gemv != "rows":  # only then: the ids of the points before this knob stay what they were
+            settings["int4_gemv"] = int4_gemv
         key = tuple(sorted(settings.items()))
         if key in seen or not keep(settings, pins):
             continue
@@ -106,6 +109,9 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int, a
             skip = f"the {decode} decode loop runs on a static KV cache (kv_cache=static)"
         elif gemv == "triton" and H.device != "cuda":
             skip = "gemv: triton runs Triton kernels, which need CUDA (device: cuda)"
+        elif int4_gemv != "rows" and (decode != "kernels" or c["precision"] != "int4-inductor"):
+            skip = (f"int4_gemv: {int4_gemv} picks decode: kernels' int4 GEMV: it applies to decode: kernels with "
+                    "precision: int4-inductor")
         elif decode == "kernels":
             skip = kernel_step_problem(c, fuse, gemv, arch) or missing_package(c["precision"])
         else:
@@ -119,6 +125,8 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int, a
             name += f"-{fuse}"
         if gemv != "default":
             name += f"-{gemv}"
+        if int4_gemv != "rows":
+            name += f"-{int4_gemv}"
         if fast:
             name += f"-{decode}"
         load = {"model_dir": str(model_dir)}
