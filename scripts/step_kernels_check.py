@@ -72,10 +72,12 @@ def graph_time(fns) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def check_gemv(name, n, k, *, dev, dtype, int4, act_from, split, res, timing, lines, glu=False, bias=True):
+def check_gemv(name, n, k, *, dev, dtype, int4, act_from, split, res, timing, lines, glu=False, bias=True,
+               norm=False):
     """glu: the weight's n rows are [gate; up] and the output n / 2 rows of SiLU(gate) * up (no bias); int4: False,
-    or the int4 kernel to check ("rows", "splitk")."""
+    or the int4 kernel to check ("rows", "splitk"); norm: an RMSNorm of x in the prologue."""
     kernel = int4 or "rows"
+    rms = (1 + 0.1 * torch.randn(k, device=dev, dtype=dtype), 1e-5) if norm else None
     copies = max(1, min(8, (200 << 20) // (n * k * (1 if int4 else 2)) + 1)) if timing else 1
     ws = [linear(n, k, dtype, dev, int4) for _ in range(copies)]
     b = torch.randn(n, device=dev, dtype=dtype) * 0.1 if bias and not glu else None
@@ -89,7 +91,7 @@ def check_gemv(name, n, k, *, dev, dtype, int4, act_from, split, res, timing, li
             out = r = resv.clone()
         else:
             out, r = torch.full((split or rows,), float("nan"), device=dev, dtype=dtype), None
-        fn(x.clone(), ws[0], b, act_from=act_from, res=r, out=out, split=split, out2=out2, glu_rows=glu)
+        fn(x.clone(), ws[0], b, act_from=act_from, res=r, out=out, split=split, out2=out2, glu_rows=glu, norm=rms)
         outs[impl] = torch.cat([out, out2]) if split else out
     err = rel(outs["triton"], outs["ref"])
     line = f"{name:34s} N={n:6d} K={k:6d} {'int4' if int4 else str(dtype)[6:]:8s} rel err {err:.2e}"
@@ -98,7 +100,7 @@ def check_gemv(name, n, k, *, dev, dtype, int4, act_from, split, res, timing, li
         o2 = torch.empty(n - split, device=dev, dtype=dtype) if split else None
         r = torch.zeros(n, device=dev, dtype=dtype) if res else None
         fns = [lambda w=w: sk.gemv(x, w, b, act_from=act_from, res=r, out=r if res else o1, split=split, out2=o2,
-                                   glu_rows=glu, int4=kernel) for w in ws]
+                                   glu_rows=glu, int4=kernel, norm=rms) for w in ws]
         ms = graph_time(fns)
         line += f"  {ms * 1000:7.1f} us  {weight_bytes(ws[0]) / ms / 1e6:7.0f} GB/s"
     lines.append(line)
@@ -135,8 +137,9 @@ def check_rms_norm(k, *, dev, dtype, timing, lines):
     return err
 
 
-def check_attention(h, d, r, length, positions, *, dev, dtype, timing, lines, kv=None):
-    """kv: key/value heads (grouped-query attention, Llama's layout); None: one per head (Phi's)."""
+def check_attention(h, d, r, length, positions, *, dev, dtype, timing, lines, kv=None, one=False):
+    """kv: key/value heads (grouped-query attention, Llama's layout); None: one per head (Phi's); one: the one-launch
+    kernel (fuse_attention)."""
     errs = []
     kv = kv or h
     for pos in positions:
@@ -148,7 +151,7 @@ def check_attention(h, d, r, length, positions, *, dev, dtype, timing, lines, kv
         cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
         p = torch.tensor([[pos]], device=dev)
         res = {}
-        for impl, fn in (("ref", sk.ref_attention), ("triton", sk.attention)):
+        for impl, fn in (("ref", sk.ref_attention), ("triton", functools.partial(sk.attention, one=one))):
             k2, v2 = kc.clone(), vc.clone()
             out = torch.full((h * d,), float("nan"), device=dev, dtype=dtype)
             fn(qkv, k2, v2, cos, sin, p, out=out, scale=d ** -0.5)
@@ -156,11 +159,12 @@ def check_attention(h, d, r, length, positions, *, dev, dtype, timing, lines, kv
         err = max(rel(res["triton"][0], res["ref"][0]), rel(res["triton"][1], res["ref"][1]),
                   rel(res["triton"][2], res["ref"][2]))
         errs.append(err)
-        line = f"attention H={h} KV={kv} D={d} rot={r} L={length} pos={pos:4d}     rel err {err:.2e}"
+        kind = "attention 1" if one else "attention  "
+        line = f"{kind} H={h} KV={kv} D={d} rot={r} L={length} pos={pos:4d}   rel err {err:.2e}"
         if timing:
             out = torch.empty(h * d, device=dev, dtype=dtype)
             args = (qkv, kc, vc, cos, sin, p)
-            ms = graph_time([lambda a=args, o=out: sk.attention(*a, out=o, scale=d ** -0.5)])
+            ms = graph_time([lambda a=args, o=out: sk.attention(*a, out=o, scale=d ** -0.5, one=one)])
             line += f"  {ms * 1000:7.1f} us"
         lines.append(line)
     return max(errs)
@@ -257,6 +261,7 @@ def main() -> int:
     positions = sorted({0, 1, 63, 64, length - 1} & set(range(length)))
     worst = max(worst, check_attention(heads, d, r, length, positions, dev=dev, dtype=dtype,
                                        timing=timing, lines=lines))
+    phi_attention = (heads, d, r)
     # Llama's layer (SmolLM2-135M's shapes; small: tiny-llama's): [q; k; v] and [gate; up] with SiLU(gate) * up,
     # both without bias, RMSNorm, grouped-query attention with rotary over the whole head
     hid, inter, heads, kv, d = (576, 1536, 9, 3, 64) if not a.small else (256, 768, 4, 2, 64)
@@ -268,9 +273,20 @@ def main() -> int:
         worst = max(worst, check_gemv(f"{kind} llama [gate; up]: SiLU * up", 2 * inter, hid, dev=dev, dtype=dtype,
                                       int4=int4, act_from=None, split=None, res=False, timing=timing, lines=lines,
                                       glu=True))
+        worst = max(worst, check_gemv(f"{kind} llama RMSNorm + [gate; up]", 2 * inter, hid, dev=dev, dtype=dtype,
+                                      int4=int4, act_from=None, split=None, res=False, timing=timing, lines=lines,
+                                      glu=True, norm=True))
+    vocab = 49152 if not a.small else vocab  # SmolLM2's tied head
+    worst = max(worst, check_gemv("fp16 llama RMSNorm + head", vocab, hid, dev=dev, dtype=dtype, int4=False,
+                                  act_from=None, split=None, res=False, timing=timing, lines=lines, bias=False,
+                                  norm=True))
     worst = max(worst, check_rms_norm(hid, dev=dev, dtype=dtype, timing=timing, lines=lines))
-    worst = max(worst, check_attention(heads, d, d, length, positions, dev=dev, dtype=dtype, timing=timing,
-                                       lines=lines, kv=kv))
+    for one in (False, True):  # the one-launch kernel (fuse_attention) on both layouts
+        if one:
+            worst = max(worst, check_attention(*phi_attention, length, positions, dev=dev, dtype=dtype,
+                                               timing=timing, lines=lines, one=True))
+        worst = max(worst, check_attention(heads, d, d, length, positions, dev=dev, dtype=dtype, timing=timing,
+                                           lines=lines, kv=kv, one=one))
     limit = 2e-4 if dtype == torch.float16 else 1e-5  # fp16: 5x the worst seen (4e-5 here, 1.4e-5 on an H200)
     lines.append(f"worst relative error {worst:.2e} (limit {limit:.0e}): {'PASS' if worst < limit else 'FAIL'}")
     if a.model_dir and cuda:

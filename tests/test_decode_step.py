@@ -148,7 +148,7 @@ def test_the_triton_kernels_compute_their_references_under_the_interpreter():
         assert r.returncode == 0, r.stdout + r.stderr
         assert "cpu (Triton interpreter)" in r.stdout
         checked = [line for line in r.stdout.splitlines() if "rel err" in line]
-        assert len(checked) == 25 and r.stdout.splitlines()[-1].endswith("PASS"), r.stdout
+        assert len(checked) == 39 and r.stdout.splitlines()[-1].endswith("PASS"), r.stdout
 
 
 # --- Llama blocks (tiny-llama: SmolLM2's code paths; grouped-query attention, RMSNorm, SiLU-gated MLP, tied head) ---
@@ -289,6 +289,41 @@ def test_the_int4_gemv_knob_picks_the_steps_int4_kernel():
         compose(["bench_gpu=fast", f"bench_gpu.hf.extra_points=[{point.replace('splitk', 'wide')}]"])
 
 
+def test_fuse_norm_puts_the_rms_norm_in_the_gemvs_and_keeps_the_tokens(tiny_llama_hf, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    base = {"model_dir": str(tiny_llama_hf), "device": "cpu", "attn": "sdpa", "threads": 2, "precision": "fp32",
+            "kv_cache": "static", "decode": "kernels"}
+    plain, fused = HFBackend(base), HFBackend({**base, "fuse_norm": True})
+    plain.load()
+    fused.load()
+    ids = plain.tokenize("The weather today is nice and the")
+    assert fused.request([ids], 12).output_ids == plain.request([ids], 12).output_ids
+    assert fused.decoder.kernel_step.fuse_norm and not plain.decoder.kernel_step.fuse_norm
+    torch.manual_seed(3)
+    x, w, nw = torch.randn(16, dtype=torch.float16), torch.randn(8, 16, dtype=torch.float16), torch.rand(16) + 0.5
+    h, out, want = (torch.empty(16, dtype=torch.float16), torch.empty(8, dtype=torch.float16),
+                    torch.empty(8, dtype=torch.float16))
+    sk.ref_gemv(x, w, None, out=out, norm=(nw.half(), 1e-5))
+    sk.ref_rms_norm(x, nw.half(), 1e-5, out=h)
+    sk.ref_gemv(h, w, None, out=want)
+    assert torch.equal(out, want)
+    cfg = compose(["bench_gpu=fast", "model=tiny-llama", "bench_gpu.hf.extra_points=[{precision: fp16, batch_size: 1, "
+                   "kv_cache: static, decode: kernels, fuse_norm: true}]"])
+    (p,) = [p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 16, cfg.model_architecture())
+            if "normfused" in p.name]
+    assert p.skip is None and p.name == "hf-fp16-b1-static-sdpa-normfused-kernels"
+    (p,) = [p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 16, "PhiForCausalLM")
+            if "normfused" in p.name]
+    assert p.skip and "applies to decode: kernels on LlamaForCausalLM" in p.skip
+    for decode, skip in (("kernels", None), ("graph", "fuse_attention is decode: kernels' one-launch attention: it "
+                                                      "applies to decode: kernels")):
+        cfg = compose(["bench_gpu=fast", "model=tiny-llama", "bench_gpu.hf.extra_points=[{precision: fp16, batch_size: "
+                       f"1, kv_cache: static, decode: {decode}, fuse_attention: true}}]"])
+        (p,) = [p for p in hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 16, cfg.model_architecture())
+                if "attn1" in p.name]
+        assert p.skip == skip and p.name.endswith(f"-attn1-{decode}")
+
+
 def test_the_kernel_step_names_the_architectures_it_runs():
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -312,13 +347,16 @@ print(json.dumps({"ran": ran, "tokens": r.output_ids, "launches": summarize_requ
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [{"precision": "fp32"}, {"precision": "int4-inductor", "int4_gemv": "splitk"}],
-                         ids=["fp32", "int4-splitk"])
+@pytest.mark.parametrize("extra", [{"precision": "fp32"},
+                                   {"precision": "int4-inductor", "int4_gemv": "splitk", "fuse_norm": True,
+                                    "fuse_attention": True}],
+                         ids=["fp32", "int4-splitk-fused"])
 def test_the_llama_step_on_the_interpreted_triton_kernels_gives_the_references_tokens(tiny_llama_hf, monkeypatch,
                                                                                      extra):
     """The whole Llama step on the Triton kernels (Triton's interpreter; fp32 weights, and int4 ones on the split-K
-    kernel) gives the torch-reference step's greedy tokens, and its point records the launches per step: 8 per
-    layer (attention is two) and 4 more (the embedding, the final norm, the head, the argmax)."""
+    kernel with each RMSNorm in its GEMV's prologue and attention in one launch) gives the torch-reference step's
+    greedy tokens, and its point records the launches per step: 8 per layer (attention is two) and 4 more (the
+    embedding, the final norm, the head, the argmax); fused, 5 per layer and 3 more."""
     import json
 
     import triton  # noqa: F401  (installed by setup.sh: without it this test fails, it is not skipped)
@@ -336,7 +374,8 @@ def test_the_llama_step_on_the_interpreted_triton_kernels_gives_the_references_t
     assert r.returncode == 0, r.stdout + r.stderr
     got = json.loads(r.stdout.splitlines()[-1])
     layers = len(be.model.model.layers)
-    assert got == {"ran": "triton, interpreted", "tokens": want, "launches": 8 * layers + 4}
+    launches = 5 * layers + 3 if extra.get("fuse_norm") else 8 * layers + 4
+    assert got == {"ran": "triton, interpreted", "tokens": want, "launches": launches}
 
 
 @pytest.mark.slow

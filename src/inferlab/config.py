@@ -475,6 +475,10 @@ class HFPoint(Section):
     # kernels of backends/kernels.py (CUDA)
     int4_gemv: str | None = None  # decode: kernels over int4-inductor: its int4 GEMV kernel, rows (the default) or
     # splitk (STEP_INT4_GEMVS)
+    fuse_norm: bool | None = None  # decode: kernels on Llama: each RMSNorm in the prologue of the GEMV that reads it
+    # (two launches per layer fewer)
+    fuse_attention: bool | None = None  # decode: kernels: attention in one launch, a program per query head over the
+    # whole cache, instead of programs per head and chunk and a combine (one launch per layer fewer; short caches)
 
 
 HF_DECODE = ("generate", "fast", "graph", "kernels")

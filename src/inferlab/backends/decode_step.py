@@ -20,7 +20,9 @@ model's own weights (copies: the prefill still runs the model's projections):
     gemv(a -> Wo + x) -> x (in place)
     rms_norm(x) -> h;  gemv(h -> [Wgate; Wup], SiLU(gate) * up) -> m;  gemv(m -> Wdown + x) -> x (in place)
 
-then the final norm, the output head's GEMV (Llama's tied to the embedding) and an argmax. The prefill stays the
+then the final norm, the output head's GEMV (Llama's tied to the embedding) and an argmax. Options, each a point's
+knob: fuse_norm (Llama: each RMSNorm in the prologue of the GEMV that reads it, recomputed by every program),
+fuse_attention (attention in one launch), int4_gemv (which int4 GEMV kernel). The prefill stays the
 model's own forward on the same static cache (transformers' StaticCache), which the step then reads and extends.
 Batch 1 only (each kernel takes one row). On the CPU each kernel runs as its torch reference (the same function;
 the path the tests take); on CUDA the Triton kernels (the references read the position on the host, which a CUDA
@@ -88,11 +90,16 @@ def architecture_problem(model) -> str | None:
 class DecodeStep:
     """step(tok (1, 1), pos (1, 1)) -> the greedy next token (1, 1), writing the new k/v into the static cache."""
 
-    def __init__(self, model, triton: bool, int4_gemv: str = "rows"):
+    def __init__(self, model, triton: bool, int4_gemv: str = "rows", fuse_norm: bool = False,
+                 fuse_attention: bool = False):
         problem = architecture_problem(model)
         if problem:
             raise BackendUnavailable(problem)
         self.llama = type(model).__name__ == "LlamaForCausalLM"
+        if fuse_norm and not self.llama:
+            raise BackendUnavailable("fuse_norm puts Llama's RMSNorm in the GEMV prologue; Phi's layer norm has none")
+        self.fuse_norm = fuse_norm  # each RMSNorm in the prologue of the GEMV that reads its output
+        self.fuse_attention = fuse_attention  # attention in one launch (a program per query head)
         cfg = model.config
         self.layers: list[Layer] = []
         (self._llama_layers if self.llama else self._phi_layers)(model)
@@ -206,7 +213,8 @@ class DecodeStep:
         from inferlab.backends import step_kernels as sk
 
         if self.triton:
-            return sk.layer_norm, sk.rms_norm, functools.partial(sk.gemv, int4=self.int4_gemv), sk.attention
+            return (sk.layer_norm, sk.rms_norm, functools.partial(sk.gemv, int4=self.int4_gemv),
+                    functools.partial(sk.attention, one=self.fuse_attention))
         return sk.ref_layer_norm, sk.ref_rms_norm, sk.ref_gemv, sk.ref_attention
 
     def _phi(self, pos) -> None:
@@ -223,14 +231,19 @@ class DecodeStep:
     def _llama(self, pos) -> None:
         _, rms, gemv, attention = self._kernels()
         x, h, buf = self.x, self.h, self.buf
+
+        def normed(norm) -> dict:
+            """The next GEMV's input and prologue: x with the norm in it (fuse_norm), or h = RMSNorm(x) now."""
+            if self.fuse_norm:
+                return {"x": x, "norm": norm}
+            rms(x, *norm, out=h)
+            return {"x": h}
+
         for layer in self.layers:
-            rms(x, *layer.ln, out=h)
-            gemv(h, layer.w_in, None, out=self.qkv)
+            gemv(w=layer.w_in, b=None, out=self.qkv, **normed(layer.ln))
             attention(self.qkv, layer.k_cache, layer.v_cache, self.cos, self.sin, pos, out=self.attn,
                       scale=self.scale)
             gemv(self.attn, layer.w_out, None, res=x, out=x)
-            rms(x, *layer.ln2, out=h)
-            gemv(h, layer.w_up, None, out=buf, glu_rows=True)
+            gemv(w=layer.w_up, b=None, out=buf, glu_rows=True, **normed(layer.ln2))
             gemv(buf, layer.w_down, None, res=x, out=x)
-        rms(x, *self.final_ln, out=h)
-        gemv(h, self.head, self.head_b, out=self.logits)
+        gemv(w=self.head, b=self.head_b, out=self.logits, **normed(self.final_ln))

@@ -262,7 +262,9 @@ class StaticDecoder:
             raise BackendUnavailable("decode: kernels on CUDA runs Triton kernels: the triton package is missing")
         if self.kernel_step is None:
             self.kernel_step = DecodeStep(self.model, triton=step_kernels_run(self.device) != "torch reference",
-                                          int4_gemv=self.settings.get("int4_gemv") or "rows")
+                                          int4_gemv=self.settings.get("int4_gemv") or "rows",
+                                          fuse_norm=bool(self.settings.get("fuse_norm")),
+                                          fuse_attention=bool(self.settings.get("fuse_attention")))
         made = self.kernel_step
 
         def step(tok, pos):

@@ -52,11 +52,17 @@ def glu(g, u, dtype):
     return (torch.nn.functional.silu(g).to(dtype).float() * u).to(dtype)
 
 
-def ref_gemv(x, w, b, *, act_from=None, res=None, out, split=None, out2=None, glu_rows: bool = False):
+def ref_gemv(x, w, b, *, act_from=None, res=None, out, split=None, out2=None, glu_rows: bool = False, norm=None):
     """What `gemv` computes: x (K,) in the model's dtype; w a weight (N, K) or an Int4Linear; rows >= act_from get
     GELU (tanh); res (N,) added last; rows < split go to out[:split], the rest to out2 (split None: all to out).
-    glu_rows: w is [gate; up] (2 N rows) and out (N,) = SiLU(gate x) * (up x), rounded as Llama's MLP does."""
+    glu_rows: w is [gate; up] (2 N rows) and out (N,) = SiLU(gate x) * (up x), rounded as Llama's MLP does.
+    norm: (weight, eps) of an RMSNorm applied to x first (ref_rms_norm's function)."""
     import torch
+
+    if norm is not None:
+        h = torch.empty_like(x)
+        ref_rms_norm(x, *norm, out=h)
+        x = h
 
     wf = w.dequantize(torch.float32) if hasattr(w, "packed") else w.float()
     y = wf @ x.float()
@@ -174,7 +180,7 @@ _SPLITK: dict = {}
 
 
 def gemv(x, w, b, *, act_from=None, res=None, out, split=None, out2=None, glu_rows: bool = False,
-         int4: str = "rows"):
+         int4: str = "rows", norm=None):
     """The Triton `gemv` (same arguments as ref_gemv; x, b, res, out, out2 contiguous CUDA tensors); int4: which
     kernel runs an Int4Linear (config.STEP_INT4_GEMVS: gemv_int4 or gemv_int4_splitk)."""
     t = _triton()
@@ -183,7 +189,9 @@ def gemv(x, w, b, *, act_from=None, res=None, out, split=None, out2=None, glu_ro
         if b is not None or act_from is not None or res is not None or split is not None:
             raise ValueError("gemv: glu_rows takes no bias, activation, residual or split")
         n //= 2
-    flags = dict(HAS_BIAS=b is not None, ACT=act_from is not None, RES=res is not None, GLU=glu_rows)
+    flags = dict(HAS_BIAS=b is not None, ACT=act_from is not None, RES=res is not None, GLU=glu_rows,
+                 NORM=norm is not None)
+    nw, eps = norm if norm is not None else (x, 0.0)
     b = b if b is not None else x
     res = res if res is not None else x
     split, out2 = (n, out) if split is None else (split, out2)
@@ -191,12 +199,12 @@ def gemv(x, w, b, *, act_from=None, res=None, out, split=None, out2=None, glu_ro
     if hasattr(w, "packed") and int4 == "splitk":
         part, count = _splitk_scratch(2 * n, x.device)
         _launch(t.gemv_int4_splitk, n, x, w.packed, w.scale, w.offset, b, res, out, out2, part, count, n,
-                w.packed.shape[1], w.scale.shape[1], split, act_from, GROUP=w.group_size, **flags)
+                w.packed.shape[1], w.scale.shape[1], split, act_from, nw, float(eps), GROUP=w.group_size, **flags)
     elif hasattr(w, "packed"):
         _launch(t.gemv_int4, n, x, w.packed, w.scale, w.offset, b, res, out, out2, n, w.packed.shape[1],
-                w.scale.shape[1], split, act_from, GROUP=w.group_size, **flags)
+                w.scale.shape[1], split, act_from, nw, float(eps), GROUP=w.group_size, **flags)
     else:
-        _launch(t.gemv_fp16, n, x, w, b, res, out, out2, n, w.shape[1], split, act_from, **flags)
+        _launch(t.gemv_fp16, n, x, w, b, res, out, out2, n, w.shape[1], split, act_from, nw, float(eps), **flags)
 
 
 # the attention's per-chunk statistics, one set per shape and device, shared by every layer and step: safe while they
@@ -204,8 +212,9 @@ def gemv(x, w, b, *, act_from=None, res=None, out, split=None, out2=None, glu_ro
 _SCRATCH: dict = {}
 
 
-def attention(qkv, k_cache, v_cache, cos, sin, pos, *, out, scale: float):
-    """The Triton `attention` (same arguments as ref_attention; batch 1)."""
+def attention(qkv, k_cache, v_cache, cos, sin, pos, *, out, scale: float, one: bool = False):
+    """The Triton `attention` (same arguments as ref_attention; batch 1); one: in one launch, a program per query
+    head over the whole cache (attention_one_kernel), instead of programs per head and chunk and a combine."""
     import torch
     import triton
 
@@ -213,6 +222,12 @@ def attention(qkv, k_cache, v_cache, cos, sin, pos, *, out, scale: float):
     _, n_kv, length, d = k_cache.shape
     n_heads = qkv.numel() // d - 2 * n_kv
     chunks, block_d = triton.cdiv(length, CHUNK), triton.next_power_of_2(d)
+    if one:
+        LAUNCHES[0] += 1
+        t.attention_one_kernel[(n_heads,)](qkv, k_cache, v_cache, cos, sin, pos, out, length, scale, H=n_heads,
+                                           KV=n_kv, D=d, R=cos.shape[-1], BLOCK_D=block_d, BLOCK_T=CHUNK,
+                                           num_warps=2)
+        return
     key = (n_heads, chunks, block_d, k_cache.device)
     if key not in _SCRATCH:  # made on the first (warm-up) call, never inside a graph capture
         _SCRATCH[key] = (torch.empty(n_heads * chunks, device=k_cache.device),

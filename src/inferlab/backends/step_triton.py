@@ -38,6 +38,27 @@ def rms_norm_kernel(x_ptr, w_ptr, h_ptr, K, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def rms_rstd(x_ptr, K, eps, BLOCK: tl.constexpr):
+    """1 / rms(x) of the row x (K,), summed in chunks of BLOCK: a GEMV's RMSNorm prologue (every program reads the
+    row anyway)."""
+    r = tl.arange(0, BLOCK)
+    ss = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK):
+        xs = tl.load(x_ptr + k0 + r, mask=k0 + r < K, other=0).to(tl.float32)
+        ss += xs * xs
+    return 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+
+
+@triton.jit
+def rms_apply(x, rstd, nw, x_ptr):
+    """Llama's RMSNorm of loaded values x given their row's rstd and the norm's weights nw, rounded to x's dtype
+    where RMSNorm rounds (rms_norm_kernel's function)."""
+    dtype = x_ptr.dtype.element_ty
+    n = (x * rstd).to(dtype).to(tl.float32)
+    return (nw * n).to(dtype).to(tl.float32)
+
+
+@triton.jit
 def glu(g, u, y_ptr):
     """SiLU(g) * u from fp32 sums, rounded to y's dtype where Llama's MLP rounds (g, u, SiLU(g); the product when
     stored)."""
@@ -66,10 +87,14 @@ def epilogue(y, rn, live, b_ptr, res_ptr, y_ptr, y2_ptr, SPLIT, ACT_FROM, HAS_BI
 
 
 @triton.jit
-def gemv_fp16_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, y2_ptr, N, K, SPLIT, ACT_FROM, BLOCK_K: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr, GLU: tl.constexpr):
+def gemv_fp16_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, y2_ptr, N, K, SPLIT, ACT_FROM, nw_ptr, eps,
+                     BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr,
+                     GLU: tl.constexpr, NORM: tl.constexpr):
     # GLU: the weight is [gate; up] (2 N rows); program i reads rows i and N + i and writes SiLU(gate) * up
+    # NORM: x is RMSNorm(x) with weights nw (Llama's norm in the prologue: one launch fewer)
     row = tl.program_id(0)
+    if NORM:
+        rstd = rms_rstd(x_ptr, K, eps, BLOCK_K)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -78,6 +103,8 @@ def gemv_fp16_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, y2_ptr, N, K, SPLIT, A
     for k0 in tl.range(0, K, BLOCK_K):
         inside = k0 + rk < K
         x = tl.load(x_ptr + k0 + rk, mask=inside, other=0).to(tl.float32)
+        if NORM:
+            x = rms_apply(x, rstd, tl.load(nw_ptr + k0 + rk, mask=inside, other=0).to(tl.float32), x_ptr)
         w = tl.load(base + k0 + rk, mask=inside, other=0, eviction_policy="evict_first").to(tl.float32)
         acc += w * x
         if GLU:
@@ -108,9 +135,9 @@ def int4_part(p_ptr, s_ptr, o_ptr, rn, live, k, kin, xl, xh, sxl, sxh, g, half, 
 
 
 @triton.jit
-def gemv_int4_kernel(x_ptr, p_ptr, s_ptr, o_ptr, b_ptr, res_ptr, y_ptr, y2_ptr, N, K2, G, SPLIT, ACT_FROM,
+def gemv_int4_kernel(x_ptr, p_ptr, s_ptr, o_ptr, b_ptr, res_ptr, y_ptr, y2_ptr, N, K2, G, SPLIT, ACT_FROM, nw_ptr, eps,
                      BLOCK_N: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     ACT: tl.constexpr, RES: tl.constexpr, GLU: tl.constexpr):
+                     ACT: tl.constexpr, RES: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr):
     # rows [pid * BLOCK_N, +BLOCK_N), NG groups of GROUP bytes per step; K2 = bytes per row (K / 2); G = groups
     # per row (K / GROUP), the first G / 2 for the low nibbles, the rest for the high ones; GLU: rows N + rn too
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -120,11 +147,16 @@ def gemv_int4_kernel(x_ptr, p_ptr, s_ptr, o_ptr, b_ptr, res_ptr, y_ptr, y2_ptr, 
     half = G // 2
     acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    if NORM:
+        rstd = rms_rstd(x_ptr, 2 * K2, eps, NG * GROUP)
     for k0 in tl.range(0, K2, NG * GROUP):
         k = k0 + rk
         kin = k < K2
         xl = tl.load(x_ptr + k, mask=kin, other=0).to(tl.float32)
         xh = tl.load(x_ptr + K2 + k, mask=kin, other=0).to(tl.float32)
+        if NORM:
+            xl = rms_apply(xl, rstd, tl.load(nw_ptr + k, mask=kin, other=0).to(tl.float32), x_ptr)
+            xh = rms_apply(xh, rstd, tl.load(nw_ptr + K2 + k, mask=kin, other=0).to(tl.float32), x_ptr)
         sxl = tl.sum(tl.reshape(xl, (NG, GROUP)), axis=1)
         sxh = tl.sum(tl.reshape(xh, (NG, GROUP)), axis=1)
         g = k0 // GROUP + rg
@@ -159,9 +191,9 @@ def int4_groups(p_ptr, s_ptr, o_ptr, rn, live, g, gm, k, xl, xh, sxl, sxh, half,
 
 @triton.jit
 def gemv_int4_splitk_kernel(x_ptr, p_ptr, s_ptr, o_ptr, b_ptr, res_ptr, y_ptr, y2_ptr, part_ptr, count_ptr, N, K2, G,
-                            SPLIT, ACT_FROM, BLOCK_N: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr,
-                            SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr,
-                            GLU: tl.constexpr):
+                            SPLIT, ACT_FROM, nw_ptr, eps, BLOCK_N: tl.constexpr, NG: tl.constexpr,
+                            GROUP: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                            RES: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr):
     """gemv_int4_kernel's function (same layout and epilogue; `int4_gemv: splitk`). Program (block b, split s):
     rows [b BLOCK_N, +BLOCK_N) over the s-th of SPLIT_K slices of each row's groups, NG groups per step. With
     SPLIT_K > 1 the slices add their sums into part (fp32, zero between launches) with atomics, and the block's last
@@ -178,12 +210,17 @@ def gemv_int4_splitk_kernel(x_ptr, p_ptr, s_ptr, o_ptr, b_ptr, res_ptr, y_ptr, y
     g_end = tl.minimum(per * (sid + 1), half)
     acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    if NORM:
+        rstd = rms_rstd(x_ptr, 2 * K2, eps, NG * GROUP)
     for g0 in tl.range(per * sid, g_end, NG):
         g = g0 + rg
         gm = g < g_end
         k = g[:, None] * GROUP + rj[None, :]
         xl = tl.load(x_ptr + k, mask=gm[:, None], other=0).to(tl.float32)
         xh = tl.load(x_ptr + K2 + k, mask=gm[:, None], other=0).to(tl.float32)
+        if NORM:
+            xl = rms_apply(xl, rstd, tl.load(nw_ptr + k, mask=gm[:, None], other=0).to(tl.float32), x_ptr)
+            xh = rms_apply(xh, rstd, tl.load(nw_ptr + K2 + k, mask=gm[:, None], other=0).to(tl.float32), x_ptr)
         sxl = tl.sum(xl, axis=1)
         sxh = tl.sum(xh, axis=1)
         acc += int4_groups(p_ptr, s_ptr, o_ptr, rn, live, g, gm, k, xl, xh, sxl, sxh, half, K2, G)
@@ -261,6 +298,53 @@ def attention_part_kernel(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, m_
 
 
 @triton.jit
+def attention_one_kernel(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, o_ptr, L, scale, H: tl.constexpr,
+                         KV: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_T: tl.constexpr):
+    """Program h: query head h over the whole cache in one launch (`fuse_attention`): the new k and v (rotary
+    applied; written by the group's first query head) weighed from registers first, then the positions below pos
+    BLOCK_T at a time with an online softmax. No second kernel, but only H programs: for short caches."""
+    h = tl.program_id(0)
+    kv = h // (H // KV)
+    pos = tl.load(pos_ptr).to(tl.int32)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    rot = d < R
+    partner = tl.where(d < R // 2, d + R // 2, d - R // 2)
+    sign = tl.where(d < R // 2, -1.0, 1.0)
+    cs = tl.load(cos_ptr + pos * R + d, mask=rot, other=1).to(tl.float32)
+    sn = tl.load(sin_ptr + pos * R + d, mask=rot, other=0).to(tl.float32)
+    q = tl.load(qkv_ptr + h * D + d, mask=dm, other=0).to(tl.float32)
+    qp = tl.load(qkv_ptr + h * D + partner, mask=rot, other=0).to(tl.float32)
+    q = tl.where(rot, q * cs + sign * qp * sn, q).to(qkv_ptr.dtype.element_ty).to(tl.float32)
+    k = tl.load(qkv_ptr + H * D + kv * D + d, mask=dm, other=0).to(tl.float32)
+    kp = tl.load(qkv_ptr + H * D + kv * D + partner, mask=rot, other=0).to(tl.float32)
+    v = tl.load(qkv_ptr + (H + KV) * D + kv * D + d, mask=dm, other=0)
+    k = tl.where(rot, k * cs + sign * kp * sn, k).to(kc_ptr.dtype.element_ty)
+    base = kv.to(tl.int64) * L * D
+    writer = dm & ((tl.zeros((BLOCK_D,), dtype=tl.int32) + h % (H // KV)) == 0)  # the group's first head
+    tl.store(kc_ptr + base + pos * D + d, k, mask=writer)
+    tl.store(vc_ptr + base + pos * D + d, v.to(vc_ptr.dtype.element_ty), mask=writer)
+    m = tl.sum(q * k.to(tl.float32), axis=0) * scale  # the running max, starting at the new position's score
+    total = m * 0.0 + 1.0
+    acc = v.to(tl.float32)
+    for t0 in tl.range(0, pos, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        tm = t < pos
+        offs = base + t[:, None] * D + d[None, :]
+        keys = tl.load(kc_ptr + offs, mask=tm[:, None] & dm[None, :], other=0).to(tl.float32)
+        vals = tl.load(vc_ptr + offs, mask=tm[:, None] & dm[None, :], other=0).to(tl.float32)
+        sc = tl.where(tm, tl.sum(keys * q[None, :], axis=1) * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, axis=0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(sc - m_new)
+        total = total * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * vals, axis=0)
+        m = m_new
+    tl.store(o_ptr + h * D + d, (acc / total).to(o_ptr.dtype.element_ty), mask=dm)
+
+
+@triton.jit
 def attention_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, S, D: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_S: tl.constexpr):
     """Program h: the head's output from its chunks' statistics (the flash-decoding reduction)."""
@@ -277,18 +361,19 @@ def attention_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, S, D: tl.constexpr, B
     tl.store(o_ptr + h * D + d, o.to(o_ptr.dtype.element_ty), mask=d < D)
 
 
+FLAGS = ["ACT", "RES", "GLU", "NORM"]  # the epilogue's and prologue's switches: each its own tuning
 gemv_fp16 = triton.autotune(configs=[triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st)
                                      for bk in (256, 512, 1024) for w in (1, 2, 4) for st in (1, 3)
                                      if bk >= 256 * w],
-                            key=["N", "K", "ACT", "RES", "GLU"], restore_value=["y_ptr", "y2_ptr"])(gemv_fp16_kernel)
+                            key=["N", "K", *FLAGS], restore_value=["y_ptr", "y2_ptr"])(gemv_fp16_kernel)
 # int4: rows per program x groups per step x warps x stages, 4 to 32 packed bytes per thread and step
 gemv_int4 = triton.autotune(configs=[triton.Config({"BLOCK_N": bn, "NG": ng}, num_warps=w, num_stages=st)
                                      for bn in (1, 2, 4, 8) for ng in (1, 2, 4) for w in (2, 4, 8) for st in (1, 3)
                                      if 4 <= bn * ng * 128 // (32 * w) <= 32],
-                            key=["N", "K2", "ACT", "RES", "GLU"], restore_value=["y_ptr", "y2_ptr"])(gemv_int4_kernel)
+                            key=["N", "K2", *FLAGS], restore_value=["y_ptr", "y2_ptr"])(gemv_int4_kernel)
 # int4, split-K: rows per program x groups per step x slices of each row (27 configurations: each compiles on the
 # first call of a shape, in the step's warm-up); the slices for shapes with too few row blocks to fill the GPU
 gemv_int4_splitk = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "NG": ng, "SPLIT_K": sk}, num_warps=4, num_stages=3)
              for bn in (4, 8, 16) for ng in (2, 4, 8) for sk in (1, 2, 4)],
-    key=["N", "K2", "ACT", "RES", "GLU"], restore_value=["y_ptr", "y2_ptr"])(gemv_int4_splitk_kernel)
+    key=["N", "K2", *FLAGS], restore_value=["y_ptr", "y2_ptr"])(gemv_int4_splitk_kernel)

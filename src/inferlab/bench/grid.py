@@ -83,6 +83,8 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int, a
         fuse = "qkv" if c.pop("fuse_qkv", None) and not fuse else fuse
         gemv = c.pop("gemv", None) or "default"
         int4_gemv = c.pop("int4_gemv", None) or "rows"
+        fuse_norm = bool(c.pop("fuse_norm", None))
+        fuse_attention = bool(c.pop("fuse_attention", None))
         settings = {**c, "scenario": "latency", "device": H.device, "n_threads": threads,
                     "compute_dtype": H.compute_dtype, "compile_mode": mode,
                     "prompt_tokens": w.prompt_tokens, "new_tokens": new_tokens, "warmup": w.warmup,
@@ -97,6 +99,10 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int, a
             settings["gemv"] = gemv
         if int4_gemv != "rows":  # only then: the ids of the points before this knob stay what they were
             settings["int4_gemv"] = int4_gemv
+        if fuse_norm:
+            settings["fuse_norm"] = True
+        if fuse_attention:
+            settings["fuse_attention"] = True
         key = tuple(sorted(settings.items()))
         if key in seen or not keep(settings, pins):
             continue
@@ -112,6 +118,11 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int, a
         elif int4_gemv != "rows" and (decode != "kernels" or c["precision"] != "int4-inductor"):
             skip = (f"int4_gemv: {int4_gemv} picks decode: kernels' int4 GEMV: it applies to decode: kernels with "
                     "precision: int4-inductor")
+        elif fuse_attention and decode != "kernels":
+            skip = "fuse_attention is decode: kernels' one-launch attention: it applies to decode: kernels"
+        elif fuse_norm and (decode != "kernels" or KERNEL_STEP_ARCHITECTURES.get(arch, False)):
+            skip = ("fuse_norm puts Llama's RMSNorm in the prologue of decode: kernels' GEMVs: it applies to decode: "
+                    "kernels on LlamaForCausalLM")
         elif decode == "kernels":
             skip = kernel_step_problem(c, fuse, gemv, arch) or missing_package(c["precision"])
         else:
@@ -127,6 +138,10 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int, a
             name += f"-{gemv}"
         if int4_gemv != "rows":
             name += f"-{int4_gemv}"
+        if fuse_norm:
+            name += "-normfused"
+        if fuse_attention:
+            name += "-attn1"
         if fast:
             name += f"-{decode}"
         load = {"model_dir": str(model_dir)}
