@@ -405,3 +405,14 @@ def test_the_llama_step_at_smollm2s_shapes(tmp_path, monkeypatch):
     assert kernels.request([ids], 12).output_ids == graph.request([ids], 12).output_ids
     layer = kernels.decoder.kernel_step.layers[0]
     assert (layer.w_in.group_size, layer.w_up.group_size, layer.w_down.group_size) == (32, 32, 128)
+
+
+def test_the_llama_kernels_sweep_runs_every_point_on_a_llama_model():
+    """bench_gpu=kernels-llama: none of its transformers points is skipped on a Llama model, and on Phi its
+    decode: kernels points are, with the reason (Phi's step needs fuse_block)."""
+    cfg = compose(["bench_gpu=kernels-llama", "model=tiny-llama"])
+    points = hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 16, cfg.model_architecture())
+    assert len(points) == 7 and all(p.skip is None for p in points), [(p.name, p.skip) for p in points]
+    phi = hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 16, "PhiForCausalLM")
+    kernels = [p for p in phi if p.name.endswith("kernels")]
+    assert len(kernels) == 5 and all(p.skip for p in kernels)

@@ -233,12 +233,12 @@ def gemv_int4_splitk_kernel(x_ptr, p_ptr, s_ptr, o_ptr, b_ptr, res_ptr, y_ptr, y
         if GLU:
             tl.atomic_add(part_ptr + N + rn, y2, mask=live)
         tl.debug_barrier()  # every thread's partial sums before the count that publishes them
-        if tl.atomic_add(count_ptr + b, 1) == SPLIT_K - 1:  # the totals, read where the atomics added them
+        if tl.atomic_add(count_ptr + b, 1) == SPLIT_K - 1:  # the totals, read from L2 where the atomics added them
             zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            y = tl.atomic_add(part_ptr + rn, zero, mask=live)
+            y = tl.load(part_ptr + rn, mask=live, other=0, cache_modifier=".cg")
             tl.store(part_ptr + rn, zero, mask=live)
             if GLU:
-                y2 = tl.atomic_add(part_ptr + N + rn, zero, mask=live)
+                y2 = tl.load(part_ptr + N + rn, mask=live, other=0, cache_modifier=".cg")
                 tl.store(part_ptr + N + rn, zero, mask=live)
                 y = glu(y, y2, y_ptr)
             tl.store(count_ptr + b, 0)
