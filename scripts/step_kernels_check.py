@@ -15,6 +15,7 @@ docs/step-kernels-h200.txt.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 
@@ -71,29 +72,35 @@ def graph_time(fns) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def check_gemv(name, n, k, *, dev, dtype, int4, act_from, split, res, timing, lines):
+def check_gemv(name, n, k, *, dev, dtype, int4, act_from, split, res, timing, lines, glu=False, bias=True,
+               norm=False):
+    """glu: the weight's n rows are [gate; up] and the output n / 2 rows of SiLU(gate) * up (no bias); int4: False,
+    or the int4 kernel to check ("rows", "splitk"); norm: an RMSNorm of x in the prologue."""
+    kernel = int4 or "rows"
+    rms = (1 + 0.1 * torch.randn(k, device=dev, dtype=dtype), 1e-5) if norm else None
     copies = max(1, min(8, (200 << 20) // (n * k * (1 if int4 else 2)) + 1)) if timing else 1
     ws = [linear(n, k, dtype, dev, int4) for _ in range(copies)]
-    b = torch.randn(n, device=dev, dtype=dtype) * 0.1
+    b = torch.randn(n, device=dev, dtype=dtype) * 0.1 if bias and not glu else None
+    rows = n // 2 if glu else n
     x = torch.randn(k, device=dev, dtype=dtype)
     resv = torch.randn(n, device=dev, dtype=dtype) if res else None
     outs = {}
-    for impl, fn in (("ref", sk.ref_gemv), ("triton", sk.gemv)):
+    for impl, fn in (("ref", sk.ref_gemv), ("triton", functools.partial(sk.gemv, int4=kernel))):
         out2 = torch.full((n - split,), float("nan"), device=dev, dtype=dtype) if split else None
         if res:  # the residual is the output row itself, updated in place (the [dense | fc2] GEMV)
             out = r = resv.clone()
         else:
-            out, r = torch.full((split or n,), float("nan"), device=dev, dtype=dtype), None
-        fn(x.clone(), ws[0], b, act_from=act_from, res=r, out=out, split=split, out2=out2)
+            out, r = torch.full((split or rows,), float("nan"), device=dev, dtype=dtype), None
+        fn(x.clone(), ws[0], b, act_from=act_from, res=r, out=out, split=split, out2=out2, glu_rows=glu, norm=rms)
         outs[impl] = torch.cat([out, out2]) if split else out
     err = rel(outs["triton"], outs["ref"])
     line = f"{name:34s} N={n:6d} K={k:6d} {'int4' if int4 else str(dtype)[6:]:8s} rel err {err:.2e}"
     if timing:
-        o1 = torch.empty(split or n, device=dev, dtype=dtype)
+        o1 = torch.empty(split or rows, device=dev, dtype=dtype)
         o2 = torch.empty(n - split, device=dev, dtype=dtype) if split else None
         r = torch.zeros(n, device=dev, dtype=dtype) if res else None
-        fns = [lambda w=w: sk.gemv(x, w, b, act_from=act_from, res=r, out=r if res else o1, split=split, out2=o2)
-               for w in ws]
+        fns = [lambda w=w: sk.gemv(x, w, b, act_from=act_from, res=r, out=r if res else o1, split=split, out2=o2,
+                                   glu_rows=glu, int4=kernel, norm=rms) for w in ws]
         ms = graph_time(fns)
         line += f"  {ms * 1000:7.1f} us  {weight_bytes(ws[0]) / ms / 1e6:7.0f} GB/s"
     lines.append(line)
@@ -115,18 +122,36 @@ def check_layer_norm(k, *, dev, dtype, timing, lines):
     return err
 
 
-def check_attention(h, d, r, length, positions, *, dev, dtype, timing, lines):
+def check_rms_norm(k, *, dev, dtype, timing, lines):
+    x = torch.randn(k, device=dev, dtype=dtype) * 3 + 1
+    w = 1 + 0.1 * torch.randn(k, device=dev, dtype=dtype)
+    outs = {}
+    for impl, fn in (("ref", sk.ref_rms_norm), ("triton", sk.rms_norm)):
+        outs[impl] = torch.full((k,), float("nan"), device=dev, dtype=dtype)
+        fn(x, w, 1e-5, out=outs[impl])
+    err = rel(outs["triton"], outs["ref"])
+    line = f"rms norm K={k}                              rel err {err:.2e}"
+    if timing:
+        line += f"  {graph_time([lambda: sk.rms_norm(x, w, 1e-5, out=outs['triton'])]) * 1000:7.1f} us"
+    lines.append(line)
+    return err
+
+
+def check_attention(h, d, r, length, positions, *, dev, dtype, timing, lines, kv=None, one=False):
+    """kv: key/value heads (grouped-query attention, Llama's layout); None: one per head (Phi's); one: the one-launch
+    kernel (fuse_attention)."""
     errs = []
+    kv = kv or h
     for pos in positions:
-        qkv = torch.randn(3 * h * d, device=dev, dtype=dtype)
-        kc = torch.randn(1, h, length, d, device=dev, dtype=dtype)
-        vc = torch.randn(1, h, length, d, device=dev, dtype=dtype)
+        qkv = torch.randn((h + 2 * kv) * d, device=dev, dtype=dtype)
+        kc = torch.randn(1, kv, length, d, device=dev, dtype=dtype)
+        vc = torch.randn(1, kv, length, d, device=dev, dtype=dtype)
         ang = torch.arange(length, device=dev)[:, None] * (10000 ** (-torch.arange(r // 2, device=dev) / (r // 2)))
         ang = torch.cat([ang, ang], dim=-1)
         cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
         p = torch.tensor([[pos]], device=dev)
         res = {}
-        for impl, fn in (("ref", sk.ref_attention), ("triton", sk.attention)):
+        for impl, fn in (("ref", sk.ref_attention), ("triton", functools.partial(sk.attention, one=one))):
             k2, v2 = kc.clone(), vc.clone()
             out = torch.full((h * d,), float("nan"), device=dev, dtype=dtype)
             fn(qkv, k2, v2, cos, sin, p, out=out, scale=d ** -0.5)
@@ -134,11 +159,12 @@ def check_attention(h, d, r, length, positions, *, dev, dtype, timing, lines):
         err = max(rel(res["triton"][0], res["ref"][0]), rel(res["triton"][1], res["ref"][1]),
                   rel(res["triton"][2], res["ref"][2]))
         errs.append(err)
-        line = f"attention H={h} D={d} rot={r} L={length} pos={pos:4d}          rel err {err:.2e}"
+        kind = "attention 1" if one else "attention  "
+        line = f"{kind} H={h} KV={kv} D={d} rot={r} L={length} pos={pos:4d}   rel err {err:.2e}"
         if timing:
             out = torch.empty(h * d, device=dev, dtype=dtype)
             args = (qkv, kc, vc, cos, sin, p)
-            ms = graph_time([lambda a=args, o=out: sk.attention(*a, out=o, scale=d ** -0.5)])
+            ms = graph_time([lambda a=args, o=out: sk.attention(*a, out=o, scale=d ** -0.5, one=one)])
             line += f"  {ms * 1000:7.1f} us"
         lines.append(line)
     return max(errs)
@@ -169,11 +195,16 @@ def teacher_forced(be, seq: list[int], n_prompt: int, triton: bool) -> tuple[int
 def check_tokens(model_dir: str, lines: list[str]) -> None:
     """decode: kernels (replayed as a CUDA graph) against generate() (dynamic cache) on the same prompt: how many
     of the 128 greedy tokens agree and where the first difference is; and the step fed generate()'s tokens."""
-    from inferlab.backends.hf import HFBackend
+    import json
+    from pathlib import Path
 
+    from inferlab.backends.hf import HFBackend
+    from inferlab.config import KERNEL_STEP_ARCHITECTURES
+
+    arch = json.loads((Path(model_dir) / "config.json").read_text())["architectures"][0]
     base = {"model_dir": model_dir, "device": "cuda", "attn": "sdpa", "precision": "fp16"}
-    runs = {"generate": {"kv_cache": "dynamic"},
-            "kernels": {"kv_cache": "static", "decode": "kernels", "fuse_block": True}}
+    runs = {"generate": {"kv_cache": "dynamic"},  # Phi's step runs its fused block; Llama's fuses its own weights
+            "kernels": {"kv_cache": "static", "decode": "kernels", "fuse_block": KERNEL_STEP_ARCHITECTURES[arch]}}
     got = {}
     for name, s in runs.items():
         be = HFBackend({**base, **s})
@@ -216,8 +247,8 @@ def main() -> int:
     hid, inter, heads, d, r, vocab, length = (2560, 10240, 32, 80, 32, 51200, 192) if not a.small else \
         (256, 1024, 4, 64, 32, 1000, 150)
     worst = 0.0
-    for int4 in (False, True):
-        kind = "int4" if int4 else "fp16"
+    for int4 in (False, "rows", "splitk"):
+        kind = {False: "fp16", "rows": "int4", "splitk": "int4 splitk"}[int4]
         worst = max(worst, check_gemv(f"{kind} in: bias + GELU, split", 3 * hid + inter, hid, dev=dev,
                                       dtype=dtype, int4=int4, act_from=3 * hid, split=3 * hid, res=False,
                                       timing=timing, lines=lines))
@@ -230,6 +261,32 @@ def main() -> int:
     positions = sorted({0, 1, 63, 64, length - 1} & set(range(length)))
     worst = max(worst, check_attention(heads, d, r, length, positions, dev=dev, dtype=dtype,
                                        timing=timing, lines=lines))
+    phi_attention = (heads, d, r)
+    # Llama's layer (SmolLM2-135M's shapes; small: tiny-llama's): [q; k; v] and [gate; up] with SiLU(gate) * up,
+    # both without bias, RMSNorm, grouped-query attention with rotary over the whole head
+    hid, inter, heads, kv, d = (576, 1536, 9, 3, 64) if not a.small else (256, 768, 4, 2, 64)
+    for int4 in (False, "rows", "splitk"):
+        kind = {False: "fp16", "rows": "int4", "splitk": "int4 splitk"}[int4]
+        worst = max(worst, check_gemv(f"{kind} llama [q; k; v]", (heads + 2 * kv) * d, hid, dev=dev, dtype=dtype,
+                                      int4=int4, act_from=None, split=None, res=False, timing=timing, lines=lines,
+                                      bias=False))
+        worst = max(worst, check_gemv(f"{kind} llama [gate; up]: SiLU * up", 2 * inter, hid, dev=dev, dtype=dtype,
+                                      int4=int4, act_from=None, split=None, res=False, timing=timing, lines=lines,
+                                      glu=True))
+        worst = max(worst, check_gemv(f"{kind} llama RMSNorm + [gate; up]", 2 * inter, hid, dev=dev, dtype=dtype,
+                                      int4=int4, act_from=None, split=None, res=False, timing=timing, lines=lines,
+                                      glu=True, norm=True))
+    vocab = 49152 if not a.small else vocab  # SmolLM2's tied head
+    worst = max(worst, check_gemv("fp16 llama RMSNorm + head", vocab, hid, dev=dev, dtype=dtype, int4=False,
+                                  act_from=None, split=None, res=False, timing=timing, lines=lines, bias=False,
+                                  norm=True))
+    worst = max(worst, check_rms_norm(hid, dev=dev, dtype=dtype, timing=timing, lines=lines))
+    for one in (False, True):  # the one-launch kernel (fuse_attention) on both layouts
+        if one:
+            worst = max(worst, check_attention(*phi_attention, length, positions, dev=dev, dtype=dtype,
+                                               timing=timing, lines=lines, one=True))
+        worst = max(worst, check_attention(heads, d, d, length, positions, dev=dev, dtype=dtype, timing=timing,
+                                           lines=lines, kv=kv, one=one))
     limit = 2e-4 if dtype == torch.float16 else 1e-5  # fp16: 5x the worst seen (4e-5 here, 1.4e-5 on an H200)
     lines.append(f"worst relative error {worst:.2e} (limit {limit:.0e}): {'PASS' if worst < limit else 'FAIL'}")
     if a.model_dir and cuda:

@@ -86,6 +86,17 @@ def tiny_hf(tiny_project) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_hf(tmp_path_factory) -> Path:
+    """tiny-llama (SmolLM2's code paths in miniature) built once for the session, in this process (seconds)."""
+    from inferlab.config import compose
+    from inferlab.models.acquire import acquire
+
+    out = tmp_path_factory.mktemp("tiny-llama") / "hf"
+    acquire(compose(["model=tiny-llama"]).model, out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def mlflow_template(tmp_path_factory) -> Path:
     """An empty MLflow SQLite store, made once: its schema migrations take seconds. Copy it for a fresh store."""
     from mlflow import MlflowClient

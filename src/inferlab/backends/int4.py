@@ -124,6 +124,28 @@ def int4_linear(linear) -> Any:
     return _module()(linear.weight, linear.bias, g)
 
 
+def concat_int4(layers) -> Any:
+    """One Int4Linear over the rows of several that read the same input (the decode step's [q; k; v] and [gate; up]):
+    the packing, scales and offsets are per row, so stacking them along the output dimension is exact."""
+    import torch
+    from torch import nn
+
+    cls = _module()
+    shapes = {(m.in_features, m.group_size) for m in layers}
+    if len(shapes) != 1 or any(type(m) is not cls for m in layers):
+        raise ValueError(f"concat_int4: takes Int4Linear layers of one input size and group size, got {shapes}")
+    out = cls.__new__(cls)
+    nn.Module.__init__(out)
+    out.out_features = sum(m.out_features for m in layers)
+    (out.in_features, out.group_size), = shapes
+    for name in ("packed", "scale", "offset"):
+        out.register_buffer(name, torch.cat([getattr(m, name) for m in layers]))
+    biased = [m.bias is not None for m in layers]
+    out.bias = None if not any(biased) else nn.Parameter(torch.cat(
+        [m.bias if m.bias is not None else m.scale.new_zeros(m.out_features) for m in layers]), requires_grad=False)
+    return out
+
+
 def quantize_int4(module, skip_ids=frozenset()) -> None:
     """Replace every Linear / MatVecLinear under `module` (but those whose id() is in `skip_ids`, and those whose
     input size no group size fits) by an Int4Linear, in place."""

@@ -34,7 +34,7 @@ def run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
     if cfg.bench_cpu.llama_cpp.enabled or cfg.bench_cpu.prompt_cache.enabled:
         points += [p for p in llama_points(cfg, pins, cores)
                    if cfg.bench_cpu.llama_cpp.enabled or p.settings["scenario"] == "prefix_cache"]
-    points += hf_points(cfg.bench_cpu, cfg.model_dir() / "hf", pins, cores)
+    points += hf_points(cfg.bench_cpu, cfg.model_dir() / "hf", pins, cores, cfg.model_architecture())
     if not points:
         log.warning("no points to run: the pins %s match nothing in the grid", pins)
     log.info("bench_cpu on %s (%d cores): %d points", stage.env["hardware"]["cpu"], cores, len(points))

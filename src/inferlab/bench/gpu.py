@@ -90,7 +90,7 @@ def profile_points(cfg: StudyConfig, pins: dict[str, Any]) -> list[Point]:
                  kv_cache=b.hf.kv_cache[:1], attn=b.hf.attn[:1], compile=b.hf.compile[:1],
                  extra_points=list(b.profile.points), new_tokens=b.profile.new_tokens)
     points = []
-    for p in hf_points(replace(b, hf=hf), cfg.model_dir() / "hf", pins, 0):
+    for p in hf_points(replace(b, hf=hf), cfg.model_dir() / "hf", pins, 0, cfg.model_architecture()):
         p.settings.update(scenario="profile", new_tokens=b.profile.new_tokens)
         p.name = p.name + "-profile"
         if p.settings.get("decode") in ("graph", "kernels"):  # its own capture (another length) in a process of its own
@@ -174,7 +174,8 @@ def _run(cfg: StudyConfig, stage: StageRun, stage_file: Path, host: list[str], c
                  len(s.cpus), s.source + (f", NUMA node {s.numa}" if s.numa else ""))
     # thread counts in the grid (llama.cpp's host threads) are a GPU's share of the cores, alone or beside others
     cores = min(len(s.cpus) for s in slots) if slots and all(s.cpus for s in slots) else usable_cores()
-    points = (hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", pins, cores) + gpu_llama_points(cfg, pins, cores)
+    arch = cfg.model_architecture()
+    points = (hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", pins, cores, arch) + gpu_llama_points(cfg, pins, cores)
               + scenario_points(cfg, pins))
     if problem:
         log.warning("bench_gpu: %s; every point is recorded as skipped", problem)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from inferlab.bench.sweep import Point
-from inferlab.config import KERNEL_STEP_PRECISIONS, StudyConfig, fuse_problem
+from inferlab.config import KERNEL_STEP_ARCHITECTURES, KERNEL_STEP_PRECISIONS, StudyConfig, fuse_problem
 from inferlab.environment import missing_package
 
 INDUCTOR_SHORT = {"coordinate_descent_tuning": "cdt", "epilogue_fusion": "epilogue", "aggressive_fusion": "aggressive",
@@ -29,11 +29,19 @@ def grid(axes: dict[str, list], pins: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
-def kernel_step_problem(c: dict[str, Any], fuse: str | None, gemv: str) -> str | None:
-    """Why a point cannot run decode: kernels (backends/decode_step.py), or None. On the CPU its kernels run as their
-    torch reference."""
-    if fuse != "block":
+def kernel_step_problem(c: dict[str, Any], fuse: str | None, gemv: str, arch: str | None) -> str | None:
+    """Why a point cannot run decode: kernels (backends/decode_step.py) on a model of class `arch` (None: not known
+    before the download; the step checks it when made), or None. On the CPU its kernels run as their torch
+    reference."""
+    if arch is not None and arch not in KERNEL_STEP_ARCHITECTURES:
+        return f"decode: kernels runs {' and '.join(KERNEL_STEP_ARCHITECTURES)}; this model is {arch}"
+    if fuse == "qkv":
+        return "decode: kernels fuses q, k and v itself: leave fuse_qkv unset"
+    if KERNEL_STEP_ARCHITECTURES.get(arch) and fuse != "block":
         return "decode: kernels runs Phi's fused parallel block: it needs fuse_block: true"
+    if KERNEL_STEP_ARCHITECTURES.get(arch) is False and fuse == "block":
+        return (f"decode: kernels on {arch} fuses the layer's projections itself; fuse_block applies to Phi's "
+                "parallel block only (leave it unset)")
     if c["batch_size"] != 1:
         return f"decode: kernels takes batch_size: 1 (its kernels take one row), got {c['batch_size']}"
     if c["precision"] not in KERNEL_STEP_PRECISIONS:
@@ -50,8 +58,9 @@ def keep(settings: dict[str, Any], pins: dict[str, Any]) -> bool:
     return all(k in settings and settings[k] == v for k, v in pins.items())
 
 
-def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -> list[Point]:
-    """The transformers grid of a benchmark section (bench_cpu or bench_gpu): main grid plus extra points."""
+def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int, arch: str | None = None) -> list[Point]:
+    """The transformers grid of a benchmark section (bench_cpu or bench_gpu): main grid plus extra points; arch: the
+    model's transformers class where known (StudyConfig.model_architecture)."""
     H, w = section.hf, section.workload
     if not H.enabled or pins.get("runtime") not in (None, "hf"):
         return []
@@ -73,6 +82,9 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
         fuse = "block" if c.pop("fuse_block", None) else None  # the block fusion includes q/k/v
         fuse = "qkv" if c.pop("fuse_qkv", None) and not fuse else fuse
         gemv = c.pop("gemv", None) or "default"
+        int4_gemv = c.pop("int4_gemv", None) or "rows"
+        fuse_norm = bool(c.pop("fuse_norm", None))
+        fuse_attention = bool(c.pop("fuse_attention", None))
         settings = {**c, "scenario": "latency", "device": H.device, "n_threads": threads,
                     "compute_dtype": H.compute_dtype, "compile_mode": mode,
                     "prompt_tokens": w.prompt_tokens, "new_tokens": new_tokens, "warmup": w.warmup,
@@ -85,6 +97,12 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
             settings[f"fuse_{fuse}"] = True
         if gemv != "default":
             settings["gemv"] = gemv
+        if int4_gemv != "rows":  # only then: the ids of the points before this knob stay what they were
+            settings["int4_gemv"] = int4_gemv
+        if fuse_norm:
+            settings["fuse_norm"] = True
+        if fuse_attention:
+            settings["fuse_attention"] = True
         key = tuple(sorted(settings.items()))
         if key in seen or not keep(settings, pins):
             continue
@@ -97,8 +115,16 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
             skip = f"the {decode} decode loop runs on a static KV cache (kv_cache=static)"
         elif gemv == "triton" and H.device != "cuda":
             skip = "gemv: triton runs Triton kernels, which need CUDA (device: cuda)"
+        elif int4_gemv != "rows" and (decode != "kernels" or c["precision"] != "int4-inductor"):
+            skip = (f"int4_gemv: {int4_gemv} picks decode: kernels' int4 GEMV: it applies to decode: kernels with "
+                    "precision: int4-inductor")
+        elif fuse_attention and decode != "kernels":
+            skip = "fuse_attention is decode: kernels' one-launch attention: it applies to decode: kernels"
+        elif fuse_norm and (decode != "kernels" or KERNEL_STEP_ARCHITECTURES.get(arch, False)):
+            skip = ("fuse_norm puts Llama's RMSNorm in the prologue of decode: kernels' GEMVs: it applies to decode: "
+                    "kernels on LlamaForCausalLM")
         elif decode == "kernels":
-            skip = kernel_step_problem(c, fuse, gemv) or missing_package(c["precision"])
+            skip = kernel_step_problem(c, fuse, gemv, arch) or missing_package(c["precision"])
         else:
             skip = fuse_problem(fuse, c["precision"]) or missing_package(c["precision"])
         name = f"hf-{c['precision']}-b{c['batch_size']}-{c['kv_cache']}-{c['attn']}"
@@ -110,6 +136,12 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int) -
             name += f"-{fuse}"
         if gemv != "default":
             name += f"-{gemv}"
+        if int4_gemv != "rows":
+            name += f"-{int4_gemv}"
+        if fuse_norm:
+            name += "-normfused"
+        if fuse_attention:
+            name += "-attn1"
         if fast:
             name += f"-{decode}"
         load = {"model_dir": str(model_dir)}

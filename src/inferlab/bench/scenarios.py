@@ -39,6 +39,9 @@ def summarize_requests(timings: list[RequestTiming]) -> tuple[dict[str, Any], di
     setup = [t.internal["setup_s"] for t in timings if "setup_s" in t.internal]
     if setup:  # the graph loop's compile and capture inside a request (0 once done)
         metrics["setup_ms"] = summarize([1e3 * x for x in setup], "ms").to_dict()
+    launches = [t.internal["step_launches"] for t in timings if "step_launches" in t.internal]
+    if launches:  # decode: kernels' Triton launches per step (the graph loop adds a few small kernels of its own)
+        metrics["step_launches"] = launches[-1]
     if internal:  # llama.cpp's own counters: how much of the wall clock llama.cpp itself spent
         own_ms = [i["prompt_ms"] + i["eval_ms"] for i in internal]
         overhead = [1e3 * t.e2e - o for t, o in zip(timings, own_ms)]

@@ -178,7 +178,7 @@ def generation_points(cfg: StudyConfig, items: list[dict[str, Any]], token_ids: 
 
 # what a decode loop's benchmark point ran with, and so what its quality is scored through
 LOOP_SETTINGS = ("precision", "batch_size", "kv_cache", "attn", "compile", "compile_mode", "compute_dtype", "decode",
-                 "inductor", "fuse_qkv", "fuse_block", "gemv")
+                 "inductor", "fuse_qkv", "fuse_block", "gemv", "int4_gemv", "fuse_norm", "fuse_attention")
 
 
 def loop_points(cfg: StudyConfig, device: str, section: EvalHF, cores: int) -> list[Point]:
