@@ -309,7 +309,7 @@ def test_evaluate_scores_decode_loops_through_their_step(tiny_project, tmp_path)
         assert t["scored_by"].startswith(f"the {loop} step") and "teacher forcing" in t["scored_by"]
         vs = t["vs_reference"]
         assert vs["reference"] == "hf-cpu-fp32-dynamic" and vs["tokens"] >= 200
-        assert vs["kl_mean"] < 1e-6 and vs["top1"] == 1.0
+        assert vs["kl_mean"] < 1e-6 and vs["top1"] > 0.99  # random weights: a near-tie may flip in the 7th digit
     rows = (tiny_project / "metrics/plots/quality.csv").read_text().splitlines()
     head = rows[0].split(",")
     assert "loop" in head and "scored_by" in head
