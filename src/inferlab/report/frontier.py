@@ -91,7 +91,7 @@ def violations(c: dict[str, Any], constraints: ConstraintsConfig, quality: bool 
 def settings(c: dict[str, Any]) -> dict[str, Any]:
     """What a server needs to run the configuration (the record's settings, no figures)."""
     if c["runtime"] == "llama_cpp":
-        keys = ("runtime", "quant", "n_threads", "n_batch", "flash_attn", "kv_type")
+        keys = ("runtime", "quant", "n_threads", "n_batch", "flash_attn", "kv_type", "n_gpu_layers")
     else:
         keys = ("runtime", "device", "precision", "batch_size", "kv_cache", "attn", "compile")
     return {k: c.get(k) for k in keys}

@@ -258,12 +258,13 @@ class LlamaCppEngine(Engine):
     runtime = "llama_cpp"
 
     def __init__(self, model_path: str, n_threads: int, n_ctx: int, max_queue: int, n_batch: int = 512,
-                 flash_attn: bool = False, kv_type: str = "f16"):
+                 flash_attn: bool = False, kv_type: str = "f16", n_gpu_layers: int = 0):
         super().__init__(max_queue)
         from inferlab.backends.llama_cpp import LlamaCppBackend
 
         self.backend = LlamaCppBackend({"model_path": model_path, "n_threads": n_threads, "n_ctx": n_ctx,
-                                        "n_batch": n_batch, "flash_attn": flash_attn, "kv_type": kv_type})
+                                        "n_batch": n_batch, "flash_attn": flash_attn, "kv_type": kv_type,
+                                        "n_gpu_layers": n_gpu_layers})
         self.backend.load()
         self.llm = self.backend.llm
         self.eos = self.llm.token_eos()
@@ -273,7 +274,7 @@ class LlamaCppEngine(Engine):
             self.chat_template = gguf_chat_template(self.llm, template)
         self.description = {"runtime": "llama_cpp", "model_file": Path(model_path).name, "n_threads": n_threads,
                             "n_ctx": self.context_window, "n_batch": n_batch, "flash_attn": flash_attn,
-                            "kv_type": kv_type}
+                            "kv_type": kv_type, "n_gpu_layers": n_gpu_layers}
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         return self.backend.tokenize(text, special=special)

@@ -58,7 +58,8 @@ def build_engine(cfg: StudyConfig, settings: dict[str, Any]):
                               f"(available: {', '.join(sorted(p.stem for p in path.parent.glob('*.gguf'))) or 'none'})")
         return LlamaCppEngine(str(path), threads, s.n_ctx, s.max_queue, n_batch=int(settings.get("n_batch") or 512),
                               flash_attn=bool(settings.get("flash_attn", False)),
-                              kv_type=settings.get("kv_type") or "f16")
+                              kv_type=settings.get("kv_type") or "f16",
+                              n_gpu_layers=int(settings.get("n_gpu_layers") or 0))  # as it was measured
     model_dir = cfg.model_dir() / "hf"
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"model: {model_dir} has no model; run the download stage for {cfg.model.name}")
