@@ -1042,3 +1042,37 @@ def test_issue31_goodput_never_exceeds_the_offered_rate(open_server):
     m = asyncio.run(drive_rate(url, "tiny-phi", ["Once upon a time"] * 12, 50.0, 0.25, 2, 2, slo, 0.9, seed=40))
     assert m["ok"] == 10 and m["good_requests"] == 10, m
     assert m["goodput"] <= m["sent_rate"] <= m["offered_rate"] == 50.0, m
+
+
+@pytest.mark.slow
+def test_issue31_llama_cpp_evaluates_each_prompt_whole_whatever_came_before(tiny_project):
+    """The cause of finding 2, measured by llama.cpp's own counters: a repeated request reused the kept context
+    and evaluated only its last prompt token (in a batch of one, where the first time it was in a batch of the
+    whole prompt: other arithmetic, so other tokens on some models). Now every request evaluates its whole
+    prompt from an empty context."""
+    import queue as q
+
+    import llama_cpp
+
+    from inferlab.config import ServeConfig
+    from inferlab.serve.engine import LlamaCppEngine
+    from inferlab.serve.protocol import prepare
+
+    engine = LlamaCppEngine(str(tiny_project / "models" / "tiny-phi" / "gguf" / "tiny-phi-q8_0.gguf"), 1, 512, 4)
+    engine.start()
+
+    def serve(prompt: str) -> int:
+        """The prompt tokens llama.cpp evaluated for this request."""
+        done: q.Queue = q.Queue()
+        req = prepare(engine, ServeConfig(), prompt, 8, temperature=0.0)
+        req.emit = lambda kind, value: done.put(kind) if kind != "text" else None
+        llama_cpp.llama_perf_context_reset(engine.llm.ctx)
+        engine.submit(req)
+        assert done.get(timeout=120) == "done"
+        return llama_cpp.llama_perf_context(engine.llm.ctx).n_p_eval
+
+    a = "Once upon a time, in a small village by the sea"
+    n = len(engine.tokenize(a))
+    assert [serve(a), serve(a), serve(a + " there lived"), serve(a)] == [n, n, len(engine.tokenize(a + " there lived")),
+                                                                         n]
+    engine.close()
