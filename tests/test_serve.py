@@ -975,7 +975,7 @@ def test_issue31_forty_concurrent_streaming_chats_all_end_well_through_the_opena
     def chat(i: int) -> None:
         try:
             stream = client.chat.completions.create(
-                model="tiny-phi", messages=[{"role": "user", "content": f"Tell story number {i}."}], max_tokens=100,
+                model="tiny-phi", messages=[{"role": "user", "content": f"Tell story number {i}."}], max_tokens=400,
                 temperature=0, stream=True, extra_body={"ignore_eos": True})
             results[i] = sum(1 for c in stream if c.choices and c.choices[0].delta.content is not None)
         except Exception as e:  # noqa: BLE001 - the outcome is checked below
