@@ -16,10 +16,12 @@ import yaml
 from mlflow import MlflowClient
 
 from inferlab import records
+from inferlab.environment import hardware
 from inferlab.stage import READS_ENV
 
 from .conftest import copy_project, run
 from .test_dependencies import check_config_reads
+from .test_report import bench, score
 
 pytestmark = pytest.mark.slow
 
@@ -156,9 +158,37 @@ def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
     # DVC metrics and plots between commits: the first commit (no results yet) against the study's
     first = run(["git", "rev-list", "--max-parents=0", "HEAD"], cwd=repo).stdout.strip()
     diff = json.loads(run(["dvc", "metrics", "diff", first, "--json"], cwd=repo).stdout)
-    assert "metrics/report.json" in diff and "metrics/bench_cpu.json" in diff
+    assert list(diff) == ["metrics/answer.json"]  # the DVC metrics: the answer; the per-point tables are plots
     plots = json.loads(run(["dvc", "plots", "diff", first, "--json"], cwd=repo).stdout)["data"]
     assert "quality_vs_speed" in plots and any(k.startswith("metrics/figures/") for k in plots)
+
+
+def queue_workers(repo: Path) -> list[int]:
+    """The pids of DVC's queue workers that are alive."""
+    alive = []
+    for pidfile in (repo / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.pid"):
+        with contextlib.suppress(OSError, ValueError):  # gone, or its file half-written
+            pid = int(pidfile.read_text())
+            if b"queue-worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                alive.append(pid)
+    return alive
+
+
+def wait_for_queue(repo: Path, workers_log: Path) -> str:
+    """`dvc queue status` once nothing is queued or running: as long as it takes on this machine while a worker
+    lives to run them; a queue left with work and no live worker fails at once."""
+    seen_worker = False
+    while True:
+        status = run(["dvc", "queue", "status"], cwd=repo).stdout
+        if "Queued" not in status and "Running" not in status:
+            return status
+        seen_worker = seen_worker or bool(queue_workers(repo))
+        if seen_worker and not queue_workers(repo):
+            status = run(["dvc", "queue", "status"], cwd=repo).stdout  # it may have finished just now
+            assert "Queued" not in status and "Running" not in status, (
+                f"no queue worker left, the queue still has work:\n{status}\n{workers_log.read_text()[-3000:]}")
+            return status
+        time.sleep(3)
 
 
 def test_queued_experiments_sweep_the_cpu_stage(repo):
@@ -170,27 +200,49 @@ def test_queued_experiments_sweep_the_cpu_stage(repo):
         run(["dvc", "exp", "run", "--queue", *common, "-S", f"n_threads={t}"], cwd=repo)
     workers = repo.parent / "queue-workers.log"
     run(["dvc", "queue", "start", "-j", "2"], cwd=repo, output=workers)  # two workers: both experiments at once
-    deadline = time.time() + 400
-    while time.time() < deadline:
-        status = run(["dvc", "queue", "status"], cwd=repo).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
+    status = wait_for_queue(repo, workers)
     # a worker can miss the queue's shutdown and stay, idle (seen once: it logged "shutting down due to empty queue"
     # while its task still ran; `dvc queue stop` did not end it either): end what is left once the queue is done
-    for pidfile in (repo / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.pid"):
-        pid = int(pidfile.read_text())
+    for pid in queue_workers(repo):
         with contextlib.suppress(OSError):  # gone already
-            if b"queue-worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGTERM)
     assert status.count("Success") == 2, status
     shown = json.loads(run(["dvc", "exp", "show", "--json"], cwd=repo).stdout)
     exps = [rev for commit in shown for e in (commit.get("experiments") or []) for rev in e["revs"]]
     threads = sorted(rev["data"]["params"]["params.yaml"]["data"]["n_threads"] for rev in exps)
     assert threads == [1, 2]
     for rev in exps:
-        assert "metrics/bench_cpu.json" in rev["data"]["metrics"]
+        assert "metrics/answer.json" in rev["data"]["metrics"]
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("inferlab").experiment_id],
                               filter_string="tags.`inferlab.stage` = 'bench_cpu' and tags.`inferlab.kind` = 'point'")
     assert sorted(int(r.data.params["point.n_threads"]) for r in runs) == [1, 2]
+
+
+def test_dvc_metrics_show_and_exp_show_fit_200_columns_and_show_the_answer(repo):
+    """DVC's own views after an experiment of the quick study's configuration: `dvc metrics show` is the answer in
+    one row, `dvc exp show --only-changed` in a 200-column terminal shows its figures (the parameters that differ
+    follow, folded by DVC where they do not fit), and `dvc metrics diff` lists what changed in it."""
+    here, results = hardware()["id"], repo / "results"
+    long = "hf-int4-inductor-b1-static-sdpa-compiled-block-triton-graph"  # the longest kind of name a point has
+    for name, precision, tps in ((long, "int4", 40.0), ("hf-fp32-b1", "fp32", 20.0)):
+        bench(results, here, name, precision, 1, tps, 300, 60, 1.0, stage="bench_cpu", model="smollm2-135m")
+    for precision, kl in (("fp32", 0.0), ("int4", 0.0123)):
+        score(results, here, precision, kl, model="smollm2-135m", device="cpu", weights="real")
+    for hw in ("h200", "h200x2", "h100-80gb-hbm3"):  # other machines' records, shipped in git
+        bench(results, hw, "fp16-b64", "fp16", 64, 3400, 65, 19, 9.0, model="phi-2-random")
+    run(["git", "add", "-A"], cwd=repo)
+    run(["git", "commit", "-q", "-m", "records"], cwd=repo)
+    run(["dvc", "exp", "run", "-s", "report", "-S", "model=smollm2-135m", "-S", "preset=quick",
+         "-S", "report.constraints.max_kl=null"], cwd=repo)
+    shown = run(["dvc", "metrics", "show"], cwd=repo).stdout
+    exps = run(["dvc", "exp", "show", "--only-changed", "--no-pager"], cwd=repo, env={"COLUMNS": "200"}).stdout
+    diff = run(["dvc", "metrics", "diff"], cwd=repo).stdout
+    for out in (shown, exps, diff):
+        assert max(map(len, out.splitlines())) <= 200, out
+    assert [line.split()[0] for line in shown.splitlines()] == ["Path", "metrics/answer.json"]
+    for figure in ("total_tps", "ttft_ms", "itl_p90_ms", "memory_gib"):
+        assert figure in shown.splitlines()[0] and figure in exps and figure in diff
+    assert long in shown and long in diff  # the whole answer, its configuration's name too
+    workspace = next(line.split() for line in exps.splitlines() if "workspace" in line)
+    assert workspace[1:8] == ["-", "40", "300", "60", "1", "0.0123", "0.9877"]  # its figures first, never folded

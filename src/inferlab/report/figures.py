@@ -214,7 +214,7 @@ def quality_vs_speed(section: Section, front: list[dict[str, Any]], with_quality
     rec = next((r for r in pts if r["name"] == recommended), None)
     if rec is not None:
         ax.scatter([rec[objective]], [y(rec)], marker="*", s=260, color="black", zorder=4,
-                   label=f"recommended: {rec['config']}")
+                   label="recommended")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     xs = [r[objective] for r in pts]
     ax.set_xscale("log")
@@ -229,7 +229,8 @@ def quality_vs_speed(section: Section, front: list[dict[str, Any]], with_quality
     title = "Quality vs speed" if with_quality else "Memory vs speed (quality not measured here)"
     if with_quality and section.weights != "real":
         title += " — random weights: quality figures measure numerics only"
-    ax.set_title(f"{title}\n{section.title}", fontsize=9)
+    starred = f"\nrecommended (★): {rec['config']}" if rec is not None else ""
+    ax.set_title(f"{title}\n{section.title}{starred}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     return fig
 
