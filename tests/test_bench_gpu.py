@@ -63,7 +63,7 @@ def test_bad_gpu_config_fails_naming_the_key():
     with pytest.raises(ConfigError, match=r"bench_gpu.hf.precisions: 'int4' is not allowed.*nf4"):
         compose(["bench_gpu.hf.precisions=[int4]"])
     with pytest.raises(ConfigError,
-                       match="bench_gpu: 'huge' is not a known bench_gpu; choose one of best, default, fast, full"):
+                       match="bench_gpu: 'huge' is not a known bench_gpu; choose one of answer, best, default, fast, full"):
         compose(["bench_gpu=huge"])
 
 

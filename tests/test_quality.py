@@ -289,14 +289,15 @@ def test_a_decode_loop_is_scored_through_its_own_step(tiny_hf, tmp_path, monkeyp
 @pytest.mark.slow
 def test_evaluate_scores_decode_loops_through_their_step(tiny_project, tmp_path):
     """evaluate.cpu.loops: each loop is a configuration of its own, named after the benchmark point it scores,
-    compared with the same sweep's fp32 reference, its record naming what produced its distributions."""
+    compared with the same sweep's fp32 reference, its record naming what produced its distributions. (It scores
+    its reference's outputs too: the shared project keeps no unscored generation for other tests' runs.)"""
     env = {"INFERLAB_ROOT": str(tiny_project), "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_project / 'mlflow.db'}"}
     text = tmp_path / "short.txt"  # one window: each loop steps through every position on the CPU
     text.write_text((ROOT / "data/eval/heldout.txt").read_text()[:1500])
     run([sys.executable, "stages/evaluate.py", "model=tiny-phi", "evaluate.dataset.limit=1",
          f"evaluate.tokens.text={text}", "evaluate.tokens.min_tokens=200",
          "evaluate.cpu.precisions=[fp32]", "evaluate.llama_cpp.enabled=false", "evaluate.gpu.enabled=false",
-         "evaluate.score=false", "evaluate.cpu.loops=[{precision: fp32, decode: graph},"
+         "evaluate.cpu.loops=[{precision: fp32, decode: graph},"
          "{precision: fp32, decode: kernels, fuse_block: true}]"], cwd=tiny_project, env=env)
     recs = records.read_all(sorted((tiny_project / "results/evaluate").glob("*.jsonl")))
     gens = {r.name: r for r in records.latest(recs, lambda r: r.name) if r.point.get("scenario") == "quality"}
