@@ -62,8 +62,8 @@ def test_gpu_grid_groups_points_by_loaded_model():
 def test_bad_gpu_config_fails_naming_the_key():
     with pytest.raises(ConfigError, match=r"bench_gpu.hf.precisions: 'int4' is not allowed.*nf4"):
         compose(["bench_gpu.hf.precisions=[int4]"])
-    with pytest.raises(ConfigError,
-                       match="bench_gpu: 'huge' is not a known bench_gpu; choose one of answer, best, default, fast, full"):
+    with pytest.raises(ConfigError, match="bench_gpu: 'huge' is not a known bench_gpu; choose one of answer, best, "
+                                          "default, fast, full"):
         compose(["bench_gpu=huge"])
 
 
