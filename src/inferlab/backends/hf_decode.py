@@ -113,6 +113,25 @@ def step_kernels_run(device) -> str:
     return "triton, interpreted" if kernels.interpreted() else "torch reference"
 
 
+def capture(step: Callable[[], None], before: Callable[[], None] = lambda: None):
+    """One call of `step` captured as a CUDA graph, after three calls on a side stream (compile and
+    warm-up stay off the capture); `before` runs ahead of each warm-up call."""
+    import torch
+
+    with torch.inference_mode():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                before()
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    return graph
+
+
 class StaticDecoder:
     """The fast and the graph decode loops over the one static KV cache they share. All their state
     is made here, empty, and filled for a request's shape: a new shape makes a new cache, and what
@@ -136,9 +155,7 @@ class StaticDecoder:
     def next_token(self, ids, pos):
         """Greedy next token of each sequence after ids (positions pos, shape [1, n]) on the static
         cache."""
-        logits = self.model(input_ids=ids, position_ids=pos.expand(ids.shape[0], -1), cache_position=pos[0],
-                            past_key_values=self.cache, use_cache=True).logits
-        return logits[:, -1].argmax(-1, keepdim=True)
+        return self.step_logits(ids, pos).argmax(-1, keepdim=True)
 
     def prefill(self, ids):
         import torch
@@ -241,18 +258,9 @@ class StaticDecoder:
         if dev.type != "cuda":
             self.graph_key = key
             return
-        with torch.inference_mode():  # compile and warm up off the capture, then capture one step
+        with torch.inference_mode():
             self.prefill(torch.zeros((b, max_len - new_tokens), dtype=torch.long, device=dev))
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-        self.graph, self.graph_key = graph, key
+        self.graph, self.graph_key = capture(step), key
 
     def kernels(self, max_len: int) -> Callable:
         """decode: kernels' step over this decoder's static cache (bound once a prefill has filled it)."""
@@ -317,19 +325,12 @@ class StaticDecoder:
         if dev.type != "cuda" or decode == "fast":  # the fast loop's graphs are inductor's own
             self.graph_key = key
             return
-        with torch.inference_mode():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self.pos.zero_()
-                    self.idx.zero_()
-                    step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-        self.graph, self.graph_key = graph, key
+
+        def rewind():  # each warm-up step at the first position, within the cache
+            self.pos.zero_()
+            self.idx.zero_()
+
+        self.graph, self.graph_key = capture(step, rewind), key
 
     def step_logits(self, ids, pos):
         """The step's logits of the last position (the forward next_token takes the argmax of)."""
