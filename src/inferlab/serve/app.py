@@ -245,10 +245,9 @@ class RetrySlots:
             done, k = engine.finish_times(), len(self.promised)
             if not done:
                 wait = 0.0
-            elif k < len(done):
-                wait = done[k]
-            else:  # more refused than places coming free: the pace of the queue, further on
-                wait = done[-1] + (k - len(done) + 1) * done[-1] / len(done)
+            else:  # half a request after its place frees: between it and the next one's, early or late by a little
+                each = done[-1] / len(done)
+                wait = (done[k] if k < len(done) else done[-1] + (k - len(done) + 1) * each) + each / 2
             wait = max(wait, floor_s)
             self.promised.append(now + wait)
         return wait

@@ -8,6 +8,7 @@ serves them in turn. A cancelled request (client gone) stops at its next token.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import secrets
@@ -87,6 +88,9 @@ class Engine:
         # measured pace (moving averages): from taking a request up to its first token, and between two tokens
         self.prefill_s: float | None = None
         self.step_s: float | None = None
+        # the same of the last requests one by one: Retry-After plans with the slowest (coming back late costs a
+        # little wait, coming back early costs a retry)
+        self.recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=16)
         self._active: list[GenRequest] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -173,18 +177,20 @@ class Engine:
                 self.prefill_s = _average(self.prefill_s, r.first_token - r.began)
             if r.produced > 1:
                 self.step_s = _average(self.step_s, (r.last_token - r.first_token) / (r.produced - 1))
+                self.recent.append((r.first_token - r.began, (r.last_token - r.first_token) / (r.produced - 1)))
 
     def finish_times(self) -> list[float]:
-        """Seconds from now until each request in flight, then each waiting, is done, at the measured pace and if
-        each runs to its max_tokens (empty: nothing measured yet)."""
+        """Seconds from now until each request in flight, then each waiting, is done, at the slowest recent pace
+        and if each runs to its max_tokens (empty: nothing measured yet)."""
         if self.step_s is None or self.prefill_s is None:
             return []
+        prefill_s = max([self.prefill_s] + [p for p, _ in self.recent])
+        step_s = max([self.step_s] + [s for _, s in self.recent])
         with self.queue.mutex:
             waiting = list(self.queue.queue)
         out, t = [], 0.0
         for r in [r for r in self._active if not r.finished] + waiting:
-            t += ((0.0 if r.produced else self.prefill_s) + self.step_s * max(r.max_tokens - r.produced, 0)) \
-                / self.lanes
+            t += ((0.0 if r.produced else prefill_s) + step_s * max(r.max_tokens - r.produced, 0)) / self.lanes
             out.append(t)
         return out
 
