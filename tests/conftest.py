@@ -27,13 +27,20 @@ def committed(name: str) -> str:
     return r.stdout if r.returncode == 0 else (ROOT / name).read_text()
 
 
+def default_params(path: Path) -> None:
+    """params.yaml as DVC composes it from conf/ with no overrides (main's own records the last study made)."""
+    from dvc.utils.hydra import compose_and_dump
+
+    compose_and_dump(path, str(ROOT / "conf"), None, "config", str(ROOT / ".dvc"), [])
+
+
 def copy_project(dst: Path) -> Path:
-    """The study's files (no models, results or MLflow store) in a new folder; params.yaml as committed."""
+    """The study's files (no models, results or MLflow store) in a new folder; params.yaml the default one."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
         src = ROOT / name
         if name == "params.yaml":
-            (dst / name).write_text(committed(name))
+            default_params(dst / name)
         elif src.is_dir():
             shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         elif src.exists():
