@@ -172,12 +172,20 @@ def test_report_from_two_machines_with_figures_and_mlflow_run(project, gpu_resul
     assert "bf16-b8" in md and "CUDA out of memory" in md  # the failed point is listed with its reason
     assert "m on laptop: quality not measured" in md
     assert "**transformers, 16-bit vs 4-bit speed at batch 1**: nf4 decodes 35 tokens/s against fp16's 50" in md
+    # the first section in full; the laptop's a summary here, in full on a page of its own
+    page = (metrics / "report" / "laptop--m.md").read_text()
+    summary = md.split("## m on laptop")[1]
+    assert "[report/laptop--m.md](report/laptop--m.md)" in summary and "### Configurations" not in summary
+    assert page.startswith("[← the report](../report.md)") and "### Configurations: speed, memory and quality" in page
+    assert sorted(p.name for p in (metrics / "report").iterdir()) == ["laptop--m.md"]
     figs = sorted(p.name for p in (metrics / "figures").glob("*.png"))
     assert "gpu-a--m--frontier.png" in figs and "gpu-a--m--throughput.png" in figs and "laptop--m--memory.png" in figs
     for f in figs:
-        assert (metrics / "figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"figures/{f}" in md
-    html = (metrics / "report.html").read_text()
+        link = f"](figures/{f})" in md if f.startswith("gpu-a") else f"](../figures/{f})" in page
+        assert (metrics / "figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and link, f
+    html = (metrics / "report.html").read_text()  # every section, the laptop's folded
     assert "<table>" in html and html.count("data:image/png;base64,") == len(figs)
+    assert html.count("<details>") == 1 and "<summary>m on laptop: no recommendation</summary>" in html
     here = {"hardware": hardware()["id"], "model": "phi-2"}  # the configured model has no records here
     assert json.loads((metrics / "answer.json").read_text()) == {**here, "recommended": "no records"}
     csv_rows = (metrics / "plots" / "frontier.csv").read_text().splitlines()
@@ -301,7 +309,7 @@ def test_spread_across_sweeps_stays_with_its_hardware_and_the_newest_gpu_comes_f
     md = (project / "metrics" / "report.md").read_text()
     assert md.index("## m on gpu-b") < md.index("## m on gpu-a")
     new = md.split("## m on gpu-b")[1].split("## m on gpu-a")[0]
-    history = md.split("## m on gpu-a")[1]
+    history = (project / "metrics" / "report" / "gpu-a--m.md").read_text()  # the older GPU's page
     fp16_new = next(line for line in new.splitlines() if line.startswith("| fp16-b1 |"))
     assert "2 sweeps" not in fp16_new and "(40–60)" not in fp16_new and "| 90 |" in fp16_new
     assert "50 (40–60), 2 sweeps" in history
@@ -479,3 +487,53 @@ def test_a_random_weight_section_answers_on_speed_and_memory(project):
            "from full precision 0.25 (0.225–0.275) nats per token" in answer["reason"]
     md = (project / "metrics" / "report.md").read_text()
     assert "| gpu-a | rand | **nf4-b1** |" in md
+
+
+def circle(graph: dict[str, set[str]]) -> list[str]:
+    """An import circle in a graph of modules (module -> the modules it imports), else []."""
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> list[str]:
+        if name in path:
+            return path[path.index(name):] + [name]
+        if name in done:
+            return []
+        for after in sorted(graph.get(name, ())):
+            if found := visit(after, [*path, name]):
+                return found
+        done.add(name)
+        return []
+
+    return next((found for name in sorted(graph) if (found := visit(name, []))), [])
+
+
+def test_the_report_package_has_no_import_circle():
+    """Every module of inferlab.report imports (at the top or inside a function) only modules below it."""
+    from .test_dependencies import SRC, imports_of
+
+    folder = SRC / "inferlab" / "report"
+    graph = {f"inferlab.report.{p.stem}": {m for m in imports_of(f"inferlab.report.{p.stem}", p)
+                                           if m.startswith("inferlab.report.")}
+             for p in folder.glob("*.py") if p.stem != "__init__"}
+    assert len(graph) >= 7 and graph["inferlab.report.build"]  # the package was read
+    assert circle(graph) == []
+    # the check finds a circle: render importing comparisons, which imports render
+    assert circle({"r": {"c"}, "c": {"t", "r"}, "t": set()}) == ["c", "r", "c"]
+
+
+def test_two_sweeps_batching_at_other_batch_sizes_are_two_comparisons(project):
+    """4-bit batching compared at batch 16 in one sweep and at batch 64 in another compares other
+    configurations: both are shown (the sentences once differed only in figures, which were taken out
+    to tell whether two sweeps compared the same points)."""
+    results = project / "results"
+    for sweep, host, batch in (("sweep-a", "h1", 16), ("sweep-b", "h2", 64)):
+        for precision, tps in (("fp16", 50), ("nf4", 35)):
+            bench(results, "gpu-a", f"{precision}-b1", precision, 1, tps, 20, 26, 5.3, sweep=sweep, instance=host)
+            bench(results, "gpu-a", f"{precision}-b{batch}", precision, batch, tps * batch * 0.6, 60, 30, 8.0,
+                  sweep=sweep, instance=host)
+    build(compose(["tracking.enabled=false", "report.constraints.max_kl=null"]))
+    md = (project / "metrics" / "report.md").read_text()
+    lines = [x for x in md.splitlines() if x.startswith("- **transformers, 4-bit with and without batching**")]
+    assert len(lines) == 2, lines
+    assert {"batch 16" in x for x in lines} == {True, False} and {"batch 64" in x for x in lines} == {True, False}
+    assert not any("the same comparison in" in x for x in lines)

@@ -1,6 +1,6 @@
-"""The study's answer in a few lines, from the recommendation document: the machine and model just studied first,
-then one line per other (machine, model) with records. `inferlab study` ends with it; the report run's description
-in MLflow is it."""
+"""The study's answer in a few lines, from the recommendation document: the machine and model just
+studied first, then one line per other (machine, model) with records. `inferlab study` ends with
+it; the report run's description in MLflow is it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ OTHER_REASON_CHARS = 100  # another machine's "no recommendation" reason, cut: t
 
 
 def studied_first(document: dict[str, Any]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """(the recommendation for the studied machine and model, or None; every other one, in the report's order)."""
+    """(the recommendation for the studied machine and model, or None; every other one, in the
+    report's order)."""
     studied = document.get("studied") or {}
     key = (studied.get("hardware"), studied.get("model"))
     recs = document.get("recommendations", [])

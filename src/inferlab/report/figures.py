@@ -1,4 +1,5 @@
-"""The report's figures (PNG, matplotlib), one set per hardware and model, drawn from the same rows as its tables."""
+"""The report's figures (PNG, matplotlib), one set per hardware and model, drawn from the same rows
+as its tables."""
 
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ def _spans(values: list[float]) -> bool:
 
 
 def _plain_log(axis, low: float, high: float) -> None:
-    """A log axis labelled in plain numbers (10, 100, 1,000), minor ticks unlabelled; less than two decades wide,
-    labelled at 1, 2 and 5 of each decade too."""
+    """A log axis labelled in plain numbers (10, 100, 1,000), minor ticks unlabelled; less than two
+    decades wide, labelled at 1, 2 and 5 of each decade too."""
     ticker = matplotlib_ticker()
     if high / low < 100:
         axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -62,8 +63,9 @@ def _plain_log(axis, low: float, high: float) -> None:
 
 
 def _hbars(ax, labels: list[str], values: list[float], colors: Any, text: str, xlabel: str) -> None:
-    """Horizontal bars, top to bottom in the given order, each with its value beside it, on an axis that holds
-    bars and values: linear from 0, or log from below the smallest value where the values span decades."""
+    """Horizontal bars, top to bottom in the given order, each with its value beside it, on an axis
+    that holds bars and values: linear from 0, or log from below the smallest value where the
+    values span decades."""
     ax.barh(range(len(values)), values, color=colors)
     ax.set_yticks(range(len(values)), labels)
     for i, v in enumerate(values):
@@ -79,8 +81,9 @@ def _hbars(ax, labels: list[str], values: list[float], colors: Any, text: str, x
 
 
 def throughput(section: Section):
-    """Total tokens/s against batch size per precision (transformers); decode tokens/s against threads per quant
-    (llama.cpp). An axis with one value (one batch size, one thread count) becomes bars."""
+    """Total tokens/s against batch size per precision (transformers); decode tokens/s against
+    threads per quant (llama.cpp). An axis with one value (one batch size, one thread count)
+    becomes bars."""
     cands = section.candidates
     hf = [r for r in cands if r["runtime"] == "hf" and (plain_hf(r) or r.get("compile") is True)]
     grid = llama_grid(cands)
@@ -139,7 +142,8 @@ def throughput(section: Section):
 
 
 def _bars(labels: list[str], values: list[float], colors: Any, text: str, xlabel: str, title: str):
-    """A horizontal bar chart, top to bottom in the given order, each bar with its value written beside it."""
+    """A horizontal bar chart, top to bottom in the given order, each bar with its value written
+    beside it."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 0.48 * len(labels) + 1.4))
     _hbars(ax, labels, values, colors, text, xlabel)
@@ -163,8 +167,9 @@ def memory(section: Section):
 
 
 def kl_axis(ax, values: list[float]) -> float:
-    """KL on a log axis from the smallest positive value, better quality up; a configuration at exactly 0 (a
-    reference against itself) sits on a line a decade below the data, labelled 0. Returns where 0 is drawn."""
+    """KL on a log axis from the smallest positive value, better quality up; a configuration at
+    exactly 0 (a reference against itself) sits on a line a decade below the data, labelled 0.
+    Returns where 0 is drawn."""
     pos = [v for v in values if v > 0]
     low = math.floor(math.log10(min(pos))) if pos else -4
     high = math.log10(max(pos)) if pos else low + 1
@@ -184,8 +189,8 @@ def kl_axis(ax, values: list[float]) -> float:
 
 def quality_vs_speed(section: Section, front: list[dict[str, Any]], with_quality: bool, objective: str,
                      recommended: str | None = None):
-    """Quality (or memory, where quality was not measured) against speed: one colour per precision / quant,
-    marker area by memory, the Pareto frontier ringed, the recommendation starred."""
+    """Quality (or memory, where quality was not measured) against speed: one colour per precision
+    / quant, marker area by memory, the Pareto frontier ringed, the recommendation starred."""
     y_key = "quality" if with_quality else "memory_gib"
     pts = [r for r in section.candidates if r.get(objective) is not None and r.get(y_key) is not None]
     if not pts:
@@ -248,7 +253,8 @@ def prompt_cache(section: Section):
 
 def figures(section: Section, front: list[dict[str, Any]], with_quality: bool, objective: str,
             recommended: str | None = None) -> list[tuple[str, str, Callable[[], Any]]]:
-    """(caption, file name part, a function that makes the figure or None) for every figure of a section."""
+    """(caption, file name part, a function that makes the figure or None) for every figure of a
+    section."""
     return [
         ("Throughput against batch size / threads", "throughput", lambda: throughput(section)),
         ("Peak memory per precision", "memory", lambda: memory(section)),

@@ -1,10 +1,11 @@
-"""The Pareto frontier over speed, memory and quality, and the recommended configuration under constraints.
+"""The Pareto frontier over speed, memory and quality, and the recommended configuration under
+constraints.
 
-A configuration is on the frontier when no other one is at least as fast, as small and as good in quality
-(report.quality_metric: by default the mean KL divergence per token from the runtime's full precision), and
-strictly better in one of them. Quality joins the axes only where it was measured: a section with quality
-figures ranks the measured configurations on all three axes; a section without any ranks speed and memory.
-"""
+A configuration is on the frontier when no other one is at least as fast, as small and as good
+in quality (report.quality_metric: by default the mean KL divergence per token from the
+runtime's full precision), and strictly better in one of them. Quality joins the axes only where
+it was measured: a section with quality figures ranks the measured configurations on all three
+axes; a section without any ranks speed and memory."""
 
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ def axis_label(figure: str) -> str:
 
 
 def axes(objective: str, with_quality: bool, quality_metric: str = "kl_mean") -> list[tuple[str, int]]:
-    """(figure, +1 to maximise / -1 to minimise). The quality axis is the row's `quality` figure, the value of
-    report.quality_metric."""
+    """(figure, +1 to maximise / -1 to minimise). The quality axis is the row's `quality` figure,
+    the value of report.quality_metric."""
     out = [(objective, +1), ("memory_gib", -1)]
     return [*out, ("quality", QUALITY_METRICS[quality_metric])] if with_quality else out
 
@@ -105,9 +106,10 @@ def _summary(c: dict[str, Any]) -> dict[str, Any]:
 
 
 def recommend(candidates: list[dict[str, Any]], cfg: ReportConfig, quality: bool = True) -> dict[str, Any]:
-    """The fastest candidate (cfg.objective) that meets every constraint, with the reason; or, when none does,
-    which constraint fails and by how much (the best any candidate reached against each limit). `quality`
-    False (random weights): speed and memory only, the quality limits left out and the answer says so."""
+    """The fastest candidate (cfg.objective) that meets every constraint, with the reason; or, when
+    none does, which constraint fails and by how much (the best any candidate reached against
+    each limit). `quality` False (random weights): speed and memory only, the quality limits
+    left out and the answer says so."""
     limits = _limits(cfg.constraints, quality)
     objective = cfg.objective
     front, with_quality = frontier(candidates, objective, cfg.quality_metric)

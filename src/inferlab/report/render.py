@@ -1,20 +1,21 @@
-"""The report as markdown (metrics/report.md) and as HTML with the figures embedded (metrics/report.html)."""
+"""The report as markdown (metrics/report.md) and as HTML with the figures embedded
+(metrics/report.html)."""
 
 from __future__ import annotations
 
-import base64
-import html
-import re
+import os
 from pathlib import Path
 from typing import Any
 
 from inferlab import fields as F
-from inferlab.report.frontier import CONSTRAINTS, axis_label, describe
+from inferlab.report.sentences import quality_text, sentence, with_ci
+from inferlab.report.sweeps import PROFILE_COLUMNS, Fastest, Shown
 from inferlab.report.table import Section, fmt
 
 
 def columns(*names: str | tuple[str, str]) -> tuple[tuple[str, str], ...]:
-    """(key, column title) of a table: a field's title from the field table, or a column of the report's own."""
+    """(key, column title) of a table: a field's title from the field table, or a column of the
+    report's own."""
     return tuple((n, F.field(n).title) if isinstance(n, str) else n for n in names)
 
 
@@ -23,12 +24,11 @@ CANDIDATE_COLUMNS = columns("config", "workload", "batch_size", "n_threads", "de
                             "total_tps", "ttft_ms", "itl_p50_ms", "itl_p90_ms", "memory_gib", "roofline_fraction",
                             "kl_mean", "top1", "ppl_ratio", ACROSS, ("frontier", "frontier"))
 OTHER_COLUMNS = columns("config", ("sweep", "sweep"), "decode_tps", "total_tps", "ttft_ms", "memory_gib", ACROSS)
-ANSWER_FIGURES = ("total_tps", "decode_tps", "ttft_ms", "itl_p90_ms", "memory_gib", "kl_mean", "top1")
 
 
 def across(r: dict[str, Any]) -> str:
-    """A point's decode speed across the sweeps that measured it: median (min–max), n sweeps; ⚠ where it spreads
-    more than a run does."""
+    """A point's decode speed across the sweeps that measured it: median (min–max), n sweeps; ⚠
+    where it spreads more than a run does."""
     n = r.get("sweeps") or 0
     if n < 2:
         return ""
@@ -43,23 +43,6 @@ QUALITY_COLUMNS = columns("config", "status", "bits_per_weight", ("kl", f"{F.fie
                           "kl_p99", "kl_max", ("top1_ci", f"{F.field('top1').words} (95% CI)"), "perplexity",
                           ("ppl_ratio_ci", f"{F.field('ppl_ratio').title} (95% CI)"), "task_rougeL",
                           "task_exact_match", "drift_rougeL", "drift_exact_match", "tokens_scored", "reason")
-
-
-def with_ci(v: Any, low: Any, high: Any, kind: str = "") -> str:
-    """A figure and its 95% interval in one cell: 0.0123 (0.0119–0.0127); kind "pct" as percentages, "ratio" to
-    four decimals (a perplexity ratio near 1)."""
-    if v is None or v == "":
-        return ""
-    f = {"pct": lambda x: f"{100 * x:.1f}%", "ratio": lambda x: f"{x:.4f}"}.get(kind, fmt)
-    return f"{f(v)} ({f(low)}–{f(high)})" if low is not None and high is not None else f(v)
-
-
-def quality_text(f: dict[str, Any]) -> str:
-    """A configuration's quality in words, each figure with its 95% interval ('—' where not measured)."""
-    kl = with_ci(f.get("kl_mean"), f.get("kl_ci_low"), f.get("kl_ci_high")) or "—"
-    top1 = with_ci(f.get("top1"), f.get("top1_ci_low"), f.get("top1_ci_high"), "pct") or "—"
-    ratio = with_ci(f.get("ppl_ratio"), f.get("ppl_ratio_ci_low"), f.get("ppl_ratio_ci_high"), "ratio") or "—"
-    return f"KL divergence from full precision {kl} nats per token, top-1 agreement {top1}, perplexity ratio {ratio}"
 
 
 def quality_table(rows: list[dict[str, Any]]) -> str:
@@ -94,34 +77,15 @@ def table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...]) -> s
     return "\n".join(lines)
 
 
-def _fig(figures: dict[str, Any], name: str) -> str:
+def with_unit(figures: dict[str, Any], name: str) -> str:
     """A recommended figure with its unit (from the field table)."""
     v, unit = figures[name], F.field(name).unit
     return cell(v) + (f" {unit}" if unit and v not in (None, "") else "")
 
 
-def _titled(name: str) -> str:
-    """A field's column title, with its unit where the title does not name it (e.g. "KL (nats/token)")."""
-    f = F.field(name)
-    return f.title if f.unit.replace("tokens/", "tok/") in f.title else f"{f.title} ({f.unit})"
-
-
-def answer_table(results: list[tuple[Section, dict[str, Any]]]) -> str:
-    heads = ["hardware", "model", "recommended", *map(_titled, ANSWER_FIGURES), "why"]
-    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    for s, rec in results:
-        if rec["status"] == "recommended":
-            figs = " | ".join(cell(rec["figures"][k]) for k in ANSWER_FIGURES)
-            lines.append(f"| {s.hardware} | {s.model} | **{rec['name']}** | {figs} | {cell(rec['reason'])} |")
-        else:
-            lines.append(f"| {s.hardware} | {s.model} | none | {' | '.join('—' for _ in ANSWER_FIGURES)} | "
-                         f"{cell(rec['reason'])} |")
-    return "\n".join(lines)
-
-
 def pivot(cands: list[dict[str, Any]]) -> str:
-    """transformers points as precision (and cache/compile) x batch: total tok/s, decode tok/s per sequence,
-    peak memory in each cell."""
+    """transformers points as precision (and cache/compile) x batch: total tok/s, decode tok/s per
+    sequence, peak memory in each cell."""
     hf = [c for c in cands if c["runtime"] == "hf" and c.get("attn") == "sdpa"]
     batches = sorted({int(c["batch_size"] or 1) for c in hf})
     if len(batches) < 2:
@@ -162,10 +126,10 @@ def _not_run(section: Section) -> str:
     return "\n".join(out)
 
 
-def section_md(s: Section, rec: dict[str, Any], headline: list[str], caching: list[str],
-               figures: list[tuple[str, Path]], figure_base: Path, front_names: set[str],
-               faster: list[str] | None = None, profiles: list[dict[str, Any]] | None = None,
-               side: tuple[list[str], list[list[str]]] | None = None) -> str:
+def section_md(s: Section, rec: dict[str, Any], headline: list[Shown], caching: list[Shown],
+               figures: list[tuple[str, Path]], link_from: Path, front_names: set[str],
+               faster: list[Shown] | None = None, profiles: list[dict[str, Any]] | None = None,
+               side: tuple[list[str], list[Fastest]] | None = None) -> str:
     out = [f"## {s.title}", ""]
     if s.weights and s.weights != "real":
         out += [f"_Weights: {s.weights}. Speed and memory depend on shapes only and are real figures; quality "
@@ -177,9 +141,9 @@ def section_md(s: Section, rec: dict[str, Any], headline: list[str], caching: li
     if rec["status"] == "recommended":
         f = rec["figures"]
         out += [f"**{rec['name']}** ({', '.join(f'{k}={v}' for k, v in rec['settings'].items())}): "
-                f"{_fig(f, 'total_tps')} in total, {_fig(f, 'decode_tps')} per sequence, "
-                f"TTFT {_fig(f, 'ttft_ms')}, ITL p90 {_fig(f, 'itl_p90_ms')}, "
-                f"{_fig(f, 'memory_gib')} ({rec['memory_kind']}), {quality_text(f)}.", "",
+                f"{with_unit(f, 'total_tps')} in total, {with_unit(f, 'decode_tps')} per sequence, "
+                f"TTFT {with_unit(f, 'ttft_ms')}, ITL p90 {with_unit(f, 'itl_p90_ms')}, "
+                f"{with_unit(f, 'memory_gib')} ({rec['memory_kind']}), {quality_text(f)}.", "",
                 f"Why: {rec['reason']}.", ""]
         if rec.get("alternatives"):
             out += [f"Next fastest that meet the constraints: {', '.join(rec['alternatives'])}.", ""]
@@ -189,32 +153,31 @@ def section_md(s: Section, rec: dict[str, Any], headline: list[str], caching: li
             c = rec["closest"]
             out += [f"Closest: **{c['name']}**, which fails {'; '.join(c['fails'].values())}.", ""]
     if headline:
-        out += ["### Headline comparisons", "", *[f"- {h}" for h in headline], ""]
+        out += ["### Headline comparisons", "", *[f"- {sentence(h)}" for h in headline], ""]
     if caching:
-        out += ["### KV cache, prompt cache and streaming", "", *[f"- {c}" for c in caching], ""]
+        out += ["### KV cache, prompt cache and streaming", "", *[f"- {sentence(c)}" for c in caching], ""]
     if faster or profiles:
         out += ["### Faster decoding: the peer runtime, prompt lookup, and where a step's time goes", ""]
-        out += [f"- {f}" for f in faster or []] + ([""] if faster else [])
+        out += [f"- {sentence(f)}" for f in faster or []] + ([""] if faster else [])
         if profiles:
-            from inferlab.report.comparisons import PROFILE_COLUMNS
-
             out += ["Kernel-level profiles (torch.profiler) of decode steps, per generated token: time in GPU kernels, "
                     "idle gaps shorter than 10 µs between kernels (launch latency, also inside a CUDA graph) and "
                     "longer ones (the GPU waiting for the host); weights GB/s is the rate the weights are read at "
                     "while matrix kernels run.", "", table(profiles, PROFILE_COLUMNS), ""]
     if side and side[1]:
-        head, rows = side
+        kinds, rows = side
+        head = ["sweep", *kinds]
         out += ["### The fastest of each kind, sweep by sweep", "",
                 "Each cell: decode tokens/s per sequence (batch > 1: total tokens/s) of the fastest configuration of "
                 "that kind in that sweep. A row was measured together (one sweep on one machine instance) and "
                 "compares within itself; down a column the figures come from different machine instances and often "
                 "from other configurations, so they show how far each sweep got, not a speed-up.", "",
                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-                *["| " + " | ".join(r) + " |" for r in rows], ""]
+                *[_fastest_row(r, kinds) for r in rows], ""]
     if figures:
         out += ["### Figures", ""]
         for caption, path in figures:
-            out += [f"![{caption}]({path.relative_to(figure_base).as_posix()})", ""]
+            out += [f"![{caption}]({Path(os.path.relpath(path, link_from)).as_posix()})", ""]
     cands = s.candidates
     if cands and s.history:
         others = {r["config"] for r in s.rows if r["status"] == "ok" and r["scenario"] == "latency"} - {
@@ -282,13 +245,19 @@ def section_md(s: Section, rec: dict[str, Any], headline: list[str], caching: li
     return "\n".join(out)
 
 
+def _fastest_row(row: Fastest, kinds: list[str]) -> str:
+    cells = [f"{fmt(row.found[k][0])} ({row.found[k][1]})" if k in row.found else "" for k in kinds]
+    return "| " + " | ".join([Section.label(row.group), *cells]) + " |"
+
+
 def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return not (a["kl_ci_low"] > b["kl_ci_high"] or b["kl_ci_low"] > a["kl_ci_high"])
 
 
 def loop_checks(scored: list[dict[str, Any]]) -> list[str]:
-    """Each decode loop scored through its own step against its precision's forward-pass quality: whether the
-    two KL intervals overlap (a loop whose kernels compute something else shows up here)."""
+    """Each decode loop scored through its own step against its precision's forward-pass quality:
+    whether the two KL intervals overlap (a loop whose kernels compute something else shows up
+    here)."""
     out = []
     for q in scored:
         if not q.get("loop") or q.get("kl_ci_low") is None:
@@ -307,84 +276,3 @@ def loop_checks(scored: list[dict[str, Any]]) -> list[str]:
 
 def _ci(q: dict[str, Any], name: str) -> str:
     return f"{fmt(q[f'{name}_mean'])} ({fmt(q[f'{name}_ci_low'])}–{fmt(q[f'{name}_ci_high'])})"
-
-
-def missing_inputs(sections: list[Section]) -> list[str]:
-    """What the study lacks, in words (never an error)."""
-    out = []
-    for stage, what, how in (
-        ("bench_gpu", "GPU benchmark results", "run the bench_gpu stage on a CUDA machine "
-                                               "(see README, scripts/gpu_run.sh)"),
-        ("bench_cpu", "CPU benchmark results", "run the bench_cpu stage"),
-    ):
-        rows = [r for s in sections for r in s.rows if r["stage"] == stage]
-        if not any(r["status"] == "ok" for r in rows):
-            seen = sorted({f"{r['hardware']}: {r['status']} ({(r['reason'] or '')[:100]})" for r in rows})
-            out.append(f"No {what}: {how}." + (f" Records say {'; '.join(seen[:3])}." if seen else ""))
-    if not any(s.quality for s in sections):
-        out.append("No quality scores: run the evaluate stage.")
-    for s in sections:
-        ok = [r for r in s.rows if r["status"] == "ok"]
-        if s.candidates and not s.scored:
-            out.append(f"{s.title}: quality not measured (run evaluate with this model on this machine); "
-                       "its frontier ranks speed and memory only.")
-        elif s.candidates:
-            unscored = [c["config"] for c in s.candidates if c.get("quality") is None]
-            if unscored:
-                out.append(f"{s.title}: {len(unscored)} of {len(s.candidates)} benchmarked configurations have no "
-                           f"quality score of the same configuration ({', '.join(unscored[:5])}"
-                           f"{' …' if len(unscored) > 5 else ''}).")
-        if s.scored and not ok:
-            out.append(f"{s.title}: quality only; speed not measured.")
-        failed = [r for r in s.rows if r["status"] == "failed"]
-        if failed:
-            out.append(f"{s.title}: {len(failed)} benchmark point(s) failed (listed in its section).")
-    return out
-
-
-def report_md(sections_md: list[str], answer: str, missing: list[str], header: dict[str, Any],
-              history_from: int = 0) -> str:
-    """The whole report; sections from `history_from` on are other machines' and models' (the first, when
-    history_from is 1, is this run's)."""
-    limits = header["constraints"]
-    conds = ", ".join(describe(k, v) for k, v in limits.items()) or "none"
-    out = ["# inferlab report: which configuration to use", "",
-           f"Built from the records under `results/` only ({header['records']} records), {header['generated']}, "
-           f"code at commit {header['commit']}. Objective: highest {axis_label(header['objective'])}. "
-           f"Constraints (`report.constraints` in conf/config.yaml): {conds}. Quality axis: "
-           f"{axis_label(header['quality_metric'])} (`report.quality_metric`), against the full precision "
-           "of each runtime.", "",
-           "## The answer", "", answer, ""]
-    if missing:
-        out += ["## What is missing", "", *[f"- {m}" for m in missing], ""]
-    out += sections_md[:history_from]
-    if sections_md[history_from:] and history_from:
-        out += ["# History: other machines and models", "",
-                "Records of other machines and models in `results/`, kept as they were measured.", ""]
-    out += sections_md[history_from:]
-    out += ["---", f"Constraints checked: {', '.join(CONSTRAINTS)}. Machine-readable: `metrics/recommendation.json` "
-            "(the serving stage loads it), `metrics/answers/*.json` (DVC metrics), `metrics/plots/frontier.csv` "
-            "(DVC plots).", ""]
-    return "\n".join(out)
-
-
-def to_html(markdown_text: str, base: Path) -> str:
-    """HTML from the markdown, with each figure embedded as a data URI (one file to open or mail)."""
-    from markdown_it import MarkdownIt
-
-    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown_text)
-
-    def embed(m: re.Match) -> str:
-        path = base / html.unescape(m.group(1))
-        if not path.is_file():
-            return m.group(0)
-        data = base64.b64encode(path.read_bytes()).decode()
-        return f'src="data:image/png;base64,{data}"'
-
-    body = re.sub(r'src="([^"]+\.png)"', embed, body)
-    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;line-height:1.45}"
-             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
-             "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}"
-             "img{max-width:100%;border:1px solid #eee}code{background:#f5f5f5;padding:1px 3px}")
-    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>inferlab report</title>"
-            f"<style>{style}</style></head><body>\n{body}</body></html>\n")

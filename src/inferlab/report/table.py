@@ -1,10 +1,11 @@
-"""The report's inputs, from the records only: per hardware and model, the benchmark rows joined with the quality
-figures of the same configuration on the same hardware.
+"""The report's inputs, from the records only: per hardware and model, the benchmark rows joined
+with the quality figures of the same configuration on the same hardware.
 
-Figures are compared only where they were measured together: in one sweep on one machine instance (a group).
-A section keeps every record's row (`history`); its ranked group, the group holding the most configurations,
-supplies the candidates that the frontier and the recommendation rank; `view(group)` gives the same interface
-over one group's rows, so each comparison can be made within a group."""
+Figures are compared only where they were measured together: in one sweep on one machine
+instance (a group). A section keeps every record's row (`history`); its ranked group, the group
+holding the most configurations, supplies the candidates that the frontier and the
+recommendation rank; `view(group)` gives the same interface over one group's rows, so each
+comparison can be made within a group."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ SPREAD_KEYS = ("sweeps", "decode_tps_sweeps_median", "decode_tps_sweeps_min", "d
 
 
 def fmt(x: float) -> str:
-    """A figure as the report writes it: three significant digits below 100, whole numbers with commas above."""
+    """A figure as the report writes it: three significant digits below 100, whole numbers with
+    commas above."""
     if x == 0:
         return "0"
     return f"{x:.3g}" if abs(x) < 100 else f"{x:,.0f}"
@@ -66,9 +68,9 @@ class Section:
 
     @cached_property
     def candidates(self) -> list[dict[str, Any]]:
-        """Latency points that ran, one per configuration, all from one sweep on one instance (the ranked group,
-        on a full section): where a configuration ran with several generation lengths, the longest (steadier
-        decode figures) stands for it."""
+        """Latency points that ran, one per configuration, all from one sweep on one instance (the
+        ranked group, on a full section): where a configuration ran with several generation
+        lengths, the longest (steadier decode figures) stands for it."""
         if self.history and self.group is None:
             return self.view(self.ranked_group).candidates if self.ranked_group else []
         best: dict[tuple, dict[str, Any]] = {}
@@ -92,13 +94,15 @@ class Section:
                        self.quality_metric, self.model_note, group=group)
 
     def merged(self) -> Section:
-        """The latest row of every point whichever group measured it (never for comparing two points)."""
+        """The latest row of every point whichever group measured it (never for comparing two
+        points)."""
         return Section(self.hardware, self.model, self.weights, self.rows, self.quality, self.quality_metric,
                        self.model_note, group=("all", "all"))
 
     @cached_property
     def groups(self) -> list[tuple]:
-        """Every (sweep id, instance) that measured something here: the ranked group first, then newest first."""
+        """Every (sweep id, instance) that measured something here: the ranked group first, then
+        newest first."""
         newest: dict[tuple, str] = {}
         for r in self.history:
             g = (r["sweep_id"], r["instance"])
@@ -111,8 +115,8 @@ class Section:
 
     @cached_property
     def ranked_group(self) -> tuple | None:
-        """The group whose configurations are ranked: the one holding the most latency points that ran (the
-        newest among equals)."""
+        """The group whose configurations are ranked: the one holding the most latency points that
+        ran (the newest among equals)."""
         count: dict[tuple, int] = {}
         newest: dict[tuple, str] = {}
         for r in self.history:
@@ -136,9 +140,10 @@ def sort_key(r: dict[str, Any]) -> tuple:
 
 
 def _match(row: dict[str, Any], scored: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The quality configuration a benchmark point ran: same runtime and device, same precision (transformers)
-    or quant (llama.cpp), same KV cache. generate()'s batch, threads and compile change speed, not what is
-    computed; a decode loop's point takes the quality scored through its own step (`loop_quality`)."""
+    """The quality configuration a benchmark point ran: same runtime and device, same precision
+    (transformers) or quant (llama.cpp), same KV cache. generate()'s batch, threads and compile
+    change speed, not what is computed; a decode loop's point takes the quality scored through
+    its own step (`loop_quality`)."""
     for q in scored:
         if q["runtime"] != row["runtime"]:
             continue
@@ -151,8 +156,8 @@ def _match(row: dict[str, Any], scored: list[dict[str, Any]]) -> dict[str, Any] 
 
 
 def loop_quality(row: dict[str, Any], scored: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The quality of a decode loop's point: scored through the same loop's step (same precision, same loop
-    settings), never borrowed from a forward pass through other kernels."""
+    """The quality of a decode loop's point: scored through the same loop's step (same precision,
+    same loop settings), never borrowed from a forward pass through other kernels."""
     loop = loop_path(row)
     return next((q for q in scored if q["runtime"] == "hf" and q["device"] == row["device"]
                  and q["precision"] == row["precision"] and q.get("loop") == loop), None)
@@ -178,8 +183,9 @@ def _enrich(row: dict[str, Any], record_metrics: dict[str, Any], stage: str) -> 
 
 
 def gguf_labels(results: Path) -> dict[str, dict[str, str]]:
-    """Per model, per GGUF type: what the convert stage found the file to hold (its latest record on any machine:
-    the file's contents do not depend on where it was made), e.g. 'q4_k_m (180 of 211 matrices fell back: ...)'."""
+    """Per model, per GGUF type: what the convert stage found the file to hold (its latest record
+    on any machine: the file's contents do not depend on where it was made), e.g. 'q4_k_m (180
+    of 211 matrices fell back: ...)'."""
     labelled = [r for r in stage_records(results, "convert") if r.status == "ok" and r.metrics.get("label")]
     out: dict[str, dict[str, str]] = {}
     for r in rec.latest(labelled, lambda r: (r.model.get("name"), r.name)):
