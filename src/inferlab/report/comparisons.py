@@ -20,8 +20,8 @@ class Side:
     label: str
     name: str = ""
     figures: dict[str, Any] = field(default_factory=dict)
-    notes: tuple[str, ...] = ()  # settings worth naming beside the label (compile mode, fused block, ...)
-    same_tokens: bool | None = None  # a decode loop's tokens against generate()'s; None: not recorded
+    notes: tuple[str, ...] = ()  # settings named beside the label (compile mode, fused block)
+    same_tokens: bool | None = None  # a decode loop's tokens against generate()'s; None: unknown
     status: str = "ok"
     reason: str = ""
 
@@ -49,7 +49,7 @@ class Comparison:
     topic: str  # the same topic in two sweeps is the same question
     kind: str  # which sentence words it (sentences.WORDS)
     sides: tuple[Side, ...] = ()
-    settings: dict[str, Any] = field(default_factory=dict)  # what the sides share (batch, threads, ...)
+    settings: dict[str, Any] = field(default_factory=dict)  # what the sides share (batch, ...)
     figures: dict[str, Any] = field(default_factory=dict)  # figures of the comparison as a whole
     missing: str = ""  # what was not measured (or failed), where the comparison could not be made
     borrowed: Borrowed | None = None
@@ -62,8 +62,8 @@ class Comparison:
         """What was compared, without the figures: two sweeps with equal ones compared the same
         points."""
         borrowed = (self.borrowed.kind, self.borrowed.title) if self.borrowed else None
-        return (self.kind, tuple(s.identity() for s in self.sides), repr(sorted(self.settings.items())),
-                self.missing, borrowed)
+        sides = tuple(s.identity() for s in self.sides)
+        return self.kind, sides, repr(sorted(self.settings.items())), self.missing, borrowed
 
 
 def _figures(r: dict[str, Any], *keys: str) -> dict[str, Any]:
@@ -80,7 +80,8 @@ def plain_hf(r: dict[str, Any]) -> bool:
             and r.get("compile") is False and _generate(r))
 
 
-def plain_llama(r: dict[str, Any], threads: float | None, base: dict[str, Any] | None = None) -> bool:
+def plain_llama(r: dict[str, Any], threads: float | None, base: dict[str, Any] | None = None
+                ) -> bool:
     """llama.cpp's main grid point: generate API, F16 KV cache, the grid's prompt length, n_batch
     and flash attention (`base`'s, where given; else no flash attention)."""
     base = base or {}
@@ -141,22 +142,26 @@ def _headline(family: str, rows: list[dict[str, Any]], threads: float | None) ->
     speed = f"{family}, 16-bit vs 4-bit speed{where}"
     if base is None or q4 is None:
         return [Comparison(speed, "speed", missing="a 16-bit" if base is None else "a 4-bit")]
-    out = [Comparison(speed, "speed", (Side(kind(q4), q4["name"], _figures(q4, "decode_tps", "ttft_ms")),
-                                       Side(kind(base), base["name"], _figures(base, "decode_tps", "ttft_ms")))),
-           Comparison(f"{family}, 16-bit vs 4-bit memory", "memory", tuple(
-               Side(kind(r), r["name"], _figures(r, "memory_gib"), (r["memory_kind"],)) for r in (q4, base)))]
+    pair = (q4, base)
+    speeds = tuple(Side(kind(r), r["name"], _figures(r, "decode_tps", "ttft_ms")) for r in pair)
+    memory = tuple(Side(kind(r), r["name"], _figures(r, "memory_gib"), (r["memory_kind"],))
+                   for r in pair)
+    out = [Comparison(speed, "speed", speeds),
+           Comparison(f"{family}, 16-bit vs 4-bit memory", "memory", memory)]
     if runtime == "llama_cpp":
-        return out  # llama.cpp's sweep runs one sequence at a time: batching is a transformers comparison
+        return out  # llama.cpp's sweep runs one sequence at a time: no batching
     topic = f"{family}, 4-bit with and without batching"
     batched = [r for r in rows if kind(r) == kind(q4) and (r.get("batch_size") or 1) > 1]
     if not batched:
-        return [*out, Comparison(topic, "batching", (Side(kind(q4), q4["name"]),), missing="batch 1 only")]
+        only = Comparison(topic, "batching", (Side(kind(q4), q4["name"]),), missing="batch 1 only")
+        return [*out, only]
     big = max(batched, key=lambda r: r["batch_size"] or 0)
     sides = [Side(kind(q4), big["name"], _figures(big, "total_tps", "decode_tps", "memory_gib")),
              Side(kind(q4), q4["name"], _figures(q4, "total_tps"))]
-    base_big = next((r for r in rows if kind(r) == kind(base) and r["batch_size"] == big["batch_size"]), None)
-    if base_big is not None:
-        sides.append(Side(kind(base), base_big["name"], _figures(base_big, "total_tps", "memory_gib")))
+    same = [r for r in rows if kind(r) == kind(base) and r["batch_size"] == big["batch_size"]]
+    if same:
+        figures = _figures(same[0], "total_tps", "memory_gib")
+        sides.append(Side(kind(base), same[0]["name"], figures))
     return [*out, Comparison(topic, "batching", tuple(sides), {"batch": big["batch_size"]})]
 
 
@@ -190,7 +195,8 @@ def cache_and_streaming(section: Section) -> list[Comparison]:
     for r in kv:
         side = Side(r["kv_type"], r["name"], _figures(r, "decode_tps", "memory_gib"))
         missing = "" if r["status"] == "ok" else f"{r['status']}: {r['reason'][:160]}"
-        out.append(Comparison(f"llama.cpp KV cache {r['kv_type']}", "llama_kv", (side,), missing=missing))
+        topic = f"llama.cpp KV cache {r['kv_type']}"
+        out.append(Comparison(topic, "llama_kv", (side,), missing=missing))
     out += _prompt_cache(section) + _streaming(section)
     return out
 
@@ -205,8 +211,8 @@ def _prompt_cache(section: Section) -> list[Comparison]:
         sides += [Side(r["mode"], r["name"], status=r["status"], reason=r["reason"][:120])
                   for r in rows if r["status"] != "ok"]
         name = "transformers" if runtime == "hf" else "llama.cpp"
-        out.append(Comparison(f"Prompt cache ({name}, requests sharing a long prefix)", "prompt_cache",
-                              tuple(sides)))
+        topic = f"Prompt cache ({name}, requests sharing a long prefix)"
+        out.append(Comparison(topic, "prompt_cache", tuple(sides)))
     return out
 
 
@@ -218,7 +224,8 @@ def _streaming(section: Section) -> list[Comparison]:
                                   missing=f"{r['status']}: {r['reason'][:160]}"))
             continue
         m = r["_metrics"]
-        stream, plain = m.get("stream_e2e_ms", {}).get("median"), m.get("plain_e2e_ms", {}).get("median")
+        stream = m.get("stream_e2e_ms", {}).get("median")
+        plain = m.get("plain_e2e_ms", {}).get("median")
         topic = f"Streaming (transformers TextIteratorStreamer, {r.get('precision')} batch 1)"
         sides = (Side("streamed", r["name"], {"e2e_ms": stream, "ttft_ms": r["ttft_ms"]}),
                  Side("plain", r["name"], {"e2e_ms": plain}))
@@ -226,10 +233,12 @@ def _streaming(section: Section) -> list[Comparison]:
     stream = next((r for r in section.candidates if r["runtime"] == "llama_cpp"
                    and r.get("api") == "completion_stream"), None)
     if stream is not None:
-        same = ("quant", "n_threads", "n_batch", "flash_attn", "kv_type", "prompt_tokens", "new_tokens")
+        same = ("quant", "n_threads", "n_batch", "flash_attn", "kv_type", "prompt_tokens",
+                "new_tokens")
         apis = {r["api"]: r for r in section.candidates if r["runtime"] == "llama_cpp"
                 and all(r.get(k) == stream.get(k) for k in same)}
-        sides = tuple(Side(api, r["name"], _figures(r, "total_tps", "ttft_ms")) for api, r in sorted(apis.items()))
+        sides = tuple(Side(api, r["name"], _figures(r, "total_tps", "ttft_ms"))
+                      for api, r in sorted(apis.items()))
         topic = f"Streaming (llama.cpp, {stream['quant']}, {stream['n_threads']} threads)"
         out.append(Comparison(topic, "llama_streaming", sides))
     return out
@@ -255,9 +264,11 @@ def decode_loops(section: Section) -> list[Comparison]:
             rows = [r for r in same if pick(r)]
             if rows:
                 best = max(rows, key=lambda r: r["decode_tps"] or 0)
-                sides.append(Side(label, best["name"], _figures(best, "decode_tps", "total_tps", "itl_p50_ms"),
-                                  _loop_notes(best), _same_tokens(best, same)))
-        out.append(Comparison(f"Decode loop ({precision}, batch {int(batch)})", "decode_loop", tuple(sides)))
+                figures = _figures(best, "decode_tps", "total_tps", "itl_p50_ms")
+                tokens = _same_tokens(best, same)
+                sides.append(Side(label, best["name"], figures, _loop_notes(best), tokens))
+        topic = f"Decode loop ({precision}, batch {int(batch)})"
+        out.append(Comparison(topic, "decode_loop", tuple(sides)))
     return out
 
 
@@ -275,7 +286,8 @@ def _loop_notes(best: dict[str, Any]) -> tuple[str, ...]:
 def _same_tokens(row: dict[str, Any], same: list[dict[str, Any]]) -> bool | None:
     """Whether a decode loop's measured requests generated generate()'s tokens for the same prompts
     (their digests, one sweep); None where either was not recorded."""
-    plain = [r for r in same if _generate(r) and r["kv_cache"] == "dynamic" and r.get("output_digest")]
+    plain = [r for r in same if _generate(r) and r["kv_cache"] == "dynamic"
+             and r.get("output_digest")]
     if _generate(row) or not plain or not row.get("output_digest"):
         return None
     return row["output_digest"] == plain[0]["output_digest"]
@@ -286,7 +298,8 @@ HF_16, HF_8, HF_4 = SIXTEEN_BIT["hf"], ("int8", "int8-ao"), (*FOUR_BIT["hf"], *I
 
 def hf_b1(precisions: tuple[str, ...]):
     """Which rows are transformers points at batch 1 in one of these precisions."""
-    return lambda r: r["runtime"] == "hf" and r.get("batch_size") == 1 and r.get("precision") in precisions
+    return lambda r: (r["runtime"] == "hf" and r.get("batch_size") == 1
+                      and r.get("precision") in precisions)
 
 
 def best(rows: list[dict[str, Any]], key: str = "decode_tps") -> dict[str, Any] | None:
@@ -300,15 +313,16 @@ def real_quality(sections: list[Section]) -> dict[tuple, tuple[str, dict[str, An
     out: dict[tuple, tuple[str, dict[str, Any]]] = {}
     for s in sections:
         for q in s.scored:
-            if (q.get("meaningful") and q.get("kl_mean") is not None and q.get("reference") != "itself"
-                    and not q.get("loop")):
+            if (q.get("meaningful") and q.get("kl_mean") is not None
+                    and q.get("reference") != "itself" and not q.get("loop")):
                 fmt = q.get("precision") or q.get("quant")
                 out.setdefault((q.get("runtime"), fmt), (s.title, q))
                 out.setdefault((q.get("runtime"), fmt, s.hardware), (s.title, q))
     return out
 
 
-def real_for(real: dict | None, runtime: str | None, fmt: str | None, hardware: str) -> tuple | None:
+def real_for(real: dict | None, runtime: str | None, fmt: str | None, hardware: str
+             ) -> tuple | None:
     """The format's real-weights quality measured on this hardware if any, else the first
     elsewhere."""
     real = real or {}
@@ -369,13 +383,15 @@ def _peer(section: Section, fp16: dict | None, q4: dict | None) -> list[Comparis
                       for r in sorted(ok, key=lambda r: str(r["quant"])))
         out.append(Comparison(topic, "llama_gpu", sides))
         pairs: list[Side] = []
-        for label, ours, kinds in (("16-bit", fp16, SIXTEEN_BIT["llama_cpp"]), ("4-bit", q4, FOUR_BIT["llama_cpp"])):
+        for label, ours, kinds in (("16-bit", fp16, SIXTEEN_BIT["llama_cpp"]),
+                                   ("4-bit", q4, FOUR_BIT["llama_cpp"])):
             theirs = best([r for r in ok if r.get("quant") in kinds])
             if ours is not None and theirs is not None:
                 pairs += [Side(label, ours["name"], _figures(ours, "decode_tps")),
                           Side(theirs["quant"], theirs["name"], _figures(theirs, "decode_tps"))]
         if pairs:
-            out.append(Comparison("transformers' fastest against llama.cpp's, batch 1", "peer", tuple(pairs)))
+            topic = "transformers' fastest against llama.cpp's, batch 1"
+            out.append(Comparison(topic, "peer", tuple(pairs)))
     failed = [r for r in gpu_llama if r["status"] != "ok"]
     if failed:
         reasons = "; ".join(sorted({r["reason"].splitlines()[0][:140] for r in failed}))
@@ -405,11 +421,13 @@ def _lookup(section: Section) -> list[Comparison]:
         agreement: dict[str, Any] = {}
         if base is not None:
             sides.append(Side("plain decoding", base["name"], _figures(base, "total_tps")))
-            each, base_each = m.get("outputs_sha256_each"), base["_metrics"].get("outputs_sha256_each")
+            theirs = base["_metrics"]
+            each, base_each = m.get("outputs_sha256_each"), theirs.get("outputs_sha256_each")
             if each and base_each and len(each) == len(base_each):
-                agreement = {"agreeing": sum(a == b for a, b in zip(each, base_each)), "compared": len(each)}
+                agreeing = sum(a == b for a, b in zip(each, base_each))
+                agreement = {"agreeing": agreeing, "compared": len(each)}
             else:
-                agreement = {"all_agree": m.get("outputs_sha256") == base["_metrics"].get("outputs_sha256")}
+                agreement = {"all_agree": m.get("outputs_sha256") == theirs.get("outputs_sha256")}
         topic = f"Prompt lookup ({r.get('precision')}, {r.get('task')}, {n} candidates)"
         out.append(Comparison(topic, "lookup", tuple(sides), figures=agreement))
     return out

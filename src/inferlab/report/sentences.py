@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from inferlab.report.comparisons import Comparison, Side, real_for
+from inferlab.report.comparisons import Borrowed, Comparison, Side, real_for
 from inferlab.report.sweeps import Shown
 from inferlab.report.table import Section, fmt
 
 
 def _f(v: Any, unit: str = "") -> str:
     return "not measured" if v is None or v != v else f"{fmt(v)} {unit}".rstrip()
+
+
+def _tps(v: Any) -> str:
+    return _f(v, "tokens/s")
+
+
+def _ms(v: Any) -> str:
+    return _f(v, "ms")
+
+
+def _gib(v: Any) -> str:
+    return _f(v, "GiB")
 
 
 def _ratio(a: Any, b: Any) -> str:
@@ -31,25 +43,27 @@ def quality_text(f: dict[str, Any]) -> str:
     measured)."""
     kl = with_ci(f.get("kl_mean"), f.get("kl_ci_low"), f.get("kl_ci_high")) or "—"
     top1 = with_ci(f.get("top1"), f.get("top1_ci_low"), f.get("top1_ci_high"), "pct") or "—"
-    ratio = with_ci(f.get("ppl_ratio"), f.get("ppl_ratio_ci_low"), f.get("ppl_ratio_ci_high"), "ratio") or "—"
+    low, high = f.get("ppl_ratio_ci_low"), f.get("ppl_ratio_ci_high")
+    ratio = with_ci(f.get("ppl_ratio"), low, high, "ratio") or "—"
     return (f"KL divergence from full precision {kl} nats per token, top-1 agreement {top1}, "
             f"perplexity ratio {ratio}")
 
 
 def _speed(c: Comparison) -> str:
     if not c.made:
-        return f"{c.missing} configuration was not measured here, so 16-bit vs 4-bit cannot be compared."
+        return (f"{c.missing} configuration was not measured here, so 16-bit vs 4-bit cannot be "
+                "compared.")
     q4, base = c.sides
     a, b = q4.figures, base.figures
-    return (f"{q4.label} decodes {_f(a['decode_tps'], 'tokens/s')} against {base.label}'s "
-            f"{_f(b['decode_tps'], 'tokens/s')} ({_ratio(a['decode_tps'], b['decode_tps'])} the speed); "
-            f"TTFT {_f(a['ttft_ms'], 'ms')} vs {_f(b['ttft_ms'], 'ms')}.")
+    return (f"{q4.label} decodes {_tps(a['decode_tps'])} against {base.label}'s "
+            f"{_tps(b['decode_tps'])} ({_ratio(a['decode_tps'], b['decode_tps'])} the speed); "
+            f"TTFT {_ms(a['ttft_ms'])} vs {_ms(b['ttft_ms'])}.")
 
 
 def _memory(c: Comparison) -> str:
     q4, base = c.sides
     a, b = q4.figures["memory_gib"], base.figures["memory_gib"]
-    return (f"{q4.label} peaks at {_f(a, 'GiB')} ({q4.notes[0]}) against {_f(b, 'GiB')} for {base.label} "
+    return (f"{q4.label} peaks at {_gib(a)} ({q4.notes[0]}) against {_gib(b)} for {base.label} "
             f"({_ratio(a, b)}).")
 
 
@@ -57,34 +71,35 @@ def _batching(c: Comparison) -> str:
     if not c.made:
         return f"{c.sides[0].label} ran at batch 1 only here."
     big, one, *same_batch = c.sides
-    f = big.figures
-    out = (f"{big.label} at batch {c.settings['batch']} delivers {_f(f['total_tps'], 'tokens/s')} in total "
-           f"against {_f(one.figures['total_tps'], 'tokens/s')} at batch 1 "
-           f"({_ratio(f['total_tps'], one.figures['total_tps'])}), each sequence at "
-           f"{_f(f['decode_tps'], 'tokens/s')}, in {_f(f['memory_gib'], 'GiB')}")
+    f, one_tps = big.figures, one.figures["total_tps"]
+    out = (f"{big.label} at batch {c.settings['batch']} delivers {_tps(f['total_tps'])} in total "
+           f"against {_tps(one_tps)} at batch 1 ({_ratio(f['total_tps'], one_tps)}), "
+           f"each sequence at {_tps(f['decode_tps'])}, in {_gib(f['memory_gib'])}")
     for base in same_batch:
         b = base.figures
-        out += (f"; {base.label} at the same batch: {_f(b['total_tps'], 'tokens/s')} in "
-                f"{_f(b['memory_gib'], 'GiB')}, so batched 4-bit reaches "
+        out += (f"; {base.label} at the same batch: {_tps(b['total_tps'])} in "
+                f"{_gib(b['memory_gib'])}, so batched 4-bit reaches "
                 f"{_ratio(f['total_tps'], b['total_tps'])} of its throughput")
     return out + "."
 
 
 def _speed_parts(s: Side) -> str:
     f = s.figures
-    return f"{_f(f['decode_tps'], 'tokens/s')}, TTFT {_f(f['ttft_ms'], 'ms')}, {_f(f['memory_gib'], 'GiB')}"
+    return f"{_tps(f['decode_tps'])}, TTFT {_ms(f['ttft_ms'])}, {_gib(f['memory_gib'])}"
 
 
 def _kv_cache(c: Comparison) -> str:
     dyn, *others = c.sides
-    parts = [f"{s.label} {_f(s.figures['decode_tps'], 'tokens/s')} "
-             f"({_ratio(s.figures['decode_tps'], dyn.figures['decode_tps'])}), "
-             f"TTFT {_f(s.figures['ttft_ms'], 'ms')}, {_f(s.figures['memory_gib'], 'GiB')}" for s in others]
+    base = dyn.figures["decode_tps"]
+    parts = [f"{s.label} {_tps(s.figures['decode_tps'])} "
+             f"({_ratio(s.figures['decode_tps'], base)}), TTFT {_ms(s.figures['ttft_ms'])}, "
+             f"{_gib(s.figures['memory_gib'])}" for s in others]
     return f"{dyn.label} {_speed_parts(dyn)}; " + "; ".join(parts) + "."
 
 
 TOKENS = {True: "; the same tokens as generate()", None: "",
-          False: "; tokens differ from generate()'s for the same prompts (fp16 near-ties can flip a greedy token)"}
+          False: "; tokens differ from generate()'s for the same prompts "
+                 "(fp16 near-ties can flip a greedy token)"}
 
 
 def _decode_loop(c: Comparison) -> str:
@@ -92,8 +107,8 @@ def _decode_loop(c: Comparison) -> str:
     for s in c.sides:
         f = s.figures
         notes = f" ({', '.join(s.notes)})" if s.notes else ""
-        parts.append(f"{s.label}{notes} {_f(f['decode_tps'], 'tokens/s')} per sequence "
-                     f"({_f(f['total_tps'], 'tokens/s')} total, ITL p50 {_f(f['itl_p50_ms'], 'ms')}"
+        parts.append(f"{s.label}{notes} {_tps(f['decode_tps'])} per sequence "
+                     f"({_tps(f['total_tps'])} total, ITL p50 {_ms(f['itl_p50_ms'])}"
                      f"{TOKENS[s.same_tokens]})")
     return "; ".join(parts) + "."
 
@@ -102,7 +117,7 @@ def _llama_kv(c: Comparison) -> str:
     (s,) = c.sides
     if not c.made:
         return f"({s.name}): {c.missing}"
-    return f"({s.name}): {_f(s.figures['decode_tps'], 'tokens/s')}, {_f(s.figures['memory_gib'], 'GiB')}."
+    return f"({s.name}): {_tps(s.figures['decode_tps'])}, {_gib(s.figures['memory_gib'])}."
 
 
 def _prompt_cache(c: Comparison) -> str:
@@ -112,7 +127,7 @@ def _prompt_cache(c: Comparison) -> str:
             parts.append(f"{s.label}: {s.status} ({s.reason})")
             continue
         hits = s.figures.get("cache_hits")
-        parts.append(f"{s.label}: TTFT {_f(s.figures['ttft_ms'], 'ms')}"
+        parts.append(f"{s.label}: TTFT {_ms(s.figures['ttft_ms'])}"
                      + (f" ({_f(hits)} cache hits)" if hits is not None else ""))
     return "; ".join(parts) + "."
 
@@ -122,31 +137,37 @@ def _streaming(c: Comparison) -> str:
         return f"({c.sides[0].name}): {c.missing}"
     streamed, plain = c.sides
     a, b = streamed.figures["e2e_ms"], plain.figures["e2e_ms"]
-    return (f"the same {c.settings['new_tokens']} tokens take {_f(a, 'ms')} streamed against {_f(b, 'ms')} "
-            f"without streaming ({_ratio(a, b)}); first text after {_f(streamed.figures['ttft_ms'], 'ms')}.")
+    return (f"the same {c.settings['new_tokens']} tokens take {_ms(a)} streamed against {_ms(b)} "
+            f"without streaming ({_ratio(a, b)}); first text after "
+            f"{_ms(streamed.figures['ttft_ms'])}.")
 
 
 def _llama_streaming(c: Comparison) -> str:
-    parts = [f"{s.label}: {_f(s.figures['total_tps'], 'tokens/s')} end to end, first token after "
-             f"{_f(s.figures['ttft_ms'], 'ms')}" for s in c.sides]
-    return "; ".join(parts) + " (without streaming the first token reaches the client with the last)."
+    parts = [f"{s.label}: {_tps(s.figures['total_tps'])} end to end, first token after "
+             f"{_ms(s.figures['ttft_ms'])}" for s in c.sides]
+    return "; ".join(parts) + (" (without streaming the first token reaches the client with the "
+                               "last).")
 
 
 def _fastest(c: Comparison) -> str:
     sixteen, four = c.sides
     a, b = sixteen.figures, four.figures
-    out = (f"16-bit {sixteen.name} {_f(a['decode_tps'], 'tokens/s')} (ITL p50 {_f(a['itl_p50_ms'], 'ms')}); "
-           f"4-bit {four.name} {_f(b['decode_tps'], 'tokens/s')} (ITL p50 {_f(b['itl_p50_ms'], 'ms')}), "
-           f"{_ratio(b['decode_tps'], a['decode_tps'])} the 16-bit speed in {_f(b['memory_gib'], 'GiB')} "
-           f"against {_f(a['memory_gib'], 'GiB')}; the 4-bit's KL divergence from full precision "
-           f"{_f(b['kl_mean'], 'nats/token')} (16-bit: {_f(a['kl_mean'], 'nats/token')}), top-1 agreement "
-           f"{_f(b['top1'])}, perplexity ratio {_f(b['ppl_ratio'])}.")
-    if (r := c.borrowed) is not None:
-        held = f"; there {r.held_there}, here {r.held_here}" if r.held_there else ""
-        where = "another model and machine" if r.other_machine else "another model"
-        out += (f" The same format on real weights ({r.kind}, {r.title}, evaluate stage{held}; {where}, so "
-                f"what the format costs there, not this configuration's own figure): {quality_text(r.quality)}.")
-    return out
+    out = (f"16-bit {sixteen.name} {_tps(a['decode_tps'])} (ITL p50 {_ms(a['itl_p50_ms'])}); "
+           f"4-bit {four.name} {_tps(b['decode_tps'])} (ITL p50 {_ms(b['itl_p50_ms'])}), "
+           f"{_ratio(b['decode_tps'], a['decode_tps'])} the 16-bit speed in "
+           f"{_gib(b['memory_gib'])} against {_gib(a['memory_gib'])}; the 4-bit's KL divergence "
+           "from full precision "
+           f"{_f(b['kl_mean'], 'nats/token')} (16-bit: {_f(a['kl_mean'], 'nats/token')}), "
+           f"top-1 agreement {_f(b['top1'])}, perplexity ratio {_f(b['ppl_ratio'])}.")
+    return out + (_borrowed(c.borrowed) if c.borrowed else "")
+
+
+def _borrowed(r: Borrowed) -> str:
+    held = f"; there {r.held_there}, here {r.held_here}" if r.held_there else ""
+    where = "another model and machine" if r.other_machine else "another model"
+    return (f" The same format on real weights ({r.kind}, {r.title}, evaluate stage{held}; "
+            f"{where}, so what the format costs there, not this configuration's own figure): "
+            f"{quality_text(r.quality)}.")
 
 
 def _llama_gpu(c: Comparison) -> str:
@@ -157,11 +178,12 @@ def _llama_gpu(c: Comparison) -> str:
 
 
 def _peer(c: Comparison) -> str:
-    pairs = zip(c.sides[::2], c.sides[1::2])
-    return "; ".join(f"{ours.label} {_f(ours.figures['decode_tps'], 'tokens/s')} against llama.cpp's "
-                     f"{theirs.label} {_f(theirs.figures['decode_tps'], 'tokens/s')} "
-                     f"({_ratio(ours.figures['decode_tps'], theirs.figures['decode_tps'])})"
-                     for ours, theirs in pairs) + "."
+    parts = []
+    for ours, theirs in zip(c.sides[::2], c.sides[1::2]):
+        a, b = ours.figures["decode_tps"], theirs.figures["decode_tps"]
+        parts.append(f"{ours.label} {_tps(a)} against llama.cpp's {theirs.label} {_tps(b)} "
+                     f"({_ratio(a, b)})")
+    return "; ".join(parts) + "."
 
 
 def _not_run(c: Comparison) -> str:
@@ -170,7 +192,7 @@ def _not_run(c: Comparison) -> str:
 
 def _lookup(c: Comparison) -> str:
     f = c.sides[0].figures
-    out = (f"{_f(f['total_tps'], 'tokens/s')} per request (median of {f['requests']}), acceptance "
+    out = (f"{_tps(f['total_tps'])} per request (median of {f['requests']}), acceptance "
            f"{_f(f['acceptance'])}, {_f(f['tokens_per_forward'])} tokens per forward pass")
     if len(c.sides) > 1:
         base = c.sides[1].figures["total_tps"]
@@ -179,8 +201,9 @@ def _lookup(c: Comparison) -> str:
         else:
             agree = ("every request" if c.figures["all_agree"]
                      else "not every request (which ones was not recorded)")
-        out += (f"; plain decoding of the same requests {_f(base, 'tokens/s')} "
-                f"({_ratio(f['total_tps'], base)} faster); the same tokens as plain decoding in {agree}")
+        out += (f"; plain decoding of the same requests {_tps(base)} "
+                f"({_ratio(f['total_tps'], base)} faster); the same tokens as plain decoding in "
+                f"{agree}")
     return out + "."
 
 
@@ -188,7 +211,7 @@ WORDS = {"speed": _speed, "memory": _memory, "batching": _batching, "kv_cache": 
          "decode_loop": _decode_loop, "llama_kv": _llama_kv, "prompt_cache": _prompt_cache,
          "streaming": _streaming, "llama_streaming": _llama_streaming, "fastest": _fastest,
          "llama_gpu": _llama_gpu, "peer": _peer, "not_run": _not_run, "lookup": _lookup}
-TIGHT = ("llama_kv", "streaming")  # "**topic** (point): ..." where the sentence opens with its point
+TIGHT = ("llama_kv", "streaming")  # "**topic** (point): ...": the sentence opens with its point
 
 
 def comparison_text(c: Comparison) -> str:
@@ -200,12 +223,12 @@ def sentence(shown: Shown) -> str:
     """A shown comparison as one markdown sentence, with the sweep it was made in."""
     c = shown.comparison
     if shown.apart and c.made:
-        return (f"**{c.topic}**: its points were measured only in different sweeps or on different machine "
-                "instances: not compared.")
+        return (f"**{c.topic}**: its points were measured only in different sweeps or on "
+                "different machine instances: not compared.")
     text = comparison_text(c)
     if shown.apart:
-        return text + (" (Both sides were measured, but never in one sweep on one machine instance: not "
-                       "compared across sweeps.)")
+        return text + (" (Both sides were measured, but never in one sweep on one machine "
+                       "instance: not compared across sweeps.)")
     if shown.group is None:
         return text
     also = f"; the same comparison in {shown.same_in} other sweep(s)" if shown.same_in else ""
@@ -223,5 +246,6 @@ def same_format_elsewhere(rcm: dict[str, Any], section: Section, real: dict | No
     if found is None:
         return f"; the same format ({kind}) was not scored on real weights"
     title, q = found
-    where = "another model" if q.get("hardware") == section.hardware else "another model and machine"
+    same = q.get("hardware") == section.hardware
+    where = "another model" if same else "another model and machine"
     return f"; the same format on real weights ({kind}, {title}: {where}): {quality_text(q)}"

@@ -19,7 +19,7 @@ class Shown:
     """A comparison as the report shows it, and where it was made."""
 
     comparison: Comparison
-    group: tuple | None = None  # the (sweep, instance) it was made in, where the section holds several
+    group: tuple | None = None  # the (sweep, instance) it was made in, where there are several
     same_in: int = 0  # other sweeps that compared the same configurations
     others_in: int = 0  # further sweeps that compared other configurations (counted, not shown)
     apart: bool = False  # both sides measured, never in one group: not compared
@@ -47,7 +47,7 @@ def together(section: Section, compare: Callable[[Section], list[Comparison]]) -
         for g, c in complete:  # another sweep may hold other configurations: its own comparison
             alike.setdefault(c.configurations(), []).append((g, c))
         kinds = list(alike.values())
-        for i, same in enumerate(kinds[:2]):  # the ranked group's, and the next that compares others
+        for i, same in enumerate(kinds[:2]):  # the ranked group's, the next comparing others
             more = sum(len(k) for k in kinds[2:]) if i == 1 else 0
             out.append(Shown(same[0][1], same[0][0], len(same) - 1, more))
     out += [Shown(mixed[t], apart=True) for t in sorted(set(mixed) - set(found))]
@@ -55,13 +55,14 @@ def together(section: Section, compare: Callable[[Section], list[Comparison]]) -
 
 
 PROFILE_COLUMNS = (("name", "profiled configuration"), ("sweep", "sweep"), ("window", "window"),
-                   ("profiled_step_ms", "step ms"),
-                   ("kernel_ms_per_step", "kernels ms"), ("launch_gap_ms_per_step", "launch gaps ms"),
+                   ("profiled_step_ms", "step ms"), ("kernel_ms_per_step", "kernels ms"),
+                   ("launch_gap_ms_per_step", "launch gaps ms"),
                    ("host_wait_ms_per_step", "host waits ms"), ("kernels_per_step", "kernels/step"),
-                   ("matmul_ms", "matmul ms"), ("weight_gbps_over_matmul", "weights GB/s in matmuls"),
+                   ("matmul_ms", "matmul ms"),
+                   ("weight_gbps_over_matmul", "weights GB/s in matmuls"),
                    ("top_kernel", "largest kernel (ms/step)"))
-STEP_FIGURES = ("profiled_step_ms", "kernel_ms_per_step", "launch_gap_ms_per_step", "host_wait_ms_per_step",
-                "kernels_per_step")
+STEP_FIGURES = ("profiled_step_ms", "kernel_ms_per_step", "launch_gap_ms_per_step",
+                "host_wait_ms_per_step", "kernels_per_step")
 
 
 def profiles(section: Section) -> list[dict[str, Any]]:
@@ -72,14 +73,16 @@ def profiles(section: Section) -> list[dict[str, Any]]:
             continue
         m = r["_metrics"]
         top = (m.get("top_kernels") or [{}])[0]
-        matmul, gbps = (m.get("ms_per_step_by_kind") or {}).get("matmul"), m.get("weight_gbps_over_matmul")
+        matmul = (m.get("ms_per_step_by_kind") or {}).get("matmul")
+        gbps = m.get("weight_gbps_over_matmul")
         device_gbps = (m.get("bandwidth") or {}).get("bandwidth_gbps")
         if gbps and device_gbps and gbps > 1.1 * device_gbps:
-            gbps = None  # weights read by kernels not classed as matrix kernels (inductor's fused reductions)
+            gbps = None  # weights read by kernels not classed as matmuls (inductor's reductions)
         top_kernel = f"{top.get('name', '')[:48]} ({top.get('ms_per_step', '')})" if top else ""
         rows.append({"name": r["name"].removesuffix("-profile"), "sweep": r.get("sweep_id"),
                      "window": m.get("window"), **{k: m.get(k) for k in STEP_FIGURES},
-                     "matmul_ms": matmul, "weight_gbps_over_matmul": gbps, "top_kernel": top_kernel})
+                     "matmul_ms": matmul, "weight_gbps_over_matmul": gbps,
+                     "top_kernel": top_kernel})
     return rows
 
 
@@ -114,7 +117,8 @@ def side_by_side(section: Section) -> tuple[list[str], list[Fastest]]:
     measured something."""
     if not section.history:
         return [], []
-    device = "cuda" if any(r["device"] == "cuda" for r in section.ok()) else "cpu"  # not a GPU host's CPU sweep
+    gpu = any(r["device"] == "cuda" for r in section.ok())
+    device = "cuda" if gpu else "cpu"  # a GPU host's CPU sweep is not beside its GPU figures
     rows, kinds = [], set()
     for g in section.groups:
         cands = [r for r in section.view(g).candidates if r["device"] == device]
