@@ -19,7 +19,8 @@ from inferlab.report.table import Section
 
 FOLDER = "report"  # the folder of the other sections' pages, under metrics/
 HISTORY = "# History: other machines and models"
-ANSWER_FIGURES = ("total_tps", "decode_tps", "ttft_ms", "itl_p90_ms", "memory_gib", "kl_mean", "top1")
+ANSWER_FIGURES = ("total_tps", "decode_tps", "ttft_ms", "itl_p90_ms", "memory_gib", "kl_mean",
+                  "top1")
 
 
 def _titled(name: str) -> str:
@@ -38,7 +39,8 @@ def answer_table(results: list[tuple[Section, dict[str, Any]]]) -> str:
             figs = " | ".join(cell(rec["figures"][k]) for k in ANSWER_FIGURES)
             lines.append(f"| {s.hardware} | {s.model} | **{rec['name']}** | {figs} | {why} |")
         else:
-            lines.append(f"| {s.hardware} | {s.model} | none | {' | '.join('—' for _ in ANSWER_FIGURES)} | {why} |")
+            none = " | ".join("—" for _ in ANSWER_FIGURES)
+            lines.append(f"| {s.hardware} | {s.model} | none | {none} | {why} |")
     return "\n".join(lines)
 
 
@@ -52,8 +54,10 @@ def missing_inputs(sections: list[Section]) -> list[str]:
     ):
         rows = [r for s in sections for r in s.rows if r["stage"] == stage]
         if not any(r["status"] == "ok" for r in rows):
-            seen = sorted({f"{r['hardware']}: {r['status']} ({(r['reason'] or '')[:100]})" for r in rows})
-            out.append(f"No {what}: {how}." + (f" Records say {'; '.join(seen[:3])}." if seen else ""))
+            seen = sorted({f"{r['hardware']}: {r['status']} ({(r['reason'] or '')[:100]})"
+                           for r in rows})
+            said = f" Records say {'; '.join(seen[:3])}." if seen else ""
+            out.append(f"No {what}: {how}.{said}")
     if not any(s.quality for s in sections):
         out.append("No quality scores: run the evaluate stage.")
     for s in sections:
@@ -64,14 +68,14 @@ def missing_inputs(sections: list[Section]) -> list[str]:
 def _lacks(s: Section) -> list[str]:
     out = []
     if s.candidates and not s.scored:
-        out.append(f"{s.title}: quality not measured (run evaluate with this model on this machine); "
-                   "its frontier ranks speed and memory only.")
+        out.append(f"{s.title}: quality not measured (run evaluate with this model on this "
+                   "machine); its frontier ranks speed and memory only.")
     elif s.candidates:
         unscored = [c["config"] for c in s.candidates if c.get("quality") is None]
         if unscored:
-            out.append(f"{s.title}: {len(unscored)} of {len(s.candidates)} benchmarked configurations have "
-                       f"no quality score of the same configuration ({', '.join(unscored[:5])}"
-                       f"{' …' if len(unscored) > 5 else ''}).")
+            out.append(f"{s.title}: {len(unscored)} of {len(s.candidates)} benchmarked "
+                       "configurations have no quality score of the same configuration "
+                       f"({', '.join(unscored[:5])}{' …' if len(unscored) > 5 else ''}).")
     if s.scored and not any(r["status"] == "ok" for r in s.rows):
         out.append(f"{s.title}: quality only; speed not measured.")
     failed = [r for r in s.rows if r["status"] == "failed"]
@@ -85,19 +89,19 @@ def page_name(s: Section) -> str:
 
 
 def summary_md(s: Section, rec: dict[str, Any], headline: list[Shown]) -> str:
-    """One screen of another machine and model: its answer, its headline comparisons, a link to its
-    page."""
+    """One screen of another machine and model: answer, headline comparisons, link to its page."""
     out = [f"## {s.title}", ""]
     if rec["status"] == "recommended":
         f = rec["figures"]
-        out += [f"Recommended: **{rec['name']}**, {with_unit(f, 'total_tps')} in total, {with_unit(f, 'decode_tps')} "
-                f"per sequence, {with_unit(f, 'memory_gib')} ({rec['memory_kind']}); weights {s.weights or 'unknown'}.",
-                ""]
+        out += [f"Recommended: **{rec['name']}**, {with_unit(f, 'total_tps')} in total, "
+                f"{with_unit(f, 'decode_tps')} per sequence, {with_unit(f, 'memory_gib')} "
+                f"({rec['memory_kind']}); weights {s.weights or 'unknown'}.", ""]
     else:
         out += [f"No recommendation: {rec['reason']}.", ""]
     out += [*[f"- {sentence(h)}" for h in headline], *([""] if headline else [])]
-    out += [f"Every table, figure and quality score of this machine and model: [{page_name(s)}]({page_name(s)}).",
-            ""]
+    page = page_name(s)
+    out += ["Every table, figure and quality score of this machine and model: "
+            f"[{page}]({page}).", ""]
     return "\n".join(out)
 
 
@@ -109,29 +113,31 @@ def page_md(section: str) -> str:
 def _head(header: dict[str, Any], answer: str, missing: list[str]) -> list[str]:
     conds = ", ".join(describe(k, v) for k, v in header["constraints"].items()) or "none"
     out = ["# inferlab report: which configuration to use", "",
-           f"Built from the records under `results/` only ({header['records']} records), {header['generated']}, "
-           f"code at commit {header['commit']}. Objective: highest {axis_label(header['objective'])}. "
+           f"Built from the records under `results/` only ({header['records']} records), "
+           f"{header['generated']}, code at commit {header['commit']}. "
+           f"Objective: highest {axis_label(header['objective'])}. "
            f"Constraints (`report.constraints` in conf/config.yaml): {conds}. Quality axis: "
-           f"{axis_label(header['quality_metric'])} (`report.quality_metric`), against the full precision "
-           "of each runtime.", "",
+           f"{axis_label(header['quality_metric'])} (`report.quality_metric`), against the full "
+           "precision of each runtime.", "",
            "## The answer", "", answer, ""]
     return out + (["## What is missing", "", *[f"- {m}" for m in missing], ""] if missing else [])
 
 
 HISTORY_NOTE = "Records of other machines and models in `results/`, kept as they were measured."
 FOOT = ["---", f"Constraints checked: {', '.join(CONSTRAINTS)}. Machine-readable: "
-        "`metrics/recommendation.json` (the serving stage loads it), `metrics/answer.json` (DVC metrics), "
-        "`metrics/plots/frontier.csv` (DVC plots). Other machines and models in full: `metrics/report/*.md`, "
-        "and `metrics/report.html` (folded).", ""]
+        "`metrics/recommendation.json` (the serving stage loads it), `metrics/answer.json` "
+        "(DVC metrics), `metrics/plots/frontier.csv` (DVC plots). Other machines and models in "
+        "full: `metrics/report/*.md`, and `metrics/report.html` (folded).", ""]
 
 
-def report_md(header: dict[str, Any], answer: str, missing: list[str], lead: str, summaries: list[str]) -> str:
+def report_md(header: dict[str, Any], answer: str, missing: list[str], lead: str,
+              summaries: list[str]) -> str:
     """The report: its answer, the lead section (this run's, else the first) in full, then a
     summary of each other machine and model."""
     out = [*_head(header, answer, missing), *([lead] if lead else [])]
     if summaries:
-        out += [HISTORY, "", HISTORY_NOTE + " Each has a page of its own under `metrics/report/`.", "",
-                *summaries]
+        note = f"{HISTORY_NOTE} Each has a page of its own under `metrics/report/`."
+        out += [HISTORY, "", note, "", *summaries]
     return "\n".join(out + FOOT)
 
 
@@ -151,7 +157,8 @@ def to_html(header: dict[str, Any], answer: str, missing: list[str], lead: str,
     if history:
         body += _html(f"{HISTORY}\n\n{HISTORY_NOTE}\n", base)
     for summary, section in history:
-        body += f"<details><summary>{html.escape(summary)}</summary>\n{_html(section, base)}</details>\n"
+        folded = _html(section, base)
+        body += f"<details><summary>{html.escape(summary)}</summary>\n{folded}</details>\n"
     body += _html("\n".join(FOOT), base)
     return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>inferlab report</title>"
             f"<style>{STYLE}</style></head><body>\n{body}</body></html>\n")

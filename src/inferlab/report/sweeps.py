@@ -57,7 +57,8 @@ def together(section: Section, compare: Callable[[Section], list[Comparison]]) -
 PROFILE_COLUMNS = (("name", "profiled configuration"), ("sweep", "sweep"), ("window", "window"),
                    ("profiled_step_ms", "step ms"), ("kernel_ms_per_step", "kernels ms"),
                    ("launch_gap_ms_per_step", "launch gaps ms"),
-                   ("host_wait_ms_per_step", "host waits ms"), ("kernels_per_step", "kernels/step"),
+                   ("host_wait_ms_per_step", "host waits ms"),
+                   ("kernels_per_step", "kernels/step"),
                    ("matmul_ms", "matmul ms"),
                    ("weight_gbps_over_matmul", "weights GB/s in matmuls"),
                    ("top_kernel", "largest kernel (ms/step)"))
