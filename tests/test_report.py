@@ -202,6 +202,10 @@ def test_report_from_two_machines_with_figures_and_mlflow_run(project, gpu_resul
     assert len(client.list_artifacts(runs[0].info.run_id, "figures")) == len(figs)
     build(cfg)  # the same report again: no second run
     assert len(client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'report'")) == 1
+    # the laptop's records gone: its page goes with them
+    (results / "bench_cpu" / "laptop.jsonl").unlink()
+    build(compose(["tracking.enabled=false", "report.constraints.max_kl=null"]))
+    assert list((metrics / "report").iterdir()) == [] and "## m on laptop" not in (metrics / "report.md").read_text()
 
 
 def test_report_on_missing_and_partial_inputs(project):
@@ -537,3 +541,18 @@ def test_two_sweeps_batching_at_other_batch_sizes_are_two_comparisons(project):
     assert len(lines) == 2, lines
     assert {"batch 16" in x for x in lines} == {True, False} and {"batch 64" in x for x in lines} == {True, False}
     assert not any("the same comparison in" in x for x in lines)
+
+
+def test_a_comparison_is_known_by_what_it_compares_not_by_its_figures():
+    """Two sweeps compared the same configurations when their comparisons differ in figures only."""
+    from dataclasses import replace
+
+    from inferlab.report.comparisons import Comparison, Side
+
+    a = Comparison("nf4 batching", "batching", (Side("nf4", "nf4-b16", {"total_tps": 336.0}),), {"batch": 16})
+    faster = replace(a, sides=(Side("nf4", "nf4-b16", {"total_tps": 512.0}),))
+    bigger = replace(a, settings={"batch": 64})
+    other_point = replace(a, sides=(Side("nf4", "nf4-b16-static", {"total_tps": 336.0}),))
+    assert a.configurations() == faster.configurations()
+    assert a.configurations() != bigger.configurations() and a.configurations() != other_point.configurations()
+    assert a.made and not replace(a, missing="batch 1 only").made
