@@ -10,8 +10,7 @@ OTHER_REASON_CHARS = 100  # another machine's "no recommendation" reason, cut: t
 
 
 def studied_first(document: dict[str, Any]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """(the recommendation for the studied machine and model, or None; every other one, in the
-    report's order)."""
+    """(the studied machine and model's recommendation or None, every other one in order)."""
     studied = document.get("studied") or {}
     key = (studied.get("hardware"), studied.get("model"))
     recs = document.get("recommendations", [])

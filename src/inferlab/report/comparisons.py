@@ -1,7 +1,6 @@
-"""The comparisons a reader asks for first, as values found by their settings in one section (or
-one sweep of it): 16-bit against 4-bit, batching, the KV and prompt caches, streaming, decode
-loops, the peer runtime and prompt lookup. `sweeps` chooses which to show; `sentences` words
-them."""
+"""The comparisons a reader asks for first, as values found by their settings in one section or
+sweep: 16-bit against 4-bit, batching, KV and prompt caches, streaming, decode loops, the peer
+runtime, prompt lookup. `sweeps` chooses which to show; `sentences` puts them into words."""
 
 from __future__ import annotations
 
@@ -31,8 +30,7 @@ class Side:
 
 @dataclass(frozen=True)
 class Borrowed:
-    """The same format's quality on real weights (another model), for a point whose weights are
-    random."""
+    """The same format's quality on real weights (another model), for a random-weight point."""
 
     kind: str
     title: str  # the section that scored it
@@ -59,8 +57,7 @@ class Comparison:
         return not self.missing
 
     def configurations(self) -> tuple:
-        """What was compared, without the figures: two sweeps with equal ones compared the same
-        points."""
+        """What was compared, figures left out: equal ones compared the same points."""
         borrowed = (self.borrowed.kind, self.borrowed.title) if self.borrowed else None
         sides = tuple(s.identity() for s in self.sides)
         return self.kind, sides, repr(sorted(self.settings.items())), self.missing, borrowed
@@ -175,8 +172,7 @@ SPEED = ("decode_tps", "ttft_ms", "memory_gib")
 
 
 def cache_and_streaming(section: Section) -> list[Comparison]:
-    """What the KV cache, the prompt (prefix) cache and streaming changed, from the points that
-    vary them."""
+    """What the KV cache, the prompt (prefix) cache and streaming changed."""
     out: list[Comparison] = []
     hf = [r for r in section.candidates if r["runtime"] == "hf" and r.get("batch_size") == 1
           and r.get("attn") == "sdpa" and _generate(r)
@@ -323,22 +319,19 @@ def real_quality(sections: list[Section]) -> dict[tuple, tuple[str, dict[str, An
 
 def real_for(real: dict | None, runtime: str | None, fmt: str | None, hardware: str
              ) -> tuple | None:
-    """The format's real-weights quality measured on this hardware if any, else the first
-    elsewhere."""
+    """The format's real-weights quality on this hardware if any, else the first elsewhere."""
     real = real or {}
     return real.get((runtime, fmt, hardware)) or real.get((runtime, fmt))
 
 
 def _groups(description: str | None) -> str:
-    """The group sizes a quantization description names ("group sizes 32 (180 projections) and
-    128")."""
+    """The group sizes a quantization description names ("group sizes 32 (180 ...) and 128")."""
     found = re.search(r"group sizes? [0-9][^,;]*", description or "")
     return found.group(0) if found else ""
 
 
 def _borrowed(row: dict[str, Any], section: Section, real: dict | None) -> Borrowed | None:
-    """Where the row's weights are random and its own quality unknown: the same format on real
-    weights."""
+    """The same format on real weights, where the row's are random and its quality unknown."""
     if row.get("kl_mean") is not None or section.weights != "random" or not real:
         return None
     found = real_for(real, row["runtime"], kind(row), section.hardware)
@@ -352,9 +345,8 @@ def _borrowed(row: dict[str, Any], section: Section, real: dict | None) -> Borro
 
 
 def faster_decoding(section: Section, real: dict | None = None) -> list[Comparison]:
-    """The best batch-1 transformers figures at 16 and 4 bits (with the 4-bit format's quality on
-    real weights where this model's are random), the peer runtime on the same GPU, and prompt
-    lookup."""
+    """The fastest batch-1 transformers points at 16 and 4 bits (with the 4-bit format's quality
+    on real weights where this model's are random), the peer runtime on this GPU, prompt lookup."""
     out: list[Comparison] = []
     fp16 = best([r for r in section.candidates if hf_b1(HF_16)(r)])
     q4 = best([r for r in section.candidates if hf_b1(HF_4)(r)])

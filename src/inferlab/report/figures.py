@@ -1,5 +1,4 @@
-"""The report's figures (PNG, matplotlib), one set per hardware and model, drawn from the same rows
-as its tables."""
+"""The report's figures (PNG, matplotlib) per hardware and model, from the rows of its tables."""
 
 from __future__ import annotations
 
@@ -70,9 +69,8 @@ def _plain_log(axis, low: float, high: float) -> None:
 
 def _hbars(ax, labels: list[str], values: list[float], colors: Any, text: str, xlabel: str
            ) -> None:
-    """Horizontal bars, top to bottom in the given order, each with its value beside it, on an axis
-    that holds bars and values: linear from 0, or log from below the smallest value where the
-    values span decades."""
+    """Horizontal bars in the given order, each value beside its bar; a log axis where the values
+    span decades, else linear from 0."""
     ax.barh(range(len(values)), values, color=colors)
     ax.set_yticks(range(len(values)), labels)
     for i, v in enumerate(values):
@@ -88,9 +86,8 @@ def _hbars(ax, labels: list[str], values: list[float], colors: Any, text: str, x
 
 
 def throughput(section: Section):
-    """Total tokens/s against batch size per precision (transformers); decode tokens/s against
-    threads per quant (llama.cpp). An axis with one value (one batch size, one thread count)
-    becomes bars."""
+    """Total tokens/s against batch per precision (transformers), decode tokens/s against threads
+    per quant (llama.cpp); bars where the axis would hold one value."""
     cands = section.candidates
     hf = [r for r in cands if r["runtime"] == "hf" and (plain_hf(r) or r.get("compile") is True)]
     grid = llama_grid(cands)
@@ -153,8 +150,7 @@ def throughput(section: Section):
 
 
 def _bars(labels: list[str], values: list[float], colors: Any, text: str, xlabel: str, title: str):
-    """A horizontal bar chart, top to bottom in the given order, each bar with its value written
-    beside it."""
+    """A horizontal bar chart in the given order, each value beside its bar."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 0.48 * len(labels) + 1.4))
     _hbars(ax, labels, values, colors, text, xlabel)
@@ -270,8 +266,7 @@ def prompt_cache(section: Section):
 
 def figures(section: Section, front: list[dict[str, Any]], with_quality: bool, objective: str,
             recommended: str | None = None) -> list[tuple[str, str, Callable[[], Any]]]:
-    """(caption, file name part, a function that makes the figure or None) for every figure of a
-    section."""
+    """(caption, file name part, a function making the figure or None) per figure of a section."""
     return [
         ("Throughput against batch size / threads", "throughput", lambda: throughput(section)),
         ("Peak memory per precision", "memory", lambda: memory(section)),

@@ -24,8 +24,7 @@ ANSWER_FIGURES = ("total_tps", "decode_tps", "ttft_ms", "itl_p90_ms", "memory_gi
 
 
 def _titled(name: str) -> str:
-    """A field's column title, with its unit where the title does not name it (e.g. "KL
-    (nats/token)")."""
+    """A field's column title, with its unit where the title lacks it ("KL (nats/token)")."""
     f = F.field(name)
     return f.title if f.unit.replace("tokens/", "tok/") in f.title else f"{f.title} ({f.unit})"
 

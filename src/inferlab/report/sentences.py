@@ -39,8 +39,7 @@ def with_ci(v: Any, low: Any, high: Any, kind: str = "") -> str:
 
 
 def quality_text(f: dict[str, Any]) -> str:
-    """A configuration's quality in words, each figure with its 95% interval ('—' where not
-    measured)."""
+    """A configuration's quality in words, each figure with its 95% interval."""
     kl = with_ci(f.get("kl_mean"), f.get("kl_ci_low"), f.get("kl_ci_high")) or "—"
     top1 = with_ci(f.get("top1"), f.get("top1_ci_low"), f.get("top1_ci_high"), "pct") or "—"
     low, high = f.get("ppl_ratio_ci_low"), f.get("ppl_ratio_ci_high")

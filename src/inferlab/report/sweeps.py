@@ -26,10 +26,9 @@ class Shown:
 
 
 def together(section: Section, compare: Callable[[Section], list[Comparison]]) -> list[Shown]:
-    """`compare` made within one group at a time: per topic, the ranked group's comparison, then
-    the next group's that compares other configurations (further groups counted), else the
-    newest group's missing one; a topic complete only when groups are mixed is shown as not
-    compared."""
+    """`compare` made within one group at a time. Per topic: the first group's comparison and the
+    next one's over other configurations (further ones counted); where none was made, the first
+    group's reason; where only mixed groups hold both sides, not compared."""
     if not section.history:
         return [Shown(c) for c in compare(section)]
     found: dict[str, list[tuple[tuple, Comparison]]] = {}
@@ -113,9 +112,8 @@ class Fastest:
 
 
 def side_by_side(section: Section) -> tuple[list[str], list[Fastest]]:
-    """The fastest configuration of each kind in each sweep (the ranked sweep first, then newest
-    first): (the kinds any sweep measured, one row per sweep). Empty unless two or more sweeps
-    measured something."""
+    """(the kinds any sweep measured, the fastest of each kind per sweep: ranked sweep first, then
+    newest); empty unless two or more sweeps measured something."""
     if not section.history:
         return [], []
     gpu = any(r["device"] == "cuda" for r in section.ok())

@@ -30,8 +30,7 @@ SPREAD_KEYS = ("sweeps", "decode_tps_sweeps_median", "decode_tps_sweeps_min",
 
 
 def fmt(x: float) -> str:
-    """A figure as the report writes it: three significant digits below 100, whole numbers with
-    commas above."""
+    """Three significant digits below 100, whole numbers with commas above."""
     if x == 0:
         return "0"
     return f"{x:.3g}" if abs(x) < 100 else f"{x:,.0f}"
@@ -96,15 +95,13 @@ class Section:
                        self.quality_metric, self.model_note, group=group)
 
     def merged(self) -> Section:
-        """The latest row of every point whichever group measured it (never for comparing two
-        points)."""
+        """The latest row of every point, whichever group measured it (never for comparing)."""
         return Section(self.hardware, self.model, self.weights, self.rows, self.quality,
                        self.quality_metric, self.model_note, group=("all", "all"))
 
     @cached_property
     def groups(self) -> list[tuple]:
-        """Every (sweep id, instance) that measured something here: the ranked group first, then
-        newest first."""
+        """Every (sweep id, instance) that measured here: the ranked group, then newest first."""
         newest: dict[tuple, str] = {}
         for r in self.history:
             g = (r["sweep_id"], r["instance"])
