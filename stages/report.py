@@ -1,5 +1,5 @@
-"""Stage `report`: the study's answer from the records: tables per hardware, the Pareto frontier over speed, memory
-and quality, the recommended configuration under the constraints in config, figures, and an MLflow report run."""
+"""Stage `report`: the study's answer from the records: tables per hardware and model, the Pareto
+frontier, the recommended configuration under the constraints, figures, an MLflow report run."""
 
 from inferlab.config import StudyConfig
 from inferlab.report import build as report

@@ -1,4 +1,4 @@
-"""The report's figures (PNG, matplotlib), one set per hardware and model, drawn from the same rows as its tables."""
+"""The report's figures (PNG, matplotlib) per hardware and model, from the rows of its tables."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from inferlab.report.comparisons import kind as _kind
 from inferlab.report.comparisons import llama_grid, plain_hf, plain_llama
 from inferlab.report.frontier import axis_label
 from inferlab.report.table import Section
@@ -30,7 +31,7 @@ def matplotlib_ticker():
     return matplotlib.ticker
 
 
-LOG_SPAN = 20.0  # values spanning more than this factor go on a log axis; less, on a linear one from 0
+LOG_SPAN = 20.0  # values spanning more than this factor go on a log axis; less, linear from 0
 
 
 def _save(fig, path: Path) -> None:
@@ -41,8 +42,13 @@ def _save(fig, path: Path) -> None:
     tmp.replace(path)
 
 
-def _kind(r: dict[str, Any]) -> str:
-    return str(r.get("precision") or r.get("quant"))
+def _runtime(r: dict[str, Any]) -> str:
+    return "transformers" if r["runtime"] == "hf" else "llama.cpp"
+
+
+def _series(r: dict[str, Any]) -> str:
+    """A point's colour in the quality figure: its precision, or llama.cpp and its quant."""
+    return f"{'llama.cpp ' if r['runtime'] == 'llama_cpp' else ''}{_kind(r)}"
 
 
 def _spans(values: list[float]) -> bool:
@@ -52,8 +58,8 @@ def _spans(values: list[float]) -> bool:
 
 
 def _plain_log(axis, low: float, high: float) -> None:
-    """A log axis labelled in plain numbers (10, 100, 1,000), minor ticks unlabelled; less than two decades wide,
-    labelled at 1, 2 and 5 of each decade too."""
+    """A log axis labelled in plain numbers (10, 100, 1,000), minor ticks unlabelled; less than two
+    decades wide, labelled at 1, 2 and 5 of each decade too."""
     ticker = matplotlib_ticker()
     if high / low < 100:
         axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -61,9 +67,10 @@ def _plain_log(axis, low: float, high: float) -> None:
     axis.set_minor_formatter(ticker.NullFormatter())
 
 
-def _hbars(ax, labels: list[str], values: list[float], colors: Any, text: str, xlabel: str) -> None:
-    """Horizontal bars, top to bottom in the given order, each with its value beside it, on an axis that holds
-    bars and values: linear from 0, or log from below the smallest value where the values span decades."""
+def _hbars(ax, labels: list[str], values: list[float], colors: Any, text: str, xlabel: str
+           ) -> None:
+    """Horizontal bars in the given order, each value beside its bar; a log axis where the values
+    span decades, else linear from 0."""
     ax.barh(range(len(values)), values, color=colors)
     ax.set_yticks(range(len(values)), labels)
     for i, v in enumerate(values):
@@ -71,7 +78,7 @@ def _hbars(ax, labels: list[str], values: list[float], colors: Any, text: str, x
     if _spans(values):
         ax.set_xscale("log")
         ax.set_xlim(min(values) / 2, max(values) * 4)
-        _plain_log(ax.xaxis, min(values) / 2, max(values) * 4)  # room for the value written after the longest bar
+        _plain_log(ax.xaxis, min(values) / 2, max(values) * 4)  # room for the longest bar's value
     else:
         ax.set_xlim(0, max(values) * 1.3)
     ax.set_xlabel(xlabel)
@@ -79,8 +86,8 @@ def _hbars(ax, labels: list[str], values: list[float], colors: Any, text: str, x
 
 
 def throughput(section: Section):
-    """Total tokens/s against batch size per precision (transformers); decode tokens/s against threads per quant
-    (llama.cpp). An axis with one value (one batch size, one thread count) becomes bars."""
+    """Total tokens/s against batch per precision (transformers), decode tokens/s against threads
+    per quant (llama.cpp); bars where the axis would hold one value."""
     cands = section.candidates
     hf = [r for r in cands if r["runtime"] == "hf" and (plain_hf(r) or r.get("compile") is True)]
     grid = llama_grid(cands)
@@ -97,7 +104,8 @@ def throughput(section: Section):
                 label = _kind(r) + (" static+compile" if r.get("compile") is True else "")
                 if r.get("decode") not in ("", None, "generate"):
                     label += f" {r['decode']} loop"
-                if r.get("compile_mode") not in ("", None, "reduce-overhead") and r.get("compile") is True:
+                mode = r.get("compile_mode")
+                if mode not in ("", None, "reduce-overhead") and r.get("compile") is True:
                     label += f" {r['compile_mode']}"
                 series.setdefault(label, []).append((r["batch_size"], r["total_tps"]))
             else:
@@ -107,8 +115,10 @@ def throughput(section: Section):
         runtime = "transformers" if kind == "hf" else "llama.cpp"
         if len(xs) == 1:  # one batch size or thread count: a line would sit on a one-value axis
             what = f"batch {xs[0]}" if kind == "hf" else f"{xs[0]} threads"
-            ordered = sorted(((y, label) for label, pts in series.items() for _, y in pts), reverse=True)
-            _hbars(ax, [label for _, label in ordered], [y for y, _ in ordered], "tab:blue", "{:,.1f}", ylabel)
+            ordered = sorted(((y, label) for label, pts in series.items() for _, y in pts),
+                             reverse=True)
+            _hbars(ax, [label for _, label in ordered], [y for y, _ in ordered], "tab:blue",
+                   "{:,.1f}", ylabel)
             ax.set_title(f"{runtime}: {ylabel} at {what}")
             ax.grid(True, axis="x", alpha=0.3)
             continue
@@ -131,7 +141,8 @@ def throughput(section: Section):
             ax.set_ylim(0, max(ys) * 1.15)
         ax.set_xlabel("batch size (sequences)" if kind == "hf" else "threads")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{runtime}: {'throughput vs batch' if kind == 'hf' else 'decode speed vs threads'}")
+        what = "throughput vs batch" if kind == "hf" else "decode speed vs threads"
+        ax.set_title(f"{runtime}: {what}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(section.title, fontsize=10)
@@ -139,7 +150,7 @@ def throughput(section: Section):
 
 
 def _bars(labels: list[str], values: list[float], colors: Any, text: str, xlabel: str, title: str):
-    """A horizontal bar chart, top to bottom in the given order, each bar with its value written beside it."""
+    """A horizontal bar chart in the given order, each value beside its bar."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 0.48 * len(labels) + 1.4))
     _hbars(ax, labels, values, colors, text, xlabel)
@@ -150,21 +161,24 @@ def _bars(labels: list[str], values: list[float], colors: Any, text: str, xlabel
 def memory(section: Section):
     """Peak memory per precision / quant, one sequence."""
     cands = section.candidates
-    threads = max((r.get("n_threads") or 0 for r in cands if r["runtime"] == "llama_cpp"), default=None)
+    threads = max((r.get("n_threads") or 0 for r in cands if r["runtime"] == "llama_cpp"),
+                  default=None)
     grid = llama_grid(cands)
     bars = [r for r in cands if r.get("memory_gib") is not None
             and ((plain_hf(r) and r.get("batch_size") == 1) or plain_llama(r, threads, grid))]
     if not bars:
         return None
     kinds = ", ".join(sorted({r["memory_kind"] for r in bars}))
-    return _bars([f"{'transformers' if r['runtime'] == 'hf' else 'llama.cpp'} {_kind(r)}" for r in bars],
+    return _bars([f"{_runtime(r)} {_kind(r)}" for r in bars],
                  [r["memory_gib"] for r in bars], "tab:blue", "{:.2f}",  # type: ignore[misc]
-                 f"peak memory, GiB ({kinds}), batch 1", f"Peak memory per precision — {section.title}")
+                 f"peak memory, GiB ({kinds}), batch 1",
+                 f"Peak memory per precision — {section.title}")
 
 
 def kl_axis(ax, values: list[float]) -> float:
-    """KL on a log axis from the smallest positive value, better quality up; a configuration at exactly 0 (a
-    reference against itself) sits on a line a decade below the data, labelled 0. Returns where 0 is drawn."""
+    """KL on a log axis from the smallest positive value, better quality up; a configuration at
+    exactly 0 (a reference against itself) sits on a line a decade below the data, labelled 0.
+    Returns where 0 is drawn."""
     pos = [v for v in values if v > 0]
     low = math.floor(math.log10(min(pos))) if pos else -4
     high = math.log10(max(pos)) if pos else low + 1
@@ -174,7 +188,8 @@ def kl_axis(ax, values: list[float]) -> float:
     ticks = [10.0 ** e for e in range(low, math.ceil(high) + 1) if e <= high + 0.25]
     ticker = matplotlib_ticker()
     ax.yaxis.set_major_locator(ticker.FixedLocator([zero, *ticks]))
-    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: "0 (reference)" if v == zero else f"{v:g}"))
+    label = ticker.FuncFormatter(lambda v, _: "0 (reference)" if v == zero else f"{v:g}")
+    ax.yaxis.set_major_formatter(label)
     ax.yaxis.set_minor_locator(ticker.LogLocator(subs=tuple(range(2, 10))))
     ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     if any(v == 0 for v in values):
@@ -182,12 +197,14 @@ def kl_axis(ax, values: list[float]) -> float:
     return zero
 
 
-def quality_vs_speed(section: Section, front: list[dict[str, Any]], with_quality: bool, objective: str,
+def quality_vs_speed(section: Section, front: list[dict[str, Any]], with_quality: bool,
+                     objective: str,
                      recommended: str | None = None):
-    """Quality (or memory, where quality was not measured) against speed: one colour per precision / quant,
-    marker area by memory, the Pareto frontier ringed, the recommendation starred."""
+    """Quality (or memory, where quality was not measured) against speed: one colour per precision
+    / quant, marker area by memory, the Pareto frontier ringed, the recommendation starred."""
     y_key = "quality" if with_quality else "memory_gib"
-    pts = [r for r in section.candidates if r.get(objective) is not None and r.get(y_key) is not None]
+    pts = [r for r in section.candidates
+           if r.get(objective) is not None and r.get(y_key) is not None]
     if not pts:
         return None
     plt = _plt()
@@ -198,14 +215,14 @@ def quality_vs_speed(section: Section, front: list[dict[str, Any]], with_quality
     def y(r: dict[str, Any]) -> float:
         return zero if zero is not None and r[y_key] <= 0 else r[y_key]
 
-    kinds = sorted({f"{'llama.cpp ' if r['runtime'] == 'llama_cpp' else ''}{_kind(r)}" for r in pts})
+    kinds = sorted({_series(r) for r in pts})
     cmap = plt.get_cmap("tab10" if len(kinds) <= 10 else "tab20")
     mem_max = max(r.get("memory_gib") or 0 for r in pts) or 1
     for i, k in enumerate(kinds):
-        rows = [r for r in pts if f"{'llama.cpp ' if r['runtime'] == 'llama_cpp' else ''}{_kind(r)}" == k]
+        rows = [r for r in pts if _series(r) == k]
         ax.scatter([r[objective] for r in rows], [y(r) for r in rows], color=cmap(i % cmap.N),
-                   s=[20 + 140 * (r.get("memory_gib") or 0) / mem_max for r in rows], alpha=0.8, label=k,
-                   zorder=2)
+                   s=[20 + 140 * (r.get("memory_gib") or 0) / mem_max for r in rows], alpha=0.8,
+                   label=k, zorder=2)
     names = {r["name"] for r in front}
     fr = [r for r in pts if r["name"] in names]
     if fr:
@@ -240,22 +257,24 @@ def prompt_cache(section: Section):
     rows = [r for r in section.ok("prefix_cache") if r.get("ttft_ms") is not None]
     if not rows:
         return None
-    return _bars([f"{'transformers' if r['runtime'] == 'hf' else 'llama.cpp'} {r['mode']}" for r in rows],
+    return _bars([f"{_runtime(r)} {r['mode']}" for r in rows],
                  [r["ttft_ms"] for r in rows],  # type: ignore[misc]
-                 ["tab:gray" if r["mode"] in ("none", "recompute") else "tab:green" for r in rows], "{:,.1f} ms",
-                 "time to first token, ms (median; grey: no prompt cache)", f"Prompt caching — {section.title}")
+                 ["tab:gray" if r["mode"] in ("none", "recompute") else "tab:green" for r in rows],
+                 "{:,.1f} ms", "time to first token, ms (median; grey: no prompt cache)",
+                 f"Prompt caching — {section.title}")
 
 
 def figures(section: Section, front: list[dict[str, Any]], with_quality: bool, objective: str,
             recommended: str | None = None) -> list[tuple[str, str, Callable[[], Any]]]:
-    """(caption, file name part, a function that makes the figure or None) for every figure of a section."""
+    """(caption, file name part, a function making the figure or None) per figure of a section."""
     return [
         ("Throughput against batch size / threads", "throughput", lambda: throughput(section)),
         ("Peak memory per precision", "memory", lambda: memory(section)),
         ("Quality against speed, Pareto frontier circled" if with_quality else
          "Memory against speed, Pareto frontier circled", "frontier",
          lambda: quality_vs_speed(section, front, with_quality, objective, recommended)),
-        ("Time to first token with and without prompt caching", "prompt-cache", lambda: prompt_cache(section)),
+        ("Time to first token with and without prompt caching", "prompt-cache",
+         lambda: prompt_cache(section)),
     ]
 
 

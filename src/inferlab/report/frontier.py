@@ -1,10 +1,11 @@
-"""The Pareto frontier over speed, memory and quality, and the recommended configuration under constraints.
+"""The Pareto frontier over speed, memory and quality, and the recommended configuration under
+constraints.
 
-A configuration is on the frontier when no other one is at least as fast, as small and as good in quality
-(report.quality_metric: by default the mean KL divergence per token from the runtime's full precision), and
-strictly better in one of them. Quality joins the axes only where it was measured: a section with quality
-figures ranks the measured configurations on all three axes; a section without any ranks speed and memory.
-"""
+A configuration is on the frontier when no other one is at least as fast, as small and as good
+in quality (report.quality_metric: by default the mean KL divergence per token from the
+runtime's full precision), and strictly better in one of them. Quality joins the axes only where
+it was measured: a section with quality figures ranks the measured configurations on all three
+axes; a section without any ranks speed and memory."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from inferlab import fields as F
 from inferlab.config import QUALITY_METRICS, ConstraintsConfig, ReportConfig
 from inferlab.report.table import fmt
 
-# constraint -> (row figure, sense); sense +1: the figure must be at most the limit. Its label and unit are the
-# figure's (inferlab.fields).
+# constraint -> (row figure, sense); sense +1: the figure must be at most the limit. Its label and
+# unit are the figure's (inferlab.fields).
 CONSTRAINTS = {
     "memory_gib": ("memory_gib", +1),
     "ttft_ms": ("ttft_ms", +1),
@@ -23,7 +24,7 @@ CONSTRAINTS = {
     "max_kl": ("kl_mean", +1),
     "min_top1": ("top1", -1),
 }
-# the KL limit has always been written in nats: recommendation.json (which serve_bench depends on) keeps its text
+# the KL limit has always been written in nats: recommendation.json (serve_bench reads it) keeps it
 UNIT_WRITTEN = {"max_kl": "nats"}
 
 
@@ -39,9 +40,10 @@ def axis_label(figure: str) -> str:
     return F.field(figure).described
 
 
-def axes(objective: str, with_quality: bool, quality_metric: str = "kl_mean") -> list[tuple[str, int]]:
-    """(figure, +1 to maximise / -1 to minimise). The quality axis is the row's `quality` figure, the value of
-    report.quality_metric."""
+def axes(objective: str, with_quality: bool, quality_metric: str = "kl_mean"
+         ) -> list[tuple[str, int]]:
+    """(figure, +1 to maximise / -1 to minimise). The quality axis is the row's `quality` figure,
+    the value of report.quality_metric."""
     out = [(objective, +1), ("memory_gib", -1)]
     return [*out, ("quality", QUALITY_METRICS[quality_metric])] if with_quality else out
 
@@ -71,12 +73,13 @@ NO_QUALITY = "quality not measurable on random weights"
 
 
 def _limits(constraints: ConstraintsConfig, quality: bool = True) -> dict[str, float]:
-    return {k: float(getattr(constraints, k)) for k in CONSTRAINTS if getattr(constraints, k) is not None
-            and (quality or k not in QUALITY_CONSTRAINTS)}
+    return {k: float(getattr(constraints, k)) for k in CONSTRAINTS
+            if getattr(constraints, k) is not None and (quality or k not in QUALITY_CONSTRAINTS)}
 
 
-def violations(c: dict[str, Any], constraints: ConstraintsConfig, quality: bool = True) -> dict[str, str]:
-    """Each constraint the candidate fails, and why (`quality` False: the quality limits left out)."""
+def violations(c: dict[str, Any], constraints: ConstraintsConfig, quality: bool = True
+               ) -> dict[str, str]:
+    """Each constraint the candidate fails, and why (`quality` False: quality limits left out)."""
     out = {}
     for key, limit in _limits(constraints, quality).items():
         figure, sense, label, unit = constraint(key)
@@ -91,51 +94,57 @@ def violations(c: dict[str, Any], constraints: ConstraintsConfig, quality: bool 
 def settings(c: dict[str, Any]) -> dict[str, Any]:
     """What a server needs to run the configuration (the record's settings, no figures)."""
     if c["runtime"] == "llama_cpp":
-        keys = ("runtime", "quant", "n_threads", "n_batch", "flash_attn", "kv_type", "n_gpu_layers")
+        keys = ("runtime", "quant", "n_threads", "n_batch", "flash_attn", "kv_type",
+                "n_gpu_layers")
     else:
         keys = ("runtime", "device", "precision", "batch_size", "kv_cache", "attn", "compile")
     return {k: c.get(k) for k in keys}
 
 
 def _summary(c: dict[str, Any]) -> dict[str, Any]:
-    return {"name": c["config"], "point": c["name"], "stage": c["stage"], "workload": c["workload"],
-            "memory_kind": c["memory_kind"],
-            "settings": settings(c), "quality_config": c.get("quality_config") or None,
+    return {"name": c["config"], "point": c["name"], "stage": c["stage"],
+            "workload": c["workload"], "memory_kind": c["memory_kind"], "settings": settings(c),
+            "quality_config": c.get("quality_config") or None,
             "figures": {k: c.get(k) for k in F.RECOMMENDED}}
 
 
-def recommend(candidates: list[dict[str, Any]], cfg: ReportConfig, quality: bool = True) -> dict[str, Any]:
-    """The fastest candidate (cfg.objective) that meets every constraint, with the reason; or, when none does,
-    which constraint fails and by how much (the best any candidate reached against each limit). `quality`
-    False (random weights): speed and memory only, the quality limits left out and the answer says so."""
+def recommend(candidates: list[dict[str, Any]], cfg: ReportConfig, quality: bool = True
+              ) -> dict[str, Any]:
+    """The fastest candidate (cfg.objective) that meets every constraint, with the reason; or, when
+    none does, which constraint fails and by how much (the best any candidate reached against
+    each limit). `quality` False (random weights): speed and memory only, the quality limits
+    left out and the answer says so."""
     limits = _limits(cfg.constraints, quality)
     objective = cfg.objective
     front, with_quality = frontier(candidates, objective, cfg.quality_metric)
     front_names = {c["name"] for c in front}
-    checked = [(c, violations(c, cfg.constraints, quality)) for c in candidates if c.get(objective) is not None]
+    checked = [(c, violations(c, cfg.constraints, quality)) for c in candidates
+               if c.get(objective) is not None]
     passing = [c for c, v in checked if not v]
-    out: dict[str, Any] = {"objective": objective, "constraints": limits, "candidates": len(checked),
-                           "meeting_constraints": len(passing), "frontier": [c["name"] for c in front],
+    out: dict[str, Any] = {"objective": objective, "constraints": limits,
+                           "candidates": len(checked), "meeting_constraints": len(passing),
+                           "frontier": [c["name"] for c in front],
                            "frontier_axes": [k for k, _ in axes(objective, with_quality)],
                            "quality_metric": cfg.quality_metric}
     if not checked:
-        return {**out, "status": "no candidates",
-                "reason": "no latency point ran on this hardware for this model (see the missing inputs)"}
+        return {**out, "status": "no candidates", "reason": "no latency point ran on this "
+                "hardware for this model (see the missing inputs)"}
     label = axis_label(objective)
     conds = ", ".join(describe(k, v) for k, v in limits.items()) or "no constraints"
     if passing:
         best = max(passing, key=lambda c: (c[objective], -(c.get("memory_gib") or 0)))
-        reason = (f"highest {label} ({fmt(best[objective])}) among the {len(passing)} of {len(checked)} "
-                  f"configurations that meet {conds}")
-        reason += "; on the Pareto frontier" if best["name"] in front_names else "; not on the frontier"
+        reason = (f"highest {label} ({fmt(best[objective])}) among the {len(passing)} of "
+                  f"{len(checked)} configurations that meet {conds}")
+        on = best["name"] in front_names
+        reason += "; on the Pareto frontier" if on else "; not on the frontier"
         if not quality:
             reason += f"; {NO_QUALITY}"
         elif best.get("quality") is None:
             reason += "; its quality was not measured"
         runner_up = [c["name"] for c in sorted(passing, key=lambda c: -c[objective])[1:4]]
         kept = {} if quality else {"quality": NO_QUALITY}
-        return {**out, "status": "recommended", **_summary(best), "reason": reason, "alternatives": runner_up,
-                **kept}
+        return {**out, "status": "recommended", **_summary(best), "reason": reason,
+                "alternatives": runner_up, **kept}
     failing: dict[str, Any] = {}
     for key, limit in limits.items():
         figure, sense, _, _ = constraint(key)
@@ -155,13 +164,14 @@ def recommend(candidates: list[dict[str, Any]], cfg: ReportConfig, quality: bool
         if e["measured"] == 0:
             parts.append(f"{lab}: not measured for any configuration")
         elif e["passing"] == 0:
-            parts.append(f"{lab}: best {fmt(e['best'])}{unit} misses the limit {fmt(e['limit'])}{unit} "
-                         f"by {fmt(e['short_by'])}{unit}")
+            parts.append(f"{lab}: best {fmt(e['best'])}{unit} misses the limit "
+                         f"{fmt(e['limit'])}{unit} by {fmt(e['short_by'])}{unit}")
         else:
             parts.append(f"{lab}: {e['passing']} of {len(checked)} meet it")
-    return {**out, "status": "none", "reason": "no configuration meets " + conds + " — " + "; ".join(parts),
-            "constraint_check": failing, "closest": {**_summary(closest),
-                                                     "fails": violations(closest, cfg.constraints, quality)}}
+    fails = violations(closest, cfg.constraints, quality)
+    return {**out, "status": "none",
+            "reason": "no configuration meets " + conds + " — " + "; ".join(parts),
+            "constraint_check": failing, "closest": {**_summary(closest), "fails": fails}}
 
 
 def describe(key: str, limit: float) -> str:

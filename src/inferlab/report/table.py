@@ -1,10 +1,11 @@
-"""The report's inputs, from the records only: per hardware and model, the benchmark rows joined with the quality
-figures of the same configuration on the same hardware.
+"""The report's inputs, from the records only: per hardware and model, the benchmark rows joined
+with the quality figures of the same configuration on the same hardware.
 
-Figures are compared only where they were measured together: in one sweep on one machine instance (a group).
-A section keeps every record's row (`history`); its ranked group, the group holding the most configurations,
-supplies the candidates that the frontier and the recommendation rank; `view(group)` gives the same interface
-over one group's rows, so each comparison can be made within a group."""
+Figures are compared only where they were measured together: in one sweep on one machine
+instance (a group). A section keeps every record's row (`history`); its ranked group, the group
+holding the most configurations, supplies the candidates that the frontier and the
+recommendation rank; `view(group)` gives the same interface over one group's rows, so each
+comparison can be made within a group."""
 
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from inferlab import aggregate as agg
 from inferlab import records as rec
-from inferlab.aggregate import point_key, quality_rows, stage_records, stage_records_rows, workload_suffix
-from inferlab.aggregate import row as record_row
 from inferlab.config import loop_path
 from inferlab.fields import QUALITY_FIGURES
 
@@ -25,11 +25,12 @@ log = logging.getLogger(__name__)
 BENCH_STAGES = ("bench_gpu", "bench_cpu")
 DEVICE_OF_STAGE = {"bench_gpu": "cuda", "bench_cpu": "cpu"}
 QUALITY_KEYS = QUALITY_FIGURES  # joined from the evaluate stage onto each benchmark point
-SPREAD_KEYS = ("sweeps", "decode_tps_sweeps_median", "decode_tps_sweeps_min", "decode_tps_sweeps_max", "sensitive")
+SPREAD_KEYS = ("sweeps", "decode_tps_sweeps_median", "decode_tps_sweeps_min",
+               "decode_tps_sweeps_max", "sensitive")
 
 
 def fmt(x: float) -> str:
-    """A figure as the report writes it: three significant digits below 100, whole numbers with commas above."""
+    """Three significant digits below 100, whole numbers with commas above."""
     if x == 0:
         return "0"
     return f"{x:.3g}" if abs(x) < 100 else f"{x:,.0f}"
@@ -42,13 +43,13 @@ class Section:
     hardware: str
     model: str
     weights: str = ""
-    rows: list[dict[str, Any]] = field(default_factory=list)  # benchmark rows of every scenario and status
-    quality: list[dict[str, Any]] = field(default_factory=list)  # quality rows of configurations generated here
+    rows: list[dict[str, Any]] = field(default_factory=list)  # benchmark rows, any status
+    quality: list[dict[str, Any]] = field(default_factory=list)  # of configurations made here
     quality_metric: str = "kl_mean"
-    model_note: str = ""  # what the model's records say its weights are (e.g. dequantized from a published file)
-    history: list[dict[str, Any]] = field(default_factory=list)  # a row per record, every sweep (full sections)
+    model_note: str = ""  # what the records say its weights are (e.g. dequantized from a file)
+    history: list[dict[str, Any]] = field(default_factory=list)  # a row per record, every sweep
     group: tuple | None = None  # on a view: the (sweep id, instance) its rows were measured in
-    files: dict[str, str] = field(default_factory=dict)  # GGUF type -> what the file really holds (convert stage)
+    files: dict[str, str] = field(default_factory=dict)  # GGUF type -> what the file really holds
 
     @property
     def title(self) -> str:
@@ -59,16 +60,18 @@ class Section:
         return f"{self.hardware}--{self.model}"
 
     def ok(self, scenario: str | None = None) -> list[dict[str, Any]]:
-        return [r for r in self.rows if r["status"] == "ok" and (scenario is None or r["scenario"] == scenario)]
+        return [r for r in self.rows
+                if r["status"] == "ok" and (scenario is None or r["scenario"] == scenario)]
 
     def not_ok(self) -> list[dict[str, Any]]:
-        return [r for r in self.rows if r["status"] != "ok"] + [q for q in self.quality if q["status"] != "ok"]
+        return ([r for r in self.rows if r["status"] != "ok"]
+                + [q for q in self.quality if q["status"] != "ok"])
 
     @cached_property
     def candidates(self) -> list[dict[str, Any]]:
-        """Latency points that ran, one per configuration, all from one sweep on one instance (the ranked group,
-        on a full section): where a configuration ran with several generation lengths, the longest (steadier
-        decode figures) stands for it."""
+        """Latency points that ran, one per configuration, all from one sweep on one instance (the
+        ranked group, on a full section): where a configuration ran with several generation
+        lengths, the longest (steadier decode figures) stands for it."""
         if self.history and self.group is None:
             return self.view(self.ranked_group).candidates if self.ranked_group else []
         best: dict[tuple, dict[str, Any]] = {}
@@ -92,13 +95,13 @@ class Section:
                        self.quality_metric, self.model_note, group=group)
 
     def merged(self) -> Section:
-        """The latest row of every point whichever group measured it (never for comparing two points)."""
-        return Section(self.hardware, self.model, self.weights, self.rows, self.quality, self.quality_metric,
-                       self.model_note, group=("all", "all"))
+        """The latest row of every point, whichever group measured it (never for comparing)."""
+        return Section(self.hardware, self.model, self.weights, self.rows, self.quality,
+                       self.quality_metric, self.model_note, group=("all", "all"))
 
     @cached_property
     def groups(self) -> list[tuple]:
-        """Every (sweep id, instance) that measured something here: the ranked group first, then newest first."""
+        """Every (sweep id, instance) that measured here: the ranked group, then newest first."""
         newest: dict[tuple, str] = {}
         for r in self.history:
             g = (r["sweep_id"], r["instance"])
@@ -111,12 +114,13 @@ class Section:
 
     @cached_property
     def ranked_group(self) -> tuple | None:
-        """The group whose configurations are ranked: the one holding the most latency points that ran (the
-        newest among equals)."""
+        """The group whose configurations are ranked: the one holding the most latency points that
+        ran (the newest among equals)."""
         count: dict[tuple, int] = {}
         newest: dict[tuple, str] = {}
         for r in self.history:
-            if r["status"] == "ok" and r["scenario"] == "latency" and r.get("total_tps") is not None:
+            if (r["status"] == "ok" and r["scenario"] == "latency"
+                    and r.get("total_tps") is not None):
                 g = (r["sweep_id"], r["instance"])
                 count[g] = count.get(g, 0) + 1
                 newest[g] = max(newest.get(g, ""), r["timestamp"])
@@ -131,28 +135,33 @@ class Section:
 
 
 def sort_key(r: dict[str, Any]) -> tuple:
-    return (r["stage"], r["runtime"], str(r.get("precision") or r.get("quant")), r.get("batch_size") or 0,
+    return (r["stage"], r["runtime"], str(r.get("precision") or r.get("quant")),
+            r.get("batch_size") or 0,
             str(r.get("kv_cache")), str(r.get("compile")), r.get("n_threads") or 0, r["name"])
 
 
 def _match(row: dict[str, Any], scored: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The quality configuration a benchmark point ran: same runtime and device, same precision (transformers)
-    or quant (llama.cpp), same KV cache. generate()'s batch, threads and compile change speed, not what is
-    computed; a decode loop's point takes the quality scored through its own step (`loop_quality`)."""
+    """The quality configuration a benchmark point ran: same runtime and device, same precision
+    (transformers) or quant (llama.cpp), same KV cache. generate()'s batch, threads and compile
+    change speed, not what is computed; a decode loop's point takes the quality scored through
+    its own step (`loop_quality`)."""
     for q in scored:
         if q["runtime"] != row["runtime"]:
             continue
-        if row["runtime"] == "hf" and (q["device"], q["precision"], q["kv_cache"], q.get("loop")) == (
-                row["device"], row["precision"], row["kv_cache"], None):
-            return q
-        if row["runtime"] == "llama_cpp" and (q["quant"], q["kv_type"]) == (row["quant"], row["kv_type"]):
-            return q
+        if row["runtime"] == "hf":
+            ran = (q["device"], q["precision"], q["kv_cache"], q.get("loop"))
+            if ran == (row["device"], row["precision"], row["kv_cache"], None):
+                return q
+        elif row["runtime"] == "llama_cpp":
+            same_file = (q["quant"], q["kv_type"]) == (row["quant"], row["kv_type"])
+            if same_file:
+                return q
     return None
 
 
 def loop_quality(row: dict[str, Any], scored: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The quality of a decode loop's point: scored through the same loop's step (same precision, same loop
-    settings), never borrowed from a forward pass through other kernels."""
+    """The quality of a decode loop's point: scored through the same loop's step (same precision,
+    same loop settings), never borrowed from a forward pass through other kernels."""
     loop = loop_path(row)
     return next((q for q in scored if q["runtime"] == "hf" and q["device"] == row["device"]
                  and q["precision"] == row["precision"] and q.get("loop") == loop), None)
@@ -162,55 +171,62 @@ def _enrich(row: dict[str, Any], record_metrics: dict[str, Any], stage: str) -> 
     row = dict(row)
     row["stage"] = stage
     row["device"] = DEVICE_OF_STAGE[stage]
-    suffix = workload_suffix(row)
+    suffix = agg.workload_suffix(row)
     row["config"] = row["name"][: -len(suffix)] if row["name"].endswith(suffix) else row["name"]
-    if row["device"] == "cuda" and row["runtime"] == "llama_cpp":  # allocates outside torch: the driver's figure
-        row["memory_gib"], row["memory_kind"] = row.get("gpu_process_gib"), "GPU used by the process"
+    if row["device"] == "cuda" and row["runtime"] == "llama_cpp":  # outside torch: the driver's
+        row["memory_gib"] = row.get("gpu_process_gib")
+        row["memory_kind"] = "GPU used by the process"
     elif row["device"] == "cuda":
         row["n_threads"] = None  # the GPU sweep does not set threads
         row["memory_gib"], row["memory_kind"] = row.get("peak_allocated_gib"), "GPU allocated"
     else:
         rss = row.get("peak_rss_mib")
-        row["memory_gib"], row["memory_kind"] = (None if rss is None else rss / 1024), "process RSS"
-    row["workload"] = f"{row['prompt_tokens']}+{row['new_tokens']}" if row.get("prompt_tokens") is not None else ""
+        row["memory_gib"] = None if rss is None else rss / 1024
+        row["memory_kind"] = "process RSS"
+    prompt = row.get("prompt_tokens")
+    row["workload"] = f"{prompt}+{row['new_tokens']}" if prompt is not None else ""
     row["_metrics"] = record_metrics
     return row
 
 
 def gguf_labels(results: Path) -> dict[str, dict[str, str]]:
-    """Per model, per GGUF type: what the convert stage found the file to hold (its latest record on any machine:
-    the file's contents do not depend on where it was made), e.g. 'q4_k_m (180 of 211 matrices fell back: ...)'."""
-    labelled = [r for r in stage_records(results, "convert") if r.status == "ok" and r.metrics.get("label")]
+    """Per model, per GGUF type: what the convert stage found the file to hold (its latest record
+    on any machine: the file's contents do not depend on where it was made), e.g. 'q4_k_m (180
+    of 211 matrices fell back: ...)'."""
+    labelled = [r for r in agg.stage_records(results, "convert")
+                if r.status == "ok" and r.metrics.get("label")]
     out: dict[str, dict[str, str]] = {}
     for r in rec.latest(labelled, lambda r: (r.model.get("name"), r.name)):
         out.setdefault(r.model.get("name"), {})[r.name] = r.metrics["label"]
     return out
 
 
-def collect(results: Path, quality_metric: str = "kl_mean", models: list[str] | None = None) -> list[Section]:
+def collect(results: Path, quality_metric: str = "kl_mean", models: list[str] | None = None
+            ) -> list[Section]:
     """Sections per (hardware, model) from every record file under results/, in a stable order."""
     sections: dict[tuple[str, str], Section] = {}
 
     def section(hw: str, model: str, weights: str) -> Section:
         if (hw, model) not in sections:
-            sections[(hw, model)] = Section(hw, model, weights or "", quality_metric=quality_metric)
+            sections[(hw, model)] = Section(hw, model, weights or "",
+                                            quality_metric=quality_metric)
         return sections[(hw, model)]
 
     for stage in BENCH_STAGES:
-        records = stage_records(results, stage)
-        latest: dict[tuple, dict[str, Any]] = {}  # (hardware, model, point id) -> its latest row (name, spread)
-        for record, row in stage_records_rows(results, stage, records):
+        records = agg.stage_records(results, stage)
+        latest: dict[tuple, dict[str, Any]] = {}  # (hardware, model, point id) -> its latest row
+        for record, row in agg.stage_records_rows(results, stage, records):
             s = section(row["hardware"], row["model"], row["weights"])
             s.rows.append(_enrich(row, record.metrics, stage))
             s.model_note = rec.model_note(record.model) or s.model_note
-            latest[point_key(record)] = row
+            latest[agg.point_key(record)] = row
         for record in records:
-            row = record_row(record)
-            if (last := latest.get(point_key(record))) is not None:
+            row = agg.row(record)
+            if (last := latest.get(agg.point_key(record))) is not None:
                 row.update({k: last[k] for k in SPREAD_KEYS}, name=last["name"])
             section(row["hardware"], row["model"], row["weights"]).history.append(
                 _enrich(row, record.metrics, stage))
-    for q in quality_rows(results):
+    for q in agg.quality_rows(results):
         s = section(q["hardware"], q["model"], q["weights"])
         s.quality.append(q)
         s.model_note = q.get("model_note") or s.model_note
@@ -228,11 +244,12 @@ def collect(results: Path, quality_metric: str = "kl_mean", models: list[str] | 
             for k in QUALITY_KEYS:
                 r[k] = q.get(k) if q else None
             r["quality"] = r.get(quality_metric)
-    # GPU machines first (they answer the main question), the most recently measured first (older GPUs are
-    # history), then the other machines by name (each sort keeps the order of the one before among equals)
+    # GPU machines first, the most recently measured first (older GPUs are history), then the
+    # others by name (each sort keeps the order of the one before among equals)
     def gpu(s: Section) -> bool:
         return any(r["device"] == "cuda" and r["status"] == "ok" for r in s.rows)
 
     out.sort(key=lambda s: (s.hardware, s.model))
-    out.sort(key=lambda s: max(r["timestamp"] or "" for r in s.rows) if gpu(s) else "", reverse=True)
+    out.sort(key=lambda s: max(r["timestamp"] or "" for r in s.rows) if gpu(s) else "",
+             reverse=True)
     return sorted(out, key=lambda s: (not gpu(s), not s.rows))
