@@ -41,7 +41,14 @@ from inferlab.tracking.names import (
 )
 from inferlab.tracking.result import LogResult
 from inferlab.tracking.runs import complete, in_progress, kept_first, logger_id
-from inferlab.tracking.store import SQLITE, check_reachable, classify, open_client, store_lock, tracking_uri
+from inferlab.tracking.store import (
+    SQLITE,
+    check_reachable,
+    classify,
+    open_client,
+    store_lock,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +268,7 @@ class Tracker:
 
     def _settle(self, client, exp_id: str, sweep_id: str, mine: set[str], pending: set[str],
                 result: LogResult) -> None:
-        """Keep one parent and one complete run per record (the first made), after this logger's
-        runs.
+        """After this logger's runs: keep one parent and one complete run per record (the first).
 
         Waits a while for records a live logger elsewhere was writing. Whichever logger settles
         last sees every run, so one of each remains."""
@@ -284,7 +290,8 @@ class Tracker:
             if parents:
                 keep = parents[0].info.run_id
                 for r in runs:
-                    if r.data.tags.get(TAG_KIND) == "point" and r.data.tags.get("mlflow.parentRunId") != keep:
+                    tags = r.data.tags
+                    if tags.get(TAG_KIND) == "point" and tags.get("mlflow.parentRunId") != keep:
                         client.set_tag(r.info.run_id, "mlflow.parentRunId", keep)
                 for extra in parents[1:]:
                     with suppress(Exception):  # another logger may have deleted it already
@@ -357,10 +364,10 @@ class Tracker:
         rid = run.info.run_id
 
         def work() -> None:
-            client.log_batch(
-                rid, metrics=[Metric(k, v, 0, 0) for k, v in allowed_names(metrics).items()],
-                params=[Param(k, str(v)[:MAX_PARAM_LEN]) for k,
-                        v in allowed_names(params).items()])
+            metric_list = [Metric(k, v, 0, 0) for k, v in allowed_names(metrics).items()]
+            param_list = [Param(k, str(v)[:MAX_PARAM_LEN])
+                          for k, v in allowed_names(params).items()]
+            client.log_batch(rid, metrics=metric_list, params=param_list)
             for f in files:
                 client.log_artifact(rid, str(f))
             for f in figures:
