@@ -266,9 +266,10 @@ def _repair_tail(fd: int, path: Path) -> int:
 
 
 def read(path: Path, garbled: list[str] | None = None) -> Iterator[Record]:
-    """Records of a JSONL file, and its unreadable lines named ("file:line: why") in `garbled`.
+    """Records of a JSONL file; a line it cannot read is skipped.
 
-    A torn last line (a writer killed mid-write: no newline) is skipped with a warning."""
+    A torn last line (a writer killed mid-write: no newline) is skipped with a warning; any other
+    is named ("file:line: why") in `garbled`."""
     if not path.exists():
         return
     with path.open() as f:

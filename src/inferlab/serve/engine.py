@@ -81,7 +81,7 @@ class ChatPrompt:
 
 
 class Engine:
-    """The queue, the worker thread, the bookkeeping; subclasses load a model, do _serve."""
+    """The queue, the worker thread, the bookkeeping (a subclass loads a model, has _serve)."""
 
     runtime = ""
 

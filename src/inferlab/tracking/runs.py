@@ -32,7 +32,9 @@ def _alive(pid: int) -> bool:
 
 
 def in_progress(run) -> bool:
-    """An unfinished run a live logger writes (here: its process lives; else < STALE_S old)."""
+    """An unfinished run a live logger still writes, so not to be replaced.
+
+    Of this host: its process is alive; of another host: made less than STALE_S ago."""
     if complete(run):
         return False
     owner = run.data.tags.get(TAG_LOGGER, "")
