@@ -883,7 +883,7 @@ def ending_server(tiny_project):
     from inferlab.config import ServeConfig
     from inferlab.serve.app import create_app
     from inferlab.serve.engine import LlamaCppEngine
-    from inferlab.serve.loadtest import DEFAULT_PROMPT
+    from inferlab.serve.loadgen import DEFAULT_PROMPT
 
     engine = LlamaCppEngine(str(tiny_project / "models" / "tiny-phi" / "gguf" / "tiny-phi-q8_0.gguf"), 1, 1024, 8)
     engine.eos = engine.backend.complete([engine.tokenize(DEFAULT_PROMPT)], 1)[0][0]
@@ -909,7 +909,7 @@ def inferlab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_issue31_the_load_test_generates_a_fixed_length_and_refuses_to_measure_nothing(ending_server):
-    from inferlab.serve.loadtest import DEFAULT_PROMPT
+    from inferlab.serve.loadgen import DEFAULT_PROMPT
 
     body = {"model": "tiny-phi", "prompt": DEFAULT_PROMPT, "max_tokens": 12, "temperature": 0}
     ends = httpx.post(f"{ending_server}/v1/completions", json=body, timeout=60).json()
@@ -1029,7 +1029,7 @@ def test_issue31_goodput_never_exceeds_the_offered_rate(open_server):
     import numpy as np
 
     from inferlab.serve import rates
-    from inferlab.serve.loadtest import drive_rate
+    from inferlab.serve.loadgen import drive_rate
 
     url, _ = open_server
     times = rates.arrival_times(12, 50.0, 0.25, np.random.default_rng(40))

@@ -125,7 +125,7 @@ def test_runs_carry_the_measurement_times_dataset_input_and_outputs_table(tmp_pa
 def test_a_point_run_logs_the_figures_of_its_stage_table():
     """A run's metrics are the field table's figures of the record's stage (record.json keeps the rest); a figure
     of several values is logged per value, a boolean as 0/1."""
-    from inferlab.tracking import _metrics
+    from inferlab.tracking.names import run_metrics as _metrics
 
     env = {"hardware": {"id": "hw"}}
     bench = Record(stage="bench_gpu", name="p", point={"scenario": "profile"}, config={}, model={"name": "m"},

@@ -1,5 +1,6 @@
-"""Aggregates derived from the records only: the rows of each stage's table (inferlab.fields), the
-DVC metrics JSON and the plot table, written by one writer.
+"""Aggregates from the records only: each stage's table rows, DVC metrics JSON and plot table.
+
+The rows follow the stage's table (inferlab.fields); one writer writes them all.
 
 Records of every machine are read (results/<stage>/<hardware>.jsonl), and the latest record of each
 point per hardware and model is kept, so each hardware shows apart and a laptop's run never hides a
@@ -25,12 +26,15 @@ from inferlab import records as rec
 from inferlab.config import StudyConfig, resolve
 
 QUALITY_STAGE = "evaluate"
-METRICS_NAMES = {QUALITY_STAGE: "quality"}  # metrics/<name>.json, metrics/plots/<name>.csv (default: the stage's)
-NOT_MEANINGFUL = ("random weights: these scores and this perplexity measure nothing about language quality; "
-                  "they show that the pipeline runs and how far a configuration's outputs drift from its "
-                  "reference, no more")
-SENSITIVITY = 3.0  # a point whose spread across sweeps exceeds this many times its spread within a run moves with
-MIN_RANGE = 0.05  # the machine or the run (and the range across sweeps is at least this fraction of the median)
+# metrics/<name>.json, metrics/plots/<name>.csv (default: the stage's)
+METRICS_NAMES = {QUALITY_STAGE: "quality"}
+NOT_MEANINGFUL = ("random weights: these scores and this perplexity measure nothing about "
+                  "language quality; they show that the pipeline runs and how far a "
+                  "configuration's outputs drift from its reference, no more")
+# a point whose spread across sweeps exceeds SENSITIVITY times its spread within a run moves with
+# the machine or the run (and the range across sweeps is at least MIN_RANGE of the median)
+SENSITIVITY = 3.0
+MIN_RANGE = 0.05
 
 
 def hardware_of(r: rec.Record) -> str:
@@ -54,7 +58,7 @@ def stage_records(results_dir: Path, stage: str) -> list[rec.Record]:
 
 
 def row(r: rec.Record) -> dict[str, Any]:
-    """A benchmark record as its table row (sweep figures left out: stage_records_rows adds them)."""
+    """A benchmark record as its table row (stage_records_rows adds the sweep figures)."""
     out = {f.name: F.read(f, r) for f in F.BENCH if f.column and f.read is not None}
     out["reason"] = (r.reason or "")[:200] or None
     return out
@@ -62,13 +66,16 @@ def row(r: rec.Record) -> dict[str, Any]:
 
 def _median_of(r: rec.Record, figure: str) -> float | None:
     v = r.metrics.get(figure)
-    return v.get("median") if isinstance(v, dict) and isinstance(v.get("median"), (int, float)) else None
+    median = v.get("median") if isinstance(v, dict) else None
+    return median if isinstance(median, (int, float)) else None
 
 
-def across_sweeps(records: list[rec.Record], figure: str = "decode_tps") -> dict[tuple, dict[str, Any]]:
-    """Per (hardware, model, point id): the point's figure in every sweep that measured it (the
-    last record of each sweep and instance), their median, range and count, and whether they spread
-    more than a run does."""
+def across_sweeps(records: list[rec.Record],
+                  figure: str = "decode_tps") -> dict[tuple, dict[str, Any]]:
+    """Per (hardware, model, point id): the point's figure in every sweep that measured it.
+
+    The last record of each sweep and instance; their median, range and count, and whether they
+    spread more than a run does."""
     by: dict[tuple, list[rec.Record]] = {}
     measured = [r for r in records if r.status == "ok" and _median_of(r, figure) is not None]
     for r in rec.latest(measured, lambda r: (*point_key(r), r.sweep_id, rec.instance_of(r))):
@@ -78,11 +85,13 @@ def across_sweeps(records: list[rec.Record], figure: str = "decode_tps") -> dict
         values = [_median_of(r, figure) for r in group]
         mid = median(values)  # type: ignore[type-var]
         entry: dict[str, Any] = {"figure": figure, "sweeps": len(values), "median": F.value(mid),
-                                 "min": F.value(min(values)), "max": F.value(max(values)),  # type: ignore[type-var]
+                                 "min": F.value(min(values)),  # type: ignore[type-var]
+                                 "max": F.value(max(values)),  # type: ignore[type-var]
                                  "instances": len({rec.instance_of(r) for r in group})}
         if len(values) > 1 and mid:
-            within = [r.metrics[figure].get("stdev") / _median_of(r, figure)  # type: ignore[operator]
-                      for r in group if r.metrics[figure].get("stdev") is not None and _median_of(r, figure)]
+            within = [r.metrics[figure].get("stdev") / _median_of(r, figure)  # type: ignore
+                      for r in group
+                      if r.metrics[figure].get("stdev") is not None and _median_of(r, figure)]
             within_rel = median(within) if within else 0.0
             across_rel = pstdev(values) / mid  # type: ignore[arg-type,operator]
             range_rel = (max(values) - min(values)) / mid  # type: ignore[type-var,operator]
@@ -91,16 +100,18 @@ def across_sweeps(records: list[rec.Record], figure: str = "decode_tps") -> dict
             if range_rel >= MIN_RANGE and across_rel > SENSITIVITY * within_rel:
                 where = (f"{entry['instances']} machine instances" if entry["instances"] > 1
                          else "runs on one instance")
-                entry["sensitive"] = (f"{figure} ranges {range_rel:.0%} across {len(values)} sweeps on {where} "
-                                      f"(spread {across_rel:.1%} across sweeps against {within_rel:.1%} within a "
-                                      "run): it moves with the machine or the run, as host-bound points do; compare "
-                                      "it only within one sweep")
+                entry["sensitive"] = (f"{figure} ranges {range_rel:.0%} across {len(values)} "
+                                      f"sweeps on {where} (spread {across_rel:.1%} across "
+                                      f"sweeps against {within_rel:.1%} within a run): it "
+                                      "moves with the machine or the run, as host-bound points "
+                                      "do; compare it only within one sweep")
         out[key] = entry
     return out
 
 
-def stage_records_rows(results_dir: Path, stage: str,
-                       all_records: list[rec.Record] | None = None) -> list[tuple[rec.Record, dict[str, Any]]]:
+def stage_records_rows(
+        results_dir: Path, stage: str, all_records: list[rec.Record] | None = None,
+) -> list[tuple[rec.Record, dict[str, Any]]]:
     """The latest record of each point per hardware and model, with its row and its spread across
     sweeps. Points that share a name but differ in a setting (e.g. the workload) get the differing
     generated-token count appended to their name."""
@@ -110,8 +121,8 @@ def stage_records_rows(results_dir: Path, stage: str,
     for r, out in pairs:
         s = spread.get((out["hardware"], out["model"], r.point_id), {})
         out["sweeps"] = s.get("sweeps", 0)
-        out["decode_tps_sweeps_median"], out["decode_tps_sweeps_min"], out["decode_tps_sweeps_max"] = (
-            s.get("median"), s.get("min"), s.get("max"))
+        for end in ("median", "min", "max"):
+            out[f"decode_tps_sweeps_{end}"] = s.get(end)
         out["sensitive"] = s.get("sensitive")
     seen: dict[tuple, int] = {}
     for _, r in pairs:
@@ -129,8 +140,7 @@ def workload_suffix(r: dict[str, Any]) -> str:
 
 
 def stage_rows(results_dir: Path, stage: str) -> list[dict[str, Any]]:
-    """One row per point (its latest record) per hardware and model; for the evaluate stage, per
-    configuration."""
+    """One row per point (its latest record) per hardware and model; evaluate: per config."""
     if stage == QUALITY_STAGE:
         return quality_rows(results_dir)
     return [r for _, r in stage_records_rows(results_dir, stage)]
@@ -142,11 +152,15 @@ def quality_rows(results: Path) -> list[dict[str, Any]]:
     recs = stage_records(results, QUALITY_STAGE)
     scored = [r for r in recs if r.point.get("scenario") == "scores"]
     scores = {r.point.get("generation_record"): r
-              for r in rec.latest([r for r in scored if r.status == "ok"], lambda r: r.point.get("generation_record"))}
+              for r in rec.latest([r for r in scored if r.status == "ok"],
+                                  lambda r: r.point.get("generation_record"))}
     generations = rec.latest([r for r in recs if r.point.get("scenario") != "scores"],
                              lambda r: (hardware_of(r), r.model.get("name"), r.name))
     rows = []
-    for g in sorted(generations, key=lambda r: tuple(map(str, (hardware_of(r), r.model.get("name"), r.name)))):
+    def order(r: rec.Record) -> tuple:
+        return tuple(map(str, (hardware_of(r), r.model.get("name"), r.name)))
+
+    for g in sorted(generations, key=order):
         sc = scores.get(g.record_id)
         t = g.metrics.get("tokens") or {}
         vs = t.get(F.VS_REFERENCE) or {}
@@ -155,11 +169,14 @@ def quality_rows(results: Path) -> list[dict[str, Any]]:
         if g.status != "ok":  # no figures from a generation that did not run
             source["metrics"] = {k: v for k, v in g.metrics.items() if k != "tokens"}
         out = {f.name: F.read(f, source) for f in F.QUALITY}
-        if g.status == "ok" and t.get("is_reference"):  # a reference agrees with itself by construction
+        # a reference agrees with itself by construction
+        if g.status == "ok" and t.get("is_reference"):
             out.update({f.name: f.itself for f in F.QUALITY if f.itself is not None})
-        reason = g.reason or vs.get("missing") or (sc.metrics.get("drift_missing") if sc else None) or ""
+        drift_missing = sc.metrics.get("drift_missing") if sc else None
+        reason = g.reason or vs.get("missing") or drift_missing or ""
         out.update(meaningful=g.model.get("weights") == "real",
-                   status=g.status if g.status != "ok" else ("ok" if sc or g.point.get("loop") else "not scored"),
+                   status=(g.status if g.status != "ok"
+                           else "ok" if sc or g.point.get("loop") else "not scored"),
                    reference="itself" if t.get("is_reference") else vs.get("reference"),
                    reason=reason[:200] or None, model_note=rec.model_note(g.model))
         rows.append(out)
@@ -167,24 +184,26 @@ def quality_rows(results: Path) -> list[dict[str, Any]]:
 
 
 def bench_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The DVC metrics of a benchmark stage: per hardware and model, each point's summary figures."""
+    """A benchmark stage's DVC metrics: each point's summary figures, per hardware and model."""
     keep = [f.name for f in F.BENCH if f.summary]
     summary: dict[str, Any] = {}
     for r in rows:
-        hw = summary.setdefault(r["hardware"], {"bandwidth_gbps": r["bandwidth_gbps"], "models": {}})
+        hw = summary.setdefault(r["hardware"],
+                                {"bandwidth_gbps": r["bandwidth_gbps"], "models": {}})
         model = hw["models"].setdefault(r["model"], {"weights": r["weights"], "points": {}})
         point = model["points"][r["name"]] = {k: r[k] for k in keep if r[k] is not None}
         if r["sweeps"] > 1:  # the same point in several sweeps: the spread across them
             point["decode_tps_across_sweeps"] = {
-                "sweeps": r["sweeps"], "median": r["decode_tps_sweeps_median"], "min": r["decode_tps_sweeps_min"],
-                "max": r["decode_tps_sweeps_max"], **({"sensitive": r["sensitive"]} if r["sensitive"] else {})}
+                "sweeps": r["sweeps"], "median": r["decode_tps_sweeps_median"],
+                "min": r["decode_tps_sweeps_min"], "max": r["decode_tps_sweeps_max"],
+                **({"sensitive": r["sensitive"]} if r["sensitive"] else {})}
         if r["status"] != "ok":
             point["reason"] = r["reason"]
     return summary
 
 
 def quality_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The DVC metrics of the evaluate stage: per hardware and model, each configuration's figures."""
+    """The evaluate stage's DVC metrics: each configuration's figures, per hardware and model."""
     keep = [f.name for f in F.QUALITY if f.summary]
     summary: dict[str, Any] = {}
     for r in rows:
@@ -233,6 +252,7 @@ def markdown(rows: list[dict[str, Any]], columns: tuple[str, ...] = F.MARKDOWN_C
         out.append(f"### {model} ({weights} weights) on {hw}\n")
         out.append("| " + " | ".join(cols) + " |")
         out.append("|" + "---|" * len(cols))
-        out.extend("| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in cols) + " |" for r in rs)
+        out.extend("| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in cols) + " |"
+                   for r in rs)
         out.append("")
     return "\n".join(out)

@@ -1,4 +1,4 @@
-"""The `inferlab` command: helpers around the pipeline (the stages themselves run through DVC or Hydra)."""
+"""The `inferlab` command: helpers around the pipeline (stages run through DVC or Hydra)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ import logging
 import sys
 from pathlib import Path
 
-from inferlab.config import ConfigError, TrackingConfig, compose, project_root, resolve, to_container
+from inferlab.config import (
+    ConfigError,
+    TrackingConfig,
+    compose,
+    project_root,
+    resolve,
+    to_container,
+)
 
 
 def results_dir() -> Path:
@@ -16,8 +23,9 @@ def results_dir() -> Path:
 
 
 def record_paths(given: list[str], experiments: bool) -> list[Path]:
-    """The record files to log: every results/<stage>/*.jsonl by default; a folder given: its own *.jsonl and
-    its stages' record files; a file given: that file. Never the evaluate stage's per-sample outputs."""
+    """The record files to log: every results/<stage>/*.jsonl by default; a folder given: its
+    own *.jsonl and its stages' record files; a file given: that file. Never the evaluate
+    stage's per-sample outputs."""
     from inferlab.records import record_files
 
     if not given:
@@ -46,15 +54,15 @@ def cmd_log_records(args: argparse.Namespace) -> int:
         print(f"MLflow tracking store {tracker.uri} cannot be reached: {problem}", file=sys.stderr)
         return 2
     res = tracker.log(records)
-    line = (f"{len(records)} record(s) read from {len(paths)} file(s); {res.created} new MLflow run(s) at "
-            f"{tracker.uri}, {res.present} already there")
+    line = (f"{len(records)} record(s) read from {len(paths)} file(s); {res.created} new "
+            f"MLflow run(s) at {tracker.uri}, {res.present} already there")
     if res.replaced or res.duplicates:
-        line += (f" ({res.replaced} unfinished run(s) of an earlier logger replaced, {res.duplicates} duplicate "
-                 "run(s) of a logger at the same time deleted)")
+        line += (f" ({res.replaced} unfinished run(s) of an earlier logger replaced, "
+                 f"{res.duplicates} duplicate run(s) of a logger at the same time deleted)")
     print(line + ("; nothing new to log" if res.ok and not res.created else ""))
     if garbled:
-        print(f"{len(garbled)} unreadable record line(s), named above, were not logged: repair or remove them",
-              file=sys.stderr)
+        print(f"{len(garbled)} unreadable record line(s), named above, were not logged: repair "
+              "or remove them", file=sys.stderr)
     if res.ok:
         return 1 if garbled else 0
     for name, why in res.rejected[:20]:
@@ -62,10 +70,11 @@ def cmd_log_records(args: argparse.Namespace) -> int:
     if len(res.rejected) > 20:
         print(f"... and {len(res.rejected) - 20} more rejected", file=sys.stderr)
     if res.pending:
-        print(f"{len(res.pending)} record(s) were still being logged by another process: rerun to check",
-              file=sys.stderr)
+        print(f"{len(res.pending)} record(s) were still being logged by another process: rerun "
+              "to check", file=sys.stderr)
     if res.unreachable:
-        print(f"MLflow tracking store {tracker.uri} cannot be reached: {res.unreachable}", file=sys.stderr)
+        print(f"MLflow tracking store {tracker.uri} cannot be reached: {res.unreachable}",
+              file=sys.stderr)
     if res.failed:
         print(f"MLflow tracking store {tracker.uri} failed: {res.failed}", file=sys.stderr)
     print(f"{res.not_logged} of {res.records} record(s) not logged", file=sys.stderr)
@@ -85,7 +94,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    """Print a stage's results (latest record per point; for evaluate, per configuration) as markdown or CSV."""
+    """Print a stage's results as markdown or CSV (the latest record per point, or config)."""
     import csv
 
     from inferlab.aggregate import QUALITY_STAGE, markdown, stage_rows
@@ -109,15 +118,16 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
-    """Rewrite metrics/<stage>.json and metrics/plots/<stage>.csv from the records (e.g. after copying records
-    from another machine)."""
+    """Rewrite metrics/<stage>.json and metrics/plots/<stage>.csv from the records (e.g. after
+    copying records from another machine)."""
     from inferlab.aggregate import METRICS_NAMES, write_aggregates
     from inferlab.serve.loadtest import STAGE as SERVE_BENCH
     from inferlab.serve.loadtest import summarize_stage
 
     cfg = compose([])
     for stage in args.stages:
-        if stage == SERVE_BENCH:  # with each served configuration's saturation point, as the stage writes it
+        # with each served configuration's saturation point, as the stage writes it
+        if stage == SERVE_BENCH:
             summarize_stage(cfg, None)
         else:
             write_aggregates(cfg, stage)
@@ -127,16 +137,19 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    """`dvc exp run` with each override as -S, and this environment's tools first on PATH (the stages call
-    `python`), so the study runs from the virtual environment without activating it. The terminal shows the stages,
-    points done / left with the time left, warnings and the answer; the full output goes to a log file
-    (--verbose: everything on the terminal too)."""
+    """`dvc exp run` with each override as -S, and this environment's tools first on PATH (the
+    stages call `python`), so the study runs from the virtual environment without activating it.
+    The terminal shows the stages, points done / left with the time left, warnings and the
+    answer; the full output goes to a log file (--verbose: everything on the terminal too)."""
     import datetime as dt
     import os
     import subprocess
 
-    hydra_overrides = [o for o in args.overrides if ":" not in o.split("=", 1)[0]]  # not DVC's file:key=value
-    try:  # the config DVC would compose, checked first: a bad key or value fails now, before DVC runs anything
+    # not DVC's file:key=value
+    hydra_overrides = [o for o in args.overrides if ":" not in o.split("=", 1)[0]]
+    # the config DVC would compose, checked first: a bad key or value fails now, before DVC runs
+    # anything
+    try:
         compose(hydra_overrides)
     except ConfigError as e:
         print(f"invalid configuration: {e}", file=sys.stderr)
@@ -150,7 +163,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [str(bin_dir / "dvc"), "exp", "run", *[a for o in args.overrides for a in ("-S", o)], *args.dvc_args]
+    sets = [a for o in args.overrides for a in ("-S", o)]
+    cmd = [str(bin_dir / "dvc"), "exp", "run", *sets, *args.dvc_args]
     print("+", " ".join(cmd), flush=True)
     if args.verbose:
         return subprocess.call(cmd, env=env, cwd=root)
@@ -161,8 +175,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     console.say(f"the full output goes to {log_path.relative_to(root)}")
     tail: list[str] = []
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace", bufsize=1)
+        proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
         assert proc.stdout is not None
         for line in proc.stdout:
             log_file.write(line)
@@ -171,10 +185,12 @@ def cmd_study(args: argparse.Namespace) -> int:
         rc = proc.wait()
     from inferlab.config import PathsConfig
 
-    metrics = root / PathsConfig().metrics  # the study's metrics folder (paths.metrics in params.yaml wins)
+    # the study's metrics folder (paths.metrics in params.yaml wins)
+    metrics = root / PathsConfig().metrics
     params = root / "params.yaml"
     if params.is_file():
-        metrics = root / (yaml.safe_load(params.read_text()).get("paths", {}).get("metrics") or metrics)
+        configured = yaml.safe_load(params.read_text()).get("paths", {}).get("metrics")
+        metrics = root / (configured or metrics)
     console.finish(rc, metrics, log_path.relative_to(root), tail)
     return rc
 
@@ -189,8 +205,9 @@ def _fmt_s(seconds: float) -> str:
 
 
 def cmd_parallel_check(args: argparse.Namespace) -> int:
-    """Points measured beside other GPUs against the same points measured alone, from the records under the
-    configured results folder (paths.results); exit 1 when a point moved or the parallel run took too long."""
+    """Points measured beside other GPUs against the same points measured alone, from the
+    records under the configured results folder (paths.results); exit 1 when a point moved or
+    the parallel run took too long."""
     from inferlab.bench.parallel import FIGURES, compare, runs
     from inferlab.config import resolve
 
@@ -207,25 +224,28 @@ def cmd_parallel_check(args: argparse.Namespace) -> int:
     results = resolve(cfg.paths.results)
     rows = compare(results, stage, args.tolerance)
     if not rows:
-        print(f"no point of {stage} under {results / stage} was measured both alone and beside another GPU",
-              file=sys.stderr)
+        print(f"no point of {stage} under {results / stage} was measured both alone and beside "
+              "another GPU", file=sys.stderr)
         return 2
     info = runs(results, stage, rows)
-    print(f"parallel-check {stage}: {len(rows)} point(s) measured alone and in a parallel run, records in "
-          f"{results / stage}")
+    print(f"parallel-check {stage}: {len(rows)} point(s) measured alone and in a parallel run, "
+          f"records in {results / stage}")
     for side in ("parallel", "alone"):
         for s in info[side]:
-            print(f"- {side} run {s['sweep_id']}: {len(s['points'])} points on {','.join(s['gpus'])}, GPUs busy "
-                  f"{_fmt_s(s['seconds'])}")
+            print(f"- {side} run {s['sweep_id']}: {len(s['points'])} points on "
+                  f"{','.join(s['gpus'])}, GPUs busy {_fmt_s(s['seconds'])}")
     ratio = info["time_ratio"]
     slow = ratio is not None and args.max_time_ratio is not None and ratio > args.max_time_ratio
     if ratio is not None:
-        limit = f" (at most {args.max_time_ratio:.2f} asked)" if args.max_time_ratio is not None else ""
+        asked = args.max_time_ratio
+        limit = f" (at most {asked:.2f} asked)" if asked is not None else ""
         print(f"- parallel/alone time: {ratio:.2f}{limit}")
     elif args.max_time_ratio is not None:
-        print("- parallel/alone time: not comparable (not one parallel and one alone run over the same points)")
-    print("\nratio: parallel/alone median; spread: (max - min) / median of a run's repetitions; a point moved when "
-          f"a ratio is off 1 by more than ±{args.tolerance:.0%} or its wider spread\n")
+        print("- parallel/alone time: not comparable (not one parallel and one alone run over "
+              "the same points)")
+    print("\nratio: parallel/alone median; spread: (max - min) / median of a run's "
+          "repetitions; a point moved when a ratio is off 1 by more than "
+          f"±{args.tolerance:.0%} or its wider spread\n")
     head = "| point | GPU alone | GPU parallel | beside |"
     for label in FIGURES.values():
         head += f" {label} alone (spread) | parallel (spread) | ratio | allowed |"
@@ -244,13 +264,13 @@ def cmd_parallel_check(args: argparse.Namespace) -> int:
     moved = [r for r in rows if r["moved"]]
     if moved:
         named = "; ".join(f"{r['name']} on {r['gpu']} (" + ", ".join(
-            f"{FIGURES[f]} x{r[f]['ratio']:.3f}, allowed ±{_pct(r[f]['allowed'])}" for f in r["moved"]) + ")"
-            for r in moved)
-        print(f"\nparallel-check FAILED: {len(moved)} of {len(rows)} points moved beside another GPU: {named}",
-              file=sys.stderr)
+            f"{FIGURES[f]} x{r[f]['ratio']:.3f}, allowed ±{_pct(r[f]['allowed'])}"
+            for f in r["moved"]) + ")" for r in moved)
+        print(f"\nparallel-check FAILED: {len(moved)} of {len(rows)} points moved beside "
+              f"another GPU: {named}", file=sys.stderr)
     if slow:
-        print(f"parallel-check FAILED: the parallel run took {ratio:.2f} of the alone run's time, more than "
-              f"{args.max_time_ratio:.2f}", file=sys.stderr)
+        print(f"parallel-check FAILED: the parallel run took {ratio:.2f} of the alone run's "
+              f"time, more than {args.max_time_ratio:.2f}", file=sys.stderr)
     if not moved and not slow:
         print(f"\nparallel-check passed: all {len(rows)} points within their tolerance")
     return 1 if moved or slow else 0
@@ -269,7 +289,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from inferlab.serve.loadtest import main as loadtest_main
+    from inferlab.serve.loadgen import main as loadtest_main
 
     return loadtest_main(args.loadtest_args)
 
@@ -279,18 +299,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inferlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("log-records", help="log records (JSONL) to MLflow; runs already there are skipped")
-    p.add_argument("paths", nargs="*", help="record files or folders (default: every results/<stage>/*.jsonl)")
-    p.add_argument("--experiments", action="store_true", help="also results/experiments/ (records moved out)")
-    p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI, else mlflow.db)")
+    p = sub.add_parser("log-records",
+                       help="log records (JSONL) to MLflow; runs already there are skipped")
+    p.add_argument("paths", nargs="*",
+                   help="record files or folders (default: every results/<stage>/*.jsonl)")
+    p.add_argument("--experiments", action="store_true",
+                   help="also results/experiments/ (records moved out)")
+    p.add_argument("--uri", default=None,
+                   help="tracking URI (default: $MLFLOW_TRACKING_URI, else mlflow.db)")
     p.add_argument("--experiment", default="inferlab")
     p.set_defaults(fn=cmd_log_records)
 
     p = sub.add_parser("config", help="print the resolved configuration for Hydra overrides")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny-phi convert.quants=[q8_0]")
+    p.add_argument("overrides", nargs="*",
+                   help="Hydra overrides, e.g. model=tiny-phi convert.quants=[q8_0]")
     p.set_defaults(fn=cmd_config)
 
-    p = sub.add_parser("results", help="a benchmark stage's results as markdown or CSV, from the records")
+    p = sub.add_parser("results",
+                       help="a benchmark stage's results as markdown or CSV, from the records")
     p.add_argument("stage", choices=["bench_cpu", "bench_gpu", "evaluate", "serve_bench"])
     p.add_argument("--model", default=None)
     p.add_argument("--format", choices=["md", "csv"], default="md")
@@ -298,33 +324,47 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_results)
 
     p = sub.add_parser("aggregate", help="rewrite a stage's metrics files from its records")
-    p.add_argument("stages", nargs="+", choices=["bench_cpu", "bench_gpu", "evaluate", "serve_bench"])
+    p.add_argument("stages", nargs="+",
+                   choices=["bench_cpu", "bench_gpu", "evaluate", "serve_bench"])
     p.set_defaults(fn=cmd_aggregate)
 
-    p = sub.add_parser("study", help="run the study as a DVC experiment: inferlab study model=tiny-phi ...")
+    p = sub.add_parser("study",
+                       help="run the study as a DVC experiment: inferlab study model=tiny-phi ...")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, passed to `dvc exp run` as -S")
-    p.add_argument("--verbose", action="store_true", help="every line the stages print, not a summary")
-    p.add_argument("--dvc-args", nargs=argparse.REMAINDER, default=[], help="further arguments for dvc exp run")
+    p.add_argument("--verbose", action="store_true",
+                   help="every line the stages print, not a summary")
+    p.add_argument("--dvc-args", nargs=argparse.REMAINDER, default=[],
+                   help="further arguments for dvc exp run")
     p.set_defaults(fn=cmd_study)
 
-    p = sub.add_parser("parallel-check", help="points measured beside other GPUs against the same points alone")
+    p = sub.add_parser("parallel-check",
+                       help="points measured beside other GPUs against the same points alone")
     p.add_argument("items", nargs="*", metavar="STAGE|OVERRIDE",
-                   help="the stage (default bench_gpu) and Hydra overrides, e.g. paths.results=gpu-work/results")
-    p.add_argument("--tolerance", type=float, default=0.05, help="allowed deviation where a point's spread is less")
+                   help="the stage (default bench_gpu) and Hydra overrides, "
+                        "e.g. paths.results=gpu-work/results")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="allowed deviation where a point's spread is less")
     p.add_argument("--max-time-ratio", type=float, default=None,
-                   help="also fail when the parallel run took more than this fraction of the alone run's time")
+                   help="also fail when the parallel run took more than this fraction "
+                        "of the alone run's time")
     p.set_defaults(fn=cmd_parallel_check)
 
-    p = sub.add_parser("serve", help="serve the recommended configuration: OpenAI-compatible API, demo under /ui")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny-phi serve.port=8001")
+    p = sub.add_parser("serve",
+                       help="serve the recommended configuration: OpenAI-compatible API, "
+                            "demo under /ui")
+    p.add_argument("overrides", nargs="*",
+                   help="Hydra overrides, e.g. model=tiny-phi serve.port=8001")
     p.set_defaults(fn=cmd_serve)
 
-    p = sub.add_parser("demo", help="the Gradio demo alone, against a running server (--url, --api-key, --port)")
+    p = sub.add_parser("demo",
+                       help="the Gradio demo alone, against a running server "
+                            "(--url, --api-key, --port)")
     p.add_argument("demo_args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("loadtest", help="drive a running server with concurrent streaming clients (--url, "
-                                         "--concurrency 1,4, --requests, --max-tokens)")
+    p = sub.add_parser("loadtest",
+                       help="drive a running server with concurrent streaming clients "
+                            "(--url, --concurrency 1,4, --requests, --max-tokens)")
     p.add_argument("loadtest_args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_loadtest)
 

@@ -1,9 +1,10 @@
-"""`inferlab study` on a terminal: the pipeline's stages and points done / left with the time left, warnings and
-failures, then the answer. Everything the stages print goes to a log file; the terminal gets a summary of it.
+"""`inferlab study` on a terminal: the pipeline's stages and points done / left with the time
+left, warnings and failures, then the answer. Everything the stages print goes to a log file;
+the terminal gets a summary of it.
 
-It reads the lines DVC and the stages print (DVC's "Running stage" lines, the sweeps' "[n/N] point: status
-(k left, about T to go)" progress lines, log lines at WARNING and above) and shows each stage's progress at most
-every PROGRESS_EVERY_S seconds, and every failed point.
+It reads the lines DVC and the stages print (DVC's "Running stage" lines, the sweeps' "[n/N]
+point: status (k left, about T to go)" progress lines, log lines at WARNING and above) and shows
+each stage's progress at most every PROGRESS_EVERY_S seconds, and every failed point.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ STAGE = re.compile(r"^Running stage '([^']+)'")
 UNCHANGED = re.compile(r"^Stage '([^']+)' didn't change, skipping")
 PROGRESS = re.compile(r"\[(\d+)/(\d+)\] (.*)$")
 WARNING = re.compile(r"^\d\d:\d\d:\d\d (WARNING|ERROR|CRITICAL) ")
-DVC_SAYS = ("ERROR:", "Ran experiment", "Experiment results have been applied", "Reproducing experiment")
+DVC_SAYS = ("ERROR:", "Ran experiment", "Experiment results have been applied",
+            "Reproducing experiment")
 
 
 class StudyConsole:
@@ -48,13 +50,16 @@ class StudyConsole:
         self.stage = None
 
     def _position(self, name: str) -> str:
-        return f"[stage {self.stages.index(name) + 1}/{len(self.stages)}]" if name in self.stages else "[stage]"
+        if name not in self.stages:
+            return "[stage]"
+        return f"[stage {self.stages.index(name) + 1}/{len(self.stages)}]"
 
     def feed(self, line: str) -> None:
         line = line.rstrip("\n")
         if m := STAGE.match(line):
             self._end_stage()
-            self.stage, self.stage_t0, self.last_progress = m.group(1), time.monotonic(), time.monotonic()
+            self.stage = m.group(1)
+            self.stage_t0, self.last_progress = time.monotonic(), time.monotonic()
             self.say(f"{self._position(self.stage)} {self.stage}")
             return
         if m := UNCHANGED.match(line):
@@ -90,7 +95,8 @@ class StudyConsole:
     def finish(self, rc: int, metrics_dir: Path, log_path: Path, tail: list[str]) -> None:
         self._end_stage()
         if rc != 0:
-            self.say(f"The study stopped (exit code {rc}). The last lines of its log ({log_path}):")
+            self.say(f"The study stopped (exit code {rc}). The last lines of its log "
+                     f"({log_path}):")
             for line in tail[-25:]:
                 self.say(f"  {line.rstrip()}")
             return
@@ -101,8 +107,8 @@ class StudyConsole:
 
 
 def answer(metrics_dir: Path) -> list[str]:
-    """The study's answer, from metrics/recommendation.json: the machine and model just studied first, then a line
-    per other machine and model with records."""
+    """The study's answer, from metrics/recommendation.json: the machine and model just studied
+    first, then a line per other machine and model with records."""
     from inferlab.report.answer import lines
 
     path = metrics_dir / "recommendation.json"

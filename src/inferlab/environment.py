@@ -1,4 +1,4 @@
-"""What every record says about where it was made: library versions, hardware, git commit, the Slurm job."""
+"""What every record says about where it was made: libraries, hardware, git commit, Slurm job."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from inferlab import hostlock, slurm
 from inferlab.config import BNB_PRECISIONS, TORCHAO_PRECISIONS, project_root
 
 LIBRARIES = (
-    "inferlab", "torch", "transformers", "tokenizers", "accelerate", "bitsandbytes", "llama-cpp-python",
+    "inferlab", "torch", "transformers", "tokenizers", "accelerate", "bitsandbytes",
+    "llama-cpp-python",
     "gguf", "huggingface-hub", "hydra-core", "omegaconf", "dvc", "mlflow", "numpy",
 )
 
@@ -35,21 +36,23 @@ def library_versions() -> dict[str, str | None]:
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> dict[str, str | bool | None]:
-    """The commit of the code that made the record, and whether the tree had uncommitted changes."""
+    """The commit of the code that made the record, and whether the tree had changes."""
     def git(*args: str) -> str | None:
         try:
-            r = subprocess.run(["git", *args], cwd=project_root(), capture_output=True, text=True, timeout=10)
+            r = subprocess.run(["git", *args], cwd=project_root(), capture_output=True,
+                               text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return r.stdout.strip() if r.returncode == 0 else None
 
-    # A copy of the working tree (a lent GPU machine) may carry a stale .git: the commit it was copied from,
-    # given in INFERLAB_GIT_COMMIT, wins over what that .git says.
+    # A copy of the working tree (a lent GPU machine) may carry a stale .git: the commit it was
+    # copied from, given in INFERLAB_GIT_COMMIT, wins over what that .git says.
     given = os.environ.get("INFERLAB_GIT_COMMIT")
     if given:
         return {"commit": given, "dirty": None, "source": "INFERLAB_GIT_COMMIT"}
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+    return {"commit": git("rev-parse", "HEAD"),
+            "dirty": bool(status) if status is not None else None}
 
 
 def _cpu_model() -> str:
@@ -64,8 +67,9 @@ def _cpu_model() -> str:
 
 
 def gpu_info() -> list[dict]:
-    """GPUs as the driver reports them (name, memory, driver, clocks); empty where there is no NVIDIA GPU."""
-    query = "name,memory.total,driver_version,clocks.max.sm,clocks.max.mem,clocks.sm,clocks.mem,pci.bus_id"
+    """GPUs as the driver reports them (name, memory, driver, clocks); empty without NVIDIA."""
+    query = ("name,memory.total,driver_version,clocks.max.sm,clocks.max.mem,clocks.sm,clocks.mem,"
+             "pci.bus_id")
     try:
         r = subprocess.run(
             ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
@@ -82,8 +86,8 @@ def gpu_info() -> list[dict]:
             continue
         gpus.append({
             "name": f[0], "memory_mib": _num(f[1]), "driver": f[2], "max_sm_clock_mhz": _num(f[3]),
-            "max_mem_clock_mhz": _num(f[4]), "sm_clock_mhz": _num(f[5]), "mem_clock_mhz": _num(f[6]),
-            "pci_bus_id": f[7],
+            "max_mem_clock_mhz": _num(f[4]), "sm_clock_mhz": _num(f[5]),
+            "mem_clock_mhz": _num(f[6]), "pci_bus_id": f[7],
         })
     return gpus
 
@@ -96,8 +100,10 @@ def _num(s: str) -> float | None:
 
 
 def instance_id(host: str, boot: str | None, gpus: list[dict]) -> str:
-    """Which machine instance measured: host, boot and GPU bus ids hashed. Figures of host-bound points move from
-    instance to instance, so the report compares only points measured in one sweep on one instance."""
+    """Which machine instance measured: host, boot and GPU bus ids hashed.
+
+    Figures of host-bound points move from instance to instance, so the report compares only
+    points measured in one sweep on one instance."""
     import hashlib
 
     blob = "|".join([host, boot or "no-boot-id", *(g.get("pci_bus_id") or "" for g in gpus)])
@@ -119,7 +125,8 @@ def hardware() -> dict:
         "cpu": cpu,
         "cores_logical": psutil.cpu_count(logical=True),
         "cores_physical": psutil.cpu_count(logical=False),
-        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores_usable": (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                         else os.cpu_count()),
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 2),
         "os": f"{platform.system()} {platform.release()}",
         "gpus": gpus,
@@ -146,12 +153,13 @@ def cuda_problem() -> str | None:
     except ImportError:
         return "torch is not installed"
     if not torch.cuda.is_available():
-        return f"no CUDA device on this machine (torch {torch.__version__}, torch.cuda.is_available() is False)"
+        return (f"no CUDA device on this machine (torch {torch.__version__}, "
+                "torch.cuda.is_available() is False)")
     return None
 
 
 def missing_package(precision: str) -> str | None:
-    """Why a transformers precision cannot load here (its quantization package is not installed), or None."""
+    """Why a transformers precision cannot load here (its package is not installed), or None."""
     from importlib.util import find_spec
 
     if precision in BNB_PRECISIONS and find_spec("bitsandbytes") is None:

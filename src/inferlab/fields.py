@@ -1,5 +1,4 @@
-"""The field table: every column of every table the study writes, in one place (llama-bench's one
-field list).
+"""The field table: every column of every table the study writes (llama-bench's one field list).
 
 A field has a name, a kind (about: which record; setting: what was measured; figure: what came
 out), a type, a unit and how it is read from a record (a dotted path: `metrics.decode_tps.median`,
@@ -21,7 +20,8 @@ from inferlab.records import instance_of
 
 ABOUT, SETTING, FIGURE = "about", "setting", "figure"
 VS_REFERENCE = "vs_reference"  # per-token quality against the runtime's own full precision
-VS_TRANSFORMERS = "vs_transformers"  # llama.cpp's reference against transformers' fp32 on the same machine
+# llama.cpp's reference against transformers' fp32 on the same machine
+VS_TRANSFORMERS = "vs_transformers"
 
 
 @dataclass(frozen=True)
@@ -36,13 +36,18 @@ class Field:
     summary: bool = False  # in the stage's DVC metrics JSON
     markdown: bool = False  # a default column of `inferlab results`
     group: bool = False  # a top-level MLflow param: the settings runs are grouped and compared by
-    column: bool = True  # a column of the tables (False: an MLflow group param, or a figure only MLflow logs)
-    itself: float | None = None  # quality figures: the value of a reference against itself (by construction)
-    digits: int | None = None  # rounded to this many decimals; None: as recorded (NaN: not measured, either way)
-    recommended: bool = False  # a figure of the report's recommendation (recommendation.json, report.json)
+    # a column of the tables (False: an MLflow group param, or a figure only MLflow logs)
+    column: bool = True
+    # quality figures: the value of a reference against itself (by construction)
+    itself: float | None = None
+    # rounded to this many decimals; None: as recorded (NaN: not measured, either way)
+    digits: int | None = None
+    # a figure of the report's recommendation (recommendation.json, report.json)
+    recommended: bool = False
     label: str = ""  # the figure in the report's words (sentences, constraints); default: its name
     header: str = ""  # its column title in the report's tables; default: its label
-    axis: str = ""  # its name on a chart's axis and as the report's objective or quality axis; default: its label
+    # its name on a chart's axis, and as the report's objective or quality axis (default: label)
+    axis: str = ""
 
     @property
     def words(self) -> str:
@@ -66,7 +71,8 @@ def median(name: str, unit: str, **kw: Any) -> Field:
     return Field(name, FIGURE, float, unit, f"metrics.{name}.median", digits=4, **kw)
 
 
-def figure(name: str, unit: str = "", path: str | None = None, typ: type = float, **kw: Any) -> Field:
+def figure(name: str, unit: str = "", path: str | None = None, typ: type = float,
+           **kw: Any) -> Field:
     """A benchmark figure (rounded to four decimals in the tables)."""
     return Field(name, FIGURE, typ, unit, path or f"metrics.{name}", digits=4, **kw)
 
@@ -116,7 +122,8 @@ BENCH: tuple[Field, ...] = (
     setting("fuse_norm", bool),
     setting("fuse_attention", bool),
     setting("n_gpu_layers", int),
-    # the generated tokens of the measured requests, as a digest: equal digests in one sweep, equal tokens
+    # the generated tokens of the measured requests, as a digest: equal digests in one sweep,
+    # equal tokens
     Field("output_digest", ABOUT, str, read="metrics.output_digest", header="tokens digest"),
     setting("lookup_tokens", int),
     setting("task"),
@@ -126,16 +133,17 @@ BENCH: tuple[Field, ...] = (
     setting("device", group=True, column=False),
     median("decode_tps", "tokens/s", summary=True, markdown=True, recommended=True,
            label="decode tokens/s per sequence", header="decode tok/s"),
-    median("total_tps", "tokens/s", summary=True, markdown=True, recommended=True,  # every sequence of the batch
-           label="total tokens/s", header="total tok/s"),
-    median("ttft_ms", "ms", summary=True, markdown=True, recommended=True, label="TTFT", header="TTFT ms"),
+    median("total_tps", "tokens/s", summary=True, markdown=True, recommended=True,
+           label="total tokens/s", header="total tok/s"),  # every sequence of the batch
+    median("ttft_ms", "ms", summary=True, markdown=True, recommended=True, label="TTFT",
+           header="TTFT ms"),
     median("tpot_ms", "ms"),
     median("e2e_ms", "ms", summary=True),
     median("prefill_tps", "tokens/s"),
     median("llama_decode_tps", "tokens/s"),  # llama.cpp's own counters
     median("harness_overhead_ms", "ms"),
-    figure("itl_p50_ms", "ms", "metrics.itl_ms.median", summary=True, markdown=True, recommended=True,
-           label="ITL p50", header="ITL p50 ms"),
+    figure("itl_p50_ms", "ms", "metrics.itl_ms.median", summary=True, markdown=True,
+           recommended=True, label="ITL p50", header="ITL p50 ms"),
     figure("itl_p90_ms", "ms", "metrics.itl_ms.p90", summary=True, markdown=True, recommended=True,
            label="ITL p90", header="ITL p90 ms"),
     figure("itl_p99_ms", "ms", "metrics.itl_ms.p99"),
@@ -158,8 +166,8 @@ BENCH: tuple[Field, ...] = (
     figure("slo_attainment", summary=True),
     figure("meets_slo", typ=bool, summary=True),
     figure("roofline_tps", "tokens/s", "metrics.roofline.roofline_tps"),
-    figure("roofline_fraction", "", "metrics.roofline.roofline_fraction", summary=True, markdown=True,
-           recommended=True, label="roofline"),
+    figure("roofline_fraction", "", "metrics.roofline.roofline_fraction", summary=True,
+           markdown=True, recommended=True, label="roofline"),
     figure("bandwidth_gbps", "GB/s", "metrics.bandwidth.bandwidth_gbps"),
     # kernel-level profiles of decode steps (the profile scenario), logged to MLflow only
     logged("profiled_step_ms", "ms"),
@@ -179,9 +187,11 @@ BENCH: tuple[Field, ...] = (
 )
 
 
-def token(name: str, path: str, itself: float | None = None, unit: str = "", typ: type = float, **kw: Any) -> Field:
-    """A per-token quality figure of a generation record (vs its runtime's reference, or its own)."""
-    return Field(name, FIGURE, typ, unit, f"metrics.tokens.{path}", summary=True, itself=itself, **kw)
+def token(name: str, path: str, itself: float | None = None, unit: str = "", typ: type = float,
+          **kw: Any) -> Field:
+    """A per-token quality figure of a generation record (vs its runtime's reference, or own)."""
+    return Field(name, FIGURE, typ, unit, f"metrics.tokens.{path}", summary=True, itself=itself,
+                 **kw)
 
 
 def text(name: str, path: str, **kw: Any) -> Field:
@@ -195,7 +205,7 @@ QUALITY: tuple[Field, ...] = (
     Field("hardware", ABOUT, str, read="environment.hardware.id"),
     Field("model", ABOUT, str, read="model.name"),
     Field("weights", ABOUT, str, read="model.weights"),
-    Field("meaningful", ABOUT, bool),  # real weights: the scores say something about language quality
+    Field("meaningful", ABOUT, bool),  # real weights: the scores say something about quality
     Field("config", ABOUT, str, read="name", header="configuration"),
     Field("status", ABOUT, str),  # the generation's, or "not scored"
     setting("runtime"),
@@ -204,30 +214,35 @@ QUALITY: tuple[Field, ...] = (
     setting("quant"),
     setting("kv_cache"),
     setting("kv_type"),
-    setting("loop"),  # a decode loop scored through its own step (None: a forward pass over each window)
-    Field("scored_by", ABOUT, str, read="metrics.tokens.scored_by"),  # what produced the distributions
-    Field("holds", SETTING, str, read="metrics.quantization"),  # what the model really got (group sizes, ...)
-    Field("bits_per_weight", SETTING, float, "bits", read="metrics.bits_per_weight", header="bits/weight"),
+    # a decode loop scored through its own step (None: a forward pass over each window)
+    setting("loop"),
+    # what produced the distributions
+    Field("scored_by", ABOUT, str, read="metrics.tokens.scored_by"),
+    # what the model really got (group sizes, ...)
+    Field("holds", SETTING, str, read="metrics.quantization"),
+    Field("bits_per_weight", SETTING, float, "bits", read="metrics.bits_per_weight",
+          header="bits/weight"),
     Field("reference", ABOUT, str),  # "itself", or the configuration it is compared with
     Field("sweep_id", ABOUT, str, read="sweep_id"),
     token("tokens_scored", "own.tokens", unit="tokens", typ=int, header="tokens"),
-    token("kl_mean", f"{VS_REFERENCE}.kl_mean", 0.0, "nats/token", recommended=True, label="KL divergence",
-          header="KL", axis="KL divergence from full precision (nats per token)"),
+    token("kl_mean", f"{VS_REFERENCE}.kl_mean", 0.0, "nats/token", recommended=True,
+          label="KL divergence", header="KL",
+          axis="KL divergence from full precision (nats per token)"),
     token("kl_ci_low", f"{VS_REFERENCE}.kl_ci95.0", 0.0, "nats/token", recommended=True),
     token("kl_ci_high", f"{VS_REFERENCE}.kl_ci95.1", 0.0, "nats/token", recommended=True),
     token("kl_median", f"{VS_REFERENCE}.kl_median", 0.0, "nats/token"),
     token("kl_p99", f"{VS_REFERENCE}.kl_p99", 0.0, "nats/token", label="KL p99"),
     token("kl_max", f"{VS_REFERENCE}.kl_max", 0.0, "nats/token", label="KL max"),
-    token("top1", f"{VS_REFERENCE}.top1", 1.0, recommended=True, label="top-1 agreement", header="top-1",
-          axis="top-1 agreement with full precision"),
+    token("top1", f"{VS_REFERENCE}.top1", 1.0, recommended=True, label="top-1 agreement",
+          header="top-1", axis="top-1 agreement with full precision"),
     token("top1_ci_low", f"{VS_REFERENCE}.top1_ci95.0", 1.0, recommended=True),
     token("top1_ci_high", f"{VS_REFERENCE}.top1_ci95.1", 1.0, recommended=True),
     token("perplexity", "own.perplexity"),
     token("perplexity_ci_low", "own.perplexity_ci95.0"),
     token("perplexity_ci_high", "own.perplexity_ci95.1"),
     # score records before per-token quality carried the ratio themselves
-    Field("ppl_ratio", FIGURE, float, "", summary=True, itself=1.0, recommended=True, label="perplexity ratio",
-          header="ppl ratio", axis="perplexity ratio to full precision",
+    Field("ppl_ratio", FIGURE, float, "", summary=True, itself=1.0, recommended=True,
+          label="perplexity ratio", header="ppl ratio", axis="perplexity ratio to full precision",
           read=(f"metrics.tokens.{VS_REFERENCE}.ppl_ratio", "score.metrics.perplexity_ratio")),
     token("ppl_ratio_ci_low", f"{VS_REFERENCE}.ppl_ratio_ci95.0", 1.0, recommended=True),
     token("ppl_ratio_ci_high", f"{VS_REFERENCE}.ppl_ratio_ci95.1", 1.0, recommended=True),
@@ -253,7 +268,8 @@ CONVERT: tuple[Field, ...] = (
     logged("weight_bytes", "bytes", int),
     logged("parameters", "", int),
     logged("matrices", "", int),
-    logged("fallback_tensors", "", int),  # tensors llama.cpp stored in another type than the file's name says
+    # tensors llama.cpp stored in another type than the file's name says
+    logged("fallback_tensors", "", int),
     logged("fallback_to", "tensors", dict),
     logged("tensor_types", "tensors", dict),
     logged("logits_rel_error"),  # against transformers on the same prompt
@@ -261,28 +277,34 @@ CONVERT: tuple[Field, ...] = (
     logged("convert_s", "s"),
     logged("quantize_s", "s"),
 )
-DOWNLOAD: tuple[Field, ...] = (logged("bytes", "bytes", int), logged("files", "", int), logged("seconds", "s"))
+DOWNLOAD: tuple[Field, ...] = (logged("bytes", "bytes", int), logged("files", "", int),
+                               logged("seconds", "s"))
 
-# What the report derives per benchmark point (inferlab.report.table): the memory that bounds it, by
-# runtime and device (torch's peak allocation, the driver's figure for llama.cpp on a GPU, or the
-# process RSS).
+# What the report derives per benchmark point (inferlab.report.table): the memory that bounds
+# it, by runtime and device (torch's peak allocation, the driver's figure for llama.cpp on a
+# GPU, or the process RSS).
 REPORT: tuple[Field, ...] = (
-    Field("workload", SETTING, str, header="prompt+new"),  # prompt and generated tokens, e.g. 64+128
-    Field("memory_gib", FIGURE, float, "GiB", recommended=True, label="peak memory", header="memory GiB"),
+    Field("workload", SETTING, str, header="prompt+new"),  # prompt and new tokens, e.g. 64+128
+    Field("memory_gib", FIGURE, float, "GiB", recommended=True, label="peak memory",
+          header="memory GiB"),
 )
 
 
-def names(table: tuple[Field, ...], keep: Callable[[Field], bool] = lambda f: f.column) -> tuple[str, ...]:
+def names(table: tuple[Field, ...],
+          keep: Callable[[Field], bool] = lambda f: f.column) -> tuple[str, ...]:
     return tuple(f.name for f in table if keep(f))
 
 
 COLUMNS = names(BENCH)  # the benchmark tables' columns, in order
 QUALITY_COLUMNS = names(QUALITY)
-QUALITY_FIGURES = names(QUALITY, lambda f: f.kind == FIGURE)  # joined onto each benchmark point by the report
+# joined onto each benchmark point by the report
+QUALITY_FIGURES = names(QUALITY, lambda f: f.kind == FIGURE)
 MARKDOWN_COLUMNS = names(BENCH, lambda f: f.markdown)
 GROUP_PARAMS = names(BENCH, lambda f: f.group)  # top-level MLflow params of a point's run
-RECOMMENDED = names(BENCH + REPORT + QUALITY, lambda f: f.recommended)  # the recommendation's figures
-BY_NAME = {f.name: f for f in QUALITY + REPORT + BENCH}  # a figure's field (the benchmark's where both have it)
+# the recommendation's figures
+RECOMMENDED = names(BENCH + REPORT + QUALITY, lambda f: f.recommended)
+# a figure's field (the benchmark's where both have it)
+BY_NAME = {f.name: f for f in QUALITY + REPORT + BENCH}
 
 
 STAGE_TABLES = {"bench_cpu": BENCH, "bench_gpu": BENCH, "serve_bench": BENCH, "evaluate": QUALITY,
@@ -295,19 +317,19 @@ def field(name: str) -> Field:
 
 
 def figures(r: Any) -> dict[str, Any]:
-    """A record's figures, as the field table of its stage reads them (the metrics of its MLflow run); a figure
-    of several values (per kernel kind, per tensor type) is a dict."""
+    """A record's figures, as the field table of its stage reads them (the metrics of its MLflow
+    run); a figure of several values (per kernel kind, per tensor type) is a dict."""
     table = STAGE_TABLES.get(r.stage, ())
     source = r
     if table is QUALITY:  # a generation's figures, or its score record's text scores
-        source = {"metrics": r.metrics, "score": r if r.point.get("scenario") == "scores" else None}
+        score = r if r.point.get("scenario") == "scores" else None
+        source = {"metrics": r.metrics, "score": score}
     return {f.name: v for f in table if f.kind == FIGURE and f.read is not None
             and (v := read(f, source)) is not None}
 
 
 def dig(obj: Any, path: str) -> Any:
-    """The value at a dotted path (attributes, keys, list indices), or None where any step is
-    missing."""
+    """The value at a dotted path (attributes, keys, list indices); None if a step is missing."""
     for part in path.split("."):
         if obj is None:
             return None
@@ -321,8 +343,8 @@ def dig(obj: Any, path: str) -> Any:
 
 
 def value(v: Any, digits: int | None = 4, typ: type | None = None) -> Any:
-    """A figure as the tables hold it: NaN (not measured) is None, a whole number of a float field a
-    float, floats rounded to `digits` (None: as recorded)."""
+    """A figure as the tables hold it: NaN (not measured) is None, a whole number of a float
+    field a float, floats rounded to `digits` (None: as recorded)."""
     if typ is float and isinstance(v, int) and not isinstance(v, bool):
         v = float(v)
     if isinstance(v, float):
@@ -331,8 +353,7 @@ def value(v: Any, digits: int | None = 4, typ: type | None = None) -> Any:
 
 
 def read(f: Field, source: Any) -> Any:
-    """A field's value from a record (or a dict of records the table reads, e.g. a generation and
-    its score)."""
+    """A field's value from a record (or a dict of records, e.g. a generation and its score)."""
     if f.read is None:
         return None
     if callable(f.read):

@@ -1,8 +1,8 @@
-"""Logging as every inferlab process sets it up: plain lines, and third-party chatter kept to what says something.
+"""Logging as every inferlab process sets it up: plain lines, third-party chatter cut down.
 
-Some libraries log the same warning on every call (bitsandbytes: "MatMul8bitLt: inputs will be cast from
-torch.bfloat16 to float16" once per matrix product, thousands of lines per run); such a warning is shown once per
-process, saying that repeats are hidden.
+Some libraries log the same warning on every call (bitsandbytes: "MatMul8bitLt: inputs will be
+cast from torch.bfloat16 to float16" once per matrix product, thousands of lines per run); such
+a warning is shown once per process, saying that repeats are hidden.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import logging
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # loggers whose INFO lines say nothing a reader of a study's log needs
-QUIET = ("httpx", "urllib3", "alembic", "filelock", "mlflow.store.db.utils", "absl", "matplotlib", "fontTools",
-         "gguf")
+QUIET = ("httpx", "urllib3", "alembic", "filelock", "mlflow.store.db.utils", "absl",
+         "matplotlib", "fontTools", "gguf")
 # loggers that repeat one warning per call: shown once per process
 REPEATING = ("bitsandbytes.autograd._functions", "bitsandbytes")
 

@@ -1,1 +1,1 @@
-"""Serving the configuration the study picks: an OpenAI-compatible API, a Gradio demo, a load test."""
+"""Serving the study's pick: an OpenAI-compatible API, a Gradio demo, a load test."""

@@ -1,7 +1,10 @@
 """The Gradio demo: a prompt, a streamed answer, and the answer's TTFT and tokens/s.
 
-Mounted under /ui by `inferlab serve` (it talks to the engine in-process), or run alone against any running
-server: `inferlab demo --url http://127.0.0.1:8000 [--api-key KEY]` (it talks to the REST API)."""
+Mounted under /ui by `inferlab serve` (talking to the engine in-process), or run alone against
+any running server (talking to its REST API):
+
+    inferlab demo --url http://127.0.0.1:8000 [--api-key KEY]
+"""
 
 from __future__ import annotations
 
@@ -17,23 +20,26 @@ StreamFn = Callable[[str, int, float], Iterator[tuple[str, Any]]]
 
 
 def quiet_gradio(analytics: bool) -> None:
-    """Gradio reports usage to api.gradio.app (and the Hub client to huggingface.co) unless told not to; the study
-    tells it not to unless serve.gradio_analytics is true. Set before gradio is imported: it reads them then."""
+    """Gradio reports usage to api.gradio.app (and the Hub client to huggingface.co) unless told
+    not to; the study tells it not to unless serve.gradio_analytics is true. Set before gradio
+    is imported: it reads them then."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "True" if analytics else "False"
     if not analytics:
         os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-        os.environ["HF_HUB_OFFLINE"] = "1"  # the server loads local files only: nothing from the Hub
+        # the server loads local files only: nothing from the Hub
+        os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def engine_stream(engine, settings) -> StreamFn:
-    """The demo in-process: the same checks and limits as the REST API (settings: the ServeConfig)."""
+    """The demo in-process: the REST API's checks and limits (settings: the ServeConfig)."""
     from inferlab.serve.engine import QueueFull
     from inferlab.serve.protocol import APIError, prepare
 
     def stream(prompt: str, max_tokens: int, temperature: float) -> Iterator[tuple[str, Any]]:
         events: queue.Queue = queue.Queue()
         try:
-            req = prepare(engine, settings, prompt, int(max_tokens), temperature=float(temperature))
+            req = prepare(engine, settings, prompt, int(max_tokens),
+                          temperature=float(temperature))
             req.emit = lambda kind, value: events.put((kind, value))
             engine.submit(req)
         except APIError as e:
@@ -60,12 +66,14 @@ def http_stream(url: str, model: str, api_key: str | None = None) -> StreamFn:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def stream(prompt: str, max_tokens: int, temperature: float) -> Iterator[tuple[str, Any]]:
-        body = {"model": model, "prompt": prompt, "max_tokens": int(max_tokens), "temperature": temperature,
-                "stream": True, "stream_options": {"include_usage": True}}
+        body = {"model": model, "prompt": prompt, "max_tokens": int(max_tokens),
+                "temperature": temperature, "stream": True,
+                "stream_options": {"include_usage": True}}
         with httpx.stream("POST", f"{url.rstrip('/')}/v1/completions", json=body, headers=headers,
                           timeout=600) as r:
             if r.status_code != 200:
-                yield "error", json.loads(r.read()).get("error", {}).get("message", f"HTTP {r.status_code}")
+                error = json.loads(r.read()).get("error", {})
+                yield "error", error.get("message", f"HTTP {r.status_code}")
                 return
             for line in r.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -101,15 +109,19 @@ def build_demo(stream: StreamFn, model_name: str):
         yield text, _stats(t0, first, n)
 
     with gr.Blocks(title=f"inferlab: {model_name}") as demo:
-        gr.Markdown(f"## {model_name}\nThe configuration the study recommends, served by inferlab.")
-        prompt = gr.Textbox(label="Prompt", lines=4, value="Instruct: Explain what a KV cache is.\nOutput:")
+        gr.Markdown(f"## {model_name}\nThe configuration the study recommends, served by "
+                    "inferlab.")
+        prompt = gr.Textbox(label="Prompt", lines=4,
+                            value="Instruct: Explain what a KV cache is.\nOutput:")
         with gr.Row():
             max_tokens = gr.Slider(1, 512, value=64, step=1, label="max tokens")
-            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0: greedy)")
+            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05,
+                                    label="temperature (0: greedy)")
         button = gr.Button("Generate", variant="primary")
         answer = gr.Textbox(label="Answer", lines=8)
         stats = gr.Markdown()
-        button.click(generate, [prompt, max_tokens, temperature], [answer, stats], api_name="generate")
+        button.click(generate, [prompt, max_tokens, temperature], [answer, stats],
+                     api_name="generate")
     return demo
 
 
@@ -127,17 +139,20 @@ def _stats(t0: float, first: float | None, n: int | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="inferlab demo", description="the Gradio demo against a running server")
+    p = argparse.ArgumentParser(prog="inferlab demo",
+                                description="the Gradio demo against a running server")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--api-key", default=None)
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--analytics", action="store_true", help="let Gradio report usage to api.gradio.app")
+    p.add_argument("--analytics", action="store_true",
+                   help="let Gradio report usage to api.gradio.app")
     args = p.parse_args(argv)
     quiet_gradio(args.analytics)
     import httpx
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    model = httpx.get(f"{args.url.rstrip('/')}/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
+    models = httpx.get(f"{args.url.rstrip('/')}/v1/models", headers=headers, timeout=10).json()
+    model = models["data"][0]["id"]
     build_demo(http_stream(args.url, model, args.api_key), model).launch(server_name="127.0.0.1",
                                                                          server_port=args.port)
     return 0

@@ -1,9 +1,10 @@
 """Generation engines behind the server: one worker thread per engine, fed by a bounded queue.
 
-The event loop never runs generation: a request is put on the engine's queue (full: QueueFull, the server
-answers 429) and its tokens come back as events through the loop's call_soon_threadsafe. transformers decodes
-the requests waiting together as one batch (each with its own sampling, stop strings and length); llama.cpp
-serves them in turn. A cancelled request (client gone) stops at its next token.
+The event loop never runs generation: a request is put on the engine's queue (full: QueueFull,
+the server answers 429) and its tokens come back as events through the loop's
+call_soon_threadsafe. transformers decodes the requests waiting together as one batch (each with
+its own sampling, stop strings and length); llama.cpp serves them in turn. A cancelled request
+(client gone) stops at its next token.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any
 from inferlab.backends.base import Backend
 from inferlab.serve.text import StopMatcher, TextAssembler
 
-__all__ = ["ChatPrompt", "Engine", "GenRequest", "HFEngine", "LlamaCppEngine", "QueueFull", "TextAssembler"]
+__all__ = ["ChatPrompt", "Engine", "GenRequest", "HFEngine", "LlamaCppEngine", "QueueFull",
+           "TextAssembler"]
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +33,11 @@ class QueueFull(Exception):
     """The engine's queue is full: try again later."""
 
 
-# Seeds the engines honour: llama.cpp's sampler takes 32 bits and reads 0xFFFFFFFF as "pick one at random".
+# Seeds the engines honour: llama.cpp's sampler takes 32 bits and reads 0xFFFFFFFF as "pick one
+# at random".
 MAX_SEED = 2**32 - 2
-# Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): dividing logits by 5e-324 gives inf and NaN.
+# Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): dividing logits by 5e-324
+# gives inf and NaN.
 MIN_TEMPERATURE = 1e-5
 
 
@@ -43,11 +47,13 @@ class GenRequest:
     max_tokens: int
     temperature: float = 1.0  # below MIN_TEMPERATURE: greedy
     top_p: float = 1.0
-    stop: list[str] | StopMatcher = field(default_factory=list)  # a matcher: built off the engine's thread
+    # a matcher: built off the engine's thread
+    stop: list[str] | StopMatcher = field(default_factory=list)
     seed: int | None = None  # 0..MAX_SEED; None: a fresh random seed for this request alone
-    ignore_eos: bool = False  # go on past the end-of-sequence token: exactly max_tokens (vLLM's ignore_eos)
-    # ("text", str) once per generated token (its text may be "": held back, or a token without text),
-    # then ("done", dict) or ("error", str)
+    # go on past the end-of-sequence token: exactly max_tokens (vLLM's ignore_eos)
+    ignore_eos: bool = False
+    # ("text", str) once per generated token (its text may be "": held back, or a token without
+    # text), then ("done", dict) or ("error", str)
     emit: Callable[[str, Any], None] = lambda kind, value: None
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
@@ -58,8 +64,8 @@ class GenRequest:
     last_token: float = 0.0
 
     def settle_sampling(self) -> None:
-        """Before generation: a fresh seed when none was given (never the previous request's state), and a
-        temperature below the floor made greedy."""
+        """Before generation: a fresh seed when none was given (never the previous request's
+        state), and a temperature below the floor made greedy."""
         if self.seed is None:
             self.seed = secrets.randbelow(MAX_SEED + 1)
         if self.temperature < MIN_TEMPERATURE:
@@ -70,11 +76,12 @@ class GenRequest:
 class ChatPrompt:
     text: str
     stop: list[str]  # the stop strings the format implies
-    special: bool  # the text holds the template's special-token markers: tokenize them as those tokens
+    # the text holds the template's special-token markers: tokenize them as those tokens
+    special: bool
 
 
 class Engine:
-    """Base: the queue, the worker thread, the bookkeeping. Subclasses load a model and implement _serve."""
+    """The queue, the worker thread, the bookkeeping (a subclass loads a model, has _serve)."""
 
     runtime = ""
 
@@ -85,11 +92,12 @@ class Engine:
         self.context_window = 0
         self.description: dict[str, Any] = {}
         self.lanes = 1  # requests generated at once
-        # measured pace (moving averages): from taking a request up to its first token, and between two tokens
+        # measured pace (moving averages): from taking a request up to its first token, and
+        # between two tokens
         self.prefill_s: float | None = None
         self.step_s: float | None = None
-        # the same of the last requests one by one: Retry-After plans with the slowest (coming back late costs a
-        # little wait, coming back early costs a retry)
+        # the same of the last requests one by one: Retry-After plans with the slowest (coming
+        # back late costs a little wait, coming back early costs a retry)
         self.recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=16)
         self._active: list[GenRequest] = []
         self._stop = threading.Event()
@@ -99,24 +107,27 @@ class Engine:
     backend: Backend
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
-        """special: text holding a chat template's markers (transformers' tokenizer always parses them)."""
+        """special: text with chat template markers (transformers' tokenizer parses them)."""
         return self.backend.tokenize(text)
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.detokenize(ids)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> ChatPrompt:
-        """The prompt for a chat: the model's own chat template where it has one, else plain role lines."""
+        """The prompt for a chat: the model's own chat template, else plain role lines."""
         template = getattr(self, "chat_template", None)
         if template is not None:
             return ChatPrompt(template(messages), [], special=True)
         lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-        return ChatPrompt("\n".join(lines) + "\nAssistant:", ["\nUser:", "\nSystem:"], special=False)
+        return ChatPrompt("\n".join(lines) + "\nAssistant:", ["\nUser:", "\nSystem:"],
+                          special=False)
 
     # -- the queue --
     def start(self) -> None:
-        self._warm_up()  # here, before the server is built around it: its imports would slow these tokens down
-        self._thread = threading.Thread(target=self._loop, name=f"{self.runtime}-engine", daemon=True)
+        # here, before the server is built around it: its imports would slow these tokens down
+        self._warm_up()
+        self._thread = threading.Thread(target=self._loop, name=f"{self.runtime}-engine",
+                                        daemon=True)
         self._thread.start()
 
     def close(self) -> None:
@@ -141,12 +152,14 @@ class Engine:
             return None
 
     def _warm_up(self) -> None:
-        """Two short generations before the first request, the second one timed: the pace Retry-After is computed
-        from is known from the start (the first run of a model is slower: buffers, caches)."""
+        """Two short generations before the first request, the second one timed: the pace
+        Retry-After is computed from is known from the start (the first run of a model is
+        slower: buffers, caches)."""
         ids = self.tokenize("Hello") or [self.eos]
         for _ in range(2):
             self.prefill_s = self.step_s = None
-            req = GenRequest(prompt_ids=ids, max_tokens=16, temperature=0.0, seed=0, ignore_eos=True)
+            req = GenRequest(prompt_ids=ids, max_tokens=16, temperature=0.0, seed=0,
+                             ignore_eos=True)
             try:
                 self._serve([self._started(req)])
                 self._paced([req])
@@ -170,18 +183,20 @@ class Engine:
         req.last_token = now
 
     def _paced(self, reqs: list[GenRequest]) -> None:
-        """Requests were served: the measured pace follows them, each request's whole time (a busy machine
-        stalls some tokens for long: the mean of a whole request holds those stalls, recent gaps miss them)."""
+        """Requests were served: the measured pace follows them, each request's whole time (a
+        busy machine stalls some tokens for long: the mean of a whole request holds those
+        stalls, recent gaps miss them)."""
         for r in reqs:
             if r.produced:
                 self.prefill_s = _average(self.prefill_s, r.first_token - r.began)
             if r.produced > 1:
-                self.step_s = _average(self.step_s, (r.last_token - r.first_token) / (r.produced - 1))
-                self.recent.append((r.first_token - r.began, (r.last_token - r.first_token) / (r.produced - 1)))
+                step = (r.last_token - r.first_token) / (r.produced - 1)
+                self.step_s = _average(self.step_s, step)
+                self.recent.append((r.first_token - r.began, step))
 
     def finish_times(self) -> list[float]:
-        """Seconds from now until each request in flight, then each waiting, is done, at the slowest recent pace
-        and if each runs to its max_tokens (empty: nothing measured yet)."""
+        """Seconds from now until each request in flight, then each waiting, is done, at the
+        slowest recent pace and if each runs to its max_tokens (empty: nothing measured yet)."""
         if self.step_s is None or self.prefill_s is None:
             return []
         prefill_s = max([self.prefill_s] + [p for p, _ in self.recent])
@@ -190,7 +205,8 @@ class Engine:
             waiting = list(self.queue.queue)
         out, t = [], 0.0
         for r in [r for r in self._active if not r.finished] + waiting:
-            t += ((0.0 if r.produced else prefill_s) + step_s * max(r.max_tokens - r.produced, 0)) / self.lanes
+            prefill = 0.0 if r.produced else prefill_s
+            t += (prefill + step_s * max(r.max_tokens - r.produced, 0)) / self.lanes
             out.append(t)
         return out
 
@@ -231,12 +247,12 @@ def _average(old: float | None, new: float) -> float:
 
 
 def _finish(req: GenRequest, asm: TextAssembler, n: int, reason: str) -> None:
-    # text held back to the end (a possible stop-string start that was not one) rides on the final event; after
-    # a matched stop string the assembler has nothing left to give
+    # text held back to the end (a possible stop-string start that was not one) rides on the
+    # final event; after a matched stop string the assembler has nothing left to give
     tail = asm.flush()
     req.finished = True
-    req.emit("done", {"finish_reason": reason, "prompt_tokens": len(req.prompt_ids), "completion_tokens": n,
-                      "tail": tail})
+    req.emit("done", {"finish_reason": reason, "prompt_tokens": len(req.prompt_ids),
+                      "completion_tokens": n, "tail": tail})
 
 
 def _fail(req: GenRequest, e: Exception) -> None:
@@ -246,15 +262,17 @@ def _fail(req: GenRequest, e: Exception) -> None:
 
 
 def gguf_chat_template(llm, template: str) -> Callable[[list[dict[str, str]]], str]:
-    """The GGUF's tokenizer.chat_template through llama-cpp-python's Jinja2ChatFormatter, with the model's own
-    BOS and EOS texts, ending in the assistant's turn (transformers' add_generation_prompt)."""
+    """The GGUF's tokenizer.chat_template, rendered as transformers renders it.
+
+    Through llama-cpp-python's Jinja2ChatFormatter, with the model's own BOS and EOS texts, ending
+    in the assistant's turn (add_generation_prompt)."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     def text(token: int) -> str:
         return llm._model.token_get_text(token) if token >= 0 else ""
 
-    fmt = Jinja2ChatFormatter(template=template, eos_token=text(llm.token_eos()), bos_token=text(llm.token_bos()),
-                              add_generation_prompt=True)
+    fmt = Jinja2ChatFormatter(template=template, eos_token=text(llm.token_eos()),
+                              bos_token=text(llm.token_bos()), add_generation_prompt=True)
     return lambda messages: fmt(messages=messages).prompt
 
 
@@ -263,24 +281,28 @@ class LlamaCppEngine(Engine):
 
     runtime = "llama_cpp"
 
-    def __init__(self, model_path: str, n_threads: int, n_ctx: int, max_queue: int, n_batch: int = 512,
-                 flash_attn: bool = False, kv_type: str = "f16", n_gpu_layers: int = 0):
+    def __init__(self, model_path: str, n_threads: int, n_ctx: int, max_queue: int,
+                 n_batch: int = 512, flash_attn: bool = False, kv_type: str = "f16",
+                 n_gpu_layers: int = 0):
         super().__init__(max_queue)
         from inferlab.backends.llama_cpp import LlamaCppBackend
 
-        self.backend = LlamaCppBackend({"model_path": model_path, "n_threads": n_threads, "n_ctx": n_ctx,
-                                        "n_batch": n_batch, "flash_attn": flash_attn, "kv_type": kv_type,
+        self.backend = LlamaCppBackend({"model_path": model_path, "n_threads": n_threads,
+                                        "n_ctx": n_ctx, "n_batch": n_batch,
+                                        "flash_attn": flash_attn, "kv_type": kv_type,
                                         "n_gpu_layers": n_gpu_layers})
         self.backend.load()
         self.llm = self.backend.llm
         self.eos = self.llm.token_eos()
         self.context_window = self.llm.n_ctx()
         template = self.llm.metadata.get("tokenizer.chat_template")
-        if template:  # the model's own chat format, rendered as llama-cpp-python's chat handler renders it
+        # the model's own chat format, rendered as llama-cpp-python's chat handler renders it
+        if template:
             self.chat_template = gguf_chat_template(self.llm, template)
-        self.description = {"runtime": "llama_cpp", "model_file": Path(model_path).name, "n_threads": n_threads,
-                            "n_ctx": self.context_window, "n_batch": n_batch, "flash_attn": flash_attn,
-                            "kv_type": kv_type, "n_gpu_layers": n_gpu_layers}
+        self.description = {"runtime": "llama_cpp", "model_file": Path(model_path).name,
+                            "n_threads": n_threads, "n_ctx": self.context_window,
+                            "n_batch": n_batch, "flash_attn": flash_attn, "kv_type": kv_type,
+                            "n_gpu_layers": n_gpu_layers}
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         return self.backend.tokenize(text, special=special)
@@ -289,13 +311,15 @@ class LlamaCppEngine(Engine):
         for req in batch:
             if req.cancelled.is_set():
                 continue
-            self.llm.set_seed(req.seed)  # every request sets its own: a seed never carries over to the next
+            # every request sets its own: a seed never carries over to the next
+            self.llm.set_seed(req.seed)
             asm, n, reason = TextAssembler(self.decode, req.stop), 0, "length"
-            # an empty context: generate() would keep the longest common prefix of the last request and evaluate
-            # only the rest, in batches of other sizes, so the same request gave other tokens after another one
+            # an empty context: generate() would keep the longest common prefix of the last
+            # request and evaluate only the rest, in batches of other sizes, so the same request
+            # gave other tokens after another one
             self.llm.reset()
-            gen = self.llm.generate(req.prompt_ids, temp=req.temperature, top_p=req.top_p, top_k=0, min_p=0.0,
-                                    repeat_penalty=1.0, reset=True)
+            gen = self.llm.generate(req.prompt_ids, temp=req.temperature, top_p=req.top_p,
+                                    top_k=0, min_p=0.0, repeat_penalty=1.0, reset=True)
             try:
                 for tok in gen:
                     if req.cancelled.is_set():
@@ -306,7 +330,8 @@ class LlamaCppEngine(Engine):
                         break
                     n += 1
                     self._tick(req)
-                    req.emit("text", asm.add(tok))  # one event per token, even when its text is held back
+                    # one event per token, even when its text is held back
+                    req.emit("text", asm.add(tok))
                     if asm.stopped:
                         reason = "stop"
                         break
@@ -318,9 +343,9 @@ class LlamaCppEngine(Engine):
 
 
 class HFEngine(Engine):
-    """transformers: requests that wait together are decoded as one left-padded batch, each sequence with its own
-    sampling, stop strings and length; a finished or cancelled sequence stops emitting at once and the batch ends
-    when all have."""
+    """transformers: requests that wait together are decoded as one left-padded batch, each
+    sequence with its own sampling, stop strings and length; a finished or cancelled sequence
+    stops emitting at once and the batch ends when all have."""
 
     runtime = "hf"
 
@@ -345,8 +370,8 @@ class HFEngine(Engine):
         self.eos = self.tok.eos_token_id
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos
         if getattr(self.tok, "chat_template", None):
-            self.chat_template = lambda msgs: self.tok.apply_chat_template(msgs, add_generation_prompt=True,
-                                                                           tokenize=False)
+            self.chat_template = lambda msgs: self.tok.apply_chat_template(
+                msgs, add_generation_prompt=True, tokenize=False)
         self.description = {"runtime": "hf", "precision": precision, "device": device,
                             "max_batch": max_batch, "context_window": self.context_window}
 
@@ -365,8 +390,9 @@ class HFEngine(Engine):
 
     @staticmethod
     def _pick(logits, req: GenRequest, gen) -> int:
-        """One token: greedy at temperature 0 (the engine floors tiny temperatures to 0), else nucleus sampling.
-        The most likely token is always kept, so no top_p, however small, leaves nothing to sample from."""
+        """One token: greedy at temperature 0 (the engine floors tiny temperatures to 0), else
+        nucleus sampling. The most likely token is always kept, so no top_p, however small,
+        leaves nothing to sample from."""
         import torch
 
         if req.temperature <= 0:
@@ -374,7 +400,8 @@ class HFEngine(Engine):
         probs = torch.softmax(logits.double() / req.temperature, dim=-1)
         if req.top_p < 1.0:
             sorted_p, idx = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < req.top_p  # the smallest set reaching top_p
+            # the smallest set reaching top_p
+            keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < req.top_p
             keep[0] = True
             sorted_p = sorted_p * keep
             choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)
@@ -387,12 +414,15 @@ class HFEngine(Engine):
         if not batch:
             return
         width = max(len(r.prompt_ids) for r in batch)
-        ids = torch.tensor([[self.pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch])
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch])
+        ids = torch.tensor([[self.pad] * (width - len(r.prompt_ids)) + r.prompt_ids
+                            for r in batch])
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids)
+                             for r in batch])
         gens = []
         for r in batch:
             g = torch.Generator(device="cpu")
-            g.manual_seed(r.seed)  # its own generator: one request's seed never touches another's sample
+            # its own generator: one request's seed never touches another's sample
+            g.manual_seed(r.seed)
             gens.append(g)
         asms = [TextAssembler(self.decode, r.stop) for r in batch]
         counts = [0] * len(batch)
@@ -402,8 +432,8 @@ class HFEngine(Engine):
         past, cur = None, ids
         with torch.inference_mode():
             while any(active):
-                out = self.model(input_ids=cur, attention_mask=mask, position_ids=pos, past_key_values=past,
-                                 use_cache=True)
+                out = self.model(input_ids=cur, attention_mask=mask, position_ids=pos,
+                                 past_key_values=past, use_cache=True)
                 past = out.past_key_values
                 logits = out.logits[:, -1, :].float().cpu()
                 nxt = []
@@ -418,7 +448,8 @@ class HFEngine(Engine):
                         continue
                     try:
                         tok = self._pick(logits[i], r, gens[i])
-                    except Exception as e:  # this request fails alone; the others in the batch go on
+                    except Exception as e:
+                        # this request fails alone; the others in the batch go on
                         active[i] = False
                         _fail(r, e)
                         nxt.append(self.pad)

@@ -1,4 +1,4 @@
-"""Prometheus text exposition for the server: counters, histograms and gauges, no client library needed."""
+"""Prometheus text exposition: counters, histograms and gauges, without a client library."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 
 def label(value: object) -> str:
-    """A label value escaped as the Prometheus text format requires (backslash, double quote, newline)."""
+    """A label value escaped for Prometheus's text format (backslash, double quote, newline)."""
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
@@ -39,8 +39,9 @@ class Histogram:
 
 
 class Metrics:
-    """What the server counts; thread-safe (the engine thread and the event loop both record). Label values come
-    from bounded sets (the server's endpoints, its error codes, HTTP statuses) and are escaped all the same."""
+    """What the server counts; thread-safe (the engine thread and the event loop both record).
+    Label values come from bounded sets (the server's endpoints, its error codes, HTTP statuses)
+    and are escaped all the same."""
 
     def __init__(self, queue_depth: Callable[[], int], in_flight: Callable[[], int],
                  batch_sizes: Callable[[], dict[int, int]] = dict):
@@ -48,7 +49,8 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = {}
         self.errors: dict[str, int] = {}
         self.tokens = 0
-        self.ttft = Histogram("inferlab_ttft_seconds", "Time from request to first generated token")
+        self.ttft = Histogram("inferlab_ttft_seconds",
+                              "Time from request to first generated token")
         self.itl = Histogram("inferlab_itl_seconds", "Time between streamed tokens")
         self.e2e = Histogram("inferlab_request_seconds", "Time from request to last token")
         self.queue_depth, self.in_flight, self.batch_sizes = queue_depth, in_flight, batch_sizes
@@ -81,16 +83,22 @@ class Metrics:
                     for (e, s), n in sorted(self.requests.items())]
             out += ["# HELP inferlab_errors_total Failed requests by error type",
                     "# TYPE inferlab_errors_total counter"]
-            out += [f'inferlab_errors_total{{type="{label(k)}"}} {n}' for k, n in sorted(self.errors.items())]
+            out += [f'inferlab_errors_total{{type="{label(k)}"}} {n}'
+                    for k, n in sorted(self.errors.items())]
             out += ["# HELP inferlab_generated_tokens_total Tokens generated",
-                    "# TYPE inferlab_generated_tokens_total counter", f"inferlab_generated_tokens_total {self.tokens}"]
+                    "# TYPE inferlab_generated_tokens_total counter",
+                    f"inferlab_generated_tokens_total {self.tokens}"]
             for h in (self.ttft, self.itl, self.e2e):
                 out += h.render()
-            out += ["# HELP inferlab_queue_depth Requests waiting for the engine", "# TYPE inferlab_queue_depth gauge",
+            out += ["# HELP inferlab_queue_depth Requests waiting for the engine",
+                    "# TYPE inferlab_queue_depth gauge",
                     f"inferlab_queue_depth {self.queue_depth()}",
                     "# HELP inferlab_requests_in_flight Requests being generated",
-                    "# TYPE inferlab_requests_in_flight gauge", f"inferlab_requests_in_flight {self.in_flight()}",
-                    "# HELP inferlab_engine_batches_total Batches the engine ran, by requests decoded together",
+                    "# TYPE inferlab_requests_in_flight gauge",
+                    f"inferlab_requests_in_flight {self.in_flight()}",
+                    "# HELP inferlab_engine_batches_total Batches the engine ran, by requests "
+                    "decoded together",
                     "# TYPE inferlab_engine_batches_total counter"]
-            out += [f'inferlab_engine_batches_total{{size="{k}"}} {n}' for k, n in sorted(self.batch_sizes().items())]
+            out += [f'inferlab_engine_batches_total{{size="{k}"}} {n}'
+                    for k, n in sorted(self.batch_sizes().items())]
         return "\n".join(out) + "\n"

@@ -1,10 +1,11 @@
-"""From generated token ids to text that is safe to send, at a cost proportional to the new text only.
+"""From generated token ids to text safe to send, at a cost proportional to the new text only.
 
-IncrementalDetokenizer decodes a small window of recent ids at each token (vLLM's `detokenize_incrementally`,
-HF's `DecodeStream`), never the whole answer. StopMatcher follows each stop string with a Knuth-Morris-Pratt
-automaton over the characters as they come: it knows at once when a stop string completes and how many trailing
-characters could still be the start of one (held back, not sent). Both cost O(new characters) per token, however
-long the answer or the stop strings.
+IncrementalDetokenizer decodes a small window of recent ids at each token (vLLM's
+`detokenize_incrementally`, HF's `DecodeStream`), never the whole answer. StopMatcher follows
+each stop string with a Knuth-Morris-Pratt automaton over the characters as they come: it knows
+at once when a stop string completes and how many trailing characters could still be the start
+of one (held back, not sent). Both cost O(new characters) per token, however long the answer or
+the stop strings.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ Decode = Callable[[list[int]], str]
 
 
 class IncrementalDetokenizer:
-    """Text increments of a growing token sequence: whole characters only (a UTF-8 character split over tokens
-    decodes as U+FFFD until its last byte comes)."""
+    """Text increments of a growing token sequence: whole characters only (a UTF-8 character
+    split over tokens decodes as U+FFFD until its last byte comes)."""
 
     def __init__(self, decode: Decode):
         self.decode = decode
         self.ids: list[int] = []
-        self.prefix = 0  # ids[prefix:read] were already turned into text; they give the next token its context
+        # ids[prefix:read] were already turned into text; they give the next token its context
+        self.prefix = 0
         self.read = 0
 
     def add(self, token_id: int) -> str:
@@ -42,14 +44,15 @@ class IncrementalDetokenizer:
             return ""  # wait for the rest of the character
         if final:
             text = text.rstrip("\ufffd")
-        new = text[len(before):] if text.startswith(before) else text[len(before.rstrip("\ufffd")):]
+        seen = before if text.startswith(before) else before.rstrip("\ufffd")
+        new = text[len(seen):]
         self.prefix, self.read = self.read, len(self.ids)
         return new
 
 
 class StopMatcher:
-    """The stop strings followed over a character stream: feed() says where the first one ends (if it did) and
-    how many trailing characters might still begin one."""
+    """The stop strings followed over a character stream: feed() says where the first one ends
+    (if it did) and how many trailing characters might still begin one."""
 
     def __init__(self, stops: list[str]):
         self.stops = [s for s in dict.fromkeys(stops) if s]
@@ -57,7 +60,7 @@ class StopMatcher:
         self.state = [0] * len(self.stops)  # characters of each stop string matched so far
 
     def feed(self, text: str) -> int | None:
-        """Advance over text; the index in text just past the first completed stop string, or None."""
+        """Advance over text; the index just past the first completed stop string, or None."""
         for i, ch in enumerate(text):
             done = False
             for j, s in enumerate(self.stops):
@@ -73,7 +76,7 @@ class StopMatcher:
         return None
 
     def matched_length(self) -> int:
-        """The length of the longest stop string that completed there (call right after feed() returned)."""
+        """The length of the longest stop string completed there (call right after feed())."""
         return max(len(s) for s, k in zip(self.stops, self.state) if k == len(s))
 
     @property
@@ -83,7 +86,7 @@ class StopMatcher:
 
 
 def _prefix_function(s: str) -> list[int]:
-    """Knuth-Morris-Pratt: for each prefix of s, the length of its longest proper prefix that is also a suffix."""
+    """Knuth-Morris-Pratt: per prefix of s, the length of its longest proper prefix-suffix."""
     fail = [0] * len(s)
     k = 0
     for i in range(1, len(s)):
@@ -96,8 +99,8 @@ def _prefix_function(s: str) -> list[int]:
 
 
 class TextAssembler:
-    """Token ids in, text increments out: whole characters only, nothing that could be the start of a stop string
-    (held back until it is known not to be one), nothing from a stop string on."""
+    """Token ids in, text increments out: whole characters only, nothing that could be the start
+    of a stop string (held back until it is known not to be one), nothing from a stop string on."""
 
     def __init__(self, decode: Decode, stop: list[str] | StopMatcher):
         self.detok = IncrementalDetokenizer(decode)
