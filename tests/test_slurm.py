@@ -73,9 +73,11 @@ def test_multirun_on_slurm_cancel_timeout_and_rerun(tiny_project, slurm_cluster,
             array = next((j.split("_")[0] for j in jobs if "_" in j), None)
             time.sleep(0.5)
         sweep_dir = max((tiny_project / "multirun").glob("*/*"), key=lambda p: p.stat().st_mtime)
-        log = sweep_dir / ".submitit" / f"{array}_1" / f"{array}_1_0_log.out"
+        log = sweep_dir / ".submitit" / f"{array}_1_0_log.out"
         while "points to run" not in (log.read_text() if log.exists() else ""):  # q4_0 is measuring
             assert first.poll() is None, first.stdout.read()
+            state = _show(slurm_cluster, f"{array}_1")
+            assert state["JobState"] in ("PENDING", "CONFIGURING", "RUNNING"), state  # it ended before its point
             time.sleep(0.5)
         _slurm(slurm_cluster, "scancel", f"{array}_1")
         out, _ = first.communicate(timeout=600)

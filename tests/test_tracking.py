@@ -163,3 +163,40 @@ def test_a_skipped_point_is_a_finished_run_tagged_skipped_and_a_failed_one_stays
     assert again.created == 0 and again.present == 3
     assert client.get_run(skipped.info.run_id).info.status == "FINISHED"
     assert client.get_run(failed.info.run_id).info.status == "FAILED"
+
+
+def test_inferlab_ui_serves_the_store_and_links_to_the_runs_in_the_model_training_view(tmp_path):
+    """`inferlab ui` starts MLflow's UI on the store and prints the link that opens the experiment's
+    runs (MLflow 3.17 opens its GenAI view from a plain experiment link)."""
+    import subprocess
+    import time
+
+    import httpx
+
+    from inferlab.serve.loadtest import free_port
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cli = [str(Path(sys.executable).parent / "inferlab"), "ui", "--uri", uri]
+    missing = run(cli, cwd=tmp_path, check=False)
+    assert missing.returncode == 1 and "no MLflow store at" in missing.stderr
+    Tracker(TrackingConfig(uri=uri, experiment="t")).log(make_records())
+    exp = MlflowClient(tracking_uri=uri).get_experiment_by_name("t")
+    port = free_port()
+    ui = subprocess.Popen([*cli, "--experiment", "t", "--port", str(port)], cwd=tmp_path,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = ui.stdout.readline()
+        link = f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+        assert link in line, line
+        api = f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/get-by-name"
+        while True:  # until the UI's server answers (or exits: then its output says why)
+            try:
+                got = httpx.get(api, params={"experiment_name": "t"}, timeout=5)
+                break
+            except httpx.HTTPError:
+                assert ui.poll() is None, ui.stdout.read()
+                time.sleep(0.2)
+        assert got.json()["experiment"]["experiment_id"] == exp.experiment_id
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)

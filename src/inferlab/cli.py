@@ -276,6 +276,47 @@ def cmd_parallel_check(args: argparse.Namespace) -> int:
     return 1 if moved or slow else 0
 
 
+def runs_url(base: str, experiment_id: str) -> str:
+    """The experiment's runs in MLflow's UI, in its "Model training" view.
+
+    MLflow 3.17's UI ignores the experiment's kind tag and opens its GenAI view unless the link
+    (or the browser's last choice) says workflowType=machine_learning."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from inferlab.tracking import tracking_uri
+
+    cfg = compose([]).tracking
+    uri = tracking_uri(TrackingConfig(uri=args.uri, experiment=args.experiment or cfg.experiment))
+    name = args.experiment or cfg.experiment
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        print(f"no MLflow store at {uri}: run a stage (or `inferlab log-records`) first", file=sys.stderr)
+        return 1
+    from mlflow import MlflowClient
+
+    try:
+        exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+    except Exception as e:  # noqa: BLE001 - any store failure is reported the same way
+        print(f"MLflow tracking store {uri} cannot be read: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    if exp is None:
+        print(f"no experiment '{name}' in {uri}: run a stage (or `inferlab log-records`) first",
+              file=sys.stderr)
+        return 1
+    if uri.startswith(("http://", "https://")):  # a server already serves its UI
+        print(f"open {runs_url(uri, exp.experiment_id)}")
+        return 0
+    print(f"MLflow UI of {uri}, experiment '{name}': open "
+          f"{runs_url(f'http://{args.host}:{args.port}', exp.experiment_id)} (Ctrl+C stops it)", flush=True)
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    cmd = [str(mlflow_bin), "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    return subprocess.call(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from inferlab.serve.server import main as serve_main
 
@@ -355,6 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*",
                    help="Hydra overrides, e.g. model=tiny-phi serve.port=8001")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("ui", help="the MLflow UI on the study's store; prints the link to its runs")
+    p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI, else mlflow.db)")
+    p.add_argument("--experiment", default=None, help="experiment name (default: tracking.experiment)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(fn=cmd_ui)
 
     p = sub.add_parser("demo",
                        help="the Gradio demo alone, against a running server "
