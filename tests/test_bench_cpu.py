@@ -14,8 +14,8 @@ import pytest
 
 from inferlab import records
 from inferlab.backends import get_backend
-from inferlab.bench import scenarios
-from inferlab.bench.worker import Worker
+from inferlab.bench import registry, scenarios
+from inferlab.sweep.worker import Worker
 
 from .conftest import BIN, ROOT, run
 
@@ -111,13 +111,13 @@ def test_peak_memory_does_not_carry_over_between_points(tiny_project):
     path = str(tiny_project / "models/tiny-phi/gguf/tiny-phi-q4_0.gguf")
     common = {"scenario": "latency", "prompt_tokens": 16, "new_tokens": 4, "warmup": 0, "repetitions": 1,
               "n_threads": 2, "kv_type": "f32"}
-    w = Worker("llama_cpp", {"model_path": path})
+    w = Worker("llama_cpp", {"model_path": path}, measure=registry.run)
     try:
         big = w.run({**common, "n_ctx": 131072}, "big", str(PROMPTS), 120)  # f32 KV: 2*2*256*131072*4 B = 512 MiB
         small = w.run({**common, "n_ctx": 512}, "small", str(PROMPTS), 120)
     finally:
         w.stop()
-    fresh = Worker("llama_cpp", {"model_path": path})
+    fresh = Worker("llama_cpp", {"model_path": path}, measure=registry.run)
     try:
         alone = fresh.run({**common, "n_ctx": 512}, "small", str(PROMPTS), 120)
     finally:

@@ -15,8 +15,9 @@ LAYERS = (
                                                 "inferlab.gguf", "inferlab.gguf.convert", "inferlab.quality",
                                                 "inferlab.quality.dataset")),
     ("backends", ("inferlab.backends",)),
-    ("harness", ("inferlab.stage", "inferlab.bench", "inferlab.quality.generate", "inferlab.quality.tokens",
-                 "inferlab.quality.scores")),
+    ("harness", ("inferlab.stage", "inferlab.sweep")),
+    ("scenarios", ("inferlab.bench", "inferlab.quality.generate", "inferlab.quality.tokens",
+                   "inferlab.quality.scores")),
     ("stage logic", ("inferlab.bench.cpu", "inferlab.bench.gpu", "inferlab.quality.evaluate",
                      "inferlab.gguf.pipeline")),
     ("report and serve", ("inferlab.report", "inferlab.serve")),
@@ -60,7 +61,13 @@ def test_an_upward_import_is_found(tmp_path, monkeypatch):
     me = sys.modules[__name__]
     fake = tmp_path / "inferlab" / "backends"
     fake.mkdir(parents=True)
-    (fake / "timing.py").write_text("from inferlab.bench import sweep\n")
+    (fake / "timing.py").write_text("from inferlab.sweep import run\n")
     monkeypatch.setattr(me, "modules", lambda: {"inferlab.backends.timing": fake / "timing.py"})
-    assert upward_imports() == ["inferlab.backends.timing (backends) imports inferlab.bench (harness)",
-                                "inferlab.backends.timing (backends) imports inferlab.bench.sweep (harness)"]
+    assert upward_imports() == ["inferlab.backends.timing (backends) imports inferlab.sweep (harness)",
+                                "inferlab.backends.timing (backends) imports inferlab.sweep.run (harness)"]
+
+
+def test_the_sweep_engine_lies_below_benchmarks_and_quality():
+    users = ("inferlab.bench.registry", "inferlab.bench.cpu", "inferlab.quality.generate", "inferlab.quality.evaluate")
+    for user in users:
+        assert layer("inferlab.sweep.run") < layer(user), user

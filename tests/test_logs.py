@@ -35,7 +35,7 @@ def test_study_console_shows_stages_progress_failures_and_the_answer(tmp_path, m
     lines = ["Running stage 'bench_cpu':", "> python stages/bench_cpu.py --params params.yaml"]
     for i in range(1, 41):
         status = "failed (RuntimeError: boom)" if i == 7 else "ok"
-        lines.append(f"12:00:{i:02d} INFO inferlab.bench.sweep: [{i}/40] point-{i}: {status} in 1.0 s "
+        lines.append(f"12:00:{i:02d} INFO inferlab.sweep.run: [{i}/40] point-{i}: {status} in 1.0 s "
                      f"({40 - i} left, about 1 min to go)")
         lines.append("12:00:00 WARNING bitsandbytes: cast (shown once; later repeats are hidden)")
         lines.append("Loading weights: 100%|██████████| 33/33")

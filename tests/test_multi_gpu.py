@@ -17,14 +17,15 @@ import pytest
 
 from inferlab import NO_MULTICAST
 from inferlab import records as rec
-from inferlab.bench import placement
+from inferlab.bench import registry
 from inferlab.bench.parallel import compare
+from inferlab.sweep import placement
 
 from .conftest import run
 
 
 def _claim(out: str, hold: float, barrier) -> None:
-    from inferlab.bench.lock import claim_gpu
+    from inferlab.sweep.locks import claim_gpu
 
     barrier.wait()
     t0 = time.time()
@@ -61,7 +62,7 @@ def test_each_job_claims_its_own_gpu_and_the_third_waits(tmp_path, monkeypatch):
 
 
 def test_one_gpu_or_none_claims_nothing(monkeypatch):
-    from inferlab.bench.lock import claim_gpu
+    from inferlab.sweep.locks import claim_gpu
 
     monkeypatch.setenv("INFERLAB_GPUS", "0")
     with claim_gpu() as gpu:
@@ -173,7 +174,7 @@ def test_a_process_started_with_its_own_environment_keeps_multicast_off(tmp_path
 
 
 def _llama_point(cfg, name: str, quant: str, new_tokens: int):
-    from inferlab.bench.sweep import Point
+    from inferlab.sweep.points import Point
 
     settings = {"quant": quant, "n_threads": 1, "n_batch": 64, "flash_attn": False, "kv_type": "f16",
                 "api": "generate", "prompt_tokens": 16, "scenario": "latency", "new_tokens": new_tokens,
@@ -185,10 +186,10 @@ def test_points_go_to_whichever_gpu_is_free_on_workers_pinned_to_its_cores(tiny_
     """Two fake GPUs, each with one of this machine's cores. A slow point holds one GPU; the other runs every other
     point meanwhile, including the one left of the slow point's model (not one pre-assigned list per GPU). Each
     worker read back its cores and environment; each point is recorded once, beside the other GPU."""
-    from inferlab.bench.sweep import run_sweep
-    from inferlab.bench.worker import FAIL_ENV
     from inferlab.config import compose, resolve
     from inferlab.stage import StageRun
+    from inferlab.sweep.run import run_sweep
+    from inferlab.sweep.worker import FAIL_ENV
 
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two usable cores: one for each fake GPU")
@@ -201,7 +202,8 @@ def test_points_go_to_whichever_gpu_is_free_on_workers_pinned_to_its_cores(tiny_
     slots = list(placement.host_slots(["0", "1"]).values())  # no nvidia-smi here: an even split of the cores
     points = [_llama_point(cfg, "slow-a", "q8_0", 4), _llama_point(cfg, "a1", "q8_0", 5),
               *(_llama_point(cfg, f"b{i}", "q4_0", 4 + i) for i in range(3))]
-    run_sweep(stage, points, resolve(cfg.bench_cpu.workload.prompts), {}, 120, False, [], lambda m: None, slots)
+    run_sweep(stage, points, resolve(cfg.bench_cpu.workload.prompts), {}, 120, False, [], lambda m: None, slots,
+              measure=registry.run)
     recs = list(rec.read(stage.path))
     assert sorted(r.name for r in recs) == ["a1", "b0", "b1", "b2", "slow-a"]  # each once
     by = {r.name: r for r in recs}

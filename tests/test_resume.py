@@ -121,7 +121,7 @@ def test_a_second_start_refuses_a_dead_worker_fails_its_point_and_a_kill_while_l
     env = _env(tiny_project, INFERLAB_LOCK_DIR=str(lock_dir), MLFLOW_TRACKING_URI=store)
     before = _ids(tiny_project, "bench_cpu")
     args = ["stages/bench_cpu.py", *SMALL, *TWO_POINTS]
-    from inferlab.bench.lock import device_lock
+    from inferlab.sweep.locks import device_lock
 
     with device_lock("cpu"):  # another sweep measures on this CPU: the first point waits
         proc = _start(args, tiny_project, tmp_path / "a.log", env=env)
@@ -285,7 +285,7 @@ def test_the_cpu_lock_file_of_another_user_still_locks(monkeypatch):
     import tempfile
     import traceback
 
-    from inferlab.bench.lock import device_lock
+    from inferlab.sweep.locks import device_lock
 
     folder = Path(tempfile.mkdtemp(prefix="inferlab-locks-"))  # /tmp: every user can reach it
     try:

@@ -198,7 +198,7 @@ def test_unwritable_results_or_a_full_disk_fail_before_any_work(project):
 
 
 def _hold(key: str, seconds: float, out: str, barrier) -> None:
-    from inferlab.bench.lock import device_lock
+    from inferlab.sweep.locks import device_lock
 
     barrier.wait()  # all three ask for their lock at the same moment
     with device_lock(key) as waited:

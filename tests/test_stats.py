@@ -7,8 +7,8 @@ import math
 import pytest
 
 from inferlab.backends.timing import RequestTiming
-from inferlab.bench.memory import roofline
 from inferlab.bench.stats import percentile, summarize
+from inferlab.sweep.memory import roofline
 
 
 def test_summary_of_hand_computed_samples():

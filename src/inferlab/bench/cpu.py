@@ -8,11 +8,12 @@ from functools import partial
 from pathlib import Path
 
 from inferlab.aggregate import write_aggregates
+from inferlab.bench import registry
 from inferlab.bench.grid import hf_points, llama_points
-from inferlab.bench.memory import cpu_bandwidth
-from inferlab.bench.sweep import run_sweep
 from inferlab.config import StudyConfig, resolve, usable_cores
 from inferlab.stage import StageRun
+from inferlab.sweep.memory import cpu_bandwidth
+from inferlab.sweep.run import run_sweep
 
 log = logging.getLogger(__name__)
 
@@ -40,5 +41,5 @@ def run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
     log.info("bench_cpu on %s (%d cores): %d points", stage.env["hardware"]["cpu"], cores, len(points))
     bandwidth = partial(cpu_bandwidth, cfg.bench_cpu.bandwidth_gib)  # measured once the sweep is claimed
     run_sweep(stage, points, resolve(cfg.bench_cpu.workload.prompts), bandwidth, cfg.bench_cpu.point_timeout_s,
-              cfg.bench_cpu.retry_failed, [stage_file], _decode_rate)
+              cfg.bench_cpu.retry_failed, [stage_file], _decode_rate, measure=registry.run)
     write_aggregates(cfg, STAGE)

@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from inferlab.aggregate import write_aggregates
+from inferlab.bench import registry
 from inferlab.bench.grid import hf_points, keep, llama_points
-from inferlab.bench.lock import claim_gpu, visible_gpus
-from inferlab.bench.placement import Slot, host_slots
-from inferlab.bench.sweep import Point, run_sweep
 from inferlab.config import StudyConfig, resolve, usable_cores
 from inferlab.environment import cuda_problem
 from inferlab.stage import StageRun
+from inferlab.sweep.locks import claim_gpu, visible_gpus
+from inferlab.sweep.placement import Slot, host_slots
+from inferlab.sweep.points import Point
+from inferlab.sweep.run import run_sweep
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,7 @@ def _bandwidth_in_child(gib: float) -> dict:
 
 
 def _bandwidth(gib: float) -> dict:
-    from inferlab.bench.memory import gpu_bandwidth
+    from inferlab.sweep.memory import gpu_bandwidth
 
     return gpu_bandwidth(gib)
 
@@ -191,5 +193,6 @@ def _run(cfg: StudyConfig, stage: StageRun, stage_file: Path, host: list[str], c
 
     log.info("bench_gpu: %d points", len(points))
     run_sweep(stage, points, resolve(cfg.bench_gpu.workload.prompts), bandwidth, cfg.bench_gpu.point_timeout_s,
-              cfg.bench_gpu.retry_failed, [stage_file], _decode_rate, slots or None)
+              cfg.bench_gpu.retry_failed, [stage_file], _decode_rate, slots or None,
+              measure=registry.run)
     write_aggregates(cfg, STAGE)

@@ -7,9 +7,9 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from inferlab.bench.sweep import Point
 from inferlab.config import KERNEL_STEP_ARCHITECTURES, KERNEL_STEP_PRECISIONS, StudyConfig, fuse_problem
 from inferlab.environment import missing_package
+from inferlab.sweep.points import Point
 
 INDUCTOR_SHORT = {"coordinate_descent_tuning": "cdt", "epilogue_fusion": "epilogue", "aggressive_fusion": "aggressive",
                   "freezing": "frozen", "max_autotune_gemm": "gemm-autotune", "shape_padding": "padded"}

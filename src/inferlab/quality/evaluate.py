@@ -29,14 +29,15 @@ from typing import Any
 
 from inferlab import records as rec
 from inferlab.aggregate import NOT_MEANINGFUL, hardware_of, stage_records, write_aggregates
-from inferlab.bench import grid
-from inferlab.bench.sweep import Point, run_sweep
+from inferlab.bench import grid, registry
 from inferlab.config import DECODE_LOOPS, ConfigError, EvalHF, StudyConfig, loop_path, resolve, usable_cores
 from inferlab.environment import cuda_problem, missing_package
 from inferlab.fields import VS_REFERENCE, VS_TRANSFORMERS
 from inferlab.quality import dataset, tokens
 from inferlab.quality.scores import BertScorer, compare, exact_match, mean_of, token_fidelity
 from inferlab.stage import StageRun
+from inferlab.sweep.points import Point
+from inferlab.sweep.run import run_sweep
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +309,7 @@ def run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
              ", ".join(f"{t} {sum(i.task == t for i in items)}" for t in dict.fromkeys(i.task for i in items)),
              len(token_ids) - 1, len(points))
     run_sweep(stage, points, resolve(e.dataset.path), {}, e.point_timeout_s, e.retry_failed, [stage_file],
-              lambda m: None)
+              lambda m: None, measure=registry.run)
     if bert is not None:
         made = score(cfg, stage, bert)
         log.info("evaluate: %d configuration(s) scored", made)

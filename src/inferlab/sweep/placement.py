@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from inferlab import NO_MULTICAST
-from inferlab.bench.lock import device_key
+from inferlab.sweep.locks import device_key
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,16 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from inferlab import LLAMA_PROCESS_ENV, slurm
 
 log = logging.getLogger(__name__)
+
+# What a worker runs for each point (bench.registry.run): (backend, point, folder, name) -> metrics, samples, files
+Measure = Callable[[Any, dict[str, Any], Path, str], tuple[dict[str, Any], dict[str, Any], dict[str, str]]]
 
 FAIL_ENV = "INFERLAB_INJECT_FAILURE"  # "<substring of a point name>:<oom|crash|error|hang|slow=SECONDS>", for tests
 _SPAWN = threading.Lock()  # workers start one at a time: each with the environment meant for it
@@ -77,11 +80,12 @@ def _is_oom(e: BaseException) -> bool:
     return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
 
 
-def worker_main(conn, runtime: str, load_settings: dict[str, Any], cpus: list[int] | None = None) -> None:
+def worker_main(conn, runtime: str, load_settings: dict[str, Any], measure: Measure,
+                cpus: list[int] | None = None) -> None:
     """Entry point of a worker process: receive points, send back (status, payload). With `cpus`, the process
     runs on those cores only, its thread pools sized to them, and every point records what it ran with."""
-    from inferlab.bench import placement
     from inferlab.logs import setup_logging
+    from inferlab.sweep import placement
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops the workers
     setup_logging()
@@ -89,8 +93,7 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any], cpus: list[in
     if cpus:
         placement.apply(cpus, runtime)
     from inferlab.backends import BackendUnavailable, get_backend
-    from inferlab.bench import registry
-    from inferlab.bench.memory import peak_rss_mib, reset_peak_rss, rss_mib
+    from inferlab.sweep.memory import peak_rss_mib, reset_peak_rss, rss_mib
 
     backend = None
     load_info: dict[str, Any] = {}
@@ -113,7 +116,7 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any], cpus: list[in
             else:
                 backend.settings.update({**msg.get("load", {}), **point})
             rss_before = rss_mib()
-            metrics, samples, artifacts = registry.run(backend, point, folder, name)
+            metrics, samples, artifacts = measure(backend, point, folder, name)
             metrics.update({k: round(v, 4) if isinstance(v, float) else v for k, v in load_info.items()})
             metrics["peak_rss_mib"] = round(peak_rss_mib(), 1)
             metrics["rss_before_mib"] = round(rss_before, 1)
@@ -122,7 +125,7 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any], cpus: list[in
             if cpus:
                 metrics["placement"] = placement.observed()
             elif point.get("device") == "cuda":  # llama.cpp on the GPU: what the driver says this process holds
-                from inferlab.bench.memory import process_gpu_gib
+                from inferlab.sweep.memory import process_gpu_gib
 
                 used = process_gpu_gib()
                 if used is not None:
@@ -158,13 +161,14 @@ def _environment(extra: dict[str, str]) -> Iterator[None]:
 
 class Worker:
     """The parent's handle on one worker process. `env` is added to the environment it starts with (its GPU and
-    thread counts); `cpus` pins it to those cores."""
+    thread counts); `cpus` pins it to those cores; `measure` (a module-level function) runs each point."""
 
     def __init__(self, runtime: str, load_settings: dict[str, Any], env: dict[str, str] | None = None,
-                 cpus: list[int] | None = None):
+                 cpus: list[int] | None = None, *, measure: Measure):
         ctx = mp.get_context("spawn")  # a fresh interpreter: no memory or CUDA state inherited
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=worker_main, args=(child, runtime, load_settings, cpus), daemon=True)
+        args = (child, runtime, load_settings, measure, cpus)
+        self.proc = ctx.Process(target=worker_main, args=args, daemon=True)
         env = dict(env or {})
         if runtime == "llama_cpp":  # `import inferlab` loads llama.cpp first in that process
             env[LLAMA_PROCESS_ENV] = "1"
