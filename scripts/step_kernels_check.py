@@ -107,34 +107,29 @@ def check_gemv(name, n, k, *, dev, dtype, int4, act_from, split, res, timing, li
     return err
 
 
-def check_layer_norm(k, *, dev, dtype, timing, lines):
-    x = torch.randn(k, device=dev, dtype=dtype) * 3 + 1
-    w, b = 1 + 0.1 * torch.randn(k, device=dev, dtype=dtype), 0.1 * torch.randn(k, device=dev, dtype=dtype)
-    outs = {}
-    for impl, fn in (("ref", sk.ref_layer_norm), ("triton", sk.layer_norm)):
-        outs[impl] = torch.full((k,), float("nan"), device=dev, dtype=dtype)
-        fn(x, w, b, 1e-5, out=outs[impl])
-    err = rel(outs["triton"], outs["ref"])
-    line = f"layer norm K={k}                            rel err {err:.2e}"
-    if timing:
-        line += f"  {graph_time([lambda: sk.layer_norm(x, w, b, 1e-5, out=outs['triton'])]) * 1000:7.1f} us"
-    lines.append(line)
-    return err
-
-
-def check_rms_norm(k, *, dev, dtype, timing, lines):
+def check_norm(label, ref, kernel, k, *, dev, dtype, timing, lines, bias):
+    """A norm kernel against its reference; bias: LayerNorm's (w, b) weights, else RMSNorm's w."""
     x = torch.randn(k, device=dev, dtype=dtype) * 3 + 1
     w = 1 + 0.1 * torch.randn(k, device=dev, dtype=dtype)
+    weights = (w, 0.1 * torch.randn(k, device=dev, dtype=dtype)) if bias else (w,)
     outs = {}
-    for impl, fn in (("ref", sk.ref_rms_norm), ("triton", sk.rms_norm)):
+    for impl, fn in (("ref", ref), ("triton", kernel)):
         outs[impl] = torch.full((k,), float("nan"), device=dev, dtype=dtype)
-        fn(x, w, 1e-5, out=outs[impl])
+        fn(x, *weights, 1e-5, out=outs[impl])
     err = rel(outs["triton"], outs["ref"])
-    line = f"rms norm K={k}                              rel err {err:.2e}"
+    line = f"{label} K={k}" + " " * (38 - len(label)) + f"rel err {err:.2e}"  # columns as in docs/step-kernels-h200.txt
     if timing:
-        line += f"  {graph_time([lambda: sk.rms_norm(x, w, 1e-5, out=outs['triton'])]) * 1000:7.1f} us"
+        line += f"  {graph_time([lambda: kernel(x, *weights, 1e-5, out=outs['triton'])]) * 1000:7.1f} us"
     lines.append(line)
     return err
+
+
+def check_layer_norm(k, **kw):
+    return check_norm("layer norm", sk.ref_layer_norm, sk.layer_norm, k, bias=True, **kw)
+
+
+def check_rms_norm(k, **kw):
+    return check_norm("rms norm", sk.ref_rms_norm, sk.rms_norm, k, bias=False, **kw)
 
 
 def check_attention(h, d, r, length, positions, *, dev, dtype, timing, lines, kv=None, one=False):
