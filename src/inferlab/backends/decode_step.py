@@ -71,9 +71,8 @@ def _fused(*projs):
     )
 
 
-def architecture_problem(model) -> str | None:
-    """Why decode: kernels cannot run this model's architecture, or None."""
-    arch = type(model).__name__
+def architecture_problem(arch: str) -> str | None:
+    """Why decode: kernels cannot run a model of class `arch`, or None."""
     if arch not in KERNEL_STEP_ARCHITECTURES:
         runs = " and ".join(KERNEL_STEP_ARCHITECTURES)
         return f"decode: kernels runs {runs}; this model is {arch}"
@@ -87,7 +86,7 @@ class DecodeStep:
 
     def __init__(self, model, triton: bool, int4_gemv: str = "rows", fuse_norm: bool = False,
                  fuse_attention: bool = False):
-        problem = architecture_problem(model)
+        problem = architecture_problem(type(model).__name__)
         if problem:
             raise BackendUnavailable(problem)
         self.llama = type(model).__name__ == "LlamaForCausalLM"

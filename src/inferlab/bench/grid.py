@@ -6,6 +6,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+from inferlab.backends.decode_step import architecture_problem
 from inferlab.bench.sweep import Point
 from inferlab.config import KERNEL_STEP_ARCHITECTURES, KERNEL_STEP_PRECISIONS, StudyConfig, fuse_problem
 from inferlab.environment import missing_package
@@ -37,9 +38,8 @@ def kernel_step_problem(
     """Why a point cannot run decode: kernels on a model of class `arch`, or None.
 
     arch None: not known before the download; the step checks it when made."""
-    if arch is not None and arch not in KERNEL_STEP_ARCHITECTURES:
-        runs = " and ".join(KERNEL_STEP_ARCHITECTURES)
-        return f"decode: kernels runs {runs}; this model is {arch}"
+    if arch is not None and (problem := architecture_problem(arch)):
+        return problem
     if fuse == "qkv":
         return "decode: kernels fuses q, k and v itself: leave fuse_qkv unset"
     if KERNEL_STEP_ARCHITECTURES.get(arch) and fuse != "block":
