@@ -416,3 +416,18 @@ def test_the_llama_kernels_sweep_runs_every_point_on_a_llama_model():
     phi = hf_points(cfg.bench_gpu, cfg.model_dir() / "hf", {}, 16, "PhiForCausalLM")
     kernels = [p for p in phi if p.name.endswith("kernels")]
     assert len(kernels) == 5 and all(p.skip for p in kernels)
+
+
+def test_the_kernel_check_fails_on_an_unwritten_output():
+    """A kernel that leaves its NaN-poisoned output unwritten has error NaN: the check must fail on it,
+    wherever it comes among the checks (max() kept the first value against a NaN, so it passed)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("step_kernels_check", ROOT / "scripts" / "step_kernels_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    nan = float("nan")
+    assert check.worst_of([1e-6, 3e-6, 2e-6]) == 3e-6
+    for errs in ([1e-6, nan, 2e-6], [nan, 1e-6], [1e-6, nan]):
+        worst = check.worst_of(errs)
+        assert not worst < 2e-4, errs  # main() passes only when worst < limit

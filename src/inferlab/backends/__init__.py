@@ -1,4 +1,4 @@
-"""Backends by name. Adding one is one module and one line here; heavy imports stay inside the module."""
+"""Backends by name: one module and one line here each; heavy imports stay in the module."""
 
 from __future__ import annotations
 

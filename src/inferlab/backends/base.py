@@ -1,4 +1,4 @@
-"""The backend interface: what runs a model. What is measured lives in inferlab.bench (scenarios)."""
+"""The backend interface: what runs a model (what is measured: inferlab.bench's scenarios)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ if TYPE_CHECKING:
 
 
 def log_softmax(logits) -> np.ndarray:
-    """Row-wise log-softmax of a (positions, vocabulary) array, as float32 (each row's sum of exponentials taken in
-    float64)."""
+    """Row-wise log-softmax of (positions, vocabulary), as float32; each row's sum in float64."""
     import numpy as np
 
     x = np.array(logits, dtype=np.float32)
@@ -24,7 +23,7 @@ def log_softmax(logits) -> np.ndarray:
 
 
 class BackendUnavailable(RuntimeError):
-    """This backend or setting cannot run on this machine (no CUDA, a missing package, ...): a skip, not a bug."""
+    """This backend or setting cannot run here (no CUDA, a missing package): a skip, not a bug."""
 
 
 class Backend(ABC):
@@ -43,15 +42,14 @@ class Backend(ABC):
 
     @abstractmethod
     def request(self, prompts: list[list[int]], new_tokens: int, **opts: Any) -> RequestTiming:
-        """Generate exactly new_tokens greedy tokens after each prompt (one batch); time every step."""
+        """Exactly new_tokens greedy tokens after each prompt (one batch); every step timed."""
 
     def complete(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuations (token ids, EOS excluded) of prompts, ending at EOS or after max_new_tokens."""
+        """Greedy continuations (ids, EOS excluded), ending at EOS or after max_new_tokens."""
         raise NotImplementedError(f"{self.name} does not generate for evaluation")
 
     def logprobs(self, ids: list[int]) -> np.ndarray:
-        """Log-probabilities of the next token after each prefix ids[:i + 1], from one forward pass over ids:
-        float32, shape (len(ids), vocabulary)."""
+        """float32 (len(ids), vocabulary) next-token log-probabilities after each ids[:i + 1]."""
         raise NotImplementedError(f"{self.name} does not score tokens")
 
     def scored_by(self) -> str:

@@ -1,14 +1,9 @@
-"""One matrix multiply for an attention layer's q, k and v projections (`fuse_qkv` of a transformers point).
+"""One matrix multiply for an attention layer's q, k and v projections (`fuse_qkv`).
 
-At batch 1 a decode step reads every weight once, and a small matrix-vector product reads its weights slower than a
-large one: on an H100, cuBLAS read Phi-2's 2560x2560 projections at 1.7 TB/s and its 2560x10240 MLP matrices at
-2.4-2.6 TB/s, and torchao's int4 kernel costs about 5 us per call whatever its size (docs/decode-loops.md). Fusing
-q, k and v turns three calls per layer into one over the concatenated weights.
-
-The model's own attention code stays as it is: `q_proj` becomes the fused projection, which returns q and hands k
-and v to `k_proj` and `v_proj`, called next on the same input. This holds for the attention modules of Phi, Llama,
-Mistral, Qwen2 and the like (q, then k, then v); a model that calls them in another order fails with a clear error
-instead of computing something else. torch.compile traces through the hand-over (fullgraph).
+At batch 1 a small matrix-vector product reads its weights slower than a large one (H100: 1.7 TB/s
+for Phi-2's 2560x2560, 2.4-2.6 TB/s for 2560x10240; docs/decode-loops.md), so three calls per
+layer become one. The model's code stays as it is: the fused `q_proj` returns q and hands k and v
+to `k_proj` and `v_proj`, called next; a model calling them in another order fails clearly.
 """
 
 from __future__ import annotations
@@ -22,14 +17,15 @@ def _modules():
     from torch import nn
 
     class FusedQKV(nn.Module):
-        """q_proj of a fused projection: one matmul over [Wq; Wk; Wv], k and v left for the next two calls."""
+        """q_proj of a fused projection: one matmul over [Wq; Wk; Wv], k and v handed on."""
 
         def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear):
             import torch
 
             super().__init__()
             bias = q.bias is not None
-            self.qkv = nn.Linear(q.in_features, q.out_features + k.out_features + v.out_features, bias=bias,
+            out_features = q.out_features + k.out_features + v.out_features
+            self.qkv = nn.Linear(q.in_features, out_features, bias=bias,
                                  device=q.weight.device, dtype=q.weight.dtype)
             with torch.no_grad():
                 self.qkv.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
@@ -44,8 +40,7 @@ def _modules():
             return q
 
     class HandedProjection(nn.Module):
-        """k_proj or v_proj (or a fused block's fc1) of a fused projection: the part the fused q_proj computed from the
-        same input."""
+        """k_proj, v_proj (or a fused block's fc1): the part the fused q_proj computed."""
 
         def __init__(self, handed: dict[str, Any], part: str):
             super().__init__()
@@ -53,25 +48,27 @@ def _modules():
 
         def forward(self, x):
             if self.part not in self.handed:
-                raise RuntimeError(f"fused projections: {self.part} was asked for before q_proj ran; this model "
-                                   "does not call its projections in the order fusing assumes (q, k, v, then the "
-                                   "MLP), so they cannot be fused")
+                raise RuntimeError(
+                    f"fused projections: {self.part} was asked for before q_proj ran; this model "
+                    "does not call its projections in the order fusing assumes (q, k, v, then the "
+                    "MLP), so they cannot be fused"
+                )
             return self.handed.pop(self.part)
 
     return FusedQKV, HandedProjection
 
 
 def fuse_qkv(model) -> int:
-    """Fuse q_proj / k_proj / v_proj of every attention module that has them as plain Linear layers on the same
-    input size; returns how many were fused. Raises ValueError where none can be (another attention layout, or
-    weights already quantized by bitsandbytes: fuse before quantizing)."""
+    """Fuse the plain-Linear q/k/v projections of every attention module; returns how many.
+
+    ValueError where none can be (another layout, or bitsandbytes weights: fuse first)."""
     from torch import nn
 
     fused_cls, handed_cls = _modules()
     n = 0
     for module in model.modules():
         parts = [getattr(module, f"{p}_proj", None) for p in "qkv"]
-        if not all(type(p) is nn.Linear for p in parts):  # exact type: not bitsandbytes' Linear4bit / Linear8bitLt
+        if not all(type(p) is nn.Linear for p in parts):  # exact: not bitsandbytes' Linear4bit
             continue
         q, k, v = parts
         if len({p.in_features for p in parts}) != 1 or len({p.weight.dtype for p in parts}) != 1:
@@ -81,21 +78,20 @@ def fuse_qkv(model) -> int:
         module.k_proj, module.v_proj = handed_cls(fused.handed, "k"), handed_cls(fused.handed, "v")
         n += 1
     if n == 0:
-        raise ValueError(f"fuse_qkv: {type(model).__name__} has no attention module with q_proj, k_proj and v_proj "
-                         "as plain Linear layers (fusing applies to fp32/fp16/bf16 weights and to torchao's, which "
-                         "are quantized after fusing)")
+        raise ValueError(
+            f"fuse_qkv: {type(model).__name__} has no attention module with q_proj, k_proj and "
+            "v_proj as plain Linear layers (fusing applies to fp32/fp16/bf16 weights and to "
+            "torchao's, which are quantized after fusing)"
+        )
     return n
 
 
-# The parallel block (`fuse_block`). Phi's decoder layer feeds one layer norm's output to both the attention and the
-# MLP and adds both outputs to the residual: out = x + dense(attn(q, k, v)) + fc2(act(fc1(h))), h = ln(x). So
-# [q; k; v; fc1] is one matrix over h, and dense + fc2 is one matrix over [attention output, act(fc1(h))]: two
-# matrix-vector products per layer instead of six (four with fused q/k/v), each larger, which batch-1 kernels read
-# faster. Every projection then runs as `torch.mm` plus a bias add (MatVecLinear): at one row, inductor with
-# coordinate-descent tuning turns torch.mm into a Triton reduction that takes the bias, the activation and the
-# residual add into the same kernel (scripts/gemv_bench.py measured such kernels against cuBLAS on these shapes).
-# The model's own forward code stays as it is, as for fuse_qkv: q_proj computes the fused input projection and hands
-# k, v and fc1's output on; dense keeps the attention output for fc2 and returns zeros, which the layer adds.
+# The parallel block (`fuse_block`): Phi's layer is x + dense(attn(h)) + fc2(act(fc1(h))),
+# h = ln(x), so [q; k; v; fc1] is one matrix over h and [dense | fc2] one over
+# [attn, act(fc1(h))]: two larger matrix-vector products per layer instead of six. As for
+# fuse_qkv the model's code stays: q_proj hands k, v and fc1's output on; dense keeps its
+# input for fc2 and returns zeros. At one row, inductor turns MatVecLinear's torch.mm into a
+# Triton reduction that takes the bias, activation and residual add (scripts/gemv_bench.py).
 
 
 @functools.cache
@@ -112,21 +108,22 @@ def _block_modules():
             self.weight = nn.Parameter(weight, requires_grad=False)
             self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
-        kernel = "default"  # "triton": one row on CUDA runs backends/kernels.py's GEMV (gemv: triton)
+        kernel = "default"  # "triton": one row on CUDA runs kernels.py's GEMV (gemv: triton)
 
         def forward(self, x):
             x2 = x.reshape(-1, self.in_features)
             if self.kernel == "triton" and x2.shape[0] == 1 and x2.is_cuda:
                 from inferlab.backends.kernels import gemv_fp16
 
-                return gemv_fp16(x2.contiguous(), self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+                y = gemv_fp16(x2.contiguous(), self.weight, self.bias)
+                return y.view(*x.shape[:-1], self.out_features)
             y = torch.mm(x2, self.weight.t())
             if self.bias is not None:
                 y = y + self.bias
             return y.view(*x.shape[:-1], self.out_features)
 
     class BlockInput(nn.Module):
-        """q_proj of a fused block: one matmul over [Wq; Wk; Wv; Wfc1]; k, v and fc1's output are handed on."""
+        """q_proj of a fused block: one matmul over [Wq; Wk; Wv; Wfc1], the rest handed on."""
 
         def __init__(self, proj, sizes: list[int], handed: dict[str, Any]):
             super().__init__()
@@ -138,7 +135,7 @@ def _block_modules():
             return q
 
     class DeferredOutput(nn.Module):
-        """The attention's output projection of a fused block: keeps its input for fc2 and adds nothing itself."""
+        """The attention's output projection of a fused block: keeps its input for fc2."""
 
         def __init__(self, out_features: int, handed: dict[str, Any]):
             super().__init__()
@@ -149,7 +146,7 @@ def _block_modules():
             return x.new_zeros(*x.shape[:-1], self.out_features)
 
     class BlockOutput(nn.Module):
-        """fc2 of a fused block: one matmul over [attention output, activated fc1 output] with [Wdense | Wfc2]."""
+        """fc2 of a fused block: [Wdense | Wfc2] over [attention output, activated fc1 output]."""
 
         def __init__(self, proj, handed: dict[str, Any]):
             super().__init__()
@@ -157,8 +154,10 @@ def _block_modules():
 
         def forward(self, g):
             if "attn" not in self.handed:
-                raise RuntimeError("fuse_block: fc2 was called before the attention's output projection; this layer "
-                                   "does not run attention before its MLP, so its block cannot be fused")
+                raise RuntimeError(
+                    "fuse_block: fc2 was called before the attention's output projection; this "
+                    "layer does not run attention before its MLP, so its block cannot be fused"
+                )
             return self.proj(torch.cat([self.handed.pop("attn"), g], dim=-1))
 
     return MatVecLinear, BlockInput, DeferredOutput, BlockOutput
@@ -166,11 +165,12 @@ def _block_modules():
 
 def matvec_linear(linear):
     """A MatVecLinear with the weights of an nn.Linear (the same tensors, not copies)."""
-    return _block_modules()[0](linear.weight.data, linear.bias.data if linear.bias is not None else None)
+    bias = linear.bias.data if linear.bias is not None else None
+    return _block_modules()[0](linear.weight.data, bias)
 
 
 def swap_children(root, swap) -> None:
-    """Replace every module below `root` by `swap(module)` where that gives another module (None: keep it)."""
+    """Replace every module below `root` by `swap(module)` where that is another module."""
     for parent in list(root.modules()):
         for name, child in list(parent.named_children()):
             new = swap(child)
@@ -190,8 +190,7 @@ def _plain_linear(weight, bias):
 
 
 def parallel_blocks(model) -> list:
-    """The decoder layers whose attention and MLP read the same normed input (one input layer norm, no
-    post-attention one) with q/k/v/dense and fc1/fc2 as plain Linear layers: Phi's layout."""
+    """Layers whose attention and MLP read one normed input, all plain Linear: Phi's layout."""
     from torch import nn
 
     found = []
@@ -199,21 +198,21 @@ def parallel_blocks(model) -> list:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if attn is None or mlp is None or not hasattr(layer, "input_layernorm"):
             continue
-        if hasattr(layer, "post_attention_layernorm"):  # attention, then MLP: sequential, not parallel
+        if hasattr(layer, "post_attention_layernorm"):  # attention, then MLP: sequential
             continue
-        parts = [getattr(attn, f"{p}_proj", None) for p in "qkv"] + [getattr(attn, "dense", None),
-                                                                      getattr(mlp, "fc1", None),
-                                                                      getattr(mlp, "fc2", None)]
+        parts = [getattr(attn, f"{p}_proj", None) for p in "qkv"]
+        parts += [getattr(attn, "dense", None), getattr(mlp, "fc1", None),
+                  getattr(mlp, "fc2", None)]
         if all(type(p) is nn.Linear for p in parts):
             found.append(layer)
     return found
 
 
 def fuse_parallel_block(model, matvec_projections: bool = True) -> int:
-    """Fuse every parallel decoder layer into two projections (see above) and run the output head as a
-    MatVecLinear; returns how many layers were fused. Raises ValueError where none can be (a sequential layer
-    layout such as Llama's, or weights already quantized by bitsandbytes). With matvec_projections=False the two
-    projections are nn.Linear layers (what torchao's quantize_ converts) and the head stays as it is."""
+    """Fuse every parallel layer into two projections, the head a MatVecLinear; returns how many.
+
+    ValueError where none can be (Llama's sequential layers, bitsandbytes weights). With
+    matvec_projections=False they are nn.Linear (for torchao's quantize_) and the head stays."""
     import torch
 
     matvec, block_input, deferred, block_output = _block_modules()
@@ -221,24 +220,29 @@ def fuse_parallel_block(model, matvec_projections: bool = True) -> int:
     handed_cls = _modules()[1]
     layers = parallel_blocks(model)
     if not layers:
-        raise ValueError(f"fuse_block: {type(model).__name__} has no parallel decoder layer (one input layer norm "
-                         "feeding self_attn with q_proj/k_proj/v_proj/dense and mlp with fc1/fc2 as plain Linear "
-                         "layers, as Phi has); sequential layers such as Llama's cannot be fused this way: use "
-                         "fuse_qkv")
+        raise ValueError(
+            f"fuse_block: {type(model).__name__} has no parallel decoder layer (one input layer "
+            "norm feeding self_attn with q_proj/k_proj/v_proj/dense and mlp with fc1/fc2 as "
+            "plain Linear layers, as Phi has); sequential layers such as Llama's cannot be fused "
+            "this way: use fuse_qkv"
+        )
     with torch.no_grad():
         for layer in layers:
             a, m = layer.self_attn, layer.mlp
             ins = [a.q_proj, a.k_proj, a.v_proj, m.fc1]
             w_in = torch.cat([p.weight for p in ins])
-            b_in = torch.cat([p.bias if p.bias is not None else w_in.new_zeros(p.out_features) for p in ins])
+            b_in = torch.cat([
+                p.bias if p.bias is not None else w_in.new_zeros(p.out_features) for p in ins
+            ])
             w_out = torch.cat([a.dense.weight, m.fc2.weight], dim=1)
             b_out = sum(p.bias for p in (a.dense, m.fc2) if p.bias is not None)
             handed: dict[str, Any] = {}
             a.q_proj = block_input(projection(w_in, b_in), [p.out_features for p in ins], handed)
-            a.k_proj, a.v_proj, m.fc1 = (handed_cls(handed, "k"), handed_cls(handed, "v"),
-                                         handed_cls(handed, "fc1"))
+            a.k_proj, a.v_proj = handed_cls(handed, "k"), handed_cls(handed, "v")
+            m.fc1 = handed_cls(handed, "fc1")
             a.dense = deferred(w_out.shape[0], handed)
-            m.fc2 = block_output(projection(w_out, b_out if torch.is_tensor(b_out) else None), handed)
+            b_out = b_out if torch.is_tensor(b_out) else None
+            m.fc2 = block_output(projection(w_out, b_out), handed)
         head = model.get_output_embeddings()
         if matvec_projections and type(head) is torch.nn.Linear:
             model.set_output_embeddings(matvec_linear(head))

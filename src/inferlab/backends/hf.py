@@ -26,7 +26,8 @@ __all__ = ["HFBackend", "StepTimer", "stored_bytes"]
 
 class HFBackend(Backend):
     """settings: model_dir, precision, compute_dtype, device (cpu/cuda), attn, kv_cache, compile,
-    compile_mode, threads, decode (generate / fast / graph / kernels), inductor, fuse_qkv / fuse_block, gemv."""
+    compile_mode, threads, decode (generate / fast / graph / kernels), inductor, fuse_qkv /
+    fuse_block, gemv."""
 
     name = "hf"
 
@@ -37,13 +38,16 @@ class HFBackend(Backend):
         self.device: Any = None  # torch.device, once loaded
         self.sync: Callable[[], None] = lambda: None
         self.decoder: StaticDecoder | None = None  # the fast and graph loops, once loaded
-        self.after_prefill: Callable[[], None] | None = None  # called once a loop's prefill is queued (profiler)
+        # called once a loop's prefill is queued (profiler)
+        self.after_prefill: Callable[[], None] | None = None
 
     def load(self) -> dict[str, Any]:
         loaded = hf_load.load(self.settings)
-        self.model, self.tokenizer, self.device, self.sync = loaded.model, loaded.tokenizer, loaded.device, loaded.sync
-        self.decoder = StaticDecoder(self.model, self.device, self.sync, self.settings, self._prefilled)
-        if self.settings.get("decode") == "kernels":  # which implementation of the step's kernels ran
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.device, self.sync = loaded.device, loaded.sync
+        self.decoder = StaticDecoder(self.model, self.device, self.sync, self.settings,
+                                     self._prefilled)
+        if self.settings.get("decode") == "kernels":  # which implementation of its kernels ran
             loaded.figures["step_kernels"] = step_kernels_run(self.device)
         return loaded.figures
 
@@ -58,7 +62,8 @@ class HFBackend(Backend):
         s = self.settings
         kv = s.get("kv_cache", "dynamic")
         kwargs: dict[str, Any] = dict(
-            max_new_tokens=new_tokens, min_new_tokens=new_tokens,  # fixed length: EOS cannot end it early
+            # fixed length: EOS cannot end it early
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens,
             do_sample=False, use_cache=kv != "none",
         )
         if kv == "static":
@@ -66,19 +71,24 @@ class HFBackend(Backend):
             if s.get("compile"):
                 from transformers import CompileConfig
 
-                kwargs["compile_config"] = CompileConfig(mode=s.get("compile_mode", "reduce-overhead"),
-                                                         fullgraph=False)
+                mode = s.get("compile_mode", "reduce-overhead")
+                kwargs["compile_config"] = CompileConfig(mode=mode, fullgraph=False)
             else:
                 kwargs["disable_compile"] = True
         elif s.get("compile"):
-            raise BackendUnavailable("torch.compile applies to the static KV cache only (kv_cache=static)")
+            raise BackendUnavailable(
+                "torch.compile applies to the static KV cache only (kv_cache=static)"
+            )
         return kwargs
 
-    def request(self, prompts: list[list[int]], new_tokens: int, past_key_values=None, **_: Any) -> RequestTiming:
+    def request(self, prompts: list[list[int]], new_tokens: int, past_key_values=None,
+                **_: Any) -> RequestTiming:
         decode = self.settings.get("decode")
         if decode in DECODE_LOOPS:
             if past_key_values is not None:
-                raise BackendUnavailable(f"the {decode} decode loop does not take a precomputed prefix cache")
+                raise BackendUnavailable(
+                    f"the {decode} decode loop does not take a precomputed prefix cache"
+                )
             assert self.decoder is not None, "load() first"
             loop = self.decoder.fast_request if decode == "fast" else self.decoder.graph_request
             return loop(prompts, new_tokens)
@@ -95,11 +105,13 @@ class HFBackend(Backend):
         eos = self.tokenizer.eos_token_id
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                            device=self.device)
         kwargs = self.generation_kwargs(max_new_tokens)
         kwargs.pop("min_new_tokens")
         with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, eos_token_id=eos, **kwargs)
+            out = self.model.generate(input_ids=ids, attention_mask=mask, eos_token_id=eos,
+                                      **kwargs)
         outputs = []
         for row in out[:, width:].tolist():
             if eos in row:
@@ -132,7 +144,7 @@ class HFBackend(Backend):
 
         import torch
 
-        self.model = self.decoder = None  # the decoder's cache and compiled steps go with the model
+        self.model = self.decoder = None  # its cache and compiled steps go with the model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -78,7 +78,8 @@ class StepClock:
         return [self.origin + self.events[0].elapsed_time(e) / 1000 for e in self.events[1:]]
 
 
-def generate_request(model, device, sync, prompts: list[list[int]], kwargs: dict[str, Any]) -> RequestTiming:
+def generate_request(model, device, sync, prompts: list[list[int]],
+                     kwargs: dict[str, Any]) -> RequestTiming:
     """One batch through transformers' generate(), every step timed as the streamer receives it."""
     import torch
 
@@ -87,7 +88,8 @@ def generate_request(model, device, sync, prompts: list[list[int]], kwargs: dict
     sync()
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=timer, **kwargs)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=timer,
+                             **kwargs)
     sync()
     end = time.perf_counter()
     generated = out.shape[1] - ids.shape[1]
@@ -99,13 +101,16 @@ def equal_lengths(prompts: list[list[int]], loop: str) -> tuple[int, int]:
     """(batch, prompt length) of prompts a decode loop can take: of equal length (no padding)."""
     b, n_prompt = len(prompts), len(prompts[0])
     if any(len(p) != n_prompt for p in prompts):
-        raise BackendUnavailable(f"the {loop} decode loop takes prompts of equal length (no padding)")
+        raise BackendUnavailable(
+            f"the {loop} decode loop takes prompts of equal length (no padding)"
+        )
     return b, n_prompt
 
 
 def step_kernels_run(device) -> str:
-    """What runs decode: kernels' kernels on this device: "triton" on CUDA; on the CPU "torch reference", or "triton,
-    interpreted" under TRITON_INTERPRET=1 (slow; to check the Triton kernels without a GPU). Each point records it."""
+    """What runs decode: kernels' kernels here (each point records it): "triton" on CUDA.
+
+    On the CPU "torch reference", or "triton, interpreted" under TRITON_INTERPRET=1 (slow)."""
     from inferlab.backends import kernels
 
     if device.type == "cuda":
@@ -147,10 +152,10 @@ class StaticDecoder:
         self.step: Callable | None = None  # the fast loop's step, compiled or eager
         self.step_key: tuple | None = None  # (compile, mode, inductor) it was made for
         self.graph = None  # the graph loop's captured step (CUDA only)
-        self.graph_step: Callable | None = None  # the same step, run eagerly where no graph is captured
+        self.graph_step: Callable | None = None  # the same step, run eagerly without a graph
         self.graph_key: tuple | None = None  # the shape and compile settings it was made for
         self.tok = self.pos = self.idx = self.out = None  # the graph's static buffers
-        self.kernel_step = None  # decode: kernels' hand-written step (backends/decode_step.py), once made
+        self.kernel_step = None  # decode: kernels' hand-written step (decode_step.py), once made
 
     def next_token(self, ids, pos):
         """Greedy next token of each sequence after ids (positions pos, shape [1, n]) on the static
@@ -217,24 +222,31 @@ class StaticDecoder:
                 if i == new_tokens:
                     break
                 if cuda and self.step_key[0]:  # type: ignore[index]
-                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
+                    # the previous step's graph outputs are consumed
+                    torch.compiler.cudagraph_mark_step_begin()
                 tok = step(tok.clone(), positions[:, n_prompt + i - 1: n_prompt + i])
                 out[:, i: i + 1] = tok
         self.sync()
         end = time.perf_counter()
-        return RequestTiming(start, clock.times(), end, n_prompt, new_tokens, b, output_ids=out.tolist())
+        return RequestTiming(start, clock.times(), end, n_prompt, new_tokens, b,
+                             output_ids=out.tolist())
+
+    def _step_settings(self) -> tuple:
+        """The settings a made step depends on, beside its shape."""
+        s = self.settings
+        return (s.get("decode"), s.get("compile"), s.get("compile_mode"), s.get("inductor"))
 
     def graph_setup(self, b: int, max_len: int, new_tokens: int) -> None:
         import torch
 
         s = self.settings
-        key = (b, max_len, new_tokens, s.get("decode"), s.get("compile"), s.get("compile_mode"), s.get("inductor"))
+        key = (b, max_len, new_tokens, *self._step_settings())
         self.static_cache(b, max_len)
         if self.graph_key == key:
             return
         if s.get("decode") == "kernels" and b != 1:
             raise BackendUnavailable("decode: kernels runs batch 1 (its kernels take one row)")
-        self.graph_key, self.graph = None, None  # set once the step is made (a failed setup is made again)
+        self.graph_key, self.graph = None, None  # set once the step is made (a failure: again)
         dev = self.device
         self.tok = torch.zeros((b, 1), dtype=torch.long, device=dev)
         self.pos = torch.zeros((1, 1), dtype=torch.long, device=dev)
@@ -263,17 +275,22 @@ class StaticDecoder:
         self.graph, self.graph_key = capture(step), key
 
     def kernels(self, max_len: int) -> Callable:
-        """decode: kernels' step over this decoder's static cache (bound once a prefill has filled it)."""
+        """decode: kernels' step over the static cache (bound once a prefill filled it)."""
         from inferlab.backends import kernels
         from inferlab.backends.decode_step import DecodeStep
 
-        if self.device.type == "cuda" and not kernels.available():  # the references read the position on the host
-            raise BackendUnavailable("decode: kernels on CUDA runs Triton kernels: the triton package is missing")
+        # the references read the position on the host, which a CUDA graph cannot
+        if self.device.type == "cuda" and not kernels.available():
+            raise BackendUnavailable(
+                "decode: kernels on CUDA runs Triton kernels: the triton package is missing"
+            )
         if self.kernel_step is None:
-            self.kernel_step = DecodeStep(self.model, triton=step_kernels_run(self.device) != "torch reference",
-                                          int4_gemv=self.settings.get("int4_gemv") or "rows",
-                                          fuse_norm=bool(self.settings.get("fuse_norm")),
-                                          fuse_attention=bool(self.settings.get("fuse_attention")))
+            s = self.settings
+            triton = step_kernels_run(self.device) != "torch reference"
+            self.kernel_step = DecodeStep(self.model, triton=triton,
+                                          int4_gemv=s.get("int4_gemv") or "rows",
+                                          fuse_norm=bool(s.get("fuse_norm")),
+                                          fuse_attention=bool(s.get("fuse_attention")))
         made = self.kernel_step
 
         def step(tok, pos):
@@ -289,7 +306,7 @@ class StaticDecoder:
         import torch
 
         s = self.settings
-        key = ("forced", b, max_len, s.get("decode"), s.get("compile"), s.get("compile_mode"), s.get("inductor"))
+        key = ("forced", b, max_len, *self._step_settings())
         self.static_cache(b, max_len)
         if self.graph_key == key:
             return
@@ -334,18 +351,21 @@ class StaticDecoder:
 
     def step_logits(self, ids, pos):
         """The step's logits of the last position (the forward next_token takes the argmax of)."""
-        logits = self.model(input_ids=ids, position_ids=pos.expand(ids.shape[0], -1), cache_position=pos[0],
-                            past_key_values=self.cache, use_cache=True).logits
+        logits = self.model(input_ids=ids, position_ids=pos.expand(ids.shape[0], -1),
+                            cache_position=pos[0], past_key_values=self.cache,
+                            use_cache=True).logits
         return logits[:, -1]
 
     def forced_logprobs(self, ids: list[int], batch: int = 1):
-        """Log-probabilities of the next token after each prefix of `ids`, from the loop's own step
-        fed one position at a time (no prefill): float32, shape (len(ids), vocabulary). At batch > 1
-        every row holds the same sequence, so the step runs the kernels its batch was timed with."""
+        """float32 (len(ids), vocabulary) next-token log-probabilities from the loop's own step.
+
+        Fed one position at a time (no prefill). At batch > 1 every row holds the same sequence,
+        so the step runs the kernels its batch was timed with."""
         import torch
 
         n = len(ids)
-        self.forced_setup(batch, max(n, int(self.settings.get("tokens_window") or n)))  # one shape for all windows
+        window = int(self.settings.get("tokens_window") or n)
+        self.forced_setup(batch, max(n, window))  # one shape for all windows
         with torch.inference_mode():
             self.cache.reset()
             self.ids[:, :n] = torch.tensor(ids, device=self.device)
@@ -366,7 +386,7 @@ class StaticDecoder:
         b, n_prompt = equal_lengths(prompts, self.settings.get("decode") or "graph")
         cuda = self.device.type == "cuda"
         self.sync()
-        start = time.perf_counter()  # compile and capture (first request of a shape) count in this request
+        start = time.perf_counter()  # a shape's first request counts its compile and capture
         self.graph_setup(b, n_prompt + new_tokens, new_tokens)
         self.sync()
         setup_s = time.perf_counter() - start
@@ -393,6 +413,7 @@ class StaticDecoder:
         end = time.perf_counter()
         internal = {"setup_s": setup_s}
         if self.settings.get("decode") == "kernels" and self.kernel_step.launches is not None:
-            internal["step_launches"] = self.kernel_step.launches  # counted in its last eager call (the captured one)
-        return RequestTiming(start, clock.times(), end, n_prompt, new_tokens, b, internal=internal,
-                             output_ids=self.out.tolist())
+            # counted in its last eager call (the captured one)
+            internal["step_launches"] = self.kernel_step.launches
+        return RequestTiming(start, clock.times(), end, n_prompt, new_tokens, b,
+                             internal=internal, output_ids=self.out.tolist())

@@ -56,8 +56,8 @@ def load(s: dict[str, Any]) -> Loaded:
     precision = s["precision"]
     fuse = "block" if s.get("fuse_block") else "qkv" if s.get("fuse_qkv") else None
     if fuse_problem(fuse, precision):  # before any loading
-        raise ValueError(f"{fuse_problem(fuse, precision)}; fusing applies to fp32, fp16, bf16, int8-ao, int4-ao "
-                         "and int4-inductor")
+        raise ValueError(f"{fuse_problem(fuse, precision)}; fusing applies to fp32, fp16, bf16, "
+                         "int8-ao, int4-ao and int4-inductor")
     if s.get("threads"):
         torch.set_num_threads(int(s["threads"]))
     kwargs, quantize, detail = load_kwargs(precision, s.get("compute_dtype", "bf16"), device, fuse)
@@ -111,10 +111,11 @@ def load_kwargs(precision: str, compute_dtype: str, device: str,
             quantize = torchao_quantizer(kwargs.pop("quantization_config").quant_type)
             return {**kwargs, "device_map": "cpu"}, quantize, detail
         return kwargs, None, detail
-    if precision == INT4_INDUCTOR:  # fp16 activations on CUDA (fp32 on the CPU, where fp16 math is slow)
+    if precision == INT4_INDUCTOR:  # fp16 activations on CUDA (fp32 on the CPU: fp16 math is slow)
         from inferlab.backends.int4 import quantize_int4
 
-        return {"dtype": torch.float16 if device == "cuda" else torch.float32, "device_map": "cpu"}, quantize_int4, None
+        dtype = torch.float16 if device == "cuda" else torch.float32
+        return {"dtype": dtype, "device_map": "cpu"}, quantize_int4, None
     kwargs: dict[str, Any] = {"dtype": getattr(torch, DTYPES[precision])}
     if device == "cuda":
         kwargs["device_map"] = {"": 0}
@@ -146,7 +147,9 @@ def use_triton_gemv(model, device) -> int:
     from inferlab.backends.int4 import _module as int4_module
 
     if device.type != "cuda" or not kernels.available():
-        raise BackendUnavailable("gemv: triton runs Triton kernels, which need CUDA and the triton package")
+        raise BackendUnavailable(
+            "gemv: triton runs Triton kernels, which need CUDA and the triton package"
+        )
     kernels.prepare()
     matvec, int4 = _block_modules()[0], int4_module()
 
@@ -168,7 +171,9 @@ def bnb_kwargs(precision: str, compute_dtype: str, device: str) -> dict[str, Any
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError as e:
-        raise BackendUnavailable(f"bitsandbytes is not installed ({e}): pip install 'inferlab[gpu]'") from e
+        raise BackendUnavailable(
+            f"bitsandbytes is not installed ({e}): pip install 'inferlab[gpu]'"
+        ) from e
     if precision == "int8":
         q = BitsAndBytesConfig(load_in_8bit=True)
     else:
@@ -194,7 +199,9 @@ def torchao_kwargs(precision: str, device: str) -> tuple[dict[str, Any], str]:
         raise BackendUnavailable(f"torchao is not installed ({e}): pip install torchao") from e
     if precision == "int4-ao":
         if device != "cuda":
-            raise BackendUnavailable("int4-ao uses torchao's tinygemm int4 kernel, which needs CUDA")
+            raise BackendUnavailable(
+                "int4-ao uses torchao's tinygemm int4 kernel, which needs CUDA"
+            )
         try:  # torchao >= 0.13 names the tinygemm layout; older ones take version=1
             quant = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
         except TypeError:
@@ -222,8 +229,10 @@ def torchao_quantizer(quant):
             quantize_(block, quant, filter_fn=lambda m, fqn: linear(m))
             return
         for g in GROUP_SIZES:  # int4: each layer with the largest group its row divides
-            quantize_(block, dataclasses.replace(quant, group_size=g),
-                      filter_fn=lambda m, fqn, g=g: linear(m) and torchao_group_size(m.in_features) == g)
+            def fits(m, fqn, g=g):
+                return linear(m) and torchao_group_size(m.in_features) == g
+
+            quantize_(block, dataclasses.replace(quant, group_size=g), filter_fn=fits)
 
     return apply
 

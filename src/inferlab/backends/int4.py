@@ -1,17 +1,11 @@
-"""int4 weight-only quantization whose batch-1 kernel inductor writes (`precision: int4-inductor`), and the group
-sizes of both int4 paths (this one and torchao's, `int4-ao`).
+"""int4 weight-only quantization whose batch-1 kernel inductor writes (`int4-inductor`).
 
-Weights are quantized per row in groups of 128 input columns (64 or 32 where half a row does not split into groups
-of 128: SmolLM2's 576-wide rows get 32), asymmetric (w ~ q * scale - scale * zero, q in 0..15: the scheme of
-torchao's tinygemm int4 and HQQ), and stored two per byte: byte j of a row holds column j in its low nibble and
-column j + K/2 in its high one, so unpacking needs no interleave. At one row (batch-1 decoding) the
-product is written as plain tensor arithmetic, unpack, scale, multiply and sum, which torch.compile turns into a
-single Triton reduction that reads the packed bytes once; no custom kernel is involved. With more rows (prefill,
-batches) the weight is dequantized and multiplied by torch.mm.
-
-scripts/gemv_bench.py compared the int4 kernels available here at batch 1 on Phi-2's shapes (H100): torchao's
-tinygemm and GemLite's GEMV read their packed weights at 0.4-1.6 TB/s, since their cost per call does not scale
-down with the matrix; this path is there to measure what a bandwidth-bound reduction does instead.
+Also the group sizes of both int4 paths (this one and torchao's `int4-ao`). Asymmetric groups
+(w ~ q * scale - offset, q in 0..15, as tinygemm and HQQ), two per byte: byte j holds column j
+low and j + K/2 high, so unpacking needs no interleave. At one row the product is plain tensor
+arithmetic that torch.compile makes one Triton reduction; more rows dequantize and use torch.mm.
+On Phi-2's shapes (H100) tinygemm and GemLite read 0.4-1.6 TB/s (scripts/gemv_bench.py): this
+path measures what a bandwidth-bound reduction does instead.
 """
 
 from __future__ import annotations
@@ -41,9 +35,13 @@ def _module():
             half = k // 2
             self.register_buffer("packed", (q[:, :half] | (q[:, half:] << 4)).contiguous())
             dtype = weight.dtype
-            self.register_buffer("scale", scale.view(n, -1).to(dtype))  # (n, groups): lower half, then upper
-            self.register_buffer("offset", (scale * zero).view(n, -1).to(dtype))  # w = q * scale - offset
-            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+            # (n, groups): lower half, then upper; w = q * scale - offset
+            self.register_buffer("scale", scale.view(n, -1).to(dtype))
+            self.register_buffer("offset", (scale * zero).view(n, -1).to(dtype))
+            if bias is not None:
+                self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+            else:
+                self.bias = None
 
         def _halves(self, dtype):
             n, g = self.out_features, self.group_size
@@ -56,21 +54,24 @@ def _module():
 
         def dequantize(self, dtype=None):
             lo, hi = self._halves(dtype or self.scale.dtype)
-            return torch.cat([lo.reshape(self.out_features, -1), hi.reshape(self.out_features, -1)], dim=1)
+            n = self.out_features
+            return torch.cat([lo.reshape(n, -1), hi.reshape(n, -1)], dim=1)
 
-        kernel = "default"  # "triton": one row on CUDA runs backends/kernels.py's int4 GEMV (gemv: triton)
+        kernel = "default"  # "triton": one row on CUDA runs kernels.py's int4 GEMV (gemv: triton)
 
         def forward(self, x):
             x2 = x.reshape(-1, self.in_features)
             if self.kernel == "triton" and x2.shape[0] == 1 and x2.is_cuda:
                 from inferlab.backends.kernels import gemv_int4
 
-                y = gemv_int4(x2.contiguous(), self.packed, self.scale, self.offset, self.bias, self.group_size)
+                y = gemv_int4(x2.contiguous(), self.packed, self.scale, self.offset, self.bias,
+                              self.group_size)
                 return y.view(*x.shape[:-1], self.out_features)
-            if x2.shape[0] == 1:  # one row: the reduction inductor compiles into one kernel over the packed bytes
+            if x2.shape[0] == 1:  # one row: inductor makes it one kernel over the packed bytes
                 lo, hi = self._halves(x.dtype)
                 xs = x2.view(2, -1, self.group_size)
-                y = (lo * xs[0] + hi * xs[1]).sum(dim=(1, 2), dtype=torch.float32).to(x.dtype).view(1, -1)
+                y = (lo * xs[0] + hi * xs[1]).sum(dim=(1, 2), dtype=torch.float32)
+                y = y.to(x.dtype).view(1, -1)
             else:
                 y = torch.mm(x2, self.dequantize(x.dtype).t())
             if self.bias is not None:
@@ -78,27 +79,28 @@ def _module():
             return y.view(*x.shape[:-1], self.out_features)
 
         def extra_repr(self) -> str:
-            return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+            return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                    f"group_size={self.group_size}")
 
     return Int4Linear
 
 
 def group_size_for(in_features: int) -> int | None:
-    """int4-inductor's group: the largest of 128, 64, 32 that splits each half of a row into whole groups (its
-    packing puts column j and column j + K/2 in one byte); None if none does. A row of 576 gets 32 (288 / 64 is
-    not whole)."""
+    """int4-inductor's group: the largest of 128, 64, 32 dividing half a row, or None (576: 32).
+
+    Its packing puts column j and column j + K/2 in one byte."""
     return next((g for g in GROUP_SIZES if in_features % (2 * g) == 0), None)
 
 
 def torchao_group_size(in_features: int) -> int | None:
-    """torchao int4's group: the largest of 128, 64, 32 that divides the row (torchao leaves a layer whose row its
-    group does not divide in 16 bits, saying so only at log level INFO). A row of 576 gets 64."""
+    """torchao int4's group: the largest of 128, 64, 32 dividing the row (576: 64).
+
+    torchao leaves a layer its group does not divide in 16 bits, saying so only at level INFO."""
     return next((g for g in GROUP_SIZES if in_features % g == 0), None)
 
 
 def group_sizes(model) -> dict[str, int]:
-    """Projections per int4 group size, as the model holds them (int4-inductor's layers and torchao's int4
-    weights), e.g. {"32": 180, "128": 30}."""
+    """Projections per int4 group size as the model holds them (both paths): {"32": 180, ...}."""
     sizes: Counter = Counter()
     for m in model.modules():
         if type(m) is _module():
@@ -109,15 +111,16 @@ def group_sizes(model) -> dict[str, int]:
 
 
 def groups_phrase(sizes: dict[str, int]) -> str:
-    """'group size 128', or 'group sizes 64 (180 projections) and 128 (30)' when the layers got different ones."""
+    """'group size 128', or 'group sizes 64 (180 projections) and 128 (30)' when they differ."""
     if len(sizes) <= 1:
         return f"group size {next(iter(sizes), 0)}"
-    parts = [f"{g} ({n} projections)" if i == 0 else f"{g} ({n})" for i, (g, n) in enumerate(sizes.items())]
+    parts = [f"{g} ({n} projections)" if i == 0 else f"{g} ({n})"
+             for i, (g, n) in enumerate(sizes.items())]
     return "group sizes " + ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def int4_linear(linear) -> Any:
-    """An Int4Linear quantized from a Linear (or a MatVecLinear) with in_features divisible by 64."""
+    """An Int4Linear from a Linear (or a MatVecLinear) with in_features divisible by 64."""
     g = group_size_for(linear.in_features)
     if g is None:
         raise ValueError(f"int4-inductor: in_features {linear.in_features} is not divisible by 64")
@@ -125,15 +128,18 @@ def int4_linear(linear) -> Any:
 
 
 def concat_int4(layers) -> Any:
-    """One Int4Linear over the rows of several that read the same input (the decode step's [q; k; v] and [gate; up]):
-    the packing, scales and offsets are per row, so stacking them along the output dimension is exact."""
+    """One Int4Linear over the rows of several reading one input (the decode step's [q; k; v]).
+
+    Packing, scales and offsets are per row, so stacking them along the rows is exact."""
     import torch
     from torch import nn
 
     cls = _module()
     shapes = {(m.in_features, m.group_size) for m in layers}
     if len(shapes) != 1 or any(type(m) is not cls for m in layers):
-        raise ValueError(f"concat_int4: takes Int4Linear layers of one input size and group size, got {shapes}")
+        raise ValueError(
+            f"concat_int4: takes Int4Linear layers of one input size and group size, got {shapes}"
+        )
     out = cls.__new__(cls)
     nn.Module.__init__(out)
     out.out_features = sum(m.out_features for m in layers)
@@ -141,25 +147,34 @@ def concat_int4(layers) -> Any:
     for name in ("packed", "scale", "offset"):
         out.register_buffer(name, torch.cat([getattr(m, name) for m in layers]))
     biased = [m.bias is not None for m in layers]
-    out.bias = None if not any(biased) else nn.Parameter(torch.cat(
-        [m.bias if m.bias is not None else m.scale.new_zeros(m.out_features) for m in layers]), requires_grad=False)
+    if any(biased):
+        biases = [m.bias if m.bias is not None else m.scale.new_zeros(m.out_features)
+                  for m in layers]
+        out.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
+    else:
+        out.bias = None
     return out
 
 
 def quantize_int4(module, skip_ids=frozenset()) -> None:
-    """Replace every Linear / MatVecLinear under `module` (but those whose id() is in `skip_ids`, and those whose
-    input size no group size fits) by an Int4Linear, in place."""
+    """Replace each Linear / MatVecLinear under `module` by an Int4Linear, in place.
+
+    Except those whose id() is in `skip_ids` and those whose input size no group size fits."""
     from torch import nn
 
     from inferlab.backends.fuse import _block_modules, swap_children
 
     kinds = (nn.Linear, _block_modules()[0])
-    swap_children(module, lambda m: int4_linear(m) if type(m) in kinds and id(m) not in skip_ids
-                  and group_size_for(m.in_features) is not None else None)
+
+    def swap(m):
+        fits = type(m) in kinds and group_size_for(m.in_features) is not None
+        return int4_linear(m) if fits and id(m) not in skip_ids else None
+
+    swap_children(module, swap)
 
 
 def describe(model, torchao: bool = False) -> str:
-    """What an int4 path made of a model: group sizes, projections quantized and kept in 16 bits (the head aside)."""
+    """What an int4 path made of a model: group sizes, projections quantized and kept."""
     from torch import nn
 
     from inferlab.backends.fuse import _block_modules
@@ -169,9 +184,12 @@ def describe(model, torchao: bool = False) -> str:
     if torchao:
         kept = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head
                 and not hasattr(m.weight, "block_size")]
-        return (f"torchao int4 weight-only (tinygemm), asymmetric, {groups_phrase(sizes)}; {sum(sizes.values())} "
-                f"projections quantized, {len(kept)} kept in bf16 (output head in bf16)")
+        return (f"torchao int4 weight-only (tinygemm), asymmetric, {groups_phrase(sizes)}; "
+                f"{sum(sizes.values())} projections quantized, {len(kept)} kept in bf16 "
+                "(output head in bf16)")
     quantized = [m for m in model.modules() if type(m) is _module()]
-    kept = [m for m in model.modules() if type(m) in (nn.Linear, _block_modules()[0]) and m is not head]
-    return (f"int4 weight-only, asymmetric, {groups_phrase(sizes)}, two per byte; {len(quantized)} "
-            f"projections quantized, {len(kept)} kept in 16 bits (output head in 16 bits)")
+    plain = (nn.Linear, _block_modules()[0])
+    kept = [m for m in model.modules() if type(m) in plain and m is not head]
+    return (f"int4 weight-only, asymmetric, {groups_phrase(sizes)}, two per byte; "
+            f"{len(quantized)} projections quantized, {len(kept)} kept in 16 bits "
+            "(output head in 16 bits)")

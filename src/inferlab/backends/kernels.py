@@ -1,19 +1,9 @@
 """Triton matrix-vector kernels for batch-1 decoding (`gemv: triton` of a transformers point).
 
-At batch 1 a projection reads its weight matrix once per token and does two flops per weight read, so its speed is
-the rate it reads the matrix at. scripts/gemv_bench.py measured on an H100 (Phi-2's shapes, weights out of L2):
-cuBLAS reads fp16 matrices at 1.6-2.8 TB/s, a plain Triton kernel with one output row per program at 2.0-3.0 TB/s,
-and torchao's int4 kernel (tinygemm) reads its packed weights at 0.4-1.5 TB/s. These are those kernels:
-
-- `gemv_fp16(x, w, b)`: y = w @ x + b for one row x, in fp16 or bf16, fp32 accumulation; one program per output
-  row, reading the row in chunks (256-1024, tuned per shape).
-- `gemv_int4(x, packed, scale, offset, b, group)`: the same over Int4Linear's layout (backends/int4.py): byte j of a
-  row holds column j (low nibble) and column j + K/2 (high nibble), w = q * scale - offset per group of columns.
-  Each program reads a block of rows, a few groups at a time, and applies each group's scale to its partial sum.
-
-torch.compile traces calls to user-defined Triton kernels, so both run inside the compiled step and its CUDA graph.
-They need CUDA and Triton; `available()` says whether this process has both. Block sizes are tuned per shape by
-triton.autotune on the first call (the cold request), never inside a CUDA graph capture.
+At batch 1 a projection's speed is the rate it reads its weights. On an H100 (Phi-2's shapes,
+scripts/gemv_bench.py) cuBLAS read fp16 at 1.6-2.8 TB/s, one Triton row per program at
+2.0-3.0 TB/s, tinygemm's int4 at 0.4-1.5 TB/s. torch.compile traces these kernels, so they run
+inside the compiled step and its CUDA graph; block sizes are tuned on the first call.
 """
 
 from __future__ import annotations
@@ -29,8 +19,7 @@ def available() -> bool:
 
 
 def interpreted() -> bool:
-    """Whether Triton kernels run here under Triton's interpreter (TRITON_INTERPRET=1, triton installed): on the
-    CPU, slowly, to check what they compute without a GPU."""
+    """Whether Triton kernels run interpreted here (TRITON_INTERPRET=1): on the CPU, slowly."""
     import os
 
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -43,13 +32,14 @@ def interpreted() -> bool:
 
 
 def _kernels():
-    """The two kernels, in triton.autotune (block sizes picked by timing on the first call of each shape, before any
-    CUDA graph is captured); `.fn` of each is the plain kernel, which takes the block sizes as arguments."""
+    """The two kernels, autotuned on each shape's first call; `.fn` of each is the plain kernel."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def gemv_fp16_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    def gemv_fp16_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, BLOCK_K: tl.constexpr,
+                         HAS_BIAS: tl.constexpr):
+        # one program per output row, reading it in chunks of BLOCK_K; fp32 accumulation
         row = tl.program_id(0)
         rk = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -57,18 +47,18 @@ def _kernels():
         for k0 in tl.range(0, K, BLOCK_K):
             inside = k0 + rk < K
             x = tl.load(x_ptr + k0 + rk, mask=inside, other=0).to(tl.float32)
-            w = tl.load(base + k0 + rk, mask=inside, other=0, eviction_policy="evict_first").to(tl.float32)
-            acc += w * x
+            w = tl.load(base + k0 + rk, mask=inside, other=0, eviction_policy="evict_first")
+            acc += w.to(tl.float32) * x
         y = tl.sum(acc, axis=0)
         if HAS_BIAS:
             y += tl.load(b_ptr + row).to(tl.float32)
         tl.store(y_ptr + row, y.to(y_ptr.dtype.element_ty))
 
     @triton.jit
-    def gemv_int4_kernel(x_ptr, p_ptr, s_ptr, o_ptr, b_ptr, y_ptr, N, K2, G, BLOCK_N: tl.constexpr, NG: tl.constexpr,
-                         GROUP: tl.constexpr, HAS_BIAS: tl.constexpr):
-        # rows [pid * BLOCK_N, +BLOCK_N), NG groups of GROUP bytes per step; K2 = bytes per row (K / 2); G = groups
-        # per row (K / GROUP), the first G / 2 for the low nibbles, the rest for the high ones
+    def gemv_int4_kernel(x_ptr, p_ptr, s_ptr, o_ptr, b_ptr, y_ptr, N, K2, G, BLOCK_N: tl.constexpr,
+                         NG: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr):
+        # Int4Linear's layout: rows [pid * BLOCK_N, +BLOCK_N), NG groups of GROUP bytes per step;
+        # K2 = bytes per row (K / 2); G = groups per row: the first G / 2 low nibbles, then high
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live = rn < N
         rk = tl.arange(0, NG * GROUP)
@@ -84,8 +74,9 @@ def _kernels():
                         eviction_policy="evict_first").to(tl.int32)
             xl = tl.load(x_ptr + k, mask=kin, other=0).to(tl.float32)
             xh = tl.load(x_ptr + K2 + k, mask=kin, other=0).to(tl.float32)
-            lo = tl.sum(tl.reshape((p & 15).to(tl.float32) * xl[None, :], (BLOCK_N, NG, GROUP)), axis=2)
-            hi = tl.sum(tl.reshape((p >> 4).to(tl.float32) * xh[None, :], (BLOCK_N, NG, GROUP)), axis=2)
+            shape = (BLOCK_N, NG, GROUP)
+            lo = tl.sum(tl.reshape((p & 15).to(tl.float32) * xl[None, :], shape), axis=2)
+            hi = tl.sum(tl.reshape((p >> 4).to(tl.float32) * xh[None, :], shape), axis=2)
             sxl = tl.sum(tl.reshape(xl, (NG, GROUP)), axis=1)
             sxh = tl.sum(tl.reshape(xh, (NG, GROUP)), axis=1)
             g = k0 // GROUP + rg
@@ -100,19 +91,20 @@ def _kernels():
             y += tl.load(b_ptr + rn, mask=live, other=0).to(tl.float32)
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=live)
 
-    fp16 = triton.autotune(configs=[triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st)
-                                    for bk in (256, 512, 1024) for w in (1, 2, 4) for st in (1, 3)
-                                    if bk >= 256 * w],
-                           key=["N", "K"])(gemv_fp16_kernel)
-    # int4: rows per program x groups per step x warps x stages, 4 to 32 packed bytes per thread and step
-    int4 = triton.autotune(configs=[triton.Config({"BLOCK_N": bn, "NG": ng}, num_warps=w, num_stages=st)
-                                    for bn in (1, 2, 4, 8) for ng in (1, 2, 4) for w in (2, 4, 8) for st in (1, 3)
-                                    if 4 <= bn * ng * 128 // (32 * w) <= 32],
-                           key=["N", "K2"])(gemv_int4_kernel)
+    fp16 = triton.autotune(
+        configs=[triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st)
+                 for bk in (256, 512, 1024) for w in (1, 2, 4) for st in (1, 3) if bk >= 256 * w],
+        key=["N", "K"])(gemv_fp16_kernel)
+    # int4: rows per program x groups per step x warps x stages, 4 to 32 bytes per thread and step
+    int4 = triton.autotune(
+        configs=[triton.Config({"BLOCK_N": bn, "NG": ng}, num_warps=w, num_stages=st)
+                 for bn in (1, 2, 4, 8) for ng in (1, 2, 4) for w in (2, 4, 8) for st in (1, 3)
+                 if 4 <= bn * ng * 128 // (32 * w) <= 32],
+        key=["N", "K2"])(gemv_int4_kernel)
     return fp16, int4
 
 
-_TUNED: tuple | None = None  # set by prepare(), outside torch.compile: the forward passes only launch
+_TUNED: tuple | None = None  # set by prepare(), outside torch.compile: forwards only launch
 
 
 def prepare() -> None:
@@ -139,6 +131,6 @@ def gemv_int4(x, packed, scale, offset, b, group: int):
     n, k2 = packed.shape
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     _TUNED[1][lambda meta: ((n + meta["BLOCK_N"] - 1) // meta["BLOCK_N"],)](
-        x, packed, scale, offset, b if b is not None else scale, y, n, k2, scale.shape[1], GROUP=group,
-        HAS_BIAS=b is not None)
+        x, packed, scale, offset, b if b is not None else scale, y, n, k2, scale.shape[1],
+        GROUP=group, HAS_BIAS=b is not None)
     return y

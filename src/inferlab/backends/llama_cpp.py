@@ -1,7 +1,7 @@
-"""llama.cpp through llama-cpp-python: GGUF files, threads, batch, flash attention, KV-cache type, prompt cache.
+"""llama.cpp through llama-cpp-python: GGUF files, threads, batch, flash attention, KV type, cache.
 
-Timing reads the clock as the consumer sees each token, and llama.cpp's own counters (llama_perf_context)
-say how much of that wall time llama.cpp itself spent: the rest is harness and Python overhead.
+The clock is read as the consumer sees each token; llama.cpp's own counters (llama_perf_context)
+say how much of that time llama.cpp spent: the rest is harness and Python overhead.
 """
 
 from __future__ import annotations
@@ -26,18 +26,22 @@ PROMPT_CACHES = ("none", "ram", "disk")
 
 
 def exact_length(n_prompt: int, new_tokens: int):
-    """A stopping criterion for llama-cpp-python's completion API that ends generation after exactly new_tokens
-    tokens. Its own max_tokens check is skipped while the text ends inside a multi-byte UTF-8 character, so a
-    completion could otherwise return one or more tokens past max_tokens."""
+    """A stopping criterion that ends a completion after exactly new_tokens tokens.
+
+    llama-cpp-python skips its max_tokens check while the text ends inside a multi-byte UTF-8
+    character, so a completion could otherwise run past max_tokens."""
     import llama_cpp
 
-    # generate() calls it before yielding each sampled token, with the ids evaluated so far (prompt + yielded)
-    return llama_cpp.StoppingCriteriaList([lambda ids, _logits: len(ids) - n_prompt >= new_tokens])
+    # called before each sampled token is yielded, with the ids so far (prompt + yielded)
+    return llama_cpp.StoppingCriteriaList(
+        [lambda ids, _logits: len(ids) - n_prompt >= new_tokens]
+    )
 
 
 class LlamaCppBackend(Backend):
-    """settings: model_path, n_threads, n_batch, flash_attn, kv_type, n_ctx, n_gpu_layers, cache_dir, and for
-    the prefix-cache scenario its mode (none / context / ram / disk)."""
+    """settings: model_path, n_threads, n_batch, flash_attn, kv_type, n_ctx, n_gpu_layers.
+
+    Also cache_dir, and the prefix-cache scenario's mode (none / context / ram / disk)."""
 
     name = "llama_cpp"
 
@@ -49,16 +53,20 @@ class LlamaCppBackend(Backend):
         s = self.settings
         path = Path(s["model_path"])
         if not path.exists():
-            raise BackendUnavailable(f"{path} does not exist: run the convert stage for this quant type")
+            raise BackendUnavailable(
+                f"{path} does not exist: run the convert stage for this quant type"
+            )
         if s.get("n_gpu_layers", 0) != 0 and not llama_cpp.llama_supports_gpu_offload():
             raise BackendUnavailable(
                 "this llama-cpp-python was built without GPU offload: rebuild it with CUDA "
-                "(CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install --force-reinstall --no-cache-dir llama-cpp-python)")
+                "(CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install --force-reinstall --no-cache-dir "
+                "llama-cpp-python)")
         kv = KV_TYPES[s.get("kv_type", "f16")]
         t0 = time.perf_counter()
         self.llm = llama_cpp.Llama(
             model_path=str(path), n_ctx=s.get("n_ctx", 2048), n_batch=s.get("n_batch", 512),
-            n_ubatch=s.get("n_batch", 512), n_threads=s["n_threads"], n_threads_batch=s["n_threads"],
+            n_ubatch=s.get("n_batch", 512), n_threads=s["n_threads"],
+            n_threads_batch=s["n_threads"],
             flash_attn=bool(s.get("flash_attn", False)), type_k=kv, type_v=kv,
             n_gpu_layers=s.get("n_gpu_layers", 0), seed=0, verbose=False,
             logits_all=bool(s.get("logits_all", False)),  # every position's logits: perplexity
@@ -69,14 +77,18 @@ class LlamaCppBackend(Backend):
         if cache == "ram":
             self.llm.set_cache(llama_cpp.LlamaRAMCache(capacity_bytes=4 << 30))
         elif cache == "disk":
-            self._cache_dir = s.get("cache_dir") or tempfile.mkdtemp(prefix="inferlab-prompt-cache-")
+            folder = s.get("cache_dir") or tempfile.mkdtemp(prefix="inferlab-prompt-cache-")
+            self._cache_dir = folder
             self.llm.set_cache(llama_cpp.LlamaDiskCache(cache_dir=self._cache_dir))
         from inferlab.gguf.convert import tensor_stats
 
-        stats = tensor_stats(path)  # what the file really holds (llama.cpp may store other types than its name)
-        return {"load_s": load_s, "weight_bytes": stats["weight_bytes"], "file_bytes": path.stat().st_size,
-                "bits_per_weight": stats["bits_per_weight"], "tensor_types": stats["tensor_types"],
-                "llama_system_info": llama_cpp.llama_print_system_info().decode().strip()}
+        stats = tensor_stats(path)  # what the file holds (types may differ from its name's)
+        return {
+            "load_s": load_s, "weight_bytes": stats["weight_bytes"],
+            "file_bytes": path.stat().st_size, "bits_per_weight": stats["bits_per_weight"],
+            "tensor_types": stats["tensor_types"],
+            "llama_system_info": llama_cpp.llama_print_system_info().decode().strip(),
+        }
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         """special: parse special-token texts (a chat template's <|im_start|>) as those tokens."""
@@ -86,13 +98,14 @@ class LlamaCppBackend(Backend):
         import llama_cpp
 
         p = llama_cpp.llama_perf_context(self.llm.ctx)
-        return {"prompt_ms": p.t_p_eval_ms, "eval_ms": p.t_eval_ms, "n_prompt_eval": p.n_p_eval, "n_eval": p.n_eval}
+        return {"prompt_ms": p.t_p_eval_ms, "eval_ms": p.t_eval_ms, "n_prompt_eval": p.n_p_eval,
+                "n_eval": p.n_eval}
 
-    def request(self, prompts: list[list[int]], new_tokens: int, api: str = "generate", reset: bool = True,
-                **_: Any) -> RequestTiming:
-        """One sequence at a time (llama-cpp-python serves requests in turn). reset=False keeps the previous
-        request's KV cache, so a shared prefix is reused; the prompt cache (ram/disk) works only through the
-        completion API, as in a server."""
+    def request(self, prompts: list[list[int]], new_tokens: int, api: str = "generate",
+                reset: bool = True, **_: Any) -> RequestTiming:
+        """One sequence at a time; reset=False keeps the previous request's KV cache (a prefix).
+
+        The prompt cache (ram/disk) works only through the completion API, as in a server."""
         import llama_cpp
 
         if len(prompts) != 1:
@@ -111,14 +124,14 @@ class LlamaCppBackend(Backend):
                     break
             generated = len(times)
         elif api in ("completion", "completion_stream"):
-            # The completion API stops at EOS; random weights emit it at any step, so it is banned. It also runs
-            # past max_tokens while the text ends inside a multi-byte character: a stopping criterion holds the
-            # length to exactly new_tokens.
-            kwargs = dict(max_tokens=new_tokens, temperature=0.0, top_k=1, logit_bias={self.eos: -math.inf},
+            # The completion API stops at EOS, which random weights emit at any step: banned.
+            # exact_length holds the length to exactly new_tokens.
+            kwargs = dict(max_tokens=new_tokens, temperature=0.0, top_k=1,
+                          logit_bias={self.eos: -math.inf},
                           stopping_criteria=exact_length(len(prompt), new_tokens))
             if api == "completion_stream":
-                # one chunk per token (its text may be empty: part of a multi-byte character), then a last
-                # chunk that only carries the finish reason
+                # one chunk per token (its text may be empty: part of a multi-byte character),
+                # then a last chunk that only carries the finish reason
                 for chunk in self.llm.create_completion(prompt, stream=True, **kwargs):
                     if chunk["choices"][0]["finish_reason"] is None:
                         times.append(time.perf_counter())
@@ -158,7 +171,8 @@ class LlamaCppBackend(Backend):
         return self.llm.detokenize(ids).decode("utf-8", errors="replace")
 
     def stream(self, prompt: list[int], new_tokens: int, **opts: Any):
-        for chunk in self.llm.create_completion(prompt, stream=True, max_tokens=new_tokens, **opts):
+        chunks = self.llm.create_completion(prompt, stream=True, max_tokens=new_tokens, **opts)
+        for chunk in chunks:
             yield chunk["choices"][0]["text"]
 
     def unload(self) -> None:

@@ -1,7 +1,7 @@
 """One request's timing, from the clock readings taken as the consumer sees each token.
 
-All times are seconds on time.perf_counter(); on a GPU the backend synchronises the device before reading the
-clock, so a token's timestamp is when it exists, not when its kernel was queued.
+Seconds on time.perf_counter(); on a GPU the device is synchronised before each clock read, so a
+token's timestamp is when it exists, not when its kernel was queued.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 @dataclass
 class RequestTiming:
     start: float  # when the request was issued
-    token_times: list[float]  # when each generation step's tokens became available (one entry per step)
+    token_times: list[float]  # when each generation step's tokens became available
     end: float  # when the request returned
     prompt_tokens: int  # per sequence, counted by the tokenizer / runtime
     generated_tokens: int  # per sequence, counted by the runtime
     batch: int = 1
-    internal: dict = field(default_factory=dict)  # the runtime's own counters (llama.cpp's perf context, ...)
-    output_ids: list | None = None  # the generated token ids per sequence, where the backend returns them
+    internal: dict = field(default_factory=dict)  # the runtime's own counters (llama.cpp's, ...)
+    output_ids: list | None = None  # generated ids per sequence, where the backend returns them
 
     @property
     def ttft(self) -> float:
@@ -47,7 +47,11 @@ class RequestTiming:
             "ttft_ms": 1e3 * self.ttft,
             "tpot_ms": 1e3 * tpot,
             "e2e_ms": 1e3 * self.e2e,
-            "prefill_tps": self.batch * self.prompt_tokens / self.ttft if self.ttft > 0 else float("nan"),
+            "prefill_tps": (
+                self.batch * self.prompt_tokens / self.ttft if self.ttft > 0 else float("nan")
+            ),
             "decode_tps": 1.0 / tpot if tpot == tpot and tpot > 0 else float("nan"),  # per sequence
-            "total_tps": self.batch * self.generated_tokens / self.e2e if self.e2e > 0 else float("nan"),
+            "total_tps": (
+                self.batch * self.generated_tokens / self.e2e if self.e2e > 0 else float("nan")
+            ),
         }

@@ -1,1 +1,1 @@
-"""The measurement core shared by every benchmark: statistics, request timing, memory and bandwidth, sweeps."""
+"""The measurement core of every benchmark: statistics, timing, memory, bandwidth, sweeps."""

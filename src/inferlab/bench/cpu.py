@@ -1,5 +1,7 @@
-"""Stage `bench_cpu`: llama.cpp over the GGUF files (threads, batch, flash attention, KV type, API, prompt cache)
-and transformers on the same CPU as the baseline (precision, batch, KV cache, bitsandbytes)."""
+"""Stage `bench_cpu`: llama.cpp over the GGUF files, and transformers on the same CPU as baseline.
+
+llama.cpp: threads, batch, flash attention, KV type, API, prompt cache; transformers:
+precision, batch, KV cache."""
 
 from __future__ import annotations
 
@@ -35,11 +37,14 @@ def run(cfg: StudyConfig, stage: StageRun, stage_file: Path) -> None:
     if cfg.bench_cpu.llama_cpp.enabled or cfg.bench_cpu.prompt_cache.enabled:
         points += [p for p in llama_points(cfg, pins, cores)
                    if cfg.bench_cpu.llama_cpp.enabled or p.settings["scenario"] == "prefix_cache"]
-    points += hf_points(cfg.bench_cpu, cfg.model_dir() / "hf", pins, cores, cfg.model_architecture())
+    arch = cfg.model_architecture()
+    points += hf_points(cfg.bench_cpu, cfg.model_dir() / "hf", pins, cores, arch)
     if not points:
         log.warning("no points to run: the pins %s match nothing in the grid", pins)
-    log.info("bench_cpu on %s (%d cores): %d points", stage.env["hardware"]["cpu"], cores, len(points))
-    bandwidth = partial(cpu_bandwidth, cfg.bench_cpu.bandwidth_gib)  # measured once the sweep is claimed
-    run_sweep(stage, points, resolve(cfg.bench_cpu.workload.prompts), bandwidth, cfg.bench_cpu.point_timeout_s,
-              cfg.bench_cpu.retry_failed, [stage_file], _decode_rate, measure=registry.run)
+    log.info("bench_cpu on %s (%d cores): %d points", stage.env["hardware"]["cpu"], cores,
+             len(points))
+    b = cfg.bench_cpu
+    bandwidth = partial(cpu_bandwidth, b.bandwidth_gib)  # measured once the sweep is claimed
+    run_sweep(stage, points, resolve(b.workload.prompts), bandwidth, b.point_timeout_s,
+              b.retry_failed, [stage_file], _decode_rate, measure=registry.run)
     write_aggregates(cfg, STAGE)

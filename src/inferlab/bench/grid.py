@@ -1,5 +1,4 @@
-"""Sweep grids: the cartesian product of a config's axes, extra points, pins from the command line; the points of
-the transformers and the llama.cpp grids (both benchmark stages use them)."""
+"""Sweep grids: a config's axes crossed, extra points, pins; transformers and llama.cpp points."""
 
 from __future__ import annotations
 
@@ -7,12 +6,16 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+from inferlab.backends.decode_step import architecture_problem
 from inferlab.config import KERNEL_STEP_ARCHITECTURES, KERNEL_STEP_PRECISIONS, StudyConfig, fuse_problem
 from inferlab.environment import missing_package
 from inferlab.sweep.points import Point
 
-INDUCTOR_SHORT = {"coordinate_descent_tuning": "cdt", "epilogue_fusion": "epilogue", "aggressive_fusion": "aggressive",
-                  "freezing": "frozen", "max_autotune_gemm": "gemm-autotune", "shape_padding": "padded"}
+INDUCTOR_SHORT = {
+    "coordinate_descent_tuning": "cdt", "epilogue_fusion": "epilogue",
+    "aggressive_fusion": "aggressive", "freezing": "frozen", "max_autotune_gemm": "gemm-autotune",
+    "shape_padding": "padded",
+}
 
 
 def default_threads(cores: int) -> list[int]:
@@ -29,28 +32,33 @@ def grid(axes: dict[str, list], pins: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
-def kernel_step_problem(c: dict[str, Any], fuse: str | None, gemv: str, arch: str | None) -> str | None:
-    """Why a point cannot run decode: kernels (backends/decode_step.py) on a model of class `arch` (None: not known
-    before the download; the step checks it when made), or None. On the CPU its kernels run as their torch
-    reference."""
-    if arch is not None and arch not in KERNEL_STEP_ARCHITECTURES:
-        return f"decode: kernels runs {' and '.join(KERNEL_STEP_ARCHITECTURES)}; this model is {arch}"
+def kernel_step_problem(
+    c: dict[str, Any], fuse: str | None, gemv: str, arch: str | None
+) -> str | None:
+    """Why a point cannot run decode: kernels on a model of class `arch`, or None.
+
+    arch None: not known before the download; the step checks it when made."""
+    if arch is not None and (problem := architecture_problem(arch)):
+        return problem
     if fuse == "qkv":
         return "decode: kernels fuses q, k and v itself: leave fuse_qkv unset"
     if KERNEL_STEP_ARCHITECTURES.get(arch) and fuse != "block":
         return "decode: kernels runs Phi's fused parallel block: it needs fuse_block: true"
     if KERNEL_STEP_ARCHITECTURES.get(arch) is False and fuse == "block":
-        return (f"decode: kernels on {arch} fuses the layer's projections itself; fuse_block applies to Phi's "
-                "parallel block only (leave it unset)")
+        return (f"decode: kernels on {arch} fuses the layer's projections itself; fuse_block "
+                "applies to Phi's parallel block only (leave it unset)")
     if c["batch_size"] != 1:
-        return f"decode: kernels takes batch_size: 1 (its kernels take one row), got {c['batch_size']}"
+        return (f"decode: kernels takes batch_size: 1 (its kernels take one row), "
+                f"got {c['batch_size']}")
     if c["precision"] not in KERNEL_STEP_PRECISIONS:
-        return (f"decode: kernels takes precision: one of {', '.join(KERNEL_STEP_PRECISIONS)} (the weights its GEMVs "
-                f"read), got {c['precision']}")
+        return (f"decode: kernels takes precision: one of {', '.join(KERNEL_STEP_PRECISIONS)} "
+                f"(the weights its GEMVs read), got {c['precision']}")
     if c["compile"]:
-        return "decode: kernels replaces the compiled step with its own kernels: it needs compile: false"
+        return ("decode: kernels replaces the compiled step with its own kernels: "
+                "it needs compile: false")
     if gemv != "default":
-        return f"decode: kernels runs its own GEMVs: gemv: {gemv} has no effect there (leave gemv unset)"
+        return (f"decode: kernels runs its own GEMVs: gemv: {gemv} has no effect there "
+                "(leave gemv unset)")
     return None
 
 
@@ -58,16 +66,16 @@ def keep(settings: dict[str, Any], pins: dict[str, Any]) -> bool:
     return all(k in settings and settings[k] == v for k, v in pins.items())
 
 
-def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int, arch: str | None = None) -> list[Point]:
-    """The transformers grid of a benchmark section (bench_cpu or bench_gpu): main grid plus extra points; arch: the
-    model's transformers class where known (StudyConfig.model_architecture)."""
+def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int,
+              arch: str | None = None) -> list[Point]:
+    """The transformers grid of bench_cpu or bench_gpu plus extra points; arch: model class."""
     H, w = section.hf, section.workload
     if not H.enabled or pins.get("runtime") not in (None, "hf"):
         return []
     pins = {k: v for k, v in pins.items() if k != "runtime"}
     threads = (H.threads or cores) if H.device == "cpu" else 0
-    axes = {"precision": H.precisions, "batch_size": H.batch_sizes, "kv_cache": H.kv_cache, "attn": H.attn,
-            "compile": H.compile}
+    axes = {"precision": H.precisions, "batch_size": H.batch_sizes, "kv_cache": H.kv_cache,
+            "attn": H.attn, "compile": H.compile}
     combos = grid(axes, pins)
     first = {k: v[0] for k, v in axes.items()}
     for extra in H.extra_points:
@@ -97,7 +105,7 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int, a
             settings[f"fuse_{fuse}"] = True
         if gemv != "default":
             settings["gemv"] = gemv
-        if int4_gemv != "rows":  # only then: the ids of the points before this knob stay what they were
+        if int4_gemv != "rows":  # only then: older points keep their ids
             settings["int4_gemv"] = int4_gemv
         if fuse_norm:
             settings["fuse_norm"] = True
@@ -108,7 +116,8 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int, a
             continue
         seen.add(key)
         if inductor and not (c["compile"] and fast):
-            skip = "inductor options apply to the compiled step of the fast and graph loops (compile=true, decode)"
+            skip = ("inductor options apply to the compiled step of the fast and graph loops "
+                    "(compile=true, decode)")
         elif c["compile"] and c["kv_cache"] != "static":
             skip = "torch.compile applies to the static KV cache only (kv_cache=static)"
         elif fast and c["kv_cache"] != "static":
@@ -116,13 +125,14 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int, a
         elif gemv == "triton" and H.device != "cuda":
             skip = "gemv: triton runs Triton kernels, which need CUDA (device: cuda)"
         elif int4_gemv != "rows" and (decode != "kernels" or c["precision"] != "int4-inductor"):
-            skip = (f"int4_gemv: {int4_gemv} picks decode: kernels' int4 GEMV: it applies to decode: kernels with "
-                    "precision: int4-inductor")
+            skip = (f"int4_gemv: {int4_gemv} picks decode: kernels' int4 GEMV: it applies to "
+                    "decode: kernels with precision: int4-inductor")
         elif fuse_attention and decode != "kernels":
-            skip = "fuse_attention is decode: kernels' one-launch attention: it applies to decode: kernels"
+            skip = ("fuse_attention is decode: kernels' one-launch attention: it applies to "
+                    "decode: kernels")
         elif fuse_norm and (decode != "kernels" or KERNEL_STEP_ARCHITECTURES.get(arch, False)):
-            skip = ("fuse_norm puts Llama's RMSNorm in the prologue of decode: kernels' GEMVs: it applies to decode: "
-                    "kernels on LlamaForCausalLM")
+            skip = ("fuse_norm puts Llama's RMSNorm in the prologue of decode: kernels' GEMVs: "
+                    "it applies to decode: kernels on LlamaForCausalLM")
         elif decode == "kernels":
             skip = kernel_step_problem(c, fuse, gemv, arch) or missing_package(c["precision"])
         else:
@@ -130,8 +140,8 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int, a
         name = f"hf-{c['precision']}-b{c['batch_size']}-{c['kv_cache']}-{c['attn']}"
         if c["compile"]:
             name += "-compiled" + ("" if mode == "reduce-overhead" else f"-{mode}")
-            name += "".join(f"-{INDUCTOR_SHORT.get(f.strip(), f.strip())}" for f in (inductor or "").split(",")
-                            if f.strip())
+            flags = [f.strip() for f in (inductor or "").split(",") if f.strip()]
+            name += "".join(f"-{INDUCTOR_SHORT.get(f, f)}" for f in flags)
         if fuse:
             name += f"-{fuse}"
         if gemv != "default":
@@ -145,26 +155,32 @@ def hf_points(section: Any, model_dir: Path, pins: dict[str, Any], cores: int, a
         if fast:
             name += f"-{decode}"
         load = {"model_dir": str(model_dir)}
-        # each graph-loop point gets a worker of its own: no compiled state of another point (dynamo's caches,
-        # inductor's CUDA-graph trees, cuDNN attention plans) is left in the process that captures its graph. On an
-        # H100, a second capture in one process failed in cuDNN attention ("mha_graph.execute ... is_good()").
-        group = (("hf", c["precision"], c["attn"]) + ((f"fuse_{fuse}",) if fuse else ())
-                 + ((gemv,) if gemv != "default" else ()) + ((name,) if decode in ("graph", "kernels") else ()))
+        # each graph-loop point gets a worker of its own, free of other points' compiled state:
+        # on an H100 a second capture in one process failed in cuDNN attention
+        # ("mha_graph.execute ... is_good()")
+        group = (
+            ("hf", c["precision"], c["attn"]) + ((f"fuse_{fuse}",) if fuse else ())
+            + ((gemv,) if gemv != "default" else ())
+            + ((name,) if decode in ("graph", "kernels") else ())
+        )
         points.append(Point(name, "hf", group, settings, load, skip))
     return points
 
 
-def llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int, L: Any = None, w: Any = None,
-                 threads: list[int] | None = None) -> list[Point]:
-    """The llama.cpp grid of `L` (default: bench_cpu.llama_cpp) and, for the CPU sweep, its prompt-cache
-    scenario."""
+def llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int, L: Any = None,
+                 w: Any = None, threads: list[int] | None = None) -> list[Point]:
+    """The llama.cpp grid of `L` (default: bench_cpu's) and, on the CPU, its prompt cache."""
     runtime = pins.get("runtime")
     pins = {k: v for k, v in pins.items() if k != "runtime"}
     b = cfg.bench_cpu
     L, w = L or b.llama_cpp, w or b.workload
-    n_threads = [t or cores for t in (threads or L.n_threads or default_threads(cores))]  # 0: every usable core
-    axes = {"quant": L.quants, "n_threads": list(dict.fromkeys(n_threads)), "n_batch": L.n_batch,
-            "flash_attn": L.flash_attn, "kv_type": L.kv_type, "api": L.api, "prompt_tokens": [w.prompt_tokens]}
+    # 0: every usable core
+    n_threads = [t or cores for t in (threads or L.n_threads or default_threads(cores))]
+    axes = {
+        "quant": L.quants, "n_threads": list(dict.fromkeys(n_threads)), "n_batch": L.n_batch,
+        "flash_attn": L.flash_attn, "kv_type": L.kv_type, "api": L.api,
+        "prompt_tokens": [w.prompt_tokens],
+    }
     combos = grid(axes, pins)
     first = {k: v[0] for k, v in axes.items()} | {"n_threads": cores}
     for extra in L.extra_points:
@@ -172,24 +188,29 @@ def llama_points(cfg: StudyConfig, pins: dict[str, Any], cores: int, L: Any = No
     points, seen = [], set()
     for c in combos:
         settings = {**c, "scenario": "latency", "new_tokens": w.new_tokens, "warmup": w.warmup,
-                    "repetitions": w.repetitions, "n_ctx": L.n_ctx, "n_gpu_layers": L.n_gpu_layers}
+                    "repetitions": w.repetitions, "n_ctx": L.n_ctx,
+                    "n_gpu_layers": L.n_gpu_layers}
         key = tuple(sorted(settings.items()))
         if key in seen or not keep(settings, pins):
             continue
         seen.add(key)
-        name = (f"{c['quant']}-t{c['n_threads']}-b{c['n_batch']}-fa{int(c['flash_attn'])}-kv{c['kv_type']}"
-                f"-{c['api']}-p{c['prompt_tokens']}")
+        name = (f"{c['quant']}-t{c['n_threads']}-b{c['n_batch']}-fa{int(c['flash_attn'])}"
+                f"-kv{c['kv_type']}-{c['api']}-p{c['prompt_tokens']}")
         points.append(_llama_point(cfg, name, settings))
     if L is b.llama_cpp and b.prompt_cache.enabled and runtime in (None, "prompt_cache"):
         pc = b.prompt_cache
         for mode in pc.modes:
-            settings = {"scenario": "prefix_cache", "mode": mode, "quant": pc.quant,
-                        "n_threads": pc.n_threads or cores, "n_batch": L.n_batch[0], "flash_attn": L.flash_attn[0],
-                        "kv_type": L.kv_type[0], "api": "completion_stream", "prefix_tokens": pc.prefix_tokens,
-                        "suffix_tokens": pc.suffix_tokens, "requests": pc.requests, "new_tokens": pc.new_tokens,
-                        "n_ctx": L.n_ctx, "n_gpu_layers": L.n_gpu_layers}
+            settings = {
+                "scenario": "prefix_cache", "mode": mode, "quant": pc.quant,
+                "n_threads": pc.n_threads or cores, "n_batch": L.n_batch[0],
+                "flash_attn": L.flash_attn[0], "kv_type": L.kv_type[0], "api": "completion_stream",
+                "prefix_tokens": pc.prefix_tokens, "suffix_tokens": pc.suffix_tokens,
+                "requests": pc.requests, "new_tokens": pc.new_tokens, "n_ctx": L.n_ctx,
+                "n_gpu_layers": L.n_gpu_layers,
+            }
             if keep(settings, pins):
-                points.append(_llama_point(cfg, f"prefix-{mode}-{pc.quant}-t{settings['n_threads']}", settings))
+                name = f"prefix-{mode}-{pc.quant}-t{settings['n_threads']}"
+                points.append(_llama_point(cfg, name, settings))
     if runtime == "hf":
         return []
     if runtime == "prompt_cache":

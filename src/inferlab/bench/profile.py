@@ -1,19 +1,13 @@
 """Kernel-level profile of decode steps: where a token's time goes.
 
-torch.profiler records every kernel the GPU ran during the decode steps of one request (after the point's
-warm-up, so compilation and graph capture are done). From that timeline, per generated token:
-
+torch.profiler records the kernels of one request's decode steps, after the point's warm-up.
+Per generated token:
 - kernel time: the union of the intervals in which a kernel (or copy / memset) ran;
-- launch gaps: idle stretches between consecutive kernels shorter than GAP_HOST_US (the GPU moving from one
-  kernel to the next, also inside a CUDA graph);
-- host waits: longer idle stretches, where the GPU waited for the host to issue work (Python, dynamo guards,
-  synchronisation);
-- and the kernels themselves: how many per step, how long, which kinds take the time, and the bandwidth the
-  weights are read at while matrix kernels run.
-
-For the fast and graph loops the profile starts after the prefill, so only decode steps are in it; generate()
-offers no such point, so its profile covers the whole request (one prefill among `new_tokens` steps). On the
-CPU the same figures are taken over the top-level operators torch ran: their gaps are the host's own Python.
+- launch gaps: idle stretches shorter than GAP_HOST_US (also inside a CUDA graph);
+- host waits: longer idle stretches, the GPU waiting for the host to issue work;
+- the kernels: how many, how long, which kinds, and the weights' read rate.
+The decode loops' profile starts after the prefill; generate()'s covers the whole request. On
+the CPU the figures are over torch's top-level operators: their gaps are the host's Python.
 """
 
 from __future__ import annotations
@@ -36,9 +30,9 @@ log = logging.getLogger(__name__)
 GAP_HOST_US = 10.0  # an idle stretch this long or longer is counted as waiting for the host
 DEVICE_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 def device_intervals(trace: dict[str, Any], cuda: bool) -> list[tuple[float, float, str]]:
-    """(start_us, end_us, name) of what the device ran: kernels, copies and memsets on CUDA; on the CPU the
-    top-level operators (those that no other operator of their thread contains): the gaps between them are the
-    Python between operators."""
+    """(start_us, end_us, name) of what the device ran: kernels, copies and memsets on CUDA.
+
+    On the CPU the top-level operators (none other of their thread contains them)."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
     if cuda:
         out = [(float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"]) for e in events
@@ -48,7 +42,7 @@ def device_intervals(trace: dict[str, Any], cuda: bool) -> list[tuple[float, flo
                   if e.get("cat") == "cpu_op"), key=lambda x: (x[2], x[0], x[1]))
     top: list[tuple[float, float, str]] = []
     ends: dict[str, float] = {}
-    for ts, neg, tid, name in ops:  # an operator that starts inside the previous top-level one is nested in it
+    for ts, neg, tid, name in ops:  # one starting inside the previous top-level one is nested
         if ts >= ends.get(tid, float("-inf")):
             top.append((ts, ts - neg, name))
             ends[tid] = ts - neg
@@ -90,29 +84,39 @@ def summarize_timeline(intervals: list[tuple[float, float, str]], steps: int,
         "kernel_ms_per_step": round(busy * ms, 4),
         "launch_gap_ms_per_step": round(launch * ms, 4),
         "host_wait_ms_per_step": round(host * ms, 4),
-        "kernel_fraction": round(busy / (span_end - span_start), 4) if span_end > span_start else None,
+        "kernel_fraction": (
+            round(busy / (span_end - span_start), 4) if span_end > span_start else None
+        ),
         "kernels_per_step": round(len(intervals) / steps, 2),
         "launch_gaps_per_step": round(n_launch / steps, 2),
         "host_waits_per_step": round(n_host / steps, 2),
         "kernel_us_median": round(durations[len(durations) // 2], 3),
         "kernels_under_5us_per_step": round(sum(1 for d in durations if d < 5.0) / steps, 2),
-        "ms_per_step_by_kind": {k: round(v * ms, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-        "top_kernels": [{"name": n[:160], "kind": kind(n), "ms_per_step": round(sum(d) * ms, 4),
-                         "calls_per_step": round(len(d) / steps, 2), "us_median": round(sorted(d)[len(d) // 2], 3)}
-                        for n, d in top],
+        "ms_per_step_by_kind": {
+            k: round(v * ms, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])
+        },
+        "top_kernels": [
+            {"name": n[:160], "kind": kind(n), "ms_per_step": round(sum(d) * ms, 4),
+             "calls_per_step": round(len(d) / steps, 2),
+             "us_median": round(sorted(d)[len(d) // 2], 3)}
+            for n, d in top
+        ],
         "gap_host_us": GAP_HOST_US,
     }
     if weight_bytes:
         matmul_ms = by_kind.get("matmul", 0.0) * ms
         # every weight is read once per step: the rate the matrix kernels read them at
-        out["weight_gbps_over_kernels"] = round(weight_bytes / (busy * ms * 1e-3) / 1e9, 1) if busy else None
-        out["weight_gbps_over_matmul"] = round(weight_bytes / (matmul_ms * 1e-3) / 1e9, 1) if matmul_ms else None
+        def gbps(ms_per_step: float) -> float | None:
+            return round(weight_bytes / (ms_per_step * 1e-3) / 1e9, 1) if ms_per_step else None
+
+        out["weight_gbps_over_kernels"] = gbps(busy * ms) if busy else None
+        out["weight_gbps_over_matmul"] = gbps(matmul_ms)
     return out
 
 
-def decode_profile(backend, folder: Path, point: dict[str, Any], name: str) -> tuple[dict[str, Any], dict]:
-    """Warm the point up (cold request and warm-up requests, as the latency scenario), then profile the decode
-    steps of one more request."""
+def decode_profile(backend, folder: Path, point: dict[str, Any],
+                   name: str) -> tuple[dict[str, Any], dict]:
+    """Warm the point up as the latency scenario does, then profile one more request."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -126,7 +130,7 @@ def decode_profile(backend, folder: Path, point: dict[str, Any], name: str) -> t
         backend.request(b, new_tokens)
     warm_s = time.perf_counter() - t0
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities):  # the profiler's own start-up (CUPTI) happens here, not in the steps
+    with profile(activities=activities):  # the profiler's start-up (CUPTI) here, not in the steps
         torch.ones(1, device=backend.device).add_(1)
         backend.sync()
     prof = profile(activities=activities)
@@ -174,10 +178,12 @@ def decode_profile(backend, folder: Path, point: dict[str, Any], name: str) -> t
     metrics.update(
         window="decode steps" if loop else "whole request (prefill included)",
         device_timeline="CUDA kernels" if cuda else "CPU top-level operators",
-        profiled_step_ms=round(1e3 * sum(itl) / len(itl), 4) if itl else None,  # under the profiler
-        warmup_s=round(warm_s, 3), prompt_tokens=point["prompt_tokens"], new_tokens=new_tokens, batch=batch,
+        profiled_step_ms=round(1e3 * sum(itl) / len(itl), 4) if itl else None,  # profiled
+        warmup_s=round(warm_s, 3), prompt_tokens=point["prompt_tokens"], new_tokens=new_tokens,
+        batch=batch,
     )
-    log.info("%s: %.3f ms kernels + %.3f ms launch gaps + %.3f ms host waits per step; %.0f kernels per step",
+    log.info("%s: %.3f ms kernels + %.3f ms launch gaps + %.3f ms host waits per step; "
+             "%.0f kernels per step",
              name, metrics["kernel_ms_per_step"], metrics["launch_gap_ms_per_step"],
              metrics["host_wait_ms_per_step"], metrics["kernels_per_step"])
     return metrics, {}

@@ -11,16 +11,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-Result = tuple[dict[str, Any], dict[str, Any], dict[str, str]]  # metrics, raw samples, files written (repo-relative)
+# metrics, raw samples, files written (repo-relative)
+Result = tuple[dict[str, Any], dict[str, Any], dict[str, str]]
 Scenario = Callable[[Any, dict[str, Any], Path, str], Result]
 
 
 def latency(backend, point: dict[str, Any], folder: Path, name: str) -> Result:
     from inferlab.bench import scenarios
 
-    metrics, samples = scenarios.latency(backend, folder, point["prompt_tokens"], point["new_tokens"],
-                                         point.get("batch_size", 1), point["warmup"], point["repetitions"],
-                                         api=point.get("api", "generate"))
+    metrics, samples = scenarios.latency(
+        backend, folder, point["prompt_tokens"], point["new_tokens"], point.get("batch_size", 1),
+        point["warmup"], point["repetitions"], api=point.get("api", "generate"),
+    )
     return metrics, samples, {}
 
 
@@ -28,24 +30,28 @@ def prefix_cache(backend, point: dict[str, Any], folder: Path, name: str) -> Res
     from inferlab.bench import hf_scenarios, scenarios
 
     fn = hf_scenarios.prefix_cache if backend.name == "hf" else scenarios.prefix_cache
-    metrics, samples = fn(backend, folder, point["mode"], point["prefix_tokens"], point["suffix_tokens"],
-                          point["requests"], point["new_tokens"])
+    metrics, samples = fn(backend, folder, point["mode"], point["prefix_tokens"],
+                          point["suffix_tokens"], point["requests"], point["new_tokens"])
     return metrics, samples, {}
 
 
 def streaming(backend, point: dict[str, Any], folder: Path, name: str) -> Result:
     from inferlab.bench import hf_scenarios
 
-    metrics, samples = hf_scenarios.streaming(backend, folder, point["prompt_tokens"], point["new_tokens"],
-                                              point.get("batch_size", 1), point["warmup"], point["repetitions"])
+    metrics, samples = hf_scenarios.streaming(
+        backend, folder, point["prompt_tokens"], point["new_tokens"], point.get("batch_size", 1),
+        point["warmup"], point["repetitions"],
+    )
     return metrics, samples, {}
 
 
 def assisted(backend, point: dict[str, Any], folder: Path, name: str) -> Result:
     from inferlab.bench import hf_scenarios
 
-    metrics, samples = hf_scenarios.assisted(backend, backend.settings["texts"], point["lookup_tokens"],
-                                             point["max_ngram"], point["max_prompt_tokens"], point["new_tokens"])
+    metrics, samples = hf_scenarios.assisted(
+        backend, backend.settings["texts"], point["lookup_tokens"], point["max_ngram"],
+        point["max_prompt_tokens"], point["new_tokens"],
+    )
     return metrics, samples, {}
 
 

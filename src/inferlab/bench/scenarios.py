@@ -21,10 +21,14 @@ FIGURE_UNITS = {"ttft_ms": "ms", "tpot_ms": "ms", "e2e_ms": "ms", "prefill_tps":
 
 def _check_length(t: RequestTiming, new_tokens: int) -> None:
     if t.generated_tokens != new_tokens:
-        raise RuntimeError(f"generated {t.generated_tokens} tokens instead of the fixed {new_tokens}")
+        raise RuntimeError(
+            f"generated {t.generated_tokens} tokens instead of the fixed {new_tokens}"
+        )
 
 
-def summarize_requests(timings: list[RequestTiming]) -> tuple[dict[str, Any], dict[str, list[float]]]:
+def summarize_requests(
+    timings: list[RequestTiming],
+) -> tuple[dict[str, Any], dict[str, list[float]]]:
     """Summaries (median, p90, p99, stdev, ...) of every per-request figure, and the raw samples."""
     samples: dict[str, list[float]] = {k: [] for k in FIGURE_UNITS}
     itl: list[float] = []
@@ -40,7 +44,8 @@ def summarize_requests(timings: list[RequestTiming]) -> tuple[dict[str, Any], di
     if setup:  # the graph loop's compile and capture inside a request (0 once done)
         metrics["setup_ms"] = summarize([1e3 * x for x in setup], "ms").to_dict()
     launches = [t.internal["step_launches"] for t in timings if "step_launches" in t.internal]
-    if launches:  # decode: kernels' Triton launches per step (the graph loop adds a few small kernels of its own)
+    # decode: kernels' Triton launches per step (the graph loop adds a few small kernels)
+    if launches:
         metrics["step_launches"] = launches[-1]
     if internal:  # llama.cpp's own counters: how much of the wall clock llama.cpp itself spent
         own_ms = [i["prompt_ms"] + i["eval_ms"] for i in internal]
@@ -49,8 +54,8 @@ def summarize_requests(timings: list[RequestTiming]) -> tuple[dict[str, Any], di
         samples["llama_eval_ms"] = [i["eval_ms"] for i in internal]
         samples["harness_overhead_ms"] = overhead
         metrics["llama_prompt_ms"] = summarize(samples["llama_prompt_ms"], "ms").to_dict()
-        metrics["llama_decode_tps"] = summarize(
-            [1e3 * i["n_eval"] / i["eval_ms"] for i in internal if i["eval_ms"] > 0], "tokens/s").to_dict()
+        rates = [1e3 * i["n_eval"] / i["eval_ms"] for i in internal if i["eval_ms"] > 0]
+        metrics["llama_decode_tps"] = summarize(rates, "tokens/s").to_dict()
         metrics["harness_overhead_ms"] = summarize(overhead, "ms").to_dict()
         metrics["harness_overhead_fraction"] = round(
             sum(overhead) / sum(1e3 * t.e2e for t in timings), 4) if timings else None
@@ -58,16 +63,20 @@ def summarize_requests(timings: list[RequestTiming]) -> tuple[dict[str, Any], di
 
 
 def output_digest(timings: list[RequestTiming]) -> str | None:
-    """A digest of the tokens the measured requests generated (None where the backend does not return them): two
-    points of one sweep with the same digest decoded the same prompts to the same tokens."""
+    """A digest of the generated tokens (None where the backend does not return them).
+
+    Two points of one sweep with the same digest decoded the same prompts to the same tokens."""
     if not timings or any(t.output_ids is None for t in timings):
         return None
     return hashlib.sha1(json.dumps([t.output_ids for t in timings]).encode()).hexdigest()[:16]
 
 
-def latency(backend: Backend, folder: Path, prompt_tokens: int, new_tokens: int, batch: int, warmup: int,
-            repetitions: int, **opts: Any) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    """A cold first request (nothing preheated), warm-up requests (excluded), then the measured repetitions.
+def latency(
+    backend: Backend, folder: Path, prompt_tokens: int, new_tokens: int, batch: int,
+    warmup: int, repetitions: int, **opts: Any,
+) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """A cold first request, warm-up requests (excluded), then the measured repetitions.
+
     Every request gets its own prompts."""
     n = 1 + warmup + repetitions
     ps = prompts(backend.tokenize, folder, prompt_tokens, n * batch)
@@ -86,42 +95,51 @@ def latency(backend: Backend, folder: Path, prompt_tokens: int, new_tokens: int,
     metrics["cold"] = {k: round(v, 3) for k, v in cold_fig.items()}
     warm_ttft = metrics["ttft_ms"]["median"]
     metrics["cold_ttft_penalty_ms"] = round(cold_fig["ttft_ms"] - warm_ttft, 3)
-    # what the first request costs beyond a warm one: compilation and CUDA-graph capture for compiled points,
-    # page faults and allocations otherwise (a user pays it once per loaded model)
-    metrics["first_request_extra_ms"] = round(cold_fig["e2e_ms"] - metrics["e2e_ms"]["median"], 3)
+    # the first request's cost beyond a warm one (compilation and graph capture, or page
+    # faults and allocations): a user pays it once per loaded model
+    extra = cold_fig["e2e_ms"] - metrics["e2e_ms"]["median"]
+    metrics["first_request_extra_ms"] = round(extra, 3)
     metrics.update(prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch=batch)
     if (digest := output_digest(timings)) is not None:
         metrics["output_digest"] = digest
     return metrics, samples
 
 
-def prefix_cache(backend: Backend, folder: Path, mode: str, prefix_tokens: int, suffix_tokens: int,
-                 requests: int, new_tokens: int) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    """Requests that share a long prefix. The first request fills whatever cache the mode keeps; the others
-    should find the prefix there. A hit is checked, not assumed: llama.cpp's counter of prompt tokens it
-    evaluated must be smaller than the prompt."""
-    prefix, suffixes = shared_prefix_requests(backend.tokenize, folder, prefix_tokens, suffix_tokens, requests + 1)
+def prefix_cache(
+    backend: Backend, folder: Path, mode: str, prefix_tokens: int, suffix_tokens: int,
+    requests: int, new_tokens: int,
+) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """Requests sharing a long prefix: the first fills the mode's cache, the others should hit it.
+
+    A hit is checked: llama.cpp's count of evaluated prompt tokens is below the prompt's."""
+    prefix, suffixes = shared_prefix_requests(backend.tokenize, folder, prefix_tokens,
+                                              suffix_tokens, requests + 1)
     timings = []
     for suffix in suffixes:
-        # "context": keep the KV cache between requests (llama-cpp-python reuses the common prefix);
-        # none / ram / disk: start each request from an empty context, so only the prompt cache can help.
-        t = backend.request([prefix + suffix], new_tokens, api="completion_stream", reset=mode != "context")
+        # "context": keep the KV cache between requests (llama-cpp-python reuses the prefix);
+        # none / ram / disk: each request starts from an empty context: only the prompt cache helps
+        t = backend.request([prefix + suffix], new_tokens, api="completion_stream",
+                            reset=mode != "context")
         timings.append(t)
     full = len(prefix) + suffix_tokens
     evaluated = [t.internal.get("n_prompt_eval", full) for t in timings[1:]]
     return prefix_summary(mode, timings, len(prefix), suffix_tokens, evaluated)
 
 
-def prefix_summary(mode: str, timings: list[RequestTiming], prefix_tokens: int, suffix_tokens: int,
-                   evaluated: list[int]) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    """Figures of a shared-prefix run: the first request (which fills the cache) apart, the others summarized,
-    and how many of them were hits (fewer prompt tokens evaluated than the prompt holds)."""
+def prefix_summary(
+    mode: str, timings: list[RequestTiming], prefix_tokens: int, suffix_tokens: int,
+    evaluated: list[int],
+) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """A shared-prefix run: the first request (filling the cache) apart, the others summarized.
+
+    And how many were hits (fewer prompt tokens evaluated than the prompt holds)."""
     first, rest = timings[0], timings[1:]
     hits = sum(1 for e in evaluated if e < prefix_tokens + suffix_tokens - 1)
     metrics, samples = summarize_requests(rest)
     metrics.update(
         mode=mode, prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens, requests=len(rest),
-        first_ttft_ms=round(1e3 * first.ttft, 3), cache_hits=hits, hit_rate=hits / len(rest) if rest else 0.0,
+        first_ttft_ms=round(1e3 * first.ttft, 3), cache_hits=hits,
+        hit_rate=hits / len(rest) if rest else 0.0,
         prompt_tokens_evaluated=summarize(evaluated, "tokens").to_dict(),
     )
     samples["prompt_tokens_evaluated"] = [float(e) for e in evaluated]

@@ -1,8 +1,8 @@
 """Prompts cut to exact token lengths from text the project ships under data/prompts/.
 
-Token counts come from the model's own tokenizer, so "64 prompt tokens" means 64 tokens for every model.
-Each request of a point gets a different prompt (another window of the text), so no runtime can answer a
-repeated prompt from a cache it keeps between requests.
+Token counts come from the model's own tokenizer: "64 prompt tokens" is 64 for every model.
+Each request gets a different window of the text, so no runtime can answer a repeated prompt
+from a cache it keeps between requests.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def _read(folder: Path, name: str) -> str:
 
 
 def prompts(tokenize: Tokenize, folder: Path, n_tokens: int, count: int) -> list[list[int]]:
-    """`count` prompts of exactly n_tokens tokens, from distinct windows of pool.txt (repeated if too short)."""
+    """`count` prompts of exactly n_tokens, distinct windows of pool.txt (repeated if short)."""
     ids = tokenize(_read(folder, "pool.txt"))
     while len(ids) < n_tokens + count:
         ids = ids + ids
@@ -31,7 +31,7 @@ def prompts(tokenize: Tokenize, folder: Path, n_tokens: int, count: int) -> list
 
 def shared_prefix_requests(tokenize: Tokenize, folder: Path, prefix_tokens: int, suffix_tokens: int,
                            count: int) -> tuple[list[int], list[list[int]]]:
-    """A long shared prefix (a background document) and `count` distinct suffixes (questions about it)."""
+    """A long shared prefix (a document) and `count` distinct suffixes (questions about it)."""
     prefix = tokenize(_read(folder, "shared_prefix.txt") + "\n\n")
     pool = tokenize(_read(folder, "pool.txt"))
     while len(prefix) < prefix_tokens:

@@ -1,14 +1,10 @@
 """Hugging Face checkpoint → GGUF (F32 / F16), written with PyPI's `gguf` package.
 
-PyPI's `gguf` is not the copy bundled in llama.cpp's tree, and llama.cpp's `convert_hf_to_gguf.py` rejects a
-locally trained BPE tokenizer; so this converter writes the file itself: metadata from config.json, the
-tokenizer from tokenizer.json (byte-level BPE: vocabulary, merges, pre-tokenizer, special tokens, chat template),
-and tensors renamed with gguf's TensorNameMap. Two architectures: Phi (phi2) and Llama (llama), for which the
-query and key rows are permuted as llama.cpp's converter does (LlamaModel.permute: llama.cpp rotates interleaved
-pairs of a head's dimensions, transformers its two halves), grouped-query attention is kept, and a tied output
-head is left out (llama.cpp then uses the embedding matrix). It reads the safetensors one tensor at a time, so a
-2.7B model converts in a few GB of memory. 1-D tensors (norms, biases) stay F32 in every output type, as
-llama.cpp expects.
+llama.cpp's `convert_hf_to_gguf.py` rejects a locally trained BPE tokenizer, so this writes
+the file itself: metadata from config.json, byte-level BPE from tokenizer.json, tensors renamed
+with gguf's TensorNameMap. Phi (phi2) and Llama (llama: q/k rows permuted as LlamaModel.permute
+does, a tied head left out). One tensor at a time, so 2.7B converts in a few GB of memory;
+1-D tensors stay F32, as llama.cpp expects.
 """
 
 from __future__ import annotations
@@ -43,8 +39,8 @@ def _hf_config(hf_dir: Path) -> dict:
     if arch not in SUPPORTED:
         raise ConversionError(
             f"{hf_dir}: architecture {arch} is not supported by inferlab's converter "
-            f"(supported: {', '.join(SUPPORTED)}); convert it with llama.cpp's convert_hf_to_gguf.py and put the "
-            "file under models/<name>/gguf/"
+            f"(supported: {', '.join(SUPPORTED)}); convert it with llama.cpp's "
+            "convert_hf_to_gguf.py and put the file under models/<name>/gguf/"
         )
     return cfg
 
@@ -57,32 +53,35 @@ def _rope_param(cfg: dict, key: str, default: float) -> float:
 
 
 def _pre_tokenizer(hf_dir: Path, tj: dict) -> str:
-    """llama.cpp's name for the tokenizer's split of text into words, read from tokenizer.json's structure.
+    """llama.cpp's name for the tokenizer's split of text into words, from tokenizer.json.
 
-    GPT-2's regex alone is "gpt-2"; digits split one by one before it is "smollm" (llama.cpp gives starcoder,
-    refact, smollm and a few others that same split). Anything else would be tokenized differently by llama.cpp:
-    refused, naming what was found."""
+    GPT-2's regex alone is "gpt-2"; single digits split before it is "smollm". Anything else
+    llama.cpp would tokenize differently: refused, naming what was found."""
     pre = tj.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
 
     def byte_level(step: dict) -> bool:
-        return step.get("type") == "ByteLevel" and step.get("use_regex", True) and not step.get("add_prefix_space")
+        return (
+            step.get("type") == "ByteLevel" and step.get("use_regex", True)
+            and not step.get("add_prefix_space")
+        )
 
     if tj.get("normalizer") is None:
         if len(steps) == 1 and byte_level(steps[0]):
             return "gpt-2"
-        if (len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
-                and byte_level(steps[1])):
+        digits = steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
+        if len(steps) == 2 and digits and byte_level(steps[1]):
             return "smollm"
     found = json.dumps({"normalizer": tj.get("normalizer"), "pre_tokenizer": pre})[:300]
     raise ConversionError(
-        f"{hf_dir}/tokenizer.json: a pre-tokenizer this converter cannot name for llama.cpp ({found}); supported: "
-        "ByteLevel with GPT-2's regex (gpt-2), or Digits(individual_digits) then ByteLevel (smollm), no normalizer"
+        f"{hf_dir}/tokenizer.json: a pre-tokenizer this converter cannot name for llama.cpp "
+        f"({found}); supported: ByteLevel with GPT-2's regex (gpt-2), or "
+        "Digits(individual_digits) then ByteLevel (smollm), no normalizer"
     )
 
 
 def _adds_specials(hf_dir: Path, special: dict[str, int]) -> tuple[bool, bool]:
-    """Whether the tokenizer puts BOS before (EOS after) the text it encodes: llama.cpp's add_bos / add_eos."""
+    """Whether the tokenizer puts BOS before (EOS after) the text: add_bos / add_eos."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
@@ -95,7 +94,7 @@ def _adds_specials(hf_dir: Path, special: dict[str, int]) -> tuple[bool, bool]:
 
 
 def _chat_template(hf_dir: Path, tcfg: dict) -> str | None:
-    """transformers 5 saves the template as chat_template.jinja; earlier versions inside tokenizer_config.json."""
+    """transformers 5 saves chat_template.jinja; earlier ones tokenizer_config.json."""
     jinja = hf_dir / "chat_template.jinja"
     if jinja.exists():
         return jinja.read_text()
@@ -104,14 +103,15 @@ def _chat_template(hf_dir: Path, tcfg: dict) -> str | None:
 
 
 def _write_tokenizer(writer, hf_dir: Path, n_vocab: int) -> dict:
-    """Vocabulary, merges, pre-tokenizer, special tokens, add_bos / add_eos and chat template; returns what it
-    wrote (for the log and tests)."""
+    """Vocabulary, merges, pre-tokenizer, specials and chat template; returns what it wrote."""
     import gguf
 
     tj = json.loads((hf_dir / "tokenizer.json").read_text())
     model = tj["model"]
     if model.get("type") != "BPE":
-        raise ConversionError(f"{hf_dir}/tokenizer.json: model type {model.get('type')}; only BPE is supported")
+        raise ConversionError(
+            f"{hf_dir}/tokenizer.json: model type {model.get('type')}; only BPE is supported"
+        )
     pre = _pre_tokenizer(hf_dir, tj)
     vocab: dict[str, int] = dict(model["vocab"])
     added = {t["content"]: t for t in tj.get("added_tokens", [])}
@@ -119,16 +119,19 @@ def _write_tokenizer(writer, hf_dir: Path, n_vocab: int) -> dict:
         vocab[content] = t["id"]
     by_id = {i: s for s, i in vocab.items()}
     if max(by_id) >= n_vocab:
-        raise ConversionError(f"tokenizer has token id {max(by_id)} but the model has only {n_vocab} embedding rows")
+        raise ConversionError(
+            f"tokenizer has token id {max(by_id)} but the model has only {n_vocab} embedding rows"
+        )
     tokens, types = [], []
     for i in range(n_vocab):
         s = by_id.get(i)
-        if s is None:  # embedding rows past the tokenizer: padding, as llama.cpp's converter writes them
+        if s is None:  # rows past the tokenizer: padding, as llama.cpp's converter writes them
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
         elif s in added:
             tokens.append(s)
-            types.append(gguf.TokenType.CONTROL if added[s].get("special") else gguf.TokenType.USER_DEFINED)
+            special_token = added[s].get("special")
+            types.append(gguf.TokenType.CONTROL if special_token else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(s)
             types.append(gguf.TokenType.NORMAL)
@@ -152,12 +155,14 @@ def _write_tokenizer(writer, hf_dir: Path, n_vocab: int) -> dict:
     writer.add_token_merges(merges)
     for role, tid in special.items():
         getattr(writer, f"add_{role}_token_id")(tid)
-    writer.add_add_bos_token(add_bos)  # what the HF tokenizer does, so the same text gives the same ids
+    writer.add_add_bos_token(add_bos)  # as the HF tokenizer does: the same text, the same ids
     writer.add_add_eos_token(add_eos)
     if template:
         writer.add_chat_template(template)
-    return {"pre": pre, "tokens": len(tokens), "merges": len(merges), "special": special, "add_bos": add_bos,
-            "add_eos": add_eos, "chat_template": template is not None}
+    return {
+        "pre": pre, "tokens": len(tokens), "merges": len(merges), "special": special,
+        "add_bos": add_bos, "add_eos": add_eos, "chat_template": template is not None,
+    }
 
 
 def _write_hparams(writer, cfg: dict, arch_name: str, file_type) -> None:
@@ -173,12 +178,15 @@ def _write_hparams(writer, cfg: dict, arch_name: str, file_type) -> None:
     writer.add_file_type(file_type)
     if arch_name == "phi2":
         writer.add_layer_norm_eps(cfg.get("layer_norm_eps", 1e-5))
-        writer.add_rope_dimension_count(int(_rope_param(cfg, "partial_rotary_factor", 0.5) * head_dim))
+        rotary = _rope_param(cfg, "partial_rotary_factor", 0.5)
+        writer.add_rope_dimension_count(int(rotary * head_dim))
         return
     rope_type = _rope_param(cfg, "rope_type", "default")
     if cfg.get("rope_scaling") or rope_type != "default":
-        raise ConversionError(f"rope scaling ({cfg.get('rope_scaling') or rope_type}) is not supported by inferlab's "
-                              "converter; convert this model with llama.cpp's convert_hf_to_gguf.py")
+        raise ConversionError(
+            f"rope scaling ({cfg.get('rope_scaling') or rope_type}) is not supported by "
+            "inferlab's converter; convert this model with llama.cpp's convert_hf_to_gguf.py"
+        )
     writer.add_vocab_size(cfg["vocab_size"])
     writer.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-6))
     writer.add_rope_dimension_count(head_dim)
@@ -188,9 +196,11 @@ def _write_hparams(writer, cfg: dict, arch_name: str, file_type) -> None:
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """A query or key projection's rows (or bias) from transformers' rotary layout to llama.cpp's: per head, the
-    two halves of the head's dimensions interleaved (llama.cpp's convert_hf_to_gguf.py, LlamaModel.permute)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    """q or k rows (or bias) from transformers' rotary layout to llama.cpp's (LlamaModel.permute).
+
+    llama.cpp rotates interleaved pairs of a head's dimensions, transformers its two halves."""
+    halves = w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+    return halves.swapaxes(1, 2).reshape(w.shape)
 
 
 def _llama_tensor(key: str, data: np.ndarray, cfg: dict) -> np.ndarray:
@@ -202,7 +212,7 @@ def _llama_tensor(key: str, data: np.ndarray, cfg: dict) -> np.ndarray:
 
 
 def convert(hf_dir: Path, out_path: Path, outtype: str = "f16") -> dict:
-    """Write one GGUF file (outtype f32 or f16); returns a summary (tensor count, parameters, seconds)."""
+    """Write one GGUF file (outtype f32 or f16); returns tensor count, parameters, seconds."""
     import gguf
     from safetensors import safe_open
 
@@ -218,8 +228,8 @@ def convert(hf_dir: Path, out_path: Path, outtype: str = "f16") -> dict:
     tmp = out_path.with_name(f".{out_path.name}.partial")
     writer = gguf.GGUFWriter(str(tmp), arch_name)
     writer.add_name(hf_dir.parent.name)
-    _write_hparams(writer, cfg, arch_name,
-                   gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    file_type = gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
+    _write_hparams(writer, cfg, arch_name, file_type)
     tokenizer = _write_tokenizer(writer, hf_dir, cfg["vocab_size"])
 
     tmap = gguf.get_tensor_name_map(arch, n_layers)
@@ -235,7 +245,9 @@ def convert(hf_dir: Path, out_path: Path, outtype: str = "f16") -> dict:
                     continue  # recomputed by llama.cpp; a tied head is the embedding matrix
                 new = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
                 if new is None:
-                    raise ConversionError(f"{f.name}: tensor {key} has no GGUF name for {arch_name}")
+                    raise ConversionError(
+                        f"{f.name}: tensor {key} has no GGUF name for {arch_name}"
+                    )
                 data = st.get_tensor(key).float().numpy()
                 if arch_name == "llama":
                     data = _llama_tensor(key, data, cfg)
@@ -246,9 +258,9 @@ def convert(hf_dir: Path, out_path: Path, outtype: str = "f16") -> dict:
                 names.append(new)
     if arch_name == "llama" and not tied and "output.weight" not in names:
         raise ConversionError(f"{hf_dir}: no lm_head.weight, and tie_word_embeddings is not set")
-    log.info("writing %s (%s %s, %d tensors, %.1fM parameters, pre-tokenizer %s%s)", out_path.name, arch_name,
-             outtype, len(names), n_params / 1e6, tokenizer["pre"], ", chat template" if tokenizer["chat_template"]
-             else "")
+    chat = ", chat template" if tokenizer["chat_template"] else ""
+    log.info("writing %s (%s %s, %d tensors, %.1fM parameters, pre-tokenizer %s%s)", out_path.name,
+             arch_name, outtype, len(names), n_params / 1e6, tokenizer["pre"], chat)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -258,21 +270,25 @@ def convert(hf_dir: Path, out_path: Path, outtype: str = "f16") -> dict:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {"tensors": len(names), "parameters": n_params, "seconds": round(time.perf_counter() - t0, 3),
-            "tokenizer": tokenizer}
+    seconds = round(time.perf_counter() - t0, 3)
+    return {
+        "tensors": len(names), "parameters": n_params, "seconds": seconds, "tokenizer": tokenizer,
+    }
 
 
-# llama.cpp's report of a tensor its file type's blocks do not fit (llama-quant.cpp), and of how many did not
-FALLBACK_TENSOR = re.compile(r"(\S+)\s+- ncols\s+\d+ not divisible by \d+ \(required for type\s+(\w+)\) "
-                             r"-> falling back to\s+(\w+)")
+# llama.cpp's report of a tensor its file type's blocks do not fit (llama-quant.cpp), and the count
+FALLBACK_TENSOR = re.compile(
+    r"(\S+)\s+- ncols\s+\d+ not divisible by \d+ \(required for type\s+(\w+)\) "
+    r"-> falling back to\s+(\w+)"
+)
 FALLBACK_COUNT = re.compile(r"(\d+) of (\d+) tensor\(s\) required fallback quantization")
 QUANT_DONE = re.compile(r"quant size\s+=")
 
 
 def fallbacks_from_log(text: str) -> dict | None:
-    """The tensors llama.cpp's quantizer stored in another type than the one the file type asked for, because the
-    blocks of that type do not divide their rows (k-quants: 256 values). None when the log shows no finished
-    quantization (it was not captured, or its wording changed): then nothing is claimed either way."""
+    """Tensors the quantizer stored in another type: its blocks do not divide their rows.
+
+    None when the log shows no finished quantization (not captured, new wording): no claim."""
     if not QUANT_DONE.search(text):
         return None
     tensors = {name: {"required": req.upper(), "stored": got.upper()}
@@ -284,8 +300,7 @@ def fallbacks_from_log(text: str) -> dict | None:
 
 
 def quantize(src: Path, dst: Path, ftype: int, threads: int = 0) -> dict:
-    """llama.cpp's quantizer (through llama-cpp-python), into a temporary file renamed into place. Returns its time
-    and the tensors that fell back to another type (fallbacks_from_log), read from llama.cpp's own log."""
+    """llama.cpp's quantizer, into a temporary file renamed into place; time and fallbacks."""
     import llama_cpp
 
     t0 = time.perf_counter()
@@ -293,27 +308,32 @@ def quantize(src: Path, dst: Path, ftype: int, threads: int = 0) -> dict:
     params.ftype = ftype
     params.nthread = threads
     tmp = dst.with_name(f".{dst.name}.partial")
-    log_text = io.StringIO()  # llama-cpp-python's log callback writes llama.cpp's log to sys.stderr
+    log_text = io.StringIO()  # llama-cpp-python's log callback writes to sys.stderr
     try:
         with contextlib.redirect_stderr(log_text):
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0:
-            raise ConversionError(f"llama_model_quantize returned {rc} for {dst.name}; its log ends:\n"
-                                  f"{log_text.getvalue()[-800:]}")
+            raise ConversionError(
+                f"llama_model_quantize returned {rc} for {dst.name}; its log ends:\n"
+                f"{log_text.getvalue()[-800:]}"
+            )
         tmp.replace(dst)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"seconds": time.perf_counter() - t0, "fallbacks": fallbacks_from_log(log_text.getvalue())}
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "fallbacks": fallbacks_from_log(log_text.getvalue())}
 
 
 def read_tensor_table(path: Path) -> list[tuple[str, tuple[int, ...], str, int]]:
-    """(name, shape as ggml lists it: row length first, type name, bytes) of every tensor, from the file's header.
+    """(name, shape with row length first, type name, bytes) of every tensor, from the header.
 
-    gguf's GGUFReader parses every metadata value into numpy views: 5 s for a 49,152-token vocabulary. This reads
-    the header once with struct and skips the metadata."""
+    gguf's GGUFReader parses all metadata into numpy views (5 s for a 49,152-token vocabulary);
+    this reads the header once with struct and skips the metadata."""
     import gguf
 
-    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+    scalar = {
+        0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d",
+    }
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         if m[:4] != b"GGUF":
             raise ConversionError(f"{path}: not a GGUF file")
@@ -362,8 +382,7 @@ def read_tensor_table(path: Path) -> list[tuple[str, tuple[int, ...], str, int]]
 
 
 def tensor_stats(path: Path) -> dict:
-    """Weights' bytes, parameter count and bits per weight, the tensor types counted and the number of weight
-    matrices (tensors of two or more dimensions: what a quantization type applies to), from the file's header."""
+    """Bytes, parameters, bits per weight, tensor types and matrices (2-D: what is quantized)."""
     table = read_tensor_table(path)
     n_bytes = sum(t[3] for t in table)
     n_elems = sum(math.prod(t[1]) for t in table)
@@ -378,15 +397,16 @@ def tensor_stats(path: Path) -> dict:
 
 
 def holds(ftype: str, stats: dict, fallbacks: dict | None) -> dict:
-    """What a file really holds: its tensor types, the matrices that fell back and to what (grouped over layers:
-    blk.*.attn_q.weight), its measured bits per weight, and a label that says so, e.g.
-    'q4_k_m (180 of 211 matrices fell back: 166 to q5_0, 14 to q8_0; 6.17 bpw)'."""
+    """What a file really holds: tensor types, fallbacks over layers, bits per weight, a label.
+
+    E.g. 'q4_k_m (180 of 211 matrices fell back: 166 to q5_0, 14 to q8_0; 6.17 bpw)'."""
     bpw = f"{stats['bits_per_weight']:.2f} bpw"
     out = {"tensor_types": stats["tensor_types"], "matrices": stats["matrices"]}
     if ftype in ("f32", "f16"):
         return {**out, "fallback_tensors": 0, "label": f"{ftype} ({bpw})"}
     if fallbacks is None:
-        return {**out, "fallback_tensors": None, "label": f"{ftype} (fallbacks not reported by llama.cpp; {bpw})"}
+        label = f"{ftype} (fallbacks not reported by llama.cpp; {bpw})"
+        return {**out, "fallback_tensors": None, "label": label}
     to = Counter(f["stored"] for f in fallbacks.values())
     groups = Counter((re.sub(r"^blk\.\d+\.", "blk.*.", name), f["required"], f["stored"])
                      for name, f in fallbacks.items())
@@ -395,7 +415,8 @@ def holds(ftype: str, stats: dict, fallbacks: dict | None) -> dict:
                           for (name, req, got), n in sorted(groups.items())])
     if fallbacks:
         to_text = ", ".join(f"{n} to {t.lower()}" for t, n in to.most_common())
-        out["label"] = f"{ftype} ({len(fallbacks)} of {stats['matrices']} matrices fell back: {to_text}; {bpw})"
+        fell = f"{len(fallbacks)} of {stats['matrices']} matrices fell back"
+        out["label"] = f"{ftype} ({fell}: {to_text}; {bpw})"
     else:
         out["label"] = f"{ftype} (no fallback; {bpw})"
     return out

@@ -1,10 +1,9 @@
-"""Stage `convert`: HF checkpoint → GGUF F16 (and F32 on request) → the configured llama.cpp quantizations.
+"""Stage `convert`: HF checkpoint → GGUF F16 (F32 on request) → the configured quantizations.
 
-Every file is checked: it must load in llama.cpp and generate; the unquantized files' logits are compared
-with transformers' on the same token ids (llama.cpp with an F32 KV cache, so the file is what is measured), and
-llama.cpp must tokenize sample texts as transformers does. One record per file; `metrics/gguf.json` says what
-each file really holds: size, bits per weight measured from it, tensor types, and the tensors that fell back to
-another type because the file type's blocks do not divide their rows (llama.cpp's own report).
+Every file must load in llama.cpp and generate; the most precise file's logits are compared with
+transformers' on the same ids, and llama.cpp must tokenize sample texts as transformers does.
+`metrics/gguf.json` says what each file really holds: size, measured bits per weight, tensor
+types and the tensors that fell back to another type.
 """
 
 from __future__ import annotations
@@ -28,8 +27,10 @@ from inferlab.stage import StageRun, relpath
 
 log = logging.getLogger(__name__)
 
-CHECK_TEXT = "The river carries sand and stones to the sea, and the baker shapes the loaf before it rises."
-# what llama.cpp must split into the same token ids as transformers: digits, code, whitespace, other scripts
+CHECK_TEXT = (
+    "The river carries sand and stones to the sea, and the baker shapes the loaf before it rises."
+)
+# what llama.cpp must split into the same ids as transformers: digits, code, whitespace, scripts
 TOKENIZER_SAMPLES = (
     "def area(r):\n    return 3.14159 * r ** 2  # circle, 2024-05-17",
     "Numbers 1e-5, 42, 1,000,000 and 007!",
@@ -48,13 +49,15 @@ def _quiet_child(log_path: str) -> None:
 
 
 def isolated(fn, *args):
-    """fn(*args) in a fresh process that loads llama.cpp before anything else and never torch (a CUDA build
-    crashes beside either: inferlab.load_llama_cpp_first). llama.cpp's own crashes (a segfault in a quantizer or
-    loader) then fail this file with a reason instead of ending the stage."""
+    """fn(*args) in a fresh process that loads llama.cpp first and never torch.
+
+    A CUDA build crashes beside either (inferlab.load_llama_cpp_first); llama.cpp's own crashes
+    then fail this file with a reason instead of ending the stage."""
     with tempfile.NamedTemporaryFile(prefix="inferlab-llama-", suffix=".log", delete=False) as f:
         log_path = f.name
     try:
-        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_quiet_child,
+        spawn = mp.get_context("spawn")
+        with ProcessPoolExecutor(1, mp_context=spawn, initializer=_quiet_child,
                                  initargs=(log_path,)) as pool:
             try:
                 with llama_children():  # the process starts in submit()
@@ -62,7 +65,9 @@ def isolated(fn, *args):
                 return future.result()
             except BrokenProcessPool as e:
                 tail = Path(log_path).read_text(errors="replace")[-1500:]
-                raise RuntimeError(f"llama.cpp's process died in {fn.__name__} ({e}); its last output:\n{tail}") from e
+                raise RuntimeError(
+                    f"llama.cpp's process died in {fn.__name__} ({e}); its last output:\n{tail}"
+                ) from e
     finally:
         Path(log_path).unlink(missing_ok=True)
 
@@ -71,7 +76,7 @@ def check_generates(path: Path, n_tokens: int) -> int:
     """Load the file in llama.cpp and generate n_tokens greedily; returns how many came out."""
     import llama_cpp
 
-    # verbose: llama.cpp's log goes to the file isolated() gives it, and into the failure's reason if it crashes
+    # verbose: the log goes to isolated()'s file, and into the failure's reason on a crash
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=None, verbose=True, seed=0)
     try:
         prompt = llm.tokenize(CHECK_TEXT.encode(), add_bos=False, special=False)
@@ -86,15 +91,17 @@ def check_generates(path: Path, n_tokens: int) -> int:
         llm.close()
 
 
-def llama_logits(path: Path, text: str, samples: tuple[str, ...] = ()) -> tuple[list[int], np.ndarray, list]:
-    """llama.cpp's token ids for text and the logits at every position (an F32 KV cache: llama.cpp's default F16
-    one adds about 5e-4 of relative error, which would hide the file's own), and its token ids for the samples
-    (special tokens such as <|im_start|> parsed, as transformers does)."""
+def llama_logits(
+    path: Path, text: str, samples: tuple[str, ...] = ()
+) -> tuple[list[int], np.ndarray, list]:
+    """llama.cpp's ids and logits for text, and its ids for the samples (specials parsed).
+
+    An F32 KV cache: the default F16 one adds about 5e-4 of relative error, hiding the file's."""
     import llama_cpp
 
     f32 = 0  # GGML_TYPE_F32
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=True, seed=0, type_k=f32,
-                          type_v=f32)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=True, seed=0,
+                          type_k=f32, type_v=f32)
     try:
         lids = llm.tokenize(text.encode(), add_bos=False, special=False)
         sample_ids = [llm.tokenize(t.encode(), add_bos=False, special=True) for t in samples]
@@ -108,14 +115,16 @@ def tokenizer_samples(tok) -> list[str]:
     """TOKENIZER_SAMPLES and, where the tokenizer has a chat template, a conversation rendered with it."""
     texts = list(TOKENIZER_SAMPLES)
     if getattr(tok, "chat_template", None):
-        chat = [{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "12 + 30 = 42."}]
+        chat = [{"role": "user", "content": "What is 12 + 30?"},
+                {"role": "assistant", "content": "12 + 30 = 42."}]
         texts.append(tok.apply_chat_template(chat, tokenize=False))
     return texts
 
 
 def logits_error(path: Path, hf_dir: Path) -> dict:
-    """Relative L2 error of llama.cpp's logits against transformers' (float32) on the same token ids, and whether
-    llama.cpp tokenizes the check text and the samples as transformers does."""
+    """Relative L2 error of llama.cpp's logits against transformers' fp32 on the same ids.
+
+    And whether llama.cpp tokenizes the check text and the samples as transformers does."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -130,8 +139,10 @@ def logits_error(path: Path, hf_dir: Path) -> dict:
     del model
     same = ids == lids
     err = float(np.linalg.norm(ours - ref) / np.linalg.norm(ref)) if same else float("nan")
-    return {"same_tokenization": same and not differs, "tokenization_texts": 1 + len(samples),
-            "tokenization_differs": differs[:3], "prompt_tokens": len(ids), "logits_rel_error": err}
+    return {
+        "same_tokenization": same and not differs, "tokenization_texts": 1 + len(samples),
+        "tokenization_differs": differs[:3], "prompt_tokens": len(ids), "logits_rel_error": err,
+    }
 
 
 def run(cfg: StudyConfig, stage: StageRun) -> bool:
@@ -144,17 +155,20 @@ def run(cfg: StudyConfig, stage: StageRun) -> bool:
     summary: dict[str, dict] = {}
     all_ok = True
     # Quantize from the most precise file written: F32 if asked for, else F16.
-    base_types = sorted(set(c.outtypes) | ({"f16"} if c.quants and "f32" not in c.outtypes else set()),
-                        key=lambda t: t != "f32")
+    need_f16 = {"f16"} if c.quants and "f32" not in c.outtypes else set()
+    base_types = sorted(set(c.outtypes) | need_f16, key=lambda t: t != "f32")
     todo = [(t, "convert") for t in base_types] + [(q, "quantize") for q in c.quants]
-    log.info("convert %s: %d files to make (%s)", cfg.model.name, len(todo), ", ".join(t for t, _ in todo))
+    log.info("convert %s: %d files to make (%s)", cfg.model.name, len(todo),
+             ", ".join(t for t, _ in todo))
     t_start = time.perf_counter()
     for i, (ftype, how) in enumerate(todo, 1):
         path = cfg.gguf_path(ftype)
-        # the logits and tokenization check runs on the most precise file (the others come from the same converter)
+        # logits and tokenization: on the most precise file (the others share its converter)
         check_logits = c.check_logits and ftype == base_types[0]
-        point = {"ftype": ftype, "source": base_types[0] if how == "quantize" else "hf", "threads": c.threads,
-                 "check_tokens": c.check_tokens, "check_logits": check_logits}
+        point = {
+            "ftype": ftype, "source": base_types[0] if how == "quantize" else "hf",
+            "threads": c.threads, "check_tokens": c.check_tokens, "check_logits": check_logits,
+        }
         metrics: dict = {}
         try:
             fallbacks = None
@@ -162,10 +176,12 @@ def run(cfg: StudyConfig, stage: StageRun) -> bool:
                 info = convert(hf_dir, path, ftype)
                 metrics["convert_s"] = info["seconds"]
             else:
-                done = isolated(quantize, cfg.gguf_path(base_types[0]), path, GGUF_FILE_TYPES[ftype], c.threads)
+                done = isolated(quantize, cfg.gguf_path(base_types[0]), path,
+                                GGUF_FILE_TYPES[ftype], c.threads)
                 metrics["quantize_s"], fallbacks = round(done["seconds"], 3), done["fallbacks"]
             stats = tensor_stats(path)
-            metrics.update({k: v for k, v in stats.items() if k not in ("tensor_types", "matrices")})
+            counts = ("tensor_types", "matrices")
+            metrics.update({k: v for k, v in stats.items() if k not in counts})
             metrics.update(holds(ftype, stats, fallbacks))
             metrics["generated_tokens"] = isolated(check_generates, path, c.check_tokens)
             if metrics["generated_tokens"] != c.check_tokens:
@@ -182,15 +198,17 @@ def run(cfg: StudyConfig, stage: StageRun) -> bool:
                         f"(allowed {c.max_logits_rel_error:.0e})"
                     )
             stage.record(ftype, point, metrics=metrics, artifacts={"gguf": relpath(path)})
-            summary[ftype] = {"status": "ok", **{k: metrics[k] for k in (
-                "label", "file_bytes", "bits_per_weight", "tensor_types", "matrices", "fallback_tensors")}}
+            shown = ("label", "file_bytes", "bits_per_weight", "tensor_types", "matrices",
+                     "fallback_tensors")
+            summary[ftype] = {"status": "ok", **{k: metrics[k] for k in shown}}
             for key in ("fallback_to", "fallbacks", "logits_rel_error", "same_tokenization"):
                 if key in metrics:
                     summary[ftype][key] = metrics[key]
-        except Exception as e:  # one bad type must not stop the others; it is recorded with its reason
+        except Exception as e:  # one bad type must not stop the others; recorded with its reason
             all_ok = False
             path.unlink(missing_ok=True)
-            stage.record(ftype, point, status="failed", reason=f"{type(e).__name__}: {e}", metrics=metrics)
+            stage.record(ftype, point, status="failed", reason=f"{type(e).__name__}: {e}",
+                         metrics=metrics)
             summary[ftype] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
         elapsed = time.perf_counter() - t_start
         eta = elapsed / i * (len(todo) - i)

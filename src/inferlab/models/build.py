@@ -1,8 +1,7 @@
-"""Models the project builds itself: random weights and the local tokenizer, Phi or Llama architecture.
+"""Models the project builds itself: random weights and the local tokenizer, Phi or Llama.
 
-`tiny-phi` exercises every code path of Phi-2 in seconds; `phi-2-random` has Phi-2's exact shapes and stands
-in for it in speed and memory work; `tiny-llama` has SmolLM2's code paths (grouped-query attention, RMS norm,
-tied output head, ChatML tokenizer). All are deterministic: the same config gives the same files.
+`tiny-phi` runs Phi-2's code paths in seconds; `phi-2-random` has Phi-2's shapes for speed and
+memory work; `tiny-llama` has SmolLM2's code paths. The same config gives the same files.
 """
 
 from __future__ import annotations
@@ -18,7 +17,8 @@ from inferlab.models.tokenizer import train_tokenizer
 log = logging.getLogger(__name__)
 
 
-def phi_config(model: ModelConfig, eos_id: int, bos_id: int | None = None, pad_id: int | None = None):
+def phi_config(model: ModelConfig, eos_id: int, bos_id: int | None = None,
+               pad_id: int | None = None):
     from transformers import PhiConfig
 
     a = model.architecture
@@ -42,7 +42,8 @@ def phi_config(model: ModelConfig, eos_id: int, bos_id: int | None = None, pad_i
     )
 
 
-def llama_config(model: ModelConfig, eos_id: int, bos_id: int | None = None, pad_id: int | None = None):
+def llama_config(model: ModelConfig, eos_id: int, bos_id: int | None = None,
+                 pad_id: int | None = None):
     from transformers import LlamaConfig
 
     a = model.architecture
@@ -69,8 +70,9 @@ CONFIGS = {"phi": phi_config, "llama": llama_config}
 
 
 def _write_legacy_rope_keys(path: Path, model: ModelConfig) -> None:
-    """transformers 5 writes rope settings under rope_parameters only; 4.x reads them from the top level
-    (and would silently use partial_rotary_factor 0.5). Writing both keeps the checkpoint portable."""
+    """Rope settings at the top level too, as 4.x reads them (transformers 5 nests them).
+
+    4.x would silently use partial_rotary_factor 0.5: both keep the checkpoint portable."""
     cfg = json.loads(path.read_text())
     if model.architecture.family == "phi":
         cfg["partial_rotary_factor"] = model.architecture.partial_rotary_factor
@@ -79,42 +81,45 @@ def _write_legacy_rope_keys(path: Path, model: ModelConfig) -> None:
 
 
 def build_model(model: ModelConfig, out_dir: Path) -> None:
-    """Train the tokenizer, initialise the architecture with seeded random weights and save both to out_dir."""
+    """Train the tokenizer, initialise seeded random weights and save both to out_dir."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM, PhiForCausalLM
 
     t0 = time.perf_counter()
-    train_tokenizer(resolve(model.tokenizer.corpus), model.tokenizer.vocab_size, out_dir, model.tokenizer.style)
+    t = model.tokenizer
+    train_tokenizer(resolve(t.corpus), t.vocab_size, out_dir, t.style)
     tok = AutoTokenizer.from_pretrained(str(out_dir))
     if len(tok) > model.architecture.vocab_size:
         raise ValueError(
-            f"model.architecture.vocab_size: {model.architecture.vocab_size} is smaller than the tokenizer's "
-            f"{len(tok)} tokens"
+            f"model.architecture.vocab_size: {model.architecture.vocab_size} is smaller than the "
+            f"tokenizer's {len(tok)} tokens"
         )
-    config = CONFIGS[model.architecture.family](model, tok.eos_token_id, tok.bos_token_id, tok.pad_token_id)
+    make_config = CONFIGS[model.architecture.family]
+    config = make_config(model, tok.eos_token_id, tok.bos_token_id, tok.pad_token_id)
     dtype = getattr(torch, model.dtype)
     torch.manual_seed(model.seed)
     n_params_hint = 12 * model.architecture.num_hidden_layers * model.architecture.hidden_size**2
     log.info(
         "building %s: %s, hidden %d, %d layers, about %.2fB parameters, random weights (seed %d), %s",
-        model.name, config.architectures[0], config.hidden_size, config.num_hidden_layers, n_params_hint / 1e9,
-        model.seed, model.dtype,
+        model.name, config.architectures[0], config.hidden_size, config.num_hidden_layers,
+        n_params_hint / 1e9, model.seed, model.dtype,
     )
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # initialise directly in the target dtype: half the memory for phi-2-random
+    torch.set_default_dtype(dtype)  # initialise in the target dtype: half phi-2-random's memory
     try:
         net = {"phi": PhiForCausalLM, "llama": LlamaForCausalLM}[model.architecture.family](config)
     finally:
         torch.set_default_dtype(previous)
     net.generation_config.pad_token_id = config.pad_token_id
-    # Embedding rows past the tokenizer's vocabulary are padding (as in Phi-2: 50295 tokens, 51200 rows). Random
-    # weights would emit them as often as real tokens, and text could not be decoded from them; a large negative
-    # output bias keeps generation inside the vocabulary (Phi's head has a bias; a llama model's has none, and a
-    # tiny one's vocabulary is the tokenizer's). Shapes, and so speed and memory, are unchanged.
+    # Rows past the tokenizer's vocabulary are padding (Phi-2: 50295 tokens, 51200 rows), which
+    # random weights would emit as often as real tokens: a large negative output bias keeps
+    # generation inside the vocabulary, with shapes (so speed and memory) unchanged.
     if len(tok) < config.vocab_size:
         if getattr(net.lm_head, "bias", None) is None:
-            raise ValueError(f"model.architecture.vocab_size: {config.vocab_size} rows for {len(tok)} tokens; "
-                             f"a {model.architecture.family} model has no output bias to mask the padding rows")
+            raise ValueError(
+                f"model.architecture.vocab_size: {config.vocab_size} rows for {len(tok)} tokens; "
+                f"a {model.architecture.family} model has no output bias to mask the padding rows"
+            )
         with torch.no_grad():
             net.lm_head.bias[len(tok):] = -1e4
     net.save_pretrained(str(out_dir), safe_serialization=True)

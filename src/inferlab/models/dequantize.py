@@ -1,11 +1,9 @@
-"""A Llama-architecture GGUF file (llama.cpp's format, any quantization) → a plain Hugging Face checkpoint.
+"""A Llama GGUF file (any quantization) → a plain Hugging Face checkpoint.
 
-transformers can load such a file (`from_pretrained(folder, gguf_file=...)`), but it parses the file twice and
-builds gguf's tensor-name map once per tensor: 42 s for SmolLM2-135M on 2 cores, and the result cannot be saved
-("quantized with gguf and is not serializable"). This reads the file once with gguf-py, dequantizes every tensor
-with gguf-py's own dequantizers, undoes the row permutation llama.cpp's converter applies to the query and key
-projections, and builds the tokenizer from the file's vocabulary, merges and pre-tokenizer: 10 s. The tests check
-it against transformers' loader on a tiny model: the same weights, bit for bit, and the same token ids.
+transformers' own GGUF loader took 42 s for SmolLM2-135M on 2 cores and its result cannot be
+saved. This reads the file once with gguf-py, dequantizes, undoes the converter's q/k row
+permutation and rebuilds the tokenizer: 10 s. The tests check it against transformers' loader
+on a tiny model: the same weights, bit for bit, and the same token ids.
 """
 
 from __future__ import annotations
@@ -19,8 +17,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# llama.cpp pre-tokenizers that split digits one by one before GPT-2's regex (llama-vocab.cpp), and those that
-# split with GPT-2's regex alone
+# llama.cpp pre-tokenizers that split single digits before GPT-2's regex (llama-vocab.cpp),
+# and those that split with GPT-2's regex alone
 DIGIT_SPLIT = ("smollm", "starcoder", "refact", "codeshell", "command-r")
 GPT2_SPLIT = ("gpt-2", "default")
 
@@ -39,9 +37,12 @@ def describe(reader) -> dict:
     import gguf
 
     ftype = _field(reader, "general.file_type")
-    name = gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_").removeprefix("ALL_") if ftype is not None else "?"
-    return {"file_type": name,
-            "tensor_types": dict(Counter(t.tensor_type.name for t in reader.tensors).most_common())}
+    if ftype is None:
+        name = "?"
+    else:
+        name = gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    return {"file_type": name, "tensor_types": dict(types.most_common())}
 
 
 def llama_config(reader):
@@ -50,7 +51,9 @@ def llama_config(reader):
 
     arch = _field(reader, "general.architecture")
     if arch != "llama":
-        raise GGUFCheckpointError(f"architecture {arch!r}: only llama GGUF files are dequantized here")
+        raise GGUFCheckpointError(
+            f"architecture {arch!r}: only llama GGUF files are dequantized here"
+        )
 
     def hp(key, default=None):
         value = _field(reader, f"llama.{key}", default)
@@ -87,7 +90,8 @@ def llama_config(reader):
 
 def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """The inverse of the converter's query/key row permutation (gguf/convert.py permute_rows)."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    pairs = w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+    return pairs.swapaxes(1, 2).reshape(w.shape)
 
 
 def state_dict(reader, config) -> dict:
@@ -106,7 +110,8 @@ def state_dict(reader, config) -> dict:
         key = hf_name.get(t.name)
         if key is None:
             raise GGUFCheckpointError(f"tensor {t.name} has no place in LlamaForCausalLM")
-        w = np.array(gguf_dequantize(t.data, t.tensor_type), dtype=np.float32)  # a copy: F32 data is memory-mapped
+        # a copy: F32 data is memory-mapped
+        w = np.array(gguf_dequantize(t.data, t.tensor_type), dtype=np.float32)
         if key.endswith("self_attn.q_proj.weight") or key.endswith("self_attn.q_proj.bias"):
             w = unpermute_rows(w, config.num_attention_heads)
         elif key.endswith("self_attn.k_proj.weight") or key.endswith("self_attn.k_proj.bias"):
@@ -121,23 +126,28 @@ def _strings(reader, key: str) -> list[str]:
 
 
 def tokenizer(reader, max_length: int):
-    """transformers' fast tokenizer from the file's byte-level BPE vocabulary, merges and pre-tokenizer, with its
-    special tokens and chat template; it splits text as llama.cpp does with the same file."""
+    """transformers' fast tokenizer from the file's byte-level BPE, specials and chat template.
+
+    It splits text as llama.cpp does with the same file."""
     import gguf
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     if _field(reader, "tokenizer.ggml.model") != "gpt2":
-        raise GGUFCheckpointError(f"tokenizer {_field(reader, 'tokenizer.ggml.model')!r}: only byte-level BPE "
-                                  "(gpt2) vocabularies are rebuilt here")
+        raise GGUFCheckpointError(
+            f"tokenizer {_field(reader, 'tokenizer.ggml.model')!r}: only byte-level BPE "
+            "(gpt2) vocabularies are rebuilt here"
+        )
     tokens = _strings(reader, "tokenizer.ggml.tokens")
     types = [int(x) for x in _field(reader, "tokenizer.ggml.token_type", [])] or [1] * len(tokens)
     merges = [tuple(m.split(" ", 1)) for m in _strings(reader, "tokenizer.ggml.merges")]
-    tok = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(tokens)}, merges=merges, ignore_merges=False))
+    vocab = {s: i for i, s in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
     pre = _field(reader, "tokenizer.ggml.pre", "default")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     if pre in DIGIT_SPLIT:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level])
     elif pre in GPT2_SPLIT:
         tok.pre_tokenizer = byte_level
     else:
@@ -145,17 +155,19 @@ def tokenizer(reader, max_length: int):
                                   f"({', '.join(DIGIT_SPLIT)}) are rebuilt here")
     tok.decoder = decoders.ByteLevel()
     control, user = int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED)
-    tok.add_tokens([AddedToken(s, special=ty == control, normalized=False) for s, ty in zip(tokens, types)
-                    if ty in (control, user)])
+    tok.add_tokens([AddedToken(s, special=ty == control, normalized=False)
+                    for s, ty in zip(tokens, types) if ty in (control, user)])
     roles = {}
-    for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
-                      ("pad", "padding_token_id")):
+    for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"),
+                      ("unk", "unknown_token_id"), ("pad", "padding_token_id")):
         tid = _field(reader, f"tokenizer.ggml.{key}")
         if tid is not None:
             roles[f"{role}_token"] = tokens[tid]
-    if _field(reader, "tokenizer.ggml.add_bos_token", False) or _field(reader, "tokenizer.ggml.add_eos_token", False):
+    adds_bos = _field(reader, "tokenizer.ggml.add_bos_token", False)
+    if adds_bos or _field(reader, "tokenizer.ggml.add_eos_token", False):
         raise GGUFCheckpointError("a tokenizer that adds BOS or EOS by itself is not rebuilt here")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", model_max_length=max_length, **roles)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left",
+                                   model_max_length=max_length, **roles)
     template = _field(reader, "tokenizer.chat_template")
     if template:
         fast.chat_template = template
@@ -163,7 +175,7 @@ def tokenizer(reader, max_length: int):
 
 
 def to_checkpoint(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> dict:
-    """Write config, safetensors and tokenizer of the GGUF's model to out_dir; returns describe()'s summary."""
+    """Write the GGUF's model as config, safetensors and tokenizer; returns describe()'s summary."""
     import gguf
     import torch
     from transformers import LlamaForCausalLM
@@ -182,13 +194,16 @@ def to_checkpoint(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> dic
         model.tie_weights()
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
-        raise GGUFCheckpointError(f"{gguf_path.name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise GGUFCheckpointError(
+            f"{gguf_path.name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     model.generation_config.pad_token_id = config.pad_token_id
     model.to(getattr(torch, dtype)).save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer(reader, config.max_position_embeddings).save_pretrained(str(out_dir))
     make_portable(out_dir)
     n = sum(w.numel() for w in weights.values())
-    log.info("dequantized %s (%s: %s) to a LlamaForCausalLM checkpoint, %.1fM parameters in %s, in %.1f s",
-             gguf_path.name, info["file_type"], ", ".join(f"{c} {t}" for t, c in info["tensor_types"].items()),
-             n / 1e6, dtype, time.perf_counter() - t0)
+    types = ", ".join(f"{c} {t}" for t, c in info["tensor_types"].items())
+    log.info("dequantized %s (%s: %s) to a LlamaForCausalLM checkpoint, %.1fM parameters in %s, "
+             "in %.1f s", gguf_path.name, info["file_type"], types, n / 1e6, dtype,
+             time.perf_counter() - t0)
     return info

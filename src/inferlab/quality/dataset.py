@@ -1,9 +1,8 @@
-"""The evaluation set: items with a task, an input and a reference answer, and the held-out text scored per token.
+"""The evaluation set (items with a task, input and reference) and the held-out text.
 
-The project ships its own set (data/eval/items.jsonl: summarization, short question answering and code
-completion, written for this project). A file of a Hub dataset can be used instead (evaluate.dataset.source=hub);
-it is fetched through the Hub cache, so it works offline once cached and fails within seconds, saying what to
-do, when the Hub cannot be reached.
+The project ships its own set (data/eval/items.jsonl: summaries, short answers, code). A Hub
+dataset's file can be used instead (evaluate.dataset.source=hub), fetched through the Hub cache:
+offline once cached, and failing within seconds, saying what to do, without the Hub.
 """
 
 from __future__ import annotations
@@ -32,7 +31,8 @@ class Item:
 
 
 def load_items(cfg: EvalDatasetConfig) -> list[Item]:
-    items = _hub_items(cfg) if cfg.source == "hub" else _local_items(resolve(cfg.path) / "items.jsonl")
+    local = cfg.source != "hub"
+    items = _local_items(resolve(cfg.path) / "items.jsonl") if local else _hub_items(cfg)
     items = [i for i in items if i.task in cfg.tasks]
     if cfg.limit is not None:
         per_task: dict[str, int] = {}
@@ -49,7 +49,9 @@ def load_items(cfg: EvalDatasetConfig) -> list[Item]:
 
 def _local_items(path: Path) -> list[Item]:
     if not path.is_file():
-        raise DatasetUnavailable(f"{path} does not exist: evaluate.dataset.path must hold items.jsonl")
+        raise DatasetUnavailable(
+            f"{path} does not exist: evaluate.dataset.path must hold items.jsonl"
+        )
     items, seen = [], set()
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -58,7 +60,9 @@ def _local_items(path: Path) -> list[Item]:
             d = json.loads(line)
             item = Item(str(d["id"]), d["task"], d["input"], d["reference"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DatasetUnavailable(f"{path}:{n}: not an item with id, task, input and reference ({e})") from None
+            raise DatasetUnavailable(
+                f"{path}:{n}: not an item with id, task, input and reference ({e})"
+            ) from None
         if item.id in seen:
             raise DatasetUnavailable(f"{path}:{n}: duplicate item id {item.id!r}")
         seen.add(item.id)
@@ -85,13 +89,14 @@ def _hub_items(cfg: EvalDatasetConfig) -> list[Item]:
         raise DatasetUnavailable(
             f"cannot fetch {h.filename} of the Hub dataset {h.repo_id}: {why}. Use the shipped set "
             "(evaluate.dataset.source=local), or fill the cache once where the Hub is reachable "
-            f"(`hf download {h.repo_id} {h.filename} --repo-type dataset`) and set HF_HUB_OFFLINE=1."
+            f"(`hf download {h.repo_id} {h.filename} --repo-type dataset`) and set "
+            "HF_HUB_OFFLINE=1."
         ) from e
     rows = _read_rows(path)
     missing = [f for f in (h.input_field, h.reference_field) if rows and f not in rows[0]]
     if missing:
-        raise DatasetUnavailable(f"evaluate.dataset.hub: fields {missing} are not in {h.filename}; it has "
-                                 f"{sorted(rows[0])}")
+        raise DatasetUnavailable(f"evaluate.dataset.hub: fields {missing} are not in "
+                                 f"{h.filename}; it has {sorted(rows[0])}")
     return [Item(str(r.get(h.id_field, n)) if h.id_field else str(n), h.task, str(r[h.input_field]),
                  str(r[h.reference_field])) for n, r in enumerate(rows[:h.limit])]
 
@@ -111,7 +116,9 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
         with path.open(newline="") as f:
             return list(csv.DictReader(f))
-    raise DatasetUnavailable(f"{path.name}: unsupported file type; use .parquet, .jsonl, .json or .csv")
+    raise DatasetUnavailable(
+        f"{path.name}: unsupported file type; use .parquet, .jsonl, .json or .csv"
+    )
 
 
 def prompt(item: Item, templates: dict[str, str]) -> str:
@@ -122,9 +129,9 @@ _TOP_LEVEL = re.compile(r"^\S", re.MULTILINE)
 
 
 def answer_text(task: str, text: str) -> str:
-    """The part of a generated continuation that is the answer: up to the first line break for summaries and
-    short answers; for code, the indented body up to the next top-level line. Applied alike to every
-    configuration (and the reference precision), so it changes no comparison."""
+    """The answer in a continuation: its first line, or for code the body up to a top-level line.
+
+    Applied alike to every configuration (and the reference), so it changes no comparison."""
     if task == "code":
         m = _TOP_LEVEL.search(text)
         return (text[:m.start()] if m else text).rstrip() + "\n"
@@ -141,7 +148,7 @@ def passage(cfg: EvaluateConfig) -> str:
 
 
 def digest(items: list[Item], text: str, cfg: EvaluateConfig) -> str:
-    """Identity of what is generated: items, templates, lengths and passage (a changed set is a new point)."""
+    """Identity of what is generated: items, templates, lengths, passage (new set: new point)."""
     blob = json.dumps({"items": [asdict(i) for i in items], "templates": cfg.templates,
                        "max_new_tokens": cfg.max_new_tokens, "chat": cfg.chat, "passage": text,
                        "tokens": asdict(cfg.tokens)}, sort_keys=True)

@@ -1,19 +1,13 @@
 """Quality per token: how far a configuration's next-token distribution is from the reference's.
 
-The method of llama.cpp's `llama-perplexity --kl-divergence`: the reference configuration (the model's own full
-precision in the same runtime) stores its next-token log-probabilities at every scored position of one fixed
-token sequence; every other configuration computes its own at the same positions, from the same contexts, and
-is compared with it token by token:
+llama.cpp's `llama-perplexity --kl-divergence` method: the reference (the model's full precision
+in the same runtime) stores its next-token log-probabilities over one fixed token sequence; each
+other configuration is compared with it token by token: KL(reference || configuration), top-1
+agreement (Wilson interval) and the perplexity ratio (paired, so the text's difficulty cancels).
 
-- KL divergence KL(reference || configuration) per token: mean (with its standard error), median, p90, p99, max;
-- top-1 agreement: how often both pick the same most likely token, with a Wilson 95% interval;
-- perplexity of the text, and its ratio to the reference's: exp of the mean per-token log-likelihood
-  difference, with an interval from that difference's standard error (paired, so the shared difficulty of the
-  text cancels).
-
-Intervals treat tokens as independent draws, as llama.cpp does; neighbouring tokens are correlated, so the true
-uncertainty is somewhat wider. The reference's log-probabilities are stored as llama.cpp stores them: 16-bit
-integers per row over [row max - LOGP_RANGE, row max], which moves a KL divergence by less than 1e-6.
+Intervals treat tokens as independent, as llama.cpp does; neighbours are correlated, so the true
+uncertainty is somewhat wider. Rows are stored as llama.cpp stores them, 16-bit over
+[row max - LOGP_RANGE, row max], which moves a KL divergence by less than 1e-6.
 """
 
 from __future__ import annotations
@@ -28,15 +22,17 @@ from typing import Any
 
 import numpy as np
 
+from inferlab.backends.base import log_softmax
+
 LOGP_RANGE = 40.0  # log-probabilities more than this below a row's top are stored as the floor
 Z95 = 1.959964  # the normal quantile of a two-sided 95% interval
-METHOD_VERSION = 1  # part of a reference's identity: a change in how rows are computed or stored invalidates it
+METHOD_VERSION = 1  # part of a reference's identity: bump when rows are computed or stored anew
 
 
 def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, first) of each forward pass over ids[begin:end]: every position p in [first, end - 1) predicts
-    ids[p + 1], and together the windows score every position 0 .. n - 2 once, each with the longest context its
-    window gives (a sliding window: after the first, each window's newest `stride` tokens are scored)."""
+    """(begin, end, first) per forward pass over ids[begin:end]: p in [first, end - 1) is scored.
+
+    Sliding windows score every position 0 .. n - 2 once, each with the longest context it gets."""
     if n < 2:
         raise ValueError("the scored text needs at least two tokens")
     out, prev_end = [], 0
@@ -53,18 +49,18 @@ def ids_digest(ids: list[int]) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
-def rows(backend: Any, ids: list[int], window: int, stride: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(first position, log-probabilities of the next token at the positions scored by that window) per window,
-    in order; rows are float32, one per position, over the model's whole vocabulary."""
+def rows(
+    backend: Any, ids: list[int], window: int, stride: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(first position, float32 next-token log-probability rows over the vocabulary) per window."""
     for begin, end, first in windows(len(ids), window, stride):
-        lp = backend.logprobs(ids[begin:end])  # (end - begin, vocab): after ids[begin..p], for each p
+        lp = backend.logprobs(ids[begin:end])  # (end - begin, vocab): after ids[begin..p]
         yield first, lp[first - begin:end - 1 - begin]
 
 
 @dataclass
 class TokenStats:
-    """Per scored position: KL(reference || configuration), whether the top-1 tokens agree, and both models'
-    negative log-likelihood of the token that follows."""
+    """Per scored position: KL(reference || configuration), top-1 agreement, both models' NLL."""
 
     kl: np.ndarray
     agree: np.ndarray
@@ -73,13 +69,16 @@ class TokenStats:
 
     @classmethod
     def concat(cls, parts: list[TokenStats]) -> TokenStats:
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("kl", "agree", "nll", "nll_ref")))
+        fields = ("kl", "agree", "nll", "nll_ref")
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(f".{path.name}.partial")
         with open(tmp, "wb") as f:
-            np.savez_compressed(f, kl=self.kl.astype(np.float32), agree=self.agree.astype(np.bool_),
-                                nll=self.nll.astype(np.float32), nll_ref=self.nll_ref.astype(np.float32))
+            np.savez_compressed(
+                f, kl=self.kl.astype(np.float32), agree=self.agree.astype(np.bool_),
+                nll=self.nll.astype(np.float32), nll_ref=self.nll_ref.astype(np.float32),
+            )
         tmp.replace(path)
 
     @classmethod
@@ -88,25 +87,18 @@ class TokenStats:
             return cls(z["kl"], z["agree"], z["nll"], z["nll_ref"])
 
 
-def _log_normalized(rows: np.ndarray) -> np.ndarray:
-    """float32 log-probability rows that sum to one: each row's log-sum-exp subtracted, the sum taken in float64.
-    (float32 keeps a KL divergence of 4e-6 within 0.3% of the float64 figure, at a fifth of the time.)"""
-    x = rows.astype(np.float32, copy=True)
-    x -= x.max(axis=1, keepdims=True)
-    x -= np.log(np.exp(x).sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)
-    return x
-
 
 def compare(ref: np.ndarray, lp: np.ndarray, targets: np.ndarray) -> TokenStats:
-    """Token statistics of log-probability rows `lp` against reference rows `ref` (same positions), where
-    targets[i] is the token that follows position i."""
-    # both renormalized: stored rows after dequantization, and rounding in either
-    r, q = _log_normalized(ref), _log_normalized(lp)
+    """Token statistics of rows `lp` against reference rows `ref`; targets[i] follows i."""
+    # both renormalized (stored rows after dequantization, and rounding in either), in float32:
+    # it keeps a KL divergence of 4e-6 within 0.3% of float64's, at a fifth of the time
+    r, q = log_softmax(ref), log_softmax(lp)
     idx = np.arange(len(targets))
     agree = r.argmax(axis=1) == q.argmax(axis=1)
     nll, nll_ref = -q[idx, targets].astype(np.float64), -r[idx, targets].astype(np.float64)
     kl = (np.exp(r) * (r - q)).sum(axis=1, dtype=np.float64)
-    return TokenStats(np.maximum(kl, 0.0), agree, nll, nll_ref)  # rounding can take a zero divergence below zero
+    # rounding can take a zero divergence below zero
+    return TokenStats(np.maximum(kl, 0.0), agree, nll, nll_ref)
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -124,7 +116,7 @@ def _sem(x: np.ndarray) -> float:
 
 
 def summarize(s: TokenStats) -> dict[str, Any]:
-    """The figures a record carries: each with its uncertainty (95% intervals, tokens taken as independent)."""
+    """The figures a record carries, each with a 95% interval (tokens taken as independent)."""
     n = len(s.kl)
     k = int(s.agree.sum())
     lo, hi = wilson(k, n)
@@ -134,30 +126,36 @@ def summarize(s: TokenStats) -> dict[str, Any]:
     diff = s.nll - s.nll_ref
     d, d_sem = float(diff.mean()), _sem(diff)
     q = np.quantile(s.kl, [0.5, 0.9, 0.99])
+    kl_mean = s.kl.mean()
     return {
         "tokens": n,
-        "kl_mean": float(s.kl.mean()), "kl_sem": kl_sem,
-        "kl_ci95": [float(max(0.0, s.kl.mean() - Z95 * kl_sem)), float(s.kl.mean() + Z95 * kl_sem)],
-        "kl_median": float(q[0]), "kl_p90": float(q[1]), "kl_p99": float(q[2]), "kl_max": float(s.kl.max()),
+        "kl_mean": float(kl_mean), "kl_sem": kl_sem,
+        "kl_ci95": [float(max(0.0, kl_mean - Z95 * kl_sem)), float(kl_mean + Z95 * kl_sem)],
+        "kl_median": float(q[0]), "kl_p90": float(q[1]), "kl_p99": float(q[2]),
+        "kl_max": float(s.kl.max()),
         "top1": k / n, "top1_agree": k, "top1_ci95": [lo, hi],
         "perplexity": math.exp(nll), "nll_mean": nll, "nll_sem": nll_sem,
         "perplexity_ci95": [math.exp(nll - Z95 * nll_sem), math.exp(nll + Z95 * nll_sem)],
         "reference_perplexity": math.exp(nll_ref),
         "ln_ppl_ratio": d, "ln_ppl_ratio_sem": d_sem,
-        "ppl_ratio": math.exp(d), "ppl_ratio_ci95": [math.exp(d - Z95 * d_sem), math.exp(d + Z95 * d_sem)],
+        "ppl_ratio": math.exp(d),
+        "ppl_ratio_ci95": [math.exp(d - Z95 * d_sem), math.exp(d + Z95 * d_sem)],
     }
 
 
 def own_perplexity(nll: np.ndarray) -> dict[str, Any]:
-    """The perplexity figures of a configuration with no reference to compare with (or of the reference)."""
+    """Perplexity figures without a reference to compare with (or of the reference)."""
     mean, sem = float(nll.mean()), _sem(nll)
-    return {"tokens": len(nll), "perplexity": math.exp(mean), "nll_mean": mean, "nll_sem": sem,
-            "perplexity_ci95": [math.exp(mean - Z95 * sem), math.exp(mean + Z95 * sem)]}
+    return {
+        "tokens": len(nll), "perplexity": math.exp(mean), "nll_mean": mean, "nll_sem": sem,
+        "perplexity_ci95": [math.exp(mean - Z95 * sem), math.exp(mean + Z95 * sem)],
+    }
 
 
 class ReferenceStore:
-    """The reference's log-probability rows on disk: <name>.u16.npy (uint16, positions x vocab), and
-    <name>.json (each row's floor and step, and what the rows are: ids digest, windows, configuration)."""
+    """The reference's rows on disk: <name>.u16.npy (positions x vocab) and <name>.json.
+
+    The JSON holds each row's floor and step, and the rows' identity (ids, windows, config)."""
 
     def __init__(self, folder: Path, name: str):
         self.folder = folder
@@ -185,21 +183,24 @@ class ReferenceStore:
             meta = self.meta()
             if meta is None:
                 raise FileNotFoundError(f"no reference rows at {self.data}")
-            self._scale = (np.asarray(meta["floor"], dtype=np.float32), np.asarray(meta["step"], dtype=np.float32))
+            self._scale = (np.asarray(meta["floor"], dtype=np.float32),
+                           np.asarray(meta["step"], dtype=np.float32))
         floor, step = (a[first:first + count, None] for a in self._scale)
         q = np.load(self.data, mmap_mode="r")[first:first + count]
         return floor + q.astype(np.float32) * step
 
 
 class ReferenceWriter:
-    """Rows added window by window into a temporary file; `commit` renames it into place with its description,
-    so an interrupted reference leaves no rows that look finished."""
+    """Rows added window by window to a temporary file that `commit` renames into place.
+
+    So an interrupted reference leaves no rows that look finished."""
 
     def __init__(self, store: ReferenceStore, n: int, vocab: int, identity: dict[str, Any]):
         store.folder.mkdir(parents=True, exist_ok=True)
         self.store, self.n, self.identity = store, n, identity
         self.tmp = store.data.with_name(f".{store.data.name}.partial")
-        self.out = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.uint16, shape=(n, vocab))
+        self.out = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.uint16,
+                                             shape=(n, vocab))
         self.floor = np.zeros(n, dtype=np.float32)
         self.step = np.zeros(n, dtype=np.float32)
         self.written = 0
@@ -208,7 +209,8 @@ class ReferenceWriter:
         top = lp.max(axis=1, keepdims=True)
         floor = np.maximum(lp.min(axis=1, keepdims=True), top - LOGP_RANGE)
         step = np.maximum((top - floor) / 65535.0, 1e-12)
-        self.out[first:first + len(lp)] = np.rint((np.maximum(lp, floor) - floor) / step).astype(np.uint16)
+        q = np.rint((np.maximum(lp, floor) - floor) / step).astype(np.uint16)
+        self.out[first:first + len(lp)] = q
         self.floor[first:first + len(lp)] = floor[:, 0]
         self.step[first:first + len(lp)] = step[:, 0]
         self.written += len(lp)
@@ -219,7 +221,7 @@ class ReferenceWriter:
             raise RuntimeError(f"reference rows: {self.written} written for {self.n} positions")
         self.out.flush()
         del self.out
-        self.store.meta_path.unlink(missing_ok=True)  # never a description beside rows it does not describe
+        self.store.meta_path.unlink(missing_ok=True)  # never beside rows it does not describe
         self.tmp.replace(self.store.data)
         meta = {"identity": self.identity, "positions": self.n, "floor": self.floor.tolist(),
                 "step": self.step.tolist()}
@@ -231,10 +233,11 @@ class ReferenceWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def measure(backend: Any, ids: list[int], window: int, stride: int, write: ReferenceWriter | None = None,
-            against: dict[str, ReferenceStore] | None = None) -> tuple[dict[str, Any], dict[str, TokenStats]]:
-    """One pass over the scored text: the configuration's own perplexity; its rows stored when it is a reference
-    (`write`); and its token statistics against each stored reference in `against` (label -> rows)."""
+def measure(
+    backend: Any, ids: list[int], window: int, stride: int, write: ReferenceWriter | None = None,
+    against: dict[str, ReferenceStore] | None = None,
+) -> tuple[dict[str, Any], dict[str, TokenStats]]:
+    """One pass: own perplexity, rows stored if a reference (`write`), stats per `against`."""
     targets = np.asarray(ids[1:], dtype=np.int64)
     nll: list[np.ndarray] = []
     parts: dict[str, list[TokenStats]] = {label: [] for label in against or {}}

@@ -1,11 +1,9 @@
 """One measurement at a time per device, whoever runs it.
 
-Hydra's process launchers (submitit_local, joblib) and `dvc queue start -j N` run several sweep jobs at once on
-one host. Each job keeps its own process (memory isolation), but two points measured at the same time on the
-same device would disturb each other's timings. So a point is measured while holding an exclusive lock for its
-device: the host's CPU for CPU points, the GPU (as CUDA_VISIBLE_DEVICES names it) for GPU points, so one point
-per GPU runs at a time. The lock is a flock on a file every user of the host can open (inferlab.hostlock):
-released by the kernel if the holder dies.
+Hydra's process launchers and `dvc queue start -j N` run several sweep jobs at once on one host;
+two points measured at once on one device would disturb each other's timings. So a point holds
+an exclusive lock for its device (the CPU, or the GPU CUDA_VISIBLE_DEVICES names): a flock any
+user of the host can open (inferlab.hostlock), released by the kernel if the holder dies.
 """
 
 from __future__ import annotations
@@ -42,8 +40,9 @@ def lock_path(key: str) -> Path:
 
 @contextmanager
 def device_lock(key: str) -> Iterator[float]:
-    """Hold the device's lock; yields how long it waited for it (seconds). INFERLAB_DEVICE_LOCK=0 turns it off."""
-    if os.environ.get("INFERLAB_DEVICE_LOCK", "1") == "0" or key in _HELD:  # a claimed GPU is ours already
+    """Hold the device's lock; yields the seconds waited. INFERLAB_DEVICE_LOCK=0: no lock."""
+    # a claimed GPU is ours already
+    if os.environ.get("INFERLAB_DEVICE_LOCK", "1") == "0" or key in _HELD:
         yield 0.0
         return
     fd = open_lock(lock_path(key))
@@ -75,34 +74,36 @@ def _busy(key: str) -> bool:
 
 
 def visible_gpus() -> list[str]:
-    """The GPUs this host offers the sweep: $INFERLAB_GPUS (e.g. "0,1"), else a non-empty $CUDA_VISIBLE_DEVICES,
-    else every GPU `nvidia-smi -L` lists; [] without GPUs."""
+    """The GPUs this host offers the sweep: $INFERLAB_GPUS (e.g. "0,1"), else a non-empty
+    $CUDA_VISIBLE_DEVICES, else every GPU `nvidia-smi -L` lists; [] without GPUs."""
     for var in ("INFERLAB_GPUS", "CUDA_VISIBLE_DEVICES"):
         value = os.environ.get(var, "").strip()
         if value:
             return [g.strip() for g in value.split(",") if g.strip()]
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+        r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+        out = r.stdout
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
 def others_busy(key: str, gpus: list[str] | None = None) -> list[str]:
-    """The other GPUs of this host (`gpus`, default visible_gpus()) whose lock someone else holds now: another
-    process, or another thread of this one (a point measured beside them). Pass the host's GPUs where this process
-    has narrowed CUDA_VISIBLE_DEVICES to one."""
+    """The other GPUs of `gpus` (default visible_gpus()) whose lock someone else holds now.
+
+    Pass the host's GPUs where this process narrowed CUDA_VISIBLE_DEVICES to one."""
     if not key.startswith("gpu-"):
         return []
-    return [f"gpu-{g}" for g in (visible_gpus() if gpus is None else gpus) if f"gpu-{g}" != key and _busy(f"gpu-{g}")]
+    keys = [f"gpu-{g}" for g in (visible_gpus() if gpus is None else gpus)]
+    return [k for k in keys if k != key and _busy(k)]
 
 
 @contextmanager
 def claim_gpu(gpus: list[str] | None = None) -> Iterator[str | None]:
-    """Claim one free GPU of this host (`gpus`, default visible_gpus()) for this process (and the workers it
-    starts) until the block ends: its lock is held and CUDA_VISIBLE_DEVICES names only it. With several sweep jobs
-    at once (`hydra/launcher=gpus`), each job takes its own GPU, so up to one point per GPU runs at a time; a job
-    that finds every GPU taken waits for one. With one GPU or none, nothing is claimed (yields None)."""
+    """Claim one free GPU of `gpus` for this process and its workers until the block ends.
+
+    Its lock is held and CUDA_VISIBLE_DEVICES names only it; under `hydra/launcher=gpus` each job
+    takes its own GPU, waiting if all are taken. With one GPU or none, yields None."""
     gpus = visible_gpus() if gpus is None else gpus
     if len(gpus) < 2 or os.environ.get("INFERLAB_GPU_CLAIM", "1") == "0":
         yield None
@@ -111,7 +112,7 @@ def claim_gpu(gpus: list[str] | None = None) -> Iterator[str | None]:
     waited, t0 = False, time.perf_counter()
     while True:
         for g in gpus:
-            f = open_lock(lock_dir() / f"inferlab-gpu-{g}.lock")  # held for the whole block
+            f = open_lock(lock_path(f"gpu-{g}"))  # held for the whole block
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -133,6 +134,7 @@ def claim_gpu(gpus: list[str] | None = None) -> Iterator[str | None]:
                 os.close(f)  # releases the lock
             return
         if not waited:
-            log.info("every GPU (%s) is taken by another sweep job; waiting for one", ",".join(gpus))
+            log.info("every GPU (%s) is taken by another sweep job; waiting for one",
+                     ",".join(gpus))
             waited = True
         time.sleep(1.0)

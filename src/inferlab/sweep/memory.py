@@ -1,7 +1,7 @@
 """Peak memory per sweep point, and the machine's memory bandwidth for the roofline.
 
-Peak RSS: Linux keeps a process's high-water mark (VmHWM); writing "5" to /proc/self/clear_refs resets it,
-so a worker process can measure each point apart without carrying over an earlier point's peak.
+Peak RSS: Linux keeps a process's high-water mark (VmHWM); writing "5" to
+/proc/self/clear_refs resets it, so a worker measures each point's peak apart.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def peak_rss_mib() -> float:
 def cpu_bandwidth(gib: float = 1.0, repeats: int = 5, threads: int | None = None) -> dict:
     """Memory bandwidth with every usable core, over buffers far larger than the caches.
 
-    Two kernels through torch's multi-threaded loops: a copy (bytes read + written) and a sum (bytes read).
+    Two multi-threaded torch kernels: a copy (bytes read + written) and a sum (bytes read).
     Decoding reads the weights, so the roofline uses the faster of the two; both are recorded.
     """
     import torch
@@ -78,10 +78,11 @@ def cpu_bandwidth(gib: float = 1.0, repeats: int = 5, threads: int | None = None
             results[f"{name}_gbps"] = round(nbytes / sorted(times)[len(times) // 2] / 1e9, 2)
     finally:
         torch.set_num_threads(previous)
-    results.update(bandwidth_gbps=max(results["copy_gbps"], results["read_gbps"]), buffer_gib=gib, threads=threads,
-                   method=f"torch multi-threaded copy (read+write) and sum (read), median of {repeats}")
-    log.info("memory bandwidth with %d threads: copy %.1f GB/s, read %.1f GB/s", threads, results["copy_gbps"],
-             results["read_gbps"])
+    method = f"torch multi-threaded copy (read+write) and sum (read), median of {repeats}"
+    results.update(bandwidth_gbps=max(results["copy_gbps"], results["read_gbps"]),
+                   buffer_gib=gib, threads=threads, method=method)
+    log.info("memory bandwidth with %d threads: copy %.1f GB/s, read %.1f GB/s", threads,
+             results["copy_gbps"], results["read_gbps"])
     return results
 
 
@@ -110,20 +111,20 @@ def gpu_bandwidth(gib: float = 2.0, repeats: int = 20) -> dict:
 
 
 def roofline(bandwidth_gbps: float, weight_bytes: int, decode_tps: float | None) -> dict:
-    """The fastest possible batch-1 decode (every weight read once per token) and the fraction reached."""
+    """The fastest batch-1 decode (each weight read once per token) and the fraction reached."""
     limit = bandwidth_gbps * 1e9 / weight_bytes if weight_bytes else float("nan")
-    out = {"roofline_tps": round(limit, 2), "weight_bytes": weight_bytes, "bandwidth_gbps": bandwidth_gbps}
+    out = {"roofline_tps": round(limit, 2), "weight_bytes": weight_bytes,
+           "bandwidth_gbps": bandwidth_gbps}
     if decode_tps is not None and limit == limit:
         out["roofline_fraction"] = round(decode_tps / limit, 4)
     return out
 
 
 def process_gpu_gib() -> float | None:
-    """GPU memory this process holds, as the driver reports it (NVML, else nvidia-smi), summed over devices;
-    None where neither answers.
+    """GPU GiB this process holds over all devices, as NVML (else nvidia-smi) says; None if neither.
 
-    For runtimes that allocate outside torch (llama.cpp): weights, KV cache and compute buffers are allocated
-    when the model and context are created, so the figure after a point is its peak."""
+    llama.cpp allocates weights, KV cache and compute buffers when the model and context are
+    created, so the figure after a point is its peak."""
     try:
         import pynvml
     except ImportError:
@@ -150,12 +151,13 @@ def _nvidia_smi_gib() -> float | None:
     import subprocess
 
     try:
-        r = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                           capture_output=True, text=True, timeout=30)
+        query = ["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+        r = subprocess.run(["nvidia-smi", *query], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if r.returncode != 0:
         return None
-    mib = [float(used) for pid, used in (line.split(",")[:2] for line in r.stdout.splitlines() if "," in line)
+    rows = (line.split(",")[:2] for line in r.stdout.splitlines() if "," in line)
+    mib = [float(used) for pid, used in rows
            if pid.strip() == str(os.getpid()) and used.strip().replace(".", "", 1).isdigit()]
     return sum(mib) / 1024 if mib else None

@@ -1,9 +1,8 @@
 """Sweep points run in worker processes, one per loaded model.
 
-A worker loads its backend, then runs the points it is sent one by one, resetting the process's peak RSS
-(and CUDA's peak counters) before each, so no point's memory figure carries over from an earlier one. A point
-that crashes the process (a segfault inside llama.cpp, an OOM kill), hangs or raises is reported to the parent,
-which records it as failed and starts a fresh worker for the points that remain.
+A worker loads its backend and runs the points it is sent one by one, resetting the peak RSS and
+CUDA's peak counters before each. A point that crashes the process, hangs or raises is recorded
+as failed by the parent, which starts a fresh worker for the points that remain.
 """
 
 from __future__ import annotations
@@ -25,10 +24,12 @@ from inferlab import LLAMA_PROCESS_ENV, slurm
 
 log = logging.getLogger(__name__)
 
-# What a worker runs for each point (bench.registry.run): (backend, point, folder, name) -> metrics, samples, files
+# What a worker runs for each point (bench.registry.run):
+# (backend, point, folder, name) -> metrics, samples, files
 Measure = Callable[[Any, dict[str, Any], Path, str], tuple[dict[str, Any], dict[str, Any], dict[str, str]]]
 
-FAIL_ENV = "INFERLAB_INJECT_FAILURE"  # "<substring of a point name>:<oom|crash|error|hang|slow=SECONDS>", for tests
+# for tests: "<substring of a point name>:<oom|crash|error|hang|slow=SECONDS>"
+FAIL_ENV = "INFERLAB_INJECT_FAILURE"
 _SPAWN = threading.Lock()  # workers start one at a time: each with the environment meant for it
 
 
@@ -49,12 +50,14 @@ def _inject(name: str) -> None:
     if kind == "oom":
         import torch
 
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected for a test)")
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 20.00 GiB (injected for a test)"
+        )
     raise RuntimeError(f"injected failure in {name}")
 
 
 def _gpu_peaks_reset(runtime: str) -> bool:
-    if runtime != "hf":  # llama.cpp allocates outside torch: a torch context would only add to its footprint
+    if runtime != "hf":  # llama.cpp allocates outside torch: a torch context would only add
         return False
     try:
         import torch
@@ -82,12 +85,14 @@ def _is_oom(e: BaseException) -> bool:
 
 def worker_main(conn, runtime: str, load_settings: dict[str, Any], measure: Measure,
                 cpus: list[int] | None = None) -> None:
-    """Entry point of a worker process: receive points, send back (status, payload). With `cpus`, the process
-    runs on those cores only, its thread pools sized to them, and every point records what it ran with."""
+    """Entry point of a worker process: receive points, send back (status, payload).
+
+    With `cpus` it runs on those cores only, and every point records what it ran with."""
     from inferlab.logs import setup_logging
     from inferlab.sweep import placement
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops the workers
+    # Ctrl-C reaches the whole group: the parent stops the workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging()
     slurm.leave_signals_to_parent()
     if cpus:
@@ -97,7 +102,8 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any], measure: Meas
 
     backend = None
     load_info: dict[str, Any] = {}
-    reload_each_point = runtime == "llama_cpp"  # context settings (threads, batch, KV type) are load settings
+    # llama.cpp's context settings (threads, batch, KV type) are load settings
+    reload_each_point = runtime == "llama_cpp"
     while True:
         msg = conn.recv()
         if msg is None:
@@ -109,7 +115,8 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any], measure: Meas
             gpu = _gpu_peaks_reset(runtime)
             reset_peak_rss()
             if backend is None or reload_each_point:
-                backend = get_backend(runtime)({**load_settings, **msg.get("load", {}), **point})
+                settings = {**load_settings, **msg.get("load", {}), **point}
+                backend = get_backend(runtime)(settings)
                 load_info = backend.load()
                 load_info["load_peak_rss_mib"] = peak_rss_mib()
                 reset_peak_rss()  # the point's peak: the loaded model plus what running it needs
@@ -117,14 +124,15 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any], measure: Meas
                 backend.settings.update({**msg.get("load", {}), **point})
             rss_before = rss_mib()
             metrics, samples, artifacts = measure(backend, point, folder, name)
-            metrics.update({k: round(v, 4) if isinstance(v, float) else v for k, v in load_info.items()})
+            metrics.update({k: round(v, 4) if isinstance(v, float) else v
+                            for k, v in load_info.items()})
             metrics["peak_rss_mib"] = round(peak_rss_mib(), 1)
             metrics["rss_before_mib"] = round(rss_before, 1)
             if gpu:
                 metrics.update({k: round(v, 4) for k, v in _gpu_peaks().items()})
             if cpus:
                 metrics["placement"] = placement.observed()
-            elif point.get("device") == "cuda":  # llama.cpp on the GPU: what the driver says this process holds
+            elif point.get("device") == "cuda":  # llama.cpp on the GPU: what the driver says
                 from inferlab.sweep.memory import process_gpu_gib
 
                 used = process_gpu_gib()
@@ -133,9 +141,10 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any], measure: Meas
             conn.send(("ok", {"metrics": metrics, "samples": samples, "artifacts": artifacts}))
         except BackendUnavailable as e:
             conn.send(("skipped", {"reason": str(e)}))
-        except BaseException as e:  # recorded as failed with its reason; the parent restarts the worker
+        except BaseException as e:  # recorded as failed; the parent restarts the worker
             reason = f"out of memory: {e}" if _is_oom(e) else f"{type(e).__name__}: {e}"
-            conn.send(("failed", {"reason": reason[:2000], "traceback": traceback.format_exc()[-4000:]}))
+            trace = traceback.format_exc()[-4000:]
+            conn.send(("failed", {"reason": reason[:2000], "traceback": trace}))
         finally:
             if reload_each_point and backend is not None:
                 backend.unload()
@@ -144,8 +153,9 @@ def worker_main(conn, runtime: str, load_settings: dict[str, Any], measure: Meas
 
 @contextlib.contextmanager
 def _environment(extra: dict[str, str]) -> Iterator[None]:
-    """Processes started inside the block inherit `extra` in their environment. One block at a time: sweeps on
-    several GPUs start their workers from several threads, each with its own environment."""
+    """Processes started inside the block inherit `extra` in their environment.
+
+    One block at a time: sweeps on several GPUs start workers from several threads."""
     with _SPAWN:
         saved = {k: os.environ.get(k) for k in extra}
         os.environ.update(extra)
@@ -160,11 +170,13 @@ def _environment(extra: dict[str, str]) -> Iterator[None]:
 
 
 class Worker:
-    """The parent's handle on one worker process. `env` is added to the environment it starts with (its GPU and
-    thread counts); `cpus` pins it to those cores; `measure` (a module-level function) runs each point."""
+    """The parent's handle on one worker process; `env` is added to its environment at start.
 
-    def __init__(self, runtime: str, load_settings: dict[str, Any], env: dict[str, str] | None = None,
-                 cpus: list[int] | None = None, *, measure: Measure):
+    `measure` (a module-level function) runs each point."""
+
+    def __init__(self, runtime: str, load_settings: dict[str, Any],
+                 env: dict[str, str] | None = None, cpus: list[int] | None = None, *,
+                 measure: Measure):
         ctx = mp.get_context("spawn")  # a fresh interpreter: no memory or CUDA state inherited
         self.conn, child = ctx.Pipe()
         args = (child, runtime, load_settings, measure, cpus)
@@ -178,14 +190,15 @@ class Worker:
 
     def run(self, point: dict, name: str, folder: str, timeout: float,
             load: dict | None = None) -> tuple[str, dict]:
-        """Run one point; `load` holds its settings outside the identity (paths, texts) for a reused backend.
-        A worker found dead (killed while it waited for the device lock, say) fails this point, not the sweep."""
+        """Run one point; `load`: settings outside its identity (paths, texts).
+
+        A worker found dead (killed while waiting for the device lock, say) fails this point only."""
         if not self.proc.is_alive():
-            return "failed", {"reason": f"{self._death()} before the point started; the point was not run"}
+            return "failed", {"reason": self._not_started()}
         try:
             self.conn.send({"point": point, "name": name, "folder": folder, "load": load or {}})
         except (BrokenPipeError, ConnectionError, OSError):
-            return "failed", {"reason": f"{self._death()} before the point started; the point was not run"}
+            return "failed", {"reason": self._not_started()}
         if not self.conn.poll(timeout):
             self.kill()
             return "failed", {"reason": f"timed out after {timeout:.0f} s; the worker was stopped"}
@@ -195,9 +208,12 @@ class Worker:
             return "failed", {"reason": self._death()}
 
     def signalled(self) -> int | None:
-        """SIGINT or SIGTERM, when the worker died of one: the sweep was interrupted, not the point failed."""
+        """SIGINT or SIGTERM when the worker died of one: the sweep was interrupted."""
         code = self.proc.exitcode
         return -code if code in (-signal.SIGINT, -signal.SIGTERM) else None
+
+    def _not_started(self) -> str:
+        return f"{self._death()} before the point started; the point was not run"
 
     def _death(self) -> str:
         self.proc.join(5)
