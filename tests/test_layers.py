@@ -71,3 +71,24 @@ def test_the_sweep_engine_lies_below_benchmarks_and_quality():
     users = ("inferlab.bench.registry", "inferlab.bench.cpu", "inferlab.quality.generate", "inferlab.quality.evaluate")
     for user in users:
         assert layer("inferlab.sweep.run") < layer(user), user
+
+
+def readability(root) -> tuple[list[str], float]:
+    """Modules over 500 lines, and the share of non-blank lines of 100 characters or more."""
+    long, dense, lines = [], 0, 0
+    for f in sorted(root.rglob("*.py")):
+        text = f.read_text().splitlines()
+        if len(text) > 500:
+            long.append(f"{f.relative_to(root)}: {len(text)} lines")
+        kept = [x for x in text if x.strip()]
+        lines += len(kept)
+        dense += sum(len(x) >= 100 for x in kept)
+    return long, dense / max(lines, 1)
+
+
+def test_modules_stay_short_and_lines_read_at_a_glance(tmp_path):
+    long, share = readability(SRC)
+    assert not long, long
+    assert share <= 0.08, f"{share:.1%} of src lines are 100 characters or longer (at most 8%)"
+    (tmp_path / "big.py").write_text("x = 1\n" * 501 + "y = '" + "z" * 100 + "'\n")
+    assert readability(tmp_path) == (["big.py: 502 lines"], 1 / 502)
