@@ -40,7 +40,8 @@ def test_the_run_just_made_answers_first_and_other_machines_follow_as_history(pr
     assert lines[0].startswith(f"The answer for smollm2-135m on {here} (this machine, the model studied)")
     assert lines[1].startswith("  hf-fp32-b1 (") and "20.0 tokens/s" in lines[1]
     assert lines[2].startswith("Other machines and models with records")
-    others = lines[3:-1]
+    others = lines[3:-2]
+    assert lines[-2].startswith("Report: ") and lines[-1].startswith("MLflow: `inferlab ui`")
     assert len(others) == 3 and {line.split(":")[0].strip() for line in others} == {
         "phi-2-random on gpu-a", "phi-2-random on gpu-b", f"tiny-phi on {here}"}
     assert all(len(line) <= 200 for line in lines)
@@ -54,5 +55,5 @@ def test_the_run_just_made_answers_first_and_other_machines_follow_as_history(pr
     exp = client.get_experiment_by_name("inferlab")
     (run,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'report'")
     assert run.info.run_name == f"report: smollm2-135m on {here}"  # short; the answer is its description
-    assert run.data.tags["mlflow.note.content"] == "\n".join(lines[:-1])
-    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
+    assert run.data.tags["mlflow.note.content"] == "\n".join(lines[:-2])
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # "Model training"

@@ -99,6 +99,7 @@ def build(cfg: StudyConfig) -> dict[str, Any]:
         said = f" {rcm['name']}" if rcm["status"] == "recommended" else f" ({rcm['reason'][:160]})"
         log.info("report: %s: %s%s", s.title, rcm["status"], said)
     _remove_stale(fig_dir, "*.png", drawn)
+    page_texts[page_dir / "index.md"] = pages.index_md(sections)
     _remove_stale(page_dir, "*.md", set(page_texts))
     header = {"records": n_records, "generated": rec.now()[:16].replace("T", " ") + " UTC",
               "commit": (env["git"].get("commit") or "unknown")[:10], "objective": rc.objective,
@@ -109,7 +110,7 @@ def build(cfg: StudyConfig) -> dict[str, Any]:
     head = (header, answer_md, pages.missing_inputs(sections))
     md = pages.report_md(*head, lead, summaries)
     rec.write_atomic(metrics_dir / "report.md", md)
-    page_dir.mkdir(parents=True, exist_ok=True)  # a declared output, even with no other section
+    page_dir.mkdir(parents=True, exist_ok=True)  # a declared output: its index at least
     for path, text in page_texts.items():
         rec.write_atomic(path, text)
     # a declared output exists either way: with html off, a placeholder that says so

@@ -104,6 +104,16 @@ def summary_md(s: Section, rec: dict[str, Any], headline: list[Shown]) -> str:
     return "\n".join(out)
 
 
+def index_md(sections: list[Section]) -> str:
+    """metrics/report/index.md: every machine and model with records, the first in report.md.
+
+    Always written: git keeps no empty folder, and DVC reruns a stage whose out is missing."""
+    out = ["[← the report](../report.md)", "", "# Every machine and model with records", ""]
+    out += [f"- {s.title}: [in the report](../report.md)" if i == 0 else f"- [{s.title}]({s.slug}.md)"
+            for i, s in enumerate(sections)]
+    return "\n".join(out if sections else [*out, "No records yet: run the study."]) + "\n"
+
+
 def page_md(section: str) -> str:
     """A section as a page of its own under metrics/report/."""
     return f"[← the report](../report.md)\n\n{section}\n"
