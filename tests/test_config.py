@@ -105,9 +105,21 @@ def test_dvc_composition_equals_hydra_composition(tmp_path, overrides):
     assert via_dvc == via_hydra
 
 
-def test_committed_params_yaml_is_the_default_composition():
-    committed = yaml.safe_load(committed_file("params.yaml"))  # as committed: a study run rewrites the file
-    assert to_container(load(committed)) == to_container(compose([]))
+def test_committed_params_yaml_is_what_the_committed_dvc_lock_ran_with():
+    """main records its last study: params.yaml a valid composition, and every parameter dvc.lock
+    says a stage read has that value in params.yaml (else `dvc status` would call the stage changed)."""
+    params = yaml.safe_load(committed_file("params.yaml"))  # as committed: a study run rewrites the file
+    load(params)
+    lock = yaml.safe_load(committed_file("dvc.lock"))
+    read = 0
+    for stage, entry in lock["stages"].items():
+        for key, value in entry.get("params", {}).get("params.yaml", {}).items():
+            here = params
+            for part in key.split("."):
+                here = here[part]
+            assert here == value, f"dvc.lock's {stage} ran with {key}={value!r}; params.yaml has {here!r}"
+            read += 1
+    assert read >= len(lock["stages"])  # every stage read some
 
 
 def test_schema_is_registered_for_hydra_and_dvc():
