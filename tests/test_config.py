@@ -108,9 +108,11 @@ def test_dvc_composition_equals_hydra_composition(tmp_path, overrides):
 def test_committed_params_yaml_is_what_the_committed_dvc_lock_ran_with():
     """main records its last study: params.yaml a valid composition, and every parameter dvc.lock
     says a stage read has that value in params.yaml (else `dvc status` would call the stage changed)."""
-    params = yaml.safe_load(committed_file("params.yaml"))  # as committed: a study run rewrites the file
+    from ruamel.yaml import YAML  # YAML 1.2, as DVC reads both files (PyYAML reads 1e-05 as a string)
+
+    params = YAML(typ="safe").load(committed_file("params.yaml"))  # as committed: a study rewrites it
     load(params)
-    lock = yaml.safe_load(committed_file("dvc.lock"))
+    lock = YAML(typ="safe").load(committed_file("dvc.lock"))
     read = 0
     for stage, entry in lock["stages"].items():
         for key, value in entry.get("params", {}).get("params.yaml", {}).items():
