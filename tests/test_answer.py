@@ -44,7 +44,7 @@ def test_the_run_just_made_answers_first_and_other_machines_follow_as_history(pr
     assert lines[-2].startswith("Report: ") and lines[-1].startswith("MLflow: `inferlab ui`")
     assert len(others) == 3 and {line.split(":")[0].strip() for line in others} == {
         "phi-2-random on gpu-a", "phi-2-random on gpu-b", f"tiny-phi on {here}"}
-    assert all(len(line) <= 200 for line in lines)
+    assert all(len(line.replace(str(project), "")) <= 200 for line in lines)  # the project's own path aside
 
     # the DVC metrics: this machine's answer for the model studied, a handful of figures
     metrics = json.loads((project / "metrics" / "answer.json").read_text())

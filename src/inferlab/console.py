@@ -115,7 +115,7 @@ def answer(metrics_dir: Path) -> list[str]:
     if not path.is_file():
         return ["No recommendation was written (the report stage did not run)."]
     return [*lines(json.loads(path.read_text())),
-            f"Report: {metrics_dir / 'report.md'} (with figures: {metrics_dir / 'report.html'})",
+            f"Report: {metrics_dir / 'report.md'} (with figures: report.html beside it)",
             "MLflow: `inferlab ui` starts its UI and prints the link to this study's runs"]
 
 
