@@ -158,6 +158,7 @@ class Engine:
         ids = self.tokenize("Hello") or [self.eos]
         for _ in range(2):
             self.prefill_s = self.step_s = None
+            self.recent.clear()
             req = GenRequest(prompt_ids=ids, max_tokens=16, temperature=0.0, seed=0,
                              ignore_eos=True)
             try:
