@@ -126,6 +126,11 @@ def test_frontier_and_recommendation_from_records(gpu_results):
     assert r["settings"] == {"runtime": "hf", "device": "cuda", "precision": "fp16", "batch_size": 64,
                              "kv_cache": "dynamic", "attn": "sdpa", "compile": False}
     assert "on the Pareto frontier" in r["reason"] and r["meeting_constraints"] == 3
+    # a decode loop's point names its loop and how it was compiled: what a server needs to serve it
+    loop = {**by["fp16-b64"], "kv_cache": "static", "compile": True, "decode": "graph",
+            "compile_mode": "reduce-overhead", "gemv": None, "fuse_block": False}
+    assert frontier.settings(loop) == {**r["settings"], "kv_cache": "static", "compile": True,
+                                       "decode": "graph", "compile_mode": "reduce-overhead"}
 
     cfg = ReportConfig(constraints=ConstraintsConfig(memory_gib=6, ttft_ms=None, itl_p90_ms=None,
                                                      max_kl=0.25))

@@ -759,7 +759,8 @@ def test_issue31_llama_cpp_chats_through_the_models_own_template(model, chat_mod
     from transformers import AutoTokenizer
 
     from inferlab.config import ServeConfig
-    from inferlab.serve.engine import HFEngine, LlamaCppEngine
+    from inferlab.serve.engine import LlamaCppEngine
+    from inferlab.serve.hf_engine import HFEngine
     from inferlab.serve.protocol import prepare
 
     hf, gguf = map(str, chat_model_files[model])
@@ -812,7 +813,8 @@ def test_issue31_text_held_back_for_a_stop_string_is_sent_when_the_model_ends(ru
 
     from inferlab.config import ServeConfig
     from inferlab.serve.app import create_app
-    from inferlab.serve.engine import HFEngine, LlamaCppEngine
+    from inferlab.serve.engine import LlamaCppEngine
+    from inferlab.serve.hf_engine import HFEngine
 
     models = tiny_project / "models" / "tiny-phi"
     engine = (LlamaCppEngine(str(models / "gguf" / "tiny-phi-q8_0.gguf"), 1, 512, 4) if runtime == "llama_cpp"

@@ -23,7 +23,8 @@ class ServeConfig(Section):
     runtime: str = "llama_cpp"
     quant: str = "q4_k_m"  # llama.cpp: the GGUF file (models/<model>/gguf/<model>-<quant>.gguf)
     n_threads: int = 0  # llama.cpp and transformers on CPU; 0: every usable core
-    # llama.cpp context window (transformers: the model's max_position_embeddings)
+    # llama.cpp context window; transformers: a static cache's positions (the dynamic cache: the
+    # model's max_position_embeddings)
     n_ctx: int = 2048
     precision: str = "fp32"  # transformers
     device: str = "auto"  # transformers: auto (cuda if available), cpu or cuda

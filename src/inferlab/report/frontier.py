@@ -98,6 +98,10 @@ def settings(c: dict[str, Any]) -> dict[str, Any]:
                 "n_gpu_layers")
     else:
         keys = ("runtime", "device", "precision", "batch_size", "kv_cache", "attn", "compile")
+        # the decode loop and what the model was loaded with, where the point has them
+        more = ("decode", "compile_mode", "gemv", "fuse_qkv", "fuse_block", "inductor")
+        return {**{k: c.get(k) for k in keys},
+                **{k: c[k] for k in more if c.get(k) not in (None, "", False)}}
     return {k: c.get(k) for k in keys}
 
 

@@ -2,8 +2,8 @@
 
 The event loop never runs generation: a request is put on the engine's queue (full: QueueFull,
 the server answers 429) and its tokens come back as events through the loop's
-call_soon_threadsafe. transformers decodes the requests waiting together as one batch (each with
-its own sampling, stop strings and length); llama.cpp serves them in turn. A cancelled request
+call_soon_threadsafe. transformers (hf_engine.py) decodes the requests waiting together as one
+batch (each with its own sampling, stop strings and length); llama.cpp serves them in turn. A cancelled request
 (client gone) stops at its next token.
 """
 
@@ -23,8 +23,7 @@ from typing import Any
 from inferlab.backends.base import Backend
 from inferlab.serve.text import StopMatcher, TextAssembler
 
-__all__ = ["ChatPrompt", "Engine", "GenRequest", "HFEngine", "LlamaCppEngine", "QueueFull",
-           "TextAssembler"]
+__all__ = ["ChatPrompt", "Engine", "GenRequest", "LlamaCppEngine", "QueueFull", "TextAssembler"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +99,7 @@ class Engine:
         # back late costs a little wait, coming back early costs a retry)
         self.recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=16)
         self._active: list[GenRequest] = []
+        self.held: list[GenRequest] = []  # taken from the queue, left for the next batch
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -146,6 +146,8 @@ class Engine:
             raise QueueFull from None
 
     def _take(self, block_s: float) -> GenRequest | None:
+        if self.held:
+            return self.held.pop(0)
         try:
             return self.queue.get(timeout=block_s)
         except queue.Empty:
@@ -205,7 +207,7 @@ class Engine:
         with self.queue.mutex:
             waiting = list(self.queue.queue)
         out, t = [], 0.0
-        for r in [r for r in self._active if not r.finished] + waiting:
+        for r in [r for r in self._active if not r.finished] + self.held + waiting:
             prefill = 0.0 if r.produced else prefill_s
             t += (prefill + step_s * max(r.max_tokens - r.produced, 0)) / self.lanes
             out.append(t)
@@ -341,133 +343,3 @@ class LlamaCppEngine(Engine):
             finally:
                 gen.close()
             _finish(req, asm, n, reason)
-
-
-class HFEngine(Engine):
-    """transformers: requests that wait together are decoded as one left-padded batch, each
-    sequence with its own sampling, stop strings and length; a finished or cancelled sequence
-    stops emitting at once and the batch ends when all have."""
-
-    runtime = "hf"
-
-    def __init__(self, model_dir: str, precision: str, device: str, max_queue: int, max_batch: int,
-                 batch_wait_ms: float, n_threads: int = 0):
-        super().__init__(max_queue)
-        import torch
-
-        from inferlab.backends.hf import HFBackend
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.backend = HFBackend({"model_dir": model_dir, "precision": precision, "device": device,
-                                  "attn": "sdpa", "kv_cache": "dynamic", "threads": n_threads,
-                                  "compute_dtype": "fp16" if device == "cuda" else "bf16"})
-        self.backend.load()
-        self.model, self.tok = self.backend.model, self.backend.tokenizer
-        self.device = self.backend.device
-        self.max_batch, self.batch_wait = max_batch, batch_wait_ms / 1000
-        self.lanes = max_batch
-        self.context_window = int(getattr(self.model.config, "max_position_embeddings", 2048))
-        self.eos = self.tok.eos_token_id
-        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos
-        if getattr(self.tok, "chat_template", None):
-            self.chat_template = lambda msgs: self.tok.apply_chat_template(
-                msgs, add_generation_prompt=True, tokenize=False)
-        self.description = {"runtime": "hf", "precision": precision, "device": device,
-                            "max_batch": max_batch, "context_window": self.context_window}
-
-    def _gather(self, first: GenRequest) -> list[GenRequest]:
-        batch, deadline = [first], time.perf_counter() + self.batch_wait
-        while len(batch) < self.max_batch:
-            left = deadline - time.perf_counter()
-            nxt = self._take(left) if left > 0 else None
-            if nxt is None:
-                try:
-                    nxt = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-            batch.append(nxt)
-        return batch
-
-    @staticmethod
-    def _pick(logits, req: GenRequest, gen) -> int:
-        """One token: greedy at temperature 0 (the engine floors tiny temperatures to 0), else
-        nucleus sampling. The most likely token is always kept, so no top_p, however small,
-        leaves nothing to sample from."""
-        import torch
-
-        if req.temperature <= 0:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits.double() / req.temperature, dim=-1)
-        if req.top_p < 1.0:
-            sorted_p, idx = torch.sort(probs, descending=True)
-            # the smallest set reaching top_p
-            keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < req.top_p
-            keep[0] = True
-            sorted_p = sorted_p * keep
-            choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)
-            return int(idx[choice])
-        return int(torch.multinomial(probs, 1, generator=gen))
-
-    def _serve(self, batch: list[GenRequest]) -> None:
-        import torch
-
-        if not batch:
-            return
-        width = max(len(r.prompt_ids) for r in batch)
-        ids = torch.tensor([[self.pad] * (width - len(r.prompt_ids)) + r.prompt_ids
-                            for r in batch])
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids)
-                             for r in batch])
-        gens = []
-        for r in batch:
-            g = torch.Generator(device="cpu")
-            # its own generator: one request's seed never touches another's sample
-            g.manual_seed(r.seed)
-            gens.append(g)
-        asms = [TextAssembler(self.decode, r.stop) for r in batch]
-        counts = [0] * len(batch)
-        active = [True] * len(batch)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        past, cur = None, ids
-        with torch.inference_mode():
-            while any(active):
-                out = self.model(input_ids=cur, attention_mask=mask, position_ids=pos,
-                                 past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                logits = out.logits[:, -1, :].float().cpu()
-                nxt = []
-                for i, r in enumerate(batch):
-                    if not active[i]:
-                        nxt.append(self.pad)
-                        continue
-                    if r.cancelled.is_set():
-                        active[i] = False
-                        _finish(r, asms[i], counts[i], "cancelled")
-                        nxt.append(self.pad)
-                        continue
-                    try:
-                        tok = self._pick(logits[i], r, gens[i])
-                    except Exception as e:
-                        # this request fails alone; the others in the batch go on
-                        active[i] = False
-                        _fail(r, e)
-                        nxt.append(self.pad)
-                        continue
-                    nxt.append(tok)
-                    if tok == self.eos and not r.ignore_eos:
-                        active[i] = False
-                        _finish(r, asms[i], counts[i], "stop")
-                        continue
-                    counts[i] += 1
-                    self._tick(r)
-                    r.emit("text", asms[i].add(tok))  # one event per token
-                    if asms[i].stopped or counts[i] >= r.max_tokens:
-                        active[i] = False
-                        _finish(r, asms[i], counts[i], "stop" if asms[i].stopped else "length")
-                if not any(active):
-                    break
-                cur = torch.tensor(nxt, device=self.device).unsqueeze(-1)
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-                pos = pos[:, -1:] + 1

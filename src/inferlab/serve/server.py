@@ -46,7 +46,8 @@ def choose(cfg: StudyConfig, hardware_id: str | None = None) -> tuple[dict[str, 
 
 def build_engine(cfg: StudyConfig, settings: dict[str, Any]):
     from inferlab.config import usable_cores
-    from inferlab.serve.engine import HFEngine, LlamaCppEngine
+    from inferlab.serve.engine import LlamaCppEngine
+    from inferlab.serve.hf_engine import HFEngine
 
     s = cfg.serve
     threads = int(settings.get("n_threads") or 0) or usable_cores()
@@ -74,7 +75,7 @@ def build_engine(cfg: StudyConfig, settings: dict[str, Any]):
     precision = settings.get("precision") or s.precision
     device = settings.get("device") or s.device
     return HFEngine(str(model_dir), precision, device, s.max_queue, max_batch, s.batch_wait_ms,
-                    n_threads=threads)
+                    n_threads=threads, point=settings, n_ctx=s.n_ctx)
 
 
 def make_app(cfg: StudyConfig, hardware_id: str | None = None):
