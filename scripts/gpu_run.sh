@@ -19,7 +19,8 @@
 # cores): the build outlives the call, and the stages that need it wait for it.
 # `study` runs, for $MODEL (default phi-2-random): download; evaluate's transformers configurations on CUDA (while
 # llama.cpp builds); convert; bench_gpu ($GRID, default answer: conf/bench_gpu/answer.yaml); evaluate's llama.cpp
-# files on the GPU; report; serve_bench (the recommended configuration served on the GPU). A stage that finished is
+# files on the GPU; report; serve_bench (the recommended configuration served on the GPU, closed loop at
+# $SERVE_CONCURRENCY, default [1,8,64], then the open-loop rates). A stage that finished is
 # marked done; one stopped at the call's budget (CALL_BUDGET, 560 s) resumes in the next call of the same command.
 # Models, results and metrics live under $GPU_WORK (default /tmp/inferlab: /tmp is what stays between calls on a
 # warm machine). At the end gpu-work/ is packed into OUT_DIR/gpu-work.tgz and the log and timings are in OUT_DIR.
@@ -118,7 +119,7 @@ if [ "$stage" = study ]; then
          "bench_gpu bench_gpu bench_gpu=${GRID:-answer}"
          "evaluate-llama evaluate ${gpu_eval[*]} evaluate.gpu.enabled=false evaluate.llama_cpp.n_gpu_layers=-1 evaluate.llama_cpp.quants=[f32,f16,q8_0,q4_k_m,q4_0] evaluate.llama_cpp.kv_type=[f16]"
          "report report"
-         "serve_bench serve_bench serve.gradio=false serve.recommendation=$work/gpu-work/metrics/recommendation.json")
+         "serve_bench serve_bench serve.gradio=false serve.recommendation=$work/gpu-work/metrics/recommendation.json serve_bench.concurrency=${SERVE_CONCURRENCY:-[1,8,64]}")
   for step in "${steps[@]}"; do
     read -r -a words <<< "$step"
     label=${words[0]}; script=${words[1]}; args=("${words[@]:2}")

@@ -71,6 +71,8 @@ def test_dvc_experiment_then_repro_changes_nothing_and_multirun(repo):
     closed = [r for r in served if r.point["scenario"] == "serving"]
     assert sorted(r.point["concurrency"] for r in closed) == [1, 2] and all(r.status == "ok" for r in served)
     assert all(r.metrics["errors"] == 0 and r.metrics["ok"] == 4 and r.point["quant"] == "q8_0" for r in served)
+    # each record says what the server said it served (the pinned quant, not the recommendation's settings)
+    assert all(r.metrics["served"]["model_file"] == "tiny-phi-q8_0.gguf" and "settings" not in r.point for r in served)
     (opened,) = [r for r in served if r.point["scenario"] == "serving-rate"]
     assert opened.point["rate_fraction"] == 1.0 and opened.metrics["offered_rate"] > 0
     (hw,) = json.loads((repo / "metrics" / "serve_bench.json").read_text()).values()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 
@@ -120,3 +121,37 @@ def test_the_server_serves_the_recommended_static_cache_and_compiled_graph_loop(
         assert too_long.status_code == 400 and "128" in too_long.text, too_long.text
     finally:
         stop(proc)
+
+
+@pytest.mark.slow
+def test_serve_bench_serves_the_recommendation_whole_and_records_what_was_served(tiny_project, tmp_path):
+    """serve_bench's server serves the recommended batch size, KV cache and decode loop (not only its runtime and
+    precision), and every record says what the server said it served."""
+    import subprocess
+    import sys
+
+    from inferlab import records
+    from inferlab.environment import environment
+
+    settings = {"runtime": "hf", "device": "cpu", "precision": "fp32", "batch_size": 2, "kv_cache": "static",
+                "attn": "sdpa", "compile": False, "decode": "graph"}
+    rec = tmp_path / "recommendation.json"
+    rec.write_text(json.dumps({"recommendations": [{
+        "hardware": environment()["hardware"]["id"], "model": "tiny-phi", "status": "recommended",
+        "name": "hf-fp32-b2-static-sdpa-graph", "reason": "a test's", "settings": settings}]}))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    subprocess.run([sys.executable, "stages/serve_bench.py", "model=tiny-phi", "tracking.enabled=false",
+                    f"serve.recommendation={rec}", "serve.n_ctx=256", f"paths.results={tmp_path / 'results'}",
+                    f"paths.metrics={tmp_path / 'metrics'}", "serve_bench.concurrency=[2]", "serve_bench.requests=2",
+                    "serve_bench.max_tokens=6", "serve_bench.warmup=0", "serve_bench.rate_fractions=[1.0]",
+                    "serve_bench.rate_requests=2"],
+                   cwd=tiny_project, env={**env, "INFERLAB_ROOT": str(tiny_project)}, check=True)
+    served = records.read_all((tmp_path / "results" / "serve_bench").glob("*.jsonl"))
+    assert len(served) == 2 and all(r.status == "ok" for r in served), [(r.name, r.reason) for r in served]
+    for r in served:
+        assert r.point["settings"] == settings
+        said = r.metrics["served"]
+        assert (said["kv_cache"], said["decode"], said["max_batch"], said["context_window"]) == \
+            ("static", "graph", 2, 256), said
+    (hw,) = json.loads((tmp_path / "metrics" / "serve_bench.json").read_text()).values()
+    assert list(hw["models"]["tiny-phi"]["saturation"]) == ["hf fp32 b2 graph loop"]

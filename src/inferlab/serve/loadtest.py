@@ -132,10 +132,14 @@ def draw_lengths(cfg: StudyConfig, n: int, context: int, seed: int) -> list[int]
                                 sb.prompt_tokens_spread, 1, high, np.random.default_rng(seed))
 
 
-def server_context(server: ServerProcess, cfg: StudyConfig) -> int:
+def served(server: ServerProcess) -> dict[str, Any]:
+    """What the server says it serves (its engine's description, /v1/models)."""
     import httpx
 
-    desc = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0].get("inferlab", {})
+    return httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0].get("inferlab", {})
+
+
+def server_context(desc: dict[str, Any], cfg: StudyConfig) -> int:
     return int(desc.get("n_ctx") or desc.get("context_window") or cfg.serve.n_ctx)
 
 
@@ -145,7 +149,11 @@ def run(cfg: StudyConfig, stage: StageRun) -> None:
     sb = cfg.serve_bench
     settings, source = choose(cfg)
     pins = cfg.pins(("runtime", "quant", "precision", "n_threads"))
+    recommended = cfg.serve.source == "recommendation" and not source.startswith("serve.*")
     overrides: dict[str, Any] = {"source": "config"}
+    if recommended and not pins:
+        # the server serves the recommendation whole (batch size, KV cache, decode loop)
+        overrides = {"source": "recommendation"}
     for k in ("runtime", "quant", "precision", "n_threads", "device"):
         if settings.get(k) is not None:
             overrides[k] = settings[k]
@@ -158,7 +166,8 @@ def run(cfg: StudyConfig, stage: StageRun) -> None:
     base = {"runtime": runtime, "quant" if runtime == "llama_cpp" else "precision": what,
             "max_tokens": sb.max_tokens, "prompt_tokens": sb.prompt_tokens,
             "prompt_tokens_dist": sb.prompt_tokens_dist,
-            "prompt_tokens_spread": sb.prompt_tokens_spread, "served_from": source}
+            "prompt_tokens_spread": sb.prompt_tokens_spread, "served_from": source,
+            **({"settings": settings} if overrides["source"] == "recommendation" else {})}
     closed = [(f"{runtime}-{what}-c{c}",
                {**base, "scenario": "serving", "concurrency": c, "requests": max(sb.requests, c)})
               for c in sb.concurrency]
@@ -173,7 +182,9 @@ def run(cfg: StudyConfig, stage: StageRun) -> None:
     try:
         with ServerProcess(cfg, overrides, resolve("outputs") / f"{STAGE}-server.log") as server:
             source_prompts = PromptSource(cfg)
-            context = server_context(server, cfg)
+            desc = served(server)
+            log.info("serve_bench: the server serves %s", desc)
+            context = server_context(desc, cfg)
             peak = 0.0
             n = max(sb.requests, max(sb.concurrency))
             prompts = source_prompts.take(draw_lengths(cfg, n, context, sb.seed))
@@ -190,7 +201,7 @@ def run(cfg: StudyConfig, stage: StageRun) -> None:
                     stage.record(label, point, status="failed",
                                  reason=f"{type(e).__name__}: {e}"[:2000])
                     continue
-                m["server"] = server.health
+                m["server"], m["served"] = server.health, desc
                 if m["ok"] == 0:
                     stage.record(label, point, status="failed", metrics=m,
                                  reason=f"every request failed: {m['error_examples'][:1]}")
@@ -221,7 +232,7 @@ def run(cfg: StudyConfig, stage: StageRun) -> None:
                     stage.record(label, point, status="failed",
                                  reason=f"{type(e).__name__}: {e}"[:2000])
                     continue
-                m["server"], m["peak_request_throughput"] = server.health, peak
+                m["server"], m["served"], m["peak_request_throughput"] = server.health, desc, peak
                 stage.record(label, point, metrics=m)
                 below = "" if m["meets_slo"] else " (below the attainment target)"
                 log.info("serve_bench: %.2f req/s offered: goodput %.2f req/s, %.0f%% within "
@@ -246,6 +257,11 @@ def summarize_stage(cfg: StudyConfig, hardware_id: str | None) -> dict[str, Any]
         if r.point.get("scenario") != "serving-rate" or r.status != "ok":
             continue
         served = f"{r.point['runtime']} {r.point.get('quant') or r.point.get('precision')}"
+        kept = r.point.get("settings") or {}
+        if kept.get("batch_size"):
+            served += f" b{kept['batch_size']}"
+        if kept.get("decode") not in (None, "generate"):
+            served += f" {kept['decode']} loop"
         burst = float(r.point.get("burstiness", 1.0))
         if burst != 1.0:
             served += f" burstiness {burst:g}"
