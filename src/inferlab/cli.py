@@ -289,11 +289,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
     from inferlab.tracking import tracking_uri
+    from inferlab.tracking.store import SQLITE
 
     cfg = compose([]).tracking
-    uri = tracking_uri(TrackingConfig(uri=args.uri, experiment=args.experiment or cfg.experiment))
     name = args.experiment or cfg.experiment
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+    uri = tracking_uri(TrackingConfig(uri=args.uri, experiment=name))
+    if uri.startswith(SQLITE) and not Path(uri[len(SQLITE):]).is_file():
         print(f"no MLflow store at {uri}: run a stage (or `inferlab log-records`) first", file=sys.stderr)
         return 1
     from mlflow import MlflowClient

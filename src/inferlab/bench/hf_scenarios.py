@@ -10,7 +10,7 @@ from typing import Any
 
 from inferlab.backends.hf import StepTimer
 from inferlab.backends.timing import RequestTiming
-from inferlab.bench.scenarios import prefix_summary
+from inferlab.bench.scenarios import check_length, prefix_summary
 from inferlab.bench.stats import summarize
 from inferlab.bench.workload import prompts, shared_prefix_requests
 
@@ -191,10 +191,7 @@ def assisted(
             backend.sync()
             end = time.perf_counter()
             generated = out.shape[1] - ids.shape[1]
-            if generated != new_tokens:
-                raise RuntimeError(
-                    f"generated {generated} tokens instead of the fixed {new_tokens}"
-                )
+            check_length(generated, new_tokens)
             if i == 0:
                 continue  # warm-up
             passes = len(log.lengths)

@@ -19,11 +19,10 @@ FIGURE_UNITS = {"ttft_ms": "ms", "tpot_ms": "ms", "e2e_ms": "ms", "prefill_tps":
                 "decode_tps": "tokens/s", "total_tps": "tokens/s"}
 
 
-def _check_length(t: RequestTiming, new_tokens: int) -> None:
-    if t.generated_tokens != new_tokens:
-        raise RuntimeError(
-            f"generated {t.generated_tokens} tokens instead of the fixed {new_tokens}"
-        )
+def check_length(generated: int, new_tokens: int) -> None:
+    """Every timed request generates the fixed length (EOS cannot end one early)."""
+    if generated != new_tokens:
+        raise RuntimeError(f"generated {generated} tokens instead of the fixed {new_tokens}")
 
 
 def summarize_requests(
@@ -82,13 +81,13 @@ def latency(
     ps = prompts(backend.tokenize, folder, prompt_tokens, n * batch)
     batches = [ps[i * batch:(i + 1) * batch] for i in range(n)]
     cold = backend.request(batches[0], new_tokens, **opts)
-    _check_length(cold, new_tokens)
+    check_length(cold.generated_tokens, new_tokens)
     for b in batches[1:1 + warmup]:
         backend.request(b, new_tokens, **opts)
     timings = []
     for b in batches[1 + warmup:]:
         t = backend.request(b, new_tokens, **opts)
-        _check_length(t, new_tokens)
+        check_length(t.generated_tokens, new_tokens)
         timings.append(t)
     metrics, samples = summarize_requests(timings)
     cold_fig = cold.figures()
