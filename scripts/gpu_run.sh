@@ -112,11 +112,12 @@ progress='\[[0-9]+/[0-9]+\]|GPU [0-9]+:|sweep|page cache|bandwidth|Error|error|e
 
 if [ "$stage" = study ]; then
   deadline=$((start + ${CALL_BUDGET:-560}))
+  # evaluate.gpu.loops: null scores the loops of that grid; EVAL_ARGS / BENCH_ARGS: more overrides (no spaces)
   gpu_eval=(evaluate.cpu.enabled=false evaluate.score=false "evaluate.dataset.limit=${EVAL_ITEMS:-4}"
-            "bench_gpu=${GRID:-answer}")  # evaluate.gpu.loops: null scores the loops of that grid
+            "bench_gpu=${GRID:-answer}" ${EVAL_ARGS:-})
   steps=("evaluate-hf evaluate ${gpu_eval[*]} evaluate.llama_cpp.enabled=false"
          "convert convert convert.quants=[q8_0,q4_k_m,q4_0]"
-         "bench_gpu bench_gpu bench_gpu=${GRID:-answer}"
+         "bench_gpu bench_gpu bench_gpu=${GRID:-answer} ${BENCH_ARGS:-}"
          "evaluate-llama evaluate ${gpu_eval[*]} evaluate.gpu.enabled=false evaluate.llama_cpp.n_gpu_layers=-1 evaluate.llama_cpp.quants=[f32,f16,q8_0,q4_k_m,q4_0] evaluate.llama_cpp.kv_type=[f16]"
          "report report"
          "serve_bench serve_bench serve.gradio=false serve.recommendation=$work/gpu-work/metrics/recommendation.json serve_bench.concurrency=${SERVE_CONCURRENCY:-[1,8,64]}")
