@@ -52,7 +52,7 @@ def test_a_request_that_would_overflow_the_static_cache_waits_for_the_next_batch
     from inferlab.serve.engine import GenRequest
     from inferlab.serve.hf_engine import HFEngine
 
-    engine = HFEngine(str(tiny_llama_hf), "fp32", "cpu", 4, 4, 50.0, point={"kv_cache": "static"}, n_ctx=40)
+    engine = HFEngine(str(tiny_llama_hf), "fp32", "cpu", 2, 4, 50.0, point={"kv_cache": "static"}, n_ctx=40)
     assert engine.description["decode"] == "generate" and engine.description["cuda_graph"] is False
     done: dict[str, dict] = {}
     ended = threading.Event()
@@ -70,6 +70,7 @@ def test_a_request_that_would_overflow_the_static_cache_waits_for_the_next_batch
     short = GenRequest(prompt_ids=[5, 6, 7], max_tokens=20, temperature=0.0, ignore_eos=True, emit=emit("short"))
     engine.submit(long)
     engine.submit(short)  # both wait before the engine starts: one batch, were it not for the cache
+    assert engine.queue.maxsize == 4  # one whole batch waits, though serve.max_queue (2) is smaller
     engine.start()
     try:
         assert ended.wait(300), done

@@ -30,7 +30,8 @@ class ServeConfig(Section):
     device: str = "auto"  # transformers: auto (cuda if available), cpu or cuda
     served_model_name: str | None = None  # the name clients ask for; null: model.name
     api_key: str | None = None  # null: $INFERLAB_API_KEY if set, else no key
-    max_queue: int = 16  # requests waiting beyond this answer 429 with Retry-After
+    # requests waiting beyond this answer 429 with Retry-After (transformers: at least max_batch)
+    max_queue: int = 16
     max_batch: int = 8  # transformers: concurrent requests decoded together
     # transformers: how long the first request of a batch waits for company
     batch_wait_ms: float = 5.0

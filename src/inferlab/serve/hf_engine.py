@@ -178,7 +178,11 @@ class HFEngine(Engine):
                  n_ctx: int = 2048):
         """point: the benchmark point's settings served beside precision (KV cache, compile,
         decode loop; gemv, fuse_*, inductor, attn: how the model is loaded)."""
-        super().__init__(max_queue)
+        # the queue holds at least one whole batch: fewer would refuse requests the next batch takes
+        super().__init__(max(max_queue, max_batch))
+        if max_batch > max_queue:
+            log.info("the queue holds %d requests (one batch; serve.max_queue is %d)", max_batch,
+                     max_queue)
         import torch
 
         from inferlab.backends.hf import HFBackend
