@@ -771,13 +771,18 @@ def test_issue31_llama_cpp_chats_through_the_models_own_template(model, chat_mod
     expected = AutoTokenizer.from_pretrained(hf).apply_chat_template(messages, add_generation_prompt=True,
                                                                      tokenize=True)
     expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
-    got = {}
+    got, completion_ids = {}, {}
+    # a completion whose prompt holds the markers itself: the same ids on both runtimes too (llama.cpp read them
+    # as plain text: 70 tokens against transformers' 40 on smollm2)
+    written = "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n"
     for engine in (LlamaCppEngine(gguf, 1, 512, 4), HFEngine(hf, "fp32", "cpu", 4, 1, 0.0)):
         chat = engine.chat_prompt(messages)
-        got[engine.runtime] = prepare(engine, ServeConfig(), chat.text, 4, extra_stop=chat.stop,
-                                      special=chat.special).prompt_ids
+        got[engine.runtime] = prepare(engine, ServeConfig(), chat.text, 4, extra_stop=chat.stop).prompt_ids
         assert chat.text.startswith("<|im_start|>system\nBe brief.<|im_end|>"), chat.text
+        completion_ids[engine.runtime] = prepare(engine, ServeConfig(), written, 4).prompt_ids
     assert got["llama_cpp"] == expected and got["hf"] == expected, (got, expected)
+    assert completion_ids["llama_cpp"] == completion_ids["hf"], completion_ids
+    assert completion_ids["hf"].count(expected[0]) == 2  # <|im_start|> twice, as its one token
 
 
 @pytest.mark.slow

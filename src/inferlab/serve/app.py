@@ -297,7 +297,7 @@ async def chat(request: Request) -> Response:
                                   body.max_completion_tokens or body.max_tokens,
                                   stop=stops(body.stop), extra_stop=chat.stop,
                                   temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                                  prompt_param="messages", special=chat.special,
+                                  prompt_param="messages",
                                   ignore_eos=body.ignore_eos, texts=texts)
     return await respond(service, "chat", body, req, request)
 

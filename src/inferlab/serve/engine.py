@@ -75,8 +75,6 @@ class GenRequest:
 class ChatPrompt:
     text: str
     stop: list[str]  # the stop strings the format implies
-    # the text holds the template's special-token markers: tokenize them as those tokens
-    special: bool
 
 
 class Engine:
@@ -106,8 +104,9 @@ class Engine:
     # -- the model (the backend's own tokenizer) --
     backend: Backend
 
-    def tokenize(self, text: str, special: bool = False) -> list[int]:
-        """special: text with chat template markers (transformers' tokenizer parses them)."""
+    def tokenize(self, text: str) -> list[int]:
+        """A special token's text (a chat template's <|im_start|>) is that token, in a chat and in a
+        completion alike, as transformers' tokenizer, vLLM and llama.cpp's server read it."""
         return self.backend.tokenize(text)
 
     def decode(self, ids: list[int]) -> str:
@@ -117,10 +116,9 @@ class Engine:
         """The prompt for a chat: the model's own chat template, else plain role lines."""
         template = getattr(self, "chat_template", None)
         if template is not None:
-            return ChatPrompt(template(messages), [], special=True)
+            return ChatPrompt(template(messages), [])
         lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-        return ChatPrompt("\n".join(lines) + "\nAssistant:", ["\nUser:", "\nSystem:"],
-                          special=False)
+        return ChatPrompt("\n".join(lines) + "\nAssistant:", ["\nUser:", "\nSystem:"])
 
     # -- the queue --
     def start(self) -> None:
@@ -307,8 +305,8 @@ class LlamaCppEngine(Engine):
                             "n_batch": n_batch, "flash_attn": flash_attn, "kv_type": kv_type,
                             "n_gpu_layers": n_gpu_layers}
 
-    def tokenize(self, text: str, special: bool = False) -> list[int]:
-        return self.backend.tokenize(text, special=special)
+    def tokenize(self, text: str) -> list[int]:
+        return self.backend.tokenize(text, special=True)
 
     def _serve(self, batch: list[GenRequest]) -> None:
         for req in batch:

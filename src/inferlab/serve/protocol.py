@@ -186,14 +186,13 @@ def parse_body(raw: bytes, model: type[BaseModel], served_name: str, max_body_by
 def prepare(engine: Engine, settings: Any, prompt: str, max_tokens: int | None, *,
             stop: list[str] | None = None, extra_stop: list[str] | None = None,
             temperature: float = 1.0, top_p: float = 1.0,
-            seed: int | None = None, prompt_param: str = "prompt", special: bool = False,
+            seed: int | None = None, prompt_param: str = "prompt",
             ignore_eos: bool = False, texts: list[tuple[str, str]] | None = None) -> GenRequest:
     """A request the engine can serve, or an APIError: the server's limits (settings: the
     ServeConfig) and the model's context window checked, the prompt tokenized, the stop strings'
     matcher built (here, not on the engine's thread). extra_stop: the chat format's own stop
-    strings (not counted against the client's four); special: the prompt is a chat template's
-    output; texts: what serve.max_prompt_chars limits, with its param (a chat: each message;
-    default: the prompt). Blocking (tokenizes): call it from a worker thread."""
+    strings (not counted against the client's four); texts: what serve.max_prompt_chars limits,
+    with its param (a chat: each message; default: the prompt). Blocking (tokenizes): call it from a worker thread."""
     max_tokens = max_tokens or settings.default_max_tokens
     if max_tokens > settings.max_tokens_limit:
         raise APIError(400, f"max_tokens: {max_tokens} is above this server's limit of "
@@ -208,7 +207,7 @@ def prepare(engine: Engine, settings: Any, prompt: str, max_tokens: int | None, 
     if len(stop) > MAX_STOP_SEQUENCES:
         raise APIError(400, f"stop: at most {MAX_STOP_SEQUENCES} stop sequences", param="stop",
                        code="invalid_value")
-    ids = engine.tokenize(prompt, special=special)
+    ids = engine.tokenize(prompt)
     if not ids:
         raise APIError(400, "the prompt is empty", param=prompt_param, code="invalid_value")
     if len(ids) + max_tokens > engine.context_window:
