@@ -3,8 +3,8 @@
 The event loop never runs generation: a request is put on the engine's queue (full: QueueFull,
 the server answers 429) and its tokens come back as events through the loop's
 call_soon_threadsafe. transformers (hf_engine.py) decodes the requests waiting together as one
-batch (each with its own sampling, stop strings and length); llama.cpp serves them in turn. A cancelled request
-(client gone) stops at its next token.
+batch (each with its own sampling, stop strings and length); llama.cpp serves them in turn. A
+cancelled request (client gone) stops at its next token.
 """
 
 from __future__ import annotations
